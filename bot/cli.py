@@ -1,0 +1,58 @@
+"""The `kimibot` command: `kimibot serve` runs the bot."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from bot import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kimibot",
+        description="A Slack bot that answers with Kimi thinking models; thread context lives in Redis.",
+        epilog="Settings come from the environment or a .env file; see README.md for the full table.",
+    )
+    parser.add_argument("--version", action="version", version=f"kimibot {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser(
+        "serve",
+        help="run the bot",
+        description="Run the bot: Socket Mode when SLACK_APP_TOKEN is set, otherwise HTTP on PORT "
+        "(POST /slack/events for events, commands and interactivity; GET /healthz).",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command != "serve":
+        _parser().print_help()
+        return 2
+    from bot.deps import build_deps
+    from bot.logs import setup_logging
+    from bot.server import serve
+    from bot.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print("kimibot cannot start:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    try:
+        asyncio.run(serve(build_deps(settings)))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:  # e.g. the port is taken
+        print(f"kimibot stopped: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

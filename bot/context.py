@@ -1,0 +1,95 @@
+"""Thread history -> model messages, and fitting them into the model's window. Pure.
+
+History is append-only. When it outgrows the window, the oldest turns are left out by moving a
+persisted start index forward, with headroom, so the prompt prefix stays byte-stable (and cached)
+over several turns instead of shifting by one message every time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+# Keys of a stored entry that belong to the API message; the rest (ts, user, usage...) is ours.
+MESSAGE_KEYS = ("role", "content", "reasoning_content", "tool_calls", "tool_call_id", "name")
+
+CHARS_PER_TOKEN = 3.0  # conservative for chat text (measured 3.4-4.4; see KIMI_API.md section 8)
+MESSAGE_OVERHEAD_TOKENS = 8  # role markers and separators the chat template adds per message
+TRIM_HEADROOM = 0.8  # when trimming, leave room for a few more turns before trimming again
+MIN_CALIBRATION, MAX_CALIBRATION = 0.25, 4.0
+
+
+def user_entry(name: str, text: str, *, ts: str, user: str) -> dict[str, Any]:
+    """A user turn; the speaker's name leads so the model can tell people apart."""
+    return {"role": "user", "content": f"{name}: {text}", "ts": ts, "user": user}
+
+
+def to_message(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: entry[k] for k in MESSAGE_KEYS if k in entry}
+
+
+def to_messages(system_prompt: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"role": "system", "content": system_prompt}, *(to_message(e) for e in entries)]
+
+
+def estimate_tokens(message: dict[str, Any], calibration: float = 1.0) -> int:
+    """A cheap upper-leaning token estimate, scaled by what the API reported last time."""
+    chars = len(message.get("content") or "") + len(message.get("reasoning_content") or "")
+    if message.get("tool_calls"):
+        chars += len(json.dumps(message["tool_calls"]))
+    return int((chars / CHARS_PER_TOKEN + MESSAGE_OVERHEAD_TOKENS) * calibration) + 1
+
+
+def calibrate(estimated: int, actual_prompt_tokens: int) -> float:
+    """The factor that turns our estimate of a prompt into the API's count of it."""
+    if estimated <= 0 or actual_prompt_tokens <= 0:
+        return 1.0
+    return min(max(actual_prompt_tokens / estimated, MIN_CALIBRATION), MAX_CALIBRATION)
+
+
+@dataclass(frozen=True)
+class Fit:
+    start: int  # index of the first history entry sent
+    messages: list[dict[str, Any]]
+    estimated_tokens: int  # uncalibrated estimate of `messages`, to calibrate against the real count
+    too_long: bool = False
+
+    @property
+    def left_out(self) -> int:
+        return self.start
+
+
+def fit(
+    system_prompt: str,
+    entries: list[dict[str, Any]],
+    *,
+    start: int,
+    budget_tokens: int,
+    calibration: float = 1.0,
+) -> Fit:
+    """Choose the newest history that fits `budget_tokens` (window minus output budget).
+
+    Never moves `start` backwards, never drops the last entry (the question being answered), and
+    begins at a user turn so a tool-call exchange is never cut in half. If the last entry alone
+    does not fit, `too_long` is set.
+    """
+    start = min(max(start, 0), max(len(entries) - 1, 0))
+    system = {"role": "system", "content": system_prompt}
+    costs = [estimate_tokens(to_message(e), calibration) for e in entries]
+    fixed = estimate_tokens(system, calibration)
+
+    def total(first: int) -> int:
+        return fixed + sum(costs[first:])
+
+    if entries and total(start) > budget_tokens:
+        target = budget_tokens * TRIM_HEADROOM
+        last = len(entries) - 1
+        while start < last and total(start) > target:
+            start += 1
+        while start < last and entries[start].get("role") != "user":
+            start += 1
+    too_long = bool(entries) and total(start) > budget_tokens
+    messages = [system, *(to_message(e) for e in entries[start:])]
+    raw_estimate = sum(estimate_tokens(m) for m in messages)
+    return Fit(start, messages, raw_estimate, too_long)

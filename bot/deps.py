@@ -1,0 +1,99 @@
+"""Deps: the one object handed to handlers and the pipeline. No module-level globals."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+    AsyncServerErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.jobs import Jobs
+from bot.kimi.client import KimiClient
+from bot.kimi.profiles import profile_for
+from bot.settings import Settings
+from bot.store import Dedup, ThreadStore, Usage, UserNames
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BotIdentity:
+    user_id: str = ""
+    bot_id: str = ""
+    team_id: str = ""
+
+
+@dataclass
+class Deps:
+    settings: Settings
+    slack: AsyncWebClient
+    redis: Redis
+    kimi: KimiClient
+    threads: ThreadStore
+    dedup: Dedup
+    names: UserNames
+    usage: Usage
+    jobs: Jobs
+    identity: BotIdentity = field(default_factory=BotIdentity)
+
+    async def close(self) -> None:
+        await self.kimi.close()
+        await self.redis.aclose()
+
+
+def slack_client(settings: Settings) -> AsyncWebClient:
+    """One Web API client for everything, pointed at SLACK_API_URL, with slack_sdk's retry handlers."""
+    base_url = (
+        settings.slack_api_url if settings.slack_api_url.endswith("/") else settings.slack_api_url + "/"
+    )
+    return AsyncWebClient(
+        token=settings.slack_bot_token,
+        base_url=base_url,
+        timeout=30,
+        retry_handlers=[
+            AsyncRateLimitErrorRetryHandler(max_retry_count=3),  # honours Retry-After
+            AsyncConnectionErrorRetryHandler(max_retry_count=2),
+            AsyncServerErrorRetryHandler(max_retry_count=2),
+        ],
+    )
+
+
+def build_deps(settings: Settings) -> Deps:
+    profile = profile_for(settings.kimi_model)
+    if not profile.known:
+        log.warning(
+            "unknown model id: using a conservative profile (128k window, 16k output, no extra parameters)",
+            extra={"model": settings.kimi_model},
+        )
+    redis = Redis.from_url(
+        settings.redis_url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30
+    )
+    kimi = KimiClient(
+        api_key=settings.moonshot_api_key,
+        base_url=settings.kimi_base_url,
+        model=settings.kimi_model,
+        profile=profile,
+        reasoning_effort=settings.kimi_reasoning_effort,
+        max_completion_tokens=settings.kimi_max_completion_tokens,
+        idle_timeout=settings.kimi_idle_timeout,
+        retry_budget=settings.kimi_retry_budget,
+        max_attempts=settings.kimi_max_attempts,
+        backoff_base=settings.kimi_retry_base_delay,
+    )
+    return Deps(
+        settings=settings,
+        slack=slack_client(settings),
+        redis=redis,
+        kimi=kimi,
+        threads=ThreadStore(redis, settings.thread_ttl_seconds),
+        dedup=Dedup(redis, settings.dedup_ttl_seconds),
+        names=UserNames(redis),
+        usage=Usage(redis),
+        jobs=Jobs(settings.kimi_concurrency),
+    )

@@ -1,0 +1,1 @@
+"""Everything about talking to Kimi: model profiles, stream events, and the client."""

@@ -1,0 +1,222 @@
+"""The Kimi client: one streamed completion with retries, and failures sorted into Reasons.
+
+`classify` is pure (status, error type, message -> reason, retryable); `KimiClient` is the thin I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+from openai import AsyncOpenAI
+
+from bot.errors import AnswerError, Reason
+from bot.kimi.events import Accumulator, Event
+from bot.kimi.profiles import ModelProfile
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 30.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    reason: Reason
+    retryable: bool
+
+
+def classify(status: int | None, error_type: str | None, message: str = "") -> Verdict:
+    """Map an HTTP status and Kimi's `error.type` to a Reason, and say whether to try again."""
+    kind = (error_type or "").lower()
+    text = message.lower()
+    if kind == "exceeded_current_quota_error" or "suspended" in text or "insufficient balance" in text:
+        return Verdict(Reason.QUOTA, False)
+    if kind == "content_filter" or "high risk" in text:
+        return Verdict(Reason.FILTERED, False)
+    if status == 429:
+        if kind == "rate_limit_reached_error":
+            return Verdict(Reason.RATE_LIMITED, True)
+        return Verdict(Reason.OVERLOADED, True)
+    if status in (401, 403) or "authentication" in kind or "api_key" in kind:
+        return Verdict(Reason.AUTH, False)
+    if status == 404 or kind == "resource_not_found_error":
+        return Verdict(Reason.MODEL, False)
+    if status == 400 or kind == "invalid_request_error":
+        if "token" in text and ("too long" in text or "exceeded model token limit" in text):
+            return Verdict(Reason.TOO_LONG, False)
+        return Verdict(Reason.INVALID, False)
+    if status is None or status >= 500 or status in (408, 409, 499):
+        return Verdict(Reason.UNAVAILABLE, True)
+    return Verdict(Reason.INVALID, False)
+
+
+def backoff_delay(attempt: int, base: float, retry_after: float | None) -> float:
+    """Exponential backoff with full jitter; Retry-After, when the server sends one, is the floor."""
+    delay = random.uniform(0, min(MAX_BACKOFF_S, base * 2**attempt))
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay
+
+
+class StreamCut(Exception):
+    """The stream ended before its last chunk: worth another try."""
+
+
+def _is_transport(exc: Exception) -> bool:
+    """A network error from the HTTP library under the SDK (httpx in openai 1.x/2.x, httpx2 in 3.x)."""
+    return any(
+        cls.__name__ in ("TransportError", "HTTPError") and cls.__module__.startswith("httpx")
+        for cls in type(exc).__mro__
+    )
+
+
+def _retry_after(exc: Exception) -> float | None:
+    response = getattr(exc, "response", None)
+    if response is None:
+        return None
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def verdict_for(exc: Exception) -> Verdict:
+    """Sort any exception from the openai SDK (or the network under it) into a Verdict."""
+    if isinstance(exc, openai.APIStatusError):
+        return classify(exc.status_code, getattr(exc, "type", None), str(exc.message))
+    if isinstance(
+        exc, openai.APIConnectionError | StreamCut | OSError | asyncio.TimeoutError
+    ) or _is_transport(exc):
+        return Verdict(Reason.UNAVAILABLE, True)
+    if isinstance(exc, openai.APIError):
+        # An error inside the SSE stream (no HTTP status) or a bare drop mid-stream.
+        body = exc.body if isinstance(exc.body, dict) else {}
+        status = None
+        code = body.get("code")
+        if isinstance(code, int):
+            status = code
+        return classify(status, getattr(exc, "type", None) or body.get("type"), str(exc.message))
+    return Verdict(Reason.INTERNAL, False)
+
+
+OnEvent = Callable[[Event], Awaitable[None]]
+
+
+class KimiClient:
+    """Streams one completion from Kimi, retrying what is worth retrying within a time budget."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str,
+        model: str,
+        profile: ModelProfile,
+        reasoning_effort: str = "high",
+        max_completion_tokens: int = 0,
+        idle_timeout: float = 180.0,
+        retry_budget: float = 120.0,
+        max_attempts: int = 4,
+        backoff_base: float = 1.0,
+    ) -> None:
+        self.model = model
+        self.profile = profile
+        self.reasoning_effort = reasoning_effort
+        self.max_completion_tokens = max_completion_tokens
+        self.retry_budget = retry_budget
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        # read= is the idle timeout: the longest wait for the next byte, not for the whole answer.
+        self.openai = AsyncOpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            timeout=openai.Timeout(connect=15.0, read=idle_timeout, write=30.0, pool=30.0),
+        )
+
+    @property
+    def output_budget(self) -> int:
+        return self.max_completion_tokens or self.profile.output_budget
+
+    def request_kwargs(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """Everything sent to chat.completions.create; model rules come from the profile only."""
+        return {
+            "model": self.model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **self.profile.request_params(self.reasoning_effort, self.output_budget),
+        }
+
+    async def complete(self, messages: list[dict[str, Any]], on_event: OnEvent | None = None) -> Accumulator:
+        """Stream an answer to the end and return it whole; raise AnswerError when it cannot be had."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            acc = Accumulator()
+            try:
+                await self._stream_once(messages, acc, on_event)
+                return self._finished(acc)
+            except AnswerError:
+                raise
+            except Exception as exc:  # sorted below; nothing raw reaches the user
+                verdict = verdict_for(exc)
+                delay = backoff_delay(attempt, self.backoff_base, _retry_after(exc))
+                spent = time.monotonic() - started
+                give_up = (
+                    not verdict.retryable
+                    or attempt + 1 >= self.max_attempts
+                    or spent + delay > self.retry_budget
+                )
+                log.warning(
+                    "kimi call failed",
+                    extra={
+                        "reason": str(verdict.reason),
+                        "attempt": attempt + 1,
+                        "retrying": not give_up,
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "kimi_request_id": _header(exc, "x-request-id"),
+                        "kimi_trace_id": _header(exc, "x-trace-id"),
+                    },
+                )
+                if give_up:
+                    raise AnswerError(verdict.reason, f"{type(exc).__name__}: {exc}") from exc
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    async def _stream_once(
+        self, messages: list[dict[str, Any]], acc: Accumulator, on_event: OnEvent | None
+    ) -> None:
+        stream = await self.openai.chat.completions.create(**self.request_kwargs(messages))
+        async with stream:
+            async for chunk in stream:
+                for event in acc.feed(chunk):
+                    if on_event is not None:
+                        await on_event(event)
+
+    @staticmethod
+    def _finished(acc: Accumulator) -> Accumulator:
+        """Only a stream that reached its finish_reason is an answer; a cut one is tried again."""
+        if acc.finish_reason is None:
+            # The connection closed before the last chunk; verdict_for() calls this retryable.
+            raise StreamCut("stream ended before its last chunk")
+        if not acc.text and not acc.tool_calls:
+            if acc.finish_reason == "length":
+                raise AnswerError(Reason.NO_ANSWER, "output budget used up while thinking")
+            raise StreamCut("stream finished with no answer text")
+        return acc
+
+    async def close(self) -> None:
+        await self.openai.close()
+
+
+def _header(exc: Exception, name: str) -> str | None:
+    response = getattr(exc, "response", None)
+    return response.headers.get(name) if response is not None else None

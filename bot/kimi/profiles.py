@@ -1,0 +1,109 @@
+"""One row per Kimi model: window, output budget, how thinking is switched on, what may be sent.
+
+A model quirk is a field here, never an `if model == ...` elsewhere. Sources: shared/docs/KIMI_API.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Thinking(StrEnum):
+    """How a model is made to think."""
+
+    EXTRA_BODY = "extra_body"  # send {"thinking": {"type": "enabled"}} (kimi-k2.5 / k2.6)
+    ALWAYS = "always"  # thinks by model id; send nothing (kimi-k2-thinking, k2.7-code)
+    EFFORT = "effort"  # always thinks; top-level reasoning_effort low|high|max (kimi-k3*)
+    NONE = "none"  # unknown model: send nothing special
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What kimibot must know about one model id to call it correctly."""
+
+    model_id: str
+    context_window: int
+    output_budget: int  # max_completion_tokens we send; reasoning and answer share it
+    thinking: Thinking
+    fixed_sampling: dict[str, Any] = field(default_factory=dict)  # sampling params to send as-is
+    # USD per million tokens: input miss, input cache hit, output
+    price_in: float = 0.0
+    price_cached: float = 0.0
+    price_out: float = 0.0
+    known: bool = True
+
+    def request_params(self, reasoning_effort: str, max_completion_tokens: int = 0) -> dict[str, Any]:
+        """The model-specific keyword arguments for chat.completions.create."""
+        params: dict[str, Any] = {"max_completion_tokens": max_completion_tokens or self.output_budget}
+        params.update(self.fixed_sampling)
+        if self.thinking is Thinking.EXTRA_BODY:
+            params["extra_body"] = {"thinking": {"type": "enabled"}}
+        elif self.thinking is Thinking.EFFORT:
+            params["reasoning_effort"] = reasoning_effort
+        return params
+
+    def cost_usd(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> float:
+        uncached = max(prompt_tokens - cached_tokens, 0)
+        return (
+            uncached * self.price_in + cached_tokens * self.price_cached + completion_tokens * self.price_out
+        ) / 1_000_000
+
+
+K2_WINDOW = 262_144
+K3_WINDOW = 1_048_576
+
+# Exact ids first; PREFIX_PROFILES catch later releases of a family (kimi-k3.2-..., kimi-k2.7-code-...).
+PROFILES: dict[str, ModelProfile] = {
+    p.model_id: p
+    for p in (
+        ModelProfile("kimi-k2.6", K2_WINDOW, 32_768, Thinking.EXTRA_BODY, {}, 0.95, 0.16, 4.00),
+        ModelProfile("kimi-k2.5", K2_WINDOW, 32_768, Thinking.EXTRA_BODY, {}, 0.60, 0.10, 3.00),
+        ModelProfile("kimi-k2.7-code", K2_WINDOW, 32_768, Thinking.ALWAYS, {}, 0.95, 0.19, 4.00),
+        ModelProfile("kimi-k2.7-code-highspeed", K2_WINDOW, 32_768, Thinking.ALWAYS, {}, 1.90, 0.38, 8.00),
+        ModelProfile(
+            "kimi-k2-thinking", K2_WINDOW, 32_768, Thinking.ALWAYS, {"temperature": 1.0}, 0.60, 0.15, 2.50
+        ),
+        ModelProfile(
+            "kimi-k2-thinking-turbo",
+            K2_WINDOW,
+            32_768,
+            Thinking.ALWAYS,
+            {"temperature": 1.0},
+            1.15,
+            0.15,
+            8.00,
+        ),
+        ModelProfile("kimi-k3", K3_WINDOW, 65_536, Thinking.EFFORT, {}, 3.00, 0.30, 15.00),
+        ModelProfile("kimi-k3.1-pro", K3_WINDOW, 65_536, Thinking.EFFORT, {}, 2.00, 0.20, 10.00),
+        ModelProfile("kimi-k3.1-pro-highspeed", K3_WINDOW, 65_536, Thinking.EFFORT, {}, 4.00, 0.20, 20.00),
+    )
+}
+
+PREFIX_PROFILES: tuple[tuple[str, ModelProfile], ...] = (
+    ("kimi-k2-thinking", PROFILES["kimi-k2-thinking"]),
+    ("kimi-k2.7-code", PROFILES["kimi-k2.7-code"]),
+    ("kimi-k2.6", PROFILES["kimi-k2.6"]),
+    ("kimi-k2.5", PROFILES["kimi-k2.5"]),
+    ("kimi-k3", PROFILES["kimi-k3"]),
+)
+
+# An id we do not know: a modest window and budget, and no parameter that could earn a 400.
+CONSERVATIVE = ModelProfile("unknown", 128_000, 16_384, Thinking.NONE, {}, known=False)
+
+
+def _normalise(model_id: str) -> str:
+    """Third-party hosts prefix the vendor ("moonshotai/kimi-k2-thinking"); we key on the bare id."""
+    return model_id.strip().lower().rsplit("/", 1)[-1]
+
+
+def profile_for(model_id: str) -> ModelProfile:
+    """The profile for a model id; unknown ids get CONSERVATIVE with `known=False` (callers warn)."""
+    bare = _normalise(model_id)
+    if bare in PROFILES:
+        return PROFILES[bare]
+    for prefix, profile in PREFIX_PROFILES:
+        if bare.startswith(prefix):
+            return profile
+    return CONSERVATIVE

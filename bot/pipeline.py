@@ -1,0 +1,282 @@
+"""answer(turn, deps): load context -> fit window -> think -> deliver -> record.
+
+Every outcome ends with something in the thread: the answer, or one friendly sentence with a
+reference id that is also in the log. The user's message is stored before the model is called, so
+a failure never loses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from redis.exceptions import LockError
+from slack_sdk.errors import SlackApiError
+
+from bot.admission import strip_mention
+from bot.context import calibrate, fit, user_entry
+from bot.deps import Deps
+from bot.errors import ADMIN_REASONS, AnswerError, Reason
+from bot.kimi.events import Accumulator, Event, Text
+from bot.slack.render import footer
+from bot.slack.reply import ReplyWriter, slack_error
+from bot.turn import Turn
+
+log = logging.getLogger(__name__)
+
+LOCK_TIMEOUT_S = 1_800  # longest one answer may hold its thread
+EMPTY_QUESTION = "Hi! Ask me anything: mention me with a question, or reply in this thread."
+
+
+def turn_log(turn: Turn, **extra: Any) -> dict[str, Any]:
+    return {
+        "team": turn.team_id,
+        "channel": turn.channel,
+        "thread": turn.thread_ts,
+        "ts": turn.ts,
+        "event_id": turn.event_id,
+        "source": str(turn.source),
+        **extra,
+    }
+
+
+async def speaker_name(deps: Deps, team_id: str, user: str) -> str:
+    """The name people see in Slack, so the model can tell speakers apart (cached in Redis)."""
+    cached = await deps.names.get(team_id, user)
+    if cached:
+        return cached
+    try:
+        response = await deps.slack.users_info(user=user)
+    except SlackApiError as exc:
+        log.info("users.info failed; using the user id", extra={"user": user, "error": slack_error(exc)})
+        return user
+    info = response.get("user") or {}
+    profile = info.get("profile") or {}
+    name = (
+        profile.get("display_name") or profile.get("real_name") or info.get("real_name") or info.get("name")
+    )
+    name = str(name or user)
+    await deps.names.put(team_id, user, name)
+    return name
+
+
+async def backfill(deps: Deps, turn: Turn) -> list[dict[str, Any]]:
+    """Entries for the thread's messages before this one, when the bot is first called into it."""
+    entries: list[dict[str, Any]] = []
+    cursor: str | None = None
+    fetched = 0
+    limit = deps.settings.backfill_limit
+    try:
+        while fetched < limit:
+            response = await deps.slack.conversations_replies(
+                channel=turn.channel, ts=turn.thread_ts, limit=min(200, limit - fetched), cursor=cursor
+            )
+            messages = response.get("messages") or []
+            fetched += len(messages)
+            for message in messages:
+                entry = await _history_entry(deps, turn, message)
+                if entry is not None:
+                    entries.append(entry)
+            cursor = (response.get("response_metadata") or {}).get("next_cursor") or None
+            if not cursor or not messages:
+                break
+    except SlackApiError as exc:
+        log.warning(
+            "backfill failed; answering without earlier messages",
+            extra=turn_log(turn, error=slack_error(exc)),
+        )
+        return []
+    return entries
+
+
+async def _history_entry(deps: Deps, turn: Turn, message: dict[str, Any]) -> dict[str, Any] | None:
+    ts = str(message.get("ts", ""))
+    text = str(message.get("text") or "")
+    if not ts or float(ts) >= float(turn.ts) or not text.strip():
+        return None
+    if message.get("subtype") not in (None, "bot_message", "thread_broadcast", "file_share"):
+        return None
+    me = deps.identity
+    if (me.bot_id and message.get("bot_id") == me.bot_id) or (
+        me.user_id and message.get("user") == me.user_id
+    ):
+        return {"role": "assistant", "content": text, "ts": ts}
+    if message.get("bot_id") or message.get("subtype") == "bot_message":
+        name = str((message.get("bot_profile") or {}).get("name") or message.get("username") or "a bot")
+        return user_entry(f"{name} (bot)", text, ts=ts, user=str(message.get("bot_id", "")))
+    user = str(message.get("user") or "")
+    name = await speaker_name(deps, turn.team_id, user) if user else "someone"
+    return user_entry(name, strip_mention(text, me.user_id), ts=ts, user=user)
+
+
+async def answer(turn: Turn, deps: Deps) -> None:
+    """Answer one turn, in order with the other turns of its thread."""
+    writer = ReplyWriter(
+        deps.slack,
+        turn,
+        reaction=deps.settings.working_reaction,
+        post_interval=deps.settings.slack_post_interval,
+    )
+    await writer.started()
+    try:
+        if not turn.in_slack_thread:
+            await _think_and_deliver(turn, deps, writer, history=False)
+            return
+        lock = deps.threads.lock(turn.thread, timeout_s=LOCK_TIMEOUT_S, wait_s=LOCK_TIMEOUT_S)
+        try:
+            acquired = await lock.acquire()
+        except LockError:
+            acquired = False
+        if not acquired:
+            log.warning("thread lock not acquired; answering anyway", extra=turn_log(turn))
+        try:
+            await _think_and_deliver(turn, deps, writer, history=True)
+        finally:
+            if acquired:
+                try:
+                    await lock.release()
+                except LockError:
+                    log.warning("thread lock expired before release", extra=turn_log(turn))
+    except AnswerError as exc:
+        await _report(turn, writer, exc)
+    except Exception as exc:  # a bug or an outage: the user still hears back, with a reference
+        error = AnswerError(Reason.INTERNAL, f"{type(exc).__name__}: {exc}")
+        log.exception("answer failed", extra=turn_log(turn, reference=error.reference))
+        await _report(turn, writer, error, logged=True)
+    finally:
+        await writer.finished()
+
+
+async def _report(turn: Turn, writer: ReplyWriter, error: AnswerError, *, logged: bool = False) -> None:
+    if not logged:
+        level = logging.ERROR if error.reason in ADMIN_REASONS else logging.WARNING
+        log.log(
+            level,
+            "turn not answered",
+            extra=turn_log(turn, reason=str(error.reason), reference=error.reference, detail=error.detail),
+        )
+    try:
+        await writer.notice(error.user_text())
+    except Exception:
+        log.exception(
+            "could not tell the user about a failure", extra=turn_log(turn, reference=error.reference)
+        )
+
+
+async def _think_and_deliver(turn: Turn, deps: Deps, writer: ReplyWriter, *, history: bool) -> None:
+    if not turn.text.strip():
+        await writer.notice(EMPTY_QUESTION)
+        return
+    settings = deps.settings
+    name = await speaker_name(deps, turn.team_id, turn.user)
+    question = user_entry(name, turn.text, ts=turn.ts, user=turn.user)
+
+    entries: list[dict[str, Any]] = []
+    meta: dict[str, str] = {}
+    if history:
+        entries, meta = await deps.threads.load(turn.thread)
+        new_entries: list[dict[str, Any]] = []
+        if not entries and not turn.opens_thread:
+            new_entries = await backfill(deps, turn)
+        # A re-run of this turn finds its question already stored: don't store it twice.
+        if not any(e.get("ts") == turn.ts and e.get("role") == "user" for e in entries):
+            new_entries.append(question)
+        await deps.threads.append(turn.thread, *new_entries, answered=1)
+        entries = entries + new_entries
+    else:
+        entries = [question]
+
+    kimi = deps.kimi
+    budget = kimi.profile.context_window - kimi.output_budget
+    calibration = float(meta.get("calibration", "1.0"))
+    fitted = fit(
+        settings.system_prompt,
+        entries,
+        start=int(meta.get("start", "0")),
+        budget_tokens=budget,
+        calibration=calibration,
+    )
+    if fitted.too_long:
+        raise AnswerError(Reason.TOO_LONG, f"question alone exceeds {budget} tokens")
+
+    started = time.monotonic()
+    first_text: list[float] = []
+
+    async def on_event(event: Event) -> None:
+        if isinstance(event, Text) and not first_text:
+            first_text.append(time.monotonic() - started)
+
+    log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=fitted.left_out))
+    acc = await kimi.complete(fitted.messages, on_event=on_event)
+    elapsed = time.monotonic() - started
+    usage = acc.usage
+    prompt_tokens = usage.prompt_tokens if usage else 0
+    completion_tokens = usage.completion_tokens if usage else 0
+    line = footer(
+        kimi.model,
+        elapsed,
+        prompt_tokens,
+        completion_tokens,
+        left_out=fitted.left_out,
+        truncated=acc.finish_reason == "length",
+    )
+    reply_ts = await writer.deliver(acc.text, line)
+    await _record(
+        turn,
+        deps,
+        acc,
+        fitted.start,
+        fitted.estimated_tokens,
+        reply_ts,
+        elapsed,
+        history=history,
+        thinking_s=first_text[0] if first_text else elapsed,
+    )
+
+
+async def _record(
+    turn: Turn,
+    deps: Deps,
+    acc: Accumulator,
+    start: int,
+    estimated: int,
+    reply_ts: list[str],
+    elapsed: float,
+    *,
+    history: bool,
+    thinking_s: float,
+) -> None:
+    usage = acc.usage
+    kimi = deps.kimi
+    if history:
+        entry = {
+            **acc.message(),
+            "ts": reply_ts[0] if reply_ts else "",
+            "reply_ts": reply_ts,
+            "model": kimi.model,
+            "usage": usage.__dict__ if usage else None,
+            "thinking_s": round(thinking_s, 3),
+            "elapsed_s": round(elapsed, 3),
+        }
+        meta: dict[str, str | int | float] = {"start": start}
+        if usage and usage.prompt_tokens:
+            meta["calibration"] = round(calibrate(estimated, usage.prompt_tokens), 4)
+        await deps.threads.append(turn.thread, entry, **meta)
+    if usage:
+        cost = kimi.profile.cost_usd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+        await deps.usage.record(
+            turn.team_id, kimi.model, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, cost
+        )
+    log.info(
+        "answered",
+        extra=turn_log(
+            turn,
+            elapsed_s=round(elapsed, 3),
+            thinking_s=round(thinking_s, 3),
+            pieces=len(reply_ts),
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            cached_tokens=usage.cached_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+        ),
+    )

@@ -1,0 +1,121 @@
+"""The Bolt app and how it is served: aiohttp on PORT (/slack/events, /healthz) or Socket Mode."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
+from slack_bolt.async_app import AsyncApp
+from slack_bolt.request.async_request import AsyncBoltRequest
+
+import handlers
+from bot.deps import Deps
+
+log = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 1.0
+MAX_BODY_BYTES = 1024 * 1024  # Slack's payloads are far smaller; anything bigger is refused (413)
+SHUTDOWN_GRACE_S = 30.0
+
+
+def build_bolt_app(deps: Deps) -> AsyncApp:
+    settings = deps.settings
+    app = AsyncApp(
+        client=deps.slack,
+        signing_secret=settings.slack_signing_secret or None,
+        request_verification_enabled=not settings.socket_mode,
+        process_before_response=False,
+        logger=logging.getLogger("slack_bolt.kimibot"),
+    )
+    handlers.register(app, deps)
+    return app
+
+
+def _bad_request(why: str, status: int = 400) -> web.Response:
+    return web.json_response({"ok": False, "error": why}, status=status)
+
+
+def build_web_app(deps: Deps, bolt: AsyncApp | None) -> web.Application:
+    """/healthz always; /slack/events only in HTTP mode (bolt is None in Socket Mode)."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        try:
+            await asyncio.wait_for(deps.redis.ping(), HEALTH_TIMEOUT_S)
+        except Exception as exc:
+            return web.json_response({"ok": False, "redis": type(exc).__name__}, status=503)
+        return web.json_response({"ok": True, "redis": "ok", "jobs": deps.jobs.running})
+
+    async def slack_events(request: web.Request) -> web.Response:
+        assert bolt is not None
+        raw = await request.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return _bad_request("body is not UTF-8")
+        try:
+            bolt_request = AsyncBoltRequest(
+                body=text, query=request.query_string, headers=dict(request.headers)
+            )
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+            # Bolt parses the body while building the request; a body it can't parse is the sender's fault.
+            return _bad_request("malformed body")
+        if not isinstance(bolt_request.body, dict):
+            return _bad_request("malformed body")
+        try:
+            bolt_response = await bolt.async_dispatch(bolt_request)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, json.JSONDecodeError):
+            log.warning("malformed payload refused", exc_info=True)
+            return _bad_request("malformed payload")
+        return await to_aiohttp_response(bolt_response)
+
+    web_app = web.Application(client_max_size=MAX_BODY_BYTES)
+    web_app.router.add_get("/healthz", healthz)
+    if bolt is not None:
+        web_app.router.add_post("/slack/events", slack_events)
+    return web_app
+
+
+async def serve(deps: Deps) -> None:
+    """Run until SIGINT/SIGTERM; then stop taking work, let running answers finish, and close."""
+    settings = deps.settings
+    bolt = build_bolt_app(deps)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+    socket_handler = None
+    web_app = build_web_app(deps, None if settings.socket_mode else bolt)
+    runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host="0.0.0.0", port=settings.port)
+    await site.start()
+    if settings.socket_mode:
+        from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+        socket_handler = AsyncSocketModeHandler(bolt, settings.slack_app_token, web_client=deps.slack)
+        await socket_handler.connect_async()  # type: ignore[no-untyped-call]
+        log.info(
+            "kimibot running in Socket Mode", extra={"port": settings.port, "model": settings.kimi_model}
+        )
+    else:
+        log.info(
+            "kimibot listening",
+            extra={"port": settings.port, "path": "/slack/events", "model": settings.kimi_model},
+        )
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down", extra={"running_jobs": deps.jobs.running})
+        if socket_handler is not None:
+            await socket_handler.close_async()  # type: ignore[no-untyped-call]
+        await site.stop()
+        await deps.jobs.drain(SHUTDOWN_GRACE_S)
+        await runner.cleanup()
+        await deps.close()

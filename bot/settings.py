@@ -1,0 +1,146 @@
+"""Every setting kimibot reads, and the only module that reads the environment.
+
+Names are a public contract (DEVELOPERS.md): never rename one. A missing or malformed
+setting becomes one plain sentence naming the variable and where to get it, not a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Kimi, a helpful assistant working inside a Slack workspace. "
+    "You are talking with a team in a Slack thread; each user message starts with the speaker's name "
+    "followed by a colon, so several people may take part. Answer the latest message, using the thread "
+    "for context. Be accurate and concise; say so when you are unsure. Format answers with standard "
+    "Markdown (headings, lists, bold, `code` and fenced code blocks); avoid HTML and very wide tables."
+)
+
+# Where an admin finds each value. Shown next to the variable's name when it is missing or malformed.
+WHERE_TO_GET: dict[str, str] = {
+    "SLACK_BOT_TOKEN": "Slack app settings > OAuth & Permissions > Bot User OAuth Token (starts with xoxb-)",
+    "SLACK_SIGNING_SECRET": "Slack app settings > Basic Information > App Credentials > Signing Secret",
+    "SLACK_APP_TOKEN": "Slack app settings > Basic Information > App-Level Tokens, scope connections:write "
+    "(starts with xapp-); leave unset for HTTP mode",
+    "SLACK_API_URL": "an http(s) URL ending in /api/; the default https://slack.com/api/ is right for Slack",
+    "MOONSHOT_API_KEY": "https://platform.kimi.ai > API Keys (China accounts: platform.kimi.com)",
+    "KIMI_BASE_URL": "an http(s) URL, default https://api.moonshot.ai/v1 (China: https://api.moonshot.cn/v1)",
+    "KIMI_MODEL": "a model id such as kimi-k2.6, kimi-k2.7-code or kimi-k3",
+    "REDIS_URL": "a redis:// or rediss:// URL, e.g. redis://localhost:6379/0",
+    "PORT": "a TCP port number between 1 and 65535",
+}
+
+
+class SettingsError(Exception):
+    """Start-up cannot go on: one line per bad or missing variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Settings(BaseSettings):
+    """kimibot's configuration, from the environment or a .env file."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # --- The contract (DEVELOPERS.md) ---
+    slack_bot_token: str = ""
+    slack_signing_secret: str = ""
+    slack_app_token: str = ""
+    slack_api_url: str = "https://slack.com/api/"
+    moonshot_api_key: str = ""
+    kimi_base_url: str = "https://api.moonshot.ai/v1"
+    kimi_model: str = "kimi-k2.6"
+    redis_url: str = "redis://localhost:6379/0"
+    port: int = Field(default=3000, ge=1, le=65535)
+
+    # --- Model behaviour ---
+    kimi_reasoning_effort: Literal["low", "high", "max"] = "high"
+    kimi_max_completion_tokens: int = Field(default=0, ge=0)  # 0: the model profile's budget
+    kimi_idle_timeout: float = Field(default=180.0, gt=0)  # seconds without a byte before a stream is dead
+    kimi_retry_budget: float = Field(default=120.0, ge=0)  # total seconds spent backing off per answer
+    kimi_max_attempts: int = Field(default=4, ge=1)
+    kimi_retry_base_delay: float = Field(default=1.0, ge=0)  # first backoff step, doubled each retry
+    kimi_concurrency: int = Field(default=8, ge=1)  # answers in flight at once; match the account tier
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+    # --- Threads and Slack ---
+    thread_ttl_days: int = Field(default=30, ge=1)
+    dedup_ttl_seconds: int = Field(default=86_400, ge=60)
+    backfill_limit: int = Field(default=200, ge=0)
+    slack_post_interval: float = Field(default=1.0, ge=0)  # seconds between posts of one answer
+    working_reaction: str = "eyes"
+    slash_command: str = "/kimi"
+    log_level: str = "INFO"
+
+    @property
+    def socket_mode(self) -> bool:
+        return bool(self.slack_app_token)
+
+    @property
+    def thread_ttl_seconds(self) -> int:
+        return self.thread_ttl_days * 86_400
+
+
+def _check_url(value: str, schemes: tuple[str, ...]) -> bool:
+    parsed = urlparse(value)
+    return parsed.scheme in schemes and (bool(parsed.netloc) or parsed.scheme == "unix")
+
+
+def problems_with(settings: Settings) -> list[str]:
+    """Every reason these settings cannot run the bot, one sentence each (empty when fine)."""
+    problems: list[str] = []
+
+    def missing(name: str) -> None:
+        problems.append(f"{name} is not set. Get it from: {WHERE_TO_GET[name]}.")
+
+    def malformed(name: str, why: str) -> None:
+        problems.append(f"{name} {why}. Expected: {WHERE_TO_GET[name]}.")
+
+    if not settings.slack_bot_token:
+        missing("SLACK_BOT_TOKEN")
+    elif not settings.slack_bot_token.startswith("xox"):
+        malformed("SLACK_BOT_TOKEN", "does not look like a Slack token")
+    if not settings.socket_mode and not settings.slack_signing_secret:
+        missing("SLACK_SIGNING_SECRET")
+    if settings.slack_app_token and not settings.slack_app_token.startswith("xapp-"):
+        malformed("SLACK_APP_TOKEN", "is not an app-level token")
+    if not settings.moonshot_api_key:
+        missing("MOONSHOT_API_KEY")
+    if not settings.kimi_model.strip():
+        missing("KIMI_MODEL")
+    for name, value in (("SLACK_API_URL", settings.slack_api_url), ("KIMI_BASE_URL", settings.kimi_base_url)):
+        if not _check_url(value, ("http", "https")):
+            malformed(name, f"is not an http(s) URL ({value!r})")
+    if not _check_url(settings.redis_url, ("redis", "rediss", "unix")):
+        malformed("REDIS_URL", f"is not a Redis URL ({settings.redis_url!r})")
+    return problems
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and check the settings; raise SettingsError with plain sentences when they cannot work."""
+    malformed: list[str] = []
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        bad_fields: dict[str, object] = {}
+        for error in exc.errors():
+            field_name = str(error["loc"][0]) if error["loc"] else "setting"
+            hint = WHERE_TO_GET.get(field_name.upper(), "")
+            malformed.append(
+                f"{field_name.upper()} is malformed: {error['msg']}."
+                + (f" Expected: {hint}." if hint else "")
+            )
+            if field_name in Settings.model_fields:
+                bad_fields[field_name] = Settings.model_fields[field_name].default
+        # Read the rest with the bad values replaced by defaults, so missing ones are reported too.
+        settings = Settings(**{**overrides, **bad_fields})  # type: ignore[arg-type]
+    found = malformed + problems_with(settings)
+    if found:
+        raise SettingsError(found)
+    return settings

@@ -1,0 +1,154 @@
+"""Markdown -> Slack-ready pieces within Slack's documented limits. Pure.
+
+Pieces break at paragraph boundaries, never inside a code fence: a fence too big for one piece is
+closed at the end of a piece and reopened (same info string) at the start of the next.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Slack's limits, as documented (SLACK_ANCHORS.md section 6; slack-api-ref method data).
+MARKDOWN_TEXT_LIMIT = 12_000  # chat.postMessage / startStream markdown_text, and a markdown block
+CHAT_UPDATE_TEXT_LIMIT = 4_000  # chat.update text
+SECTION_TEXT_LIMIT = 3_000  # section block text
+MESSAGE_TEXT_LIMIT = 40_000  # text, beyond which Slack truncates
+MAX_BLOCKS = 50
+FOOTER_RESERVE = 400  # room kept in the last piece for the footer line
+
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A paragraph, or a whole fenced code block (opener and closer lines included)."""
+
+    text: str
+    fence: str = ""  # the fence marker (``` or ~~~...) when this unit is a code block
+    info: str = ""  # the info string after the opening fence (e.g. "python")
+
+
+def units(markdown: str) -> list[Unit]:
+    """Cut Markdown into paragraphs and fenced blocks; an unclosed fence runs to the end."""
+    result: list[Unit] = []
+    paragraph: list[str] = []
+    lines = markdown.replace("\r\n", "\n").split("\n")
+    i = 0
+
+    def flush() -> None:
+        if paragraph and any(line.strip() for line in paragraph):
+            result.append(Unit("\n".join(paragraph).strip("\n")))
+        paragraph.clear()
+
+    while i < len(lines):
+        line = lines[i]
+        opened = _FENCE.match(line)
+        if opened:
+            flush()
+            marker, info = opened.group(1), opened.group(2).strip()
+            block = [line]
+            i += 1
+            closed = False
+            while i < len(lines):
+                block.append(lines[i])
+                closing = _FENCE.match(lines[i])
+                i += 1
+                if (
+                    closing
+                    and closing.group(1)[0] == marker[0]
+                    and len(closing.group(1)) >= len(marker)
+                    and not closing.group(2).strip()
+                ):
+                    closed = True
+                    break
+            if not closed:
+                block.append(marker)
+            result.append(Unit("\n".join(block), fence=marker, info=info))
+            continue
+        if line.strip():
+            paragraph.append(line)
+        else:
+            flush()
+        i += 1
+    flush()
+    return result
+
+
+def _hard_split(text: str, limit: int) -> list[str]:
+    """Split text with no better boundary: at line ends, then spaces, then anywhere."""
+    pieces: list[str] = []
+    while len(text) > limit:
+        cut = text.rfind("\n", 0, limit + 1)
+        if cut <= 0:
+            cut = text.rfind(" ", 0, limit + 1)
+        if cut <= 0:
+            cut = limit
+        pieces.append(text[:cut].rstrip())
+        text = text[cut:].lstrip("\n ")
+    if text:
+        pieces.append(text)
+    return pieces
+
+
+def _split_unit(unit: Unit, limit: int) -> list[str]:
+    if len(unit.text) <= limit:
+        return [unit.text]
+    if not unit.fence:
+        return _hard_split(unit.text, limit)
+    opener = f"{unit.fence}{unit.info}"
+    body = unit.text.split("\n")[1:-1]
+    room = limit - len(opener) - len(unit.fence) - 2
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in body:
+        for part in _hard_split(line, room) if len(line) > room else [line]:
+            if current and size + len(part) + 1 > room:
+                pieces.append("\n".join([opener, *current, unit.fence]))
+                current, size = [], 0
+            current.append(part)
+            size += len(part) + 1
+    pieces.append("\n".join([opener, *current, unit.fence]))
+    return pieces
+
+
+def split_markdown(markdown: str, limit: int = MARKDOWN_TEXT_LIMIT - FOOTER_RESERVE) -> list[str]:
+    """Pack paragraphs and fences into as few pieces as fit in `limit` characters each."""
+    pieces: list[str] = []
+    current = ""
+    for unit in units(markdown):
+        for part in _split_unit(unit, limit):
+            if not current:
+                current = part
+            elif len(current) + 2 + len(part) <= limit:
+                current = f"{current}\n\n{part}"
+            else:
+                pieces.append(current)
+                current = part
+    if current:
+        pieces.append(current)
+    return pieces or [""]
+
+
+def footer(
+    model: str,
+    seconds: float,
+    prompt_tokens: int,
+    completion_tokens: int,
+    left_out: int = 0,
+    truncated: bool = False,
+) -> str:
+    """The small line under an answer: model, time, tokens, and whatever the reader should know."""
+    parts = [model, f"{seconds:.1f}s", f"{prompt_tokens:,} in / {completion_tokens:,} out tokens"]
+    notes = []
+    if left_out:
+        notes.append(
+            f"{left_out} earlier message{'s' if left_out != 1 else ''} left out to fit the context window"
+        )
+    if truncated:
+        notes.append("answer cut off at the output limit")
+    line = " · ".join(parts)
+    if notes:
+        line += " · " + "; ".join(notes)
+    return f"_{line}_"

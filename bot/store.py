@@ -1,0 +1,133 @@
+"""Every Redis key kimibot uses lives here, and nowhere else.
+
+Keys of one thread share a hash tag `{team:channel:thread_ts}` so that, on Redis Cluster, a thread's
+history, metadata and lock sit on one shard.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.lock import Lock
+
+from bot.turn import ThreadKey
+
+PREFIX = "kimibot"
+USER_NAME_TTL_S = 86_400
+USAGE_TTL_S = 400 * 86_400
+
+
+def _thread_tag(thread: ThreadKey) -> str:
+    return f"{PREFIX}:thread:{{{thread}}}"
+
+
+def _dumps(entry: dict[str, Any]) -> str:
+    # Fixed key order and escaping: what we store is what we replay, byte for byte.
+    return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+
+
+class ThreadStore:
+    """A thread's history (append-only list of JSON entries) and its metadata hash, with a TTL."""
+
+    def __init__(self, redis: Redis, ttl_seconds: int) -> None:
+        self.redis = redis
+        self.ttl = ttl_seconds
+
+    @staticmethod
+    def history_key(thread: ThreadKey) -> str:
+        return f"{_thread_tag(thread)}:history"
+
+    @staticmethod
+    def meta_key(thread: ThreadKey) -> str:
+        return f"{_thread_tag(thread)}:meta"
+
+    async def load(self, thread: ThreadKey) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(self.history_key(thread), 0, -1)
+            pipe.hgetall(self.meta_key(thread))
+            raw, meta = await pipe.execute()
+        return [json.loads(item) for item in raw], dict(meta)
+
+    async def append(self, thread: ThreadKey, *entries: dict[str, Any], **meta: str | int | float) -> None:
+        """Add entries (and set metadata) atomically, and push both keys' expiry out again."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if entries:
+                pipe.rpush(self.history_key(thread), *(_dumps(e) for e in entries))
+            if meta:
+                pipe.hset(self.meta_key(thread), mapping={k: str(v) for k, v in meta.items()})
+            pipe.expire(self.history_key(thread), self.ttl)
+            pipe.expire(self.meta_key(thread), self.ttl)
+            await pipe.execute()
+
+    async def is_engaged(self, thread: ThreadKey) -> bool:
+        """Has the bot answered in this thread (within the TTL)?"""
+        return bool(await self.redis.hexists(self.meta_key(thread), "answered"))
+
+    def lock(self, thread: ThreadKey, timeout_s: float, wait_s: float) -> Lock:
+        """One answer at a time per thread, across processes: the second question sees the first answer."""
+        return self.redis.lock(f"{_thread_tag(thread)}:lock", timeout=timeout_s, blocking_timeout=wait_s)
+
+
+class Dedup:
+    """Claims a (channel, ts) once, so one user message is answered once across events and retries."""
+
+    def __init__(self, redis: Redis, ttl_seconds: int) -> None:
+        self.redis = redis
+        self.ttl = ttl_seconds
+
+    @staticmethod
+    def key(channel: str, ts: str) -> str:
+        return f"{PREFIX}:seen:{channel}:{ts}"
+
+    async def claim(self, channel: str, ts: str) -> bool:
+        return bool(await self.redis.set(self.key(channel, ts), "1", nx=True, ex=self.ttl))
+
+
+class UserNames:
+    """Display names from users.info, cached for a day."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    @staticmethod
+    def key(team_id: str, user: str) -> str:
+        return f"{PREFIX}:user:{team_id}:{user}"
+
+    async def get(self, team_id: str, user: str) -> str | None:
+        value = await self.redis.get(self.key(team_id, user))
+        return str(value) if value is not None else None
+
+    async def put(self, team_id: str, user: str, name: str) -> None:
+        await self.redis.set(self.key(team_id, user), name, ex=USER_NAME_TTL_S)
+
+
+class Usage:
+    """Token counts per team and day, for the admin (and later quotas)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    @staticmethod
+    def key(team_id: str, day: dt.date) -> str:
+        return f"{PREFIX}:usage:{team_id}:{day.isoformat()}"
+
+    async def record(
+        self, team_id: str, model: str, prompt: int, cached: int, completion: int, cost: float
+    ) -> None:
+        key = self.key(team_id, dt.datetime.now(dt.UTC).date())
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(key, "turns", 1)
+            pipe.hincrby(key, "prompt_tokens", prompt)
+            pipe.hincrby(key, "cached_tokens", cached)
+            pipe.hincrby(key, "completion_tokens", completion)
+            pipe.hincrbyfloat(key, "cost_usd", cost)
+            pipe.hincrby(key, f"turns:{model}", 1)
+            pipe.expire(key, USAGE_TTL_S)
+            await pipe.execute()
+
+    async def day(self, team_id: str, day: dt.date) -> dict[str, str]:
+        raw = await self.redis.hgetall(self.key(team_id, day))
+        return {str(k): str(v) for k, v in raw.items()}

@@ -1,0 +1,54 @@
+"""A Turn: one user message the bot has decided to answer, whatever surface it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Source(StrEnum):
+    MENTION = "mention"  # @kimibot in a channel
+    THREAD = "thread"  # a follow-up in a thread the bot has answered in
+    DM = "dm"  # a direct message
+    COMMAND = "command"  # /kimi <question>
+
+
+@dataclass(frozen=True)
+class ThreadKey:
+    """Where a conversation lives: its history is keyed by this."""
+
+    team_id: str
+    channel: str
+    thread_ts: str
+
+    def __str__(self) -> str:
+        return f"{self.team_id}:{self.channel}:{self.thread_ts}"
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Who asked what, where, and how it reached us."""
+
+    source: Source
+    team_id: str
+    channel: str
+    user: str
+    text: str
+    ts: str  # the user's message (for a command: the "asked" message the bot posted)
+    thread_ts: str  # the thread the answer goes into
+    event_id: str = ""
+    response_url: str = ""  # /kimi in a channel the bot is not in: answer through this instead
+
+    @property
+    def thread(self) -> ThreadKey:
+        return ThreadKey(self.team_id, self.channel, self.thread_ts)
+
+    @property
+    def in_slack_thread(self) -> bool:
+        """False when the answer can only go through response_url (no thread to write into)."""
+        return not self.response_url
+
+    @property
+    def opens_thread(self) -> bool:
+        """True when the message is the thread's first, so there is nothing earlier to backfill."""
+        return self.thread_ts == self.ts

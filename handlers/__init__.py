@@ -1,0 +1,13 @@
+"""Thin Bolt listeners, grouped by Slack feature: payload -> Turn -> job. They never call Kimi."""
+
+from __future__ import annotations
+
+from slack_bolt.async_app import AsyncApp
+
+from bot.deps import Deps
+from handlers import commands, events
+
+
+def register(app: AsyncApp, deps: Deps) -> None:
+    events.register(app, deps)
+    commands.register(app, deps)
