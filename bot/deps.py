@@ -42,6 +42,17 @@ class Deps:
     jobs: Jobs
     identity: BotIdentity = field(default_factory=BotIdentity)
 
+    async def whoami(self) -> BotIdentity:
+        """Our bot user and bot ids, from one auth.test call per process."""
+        if not self.identity.user_id:
+            response = await self.slack.auth_test()
+            self.identity = BotIdentity(
+                user_id=str(response.get("user_id") or ""),
+                bot_id=str(response.get("bot_id") or ""),
+                team_id=str(response.get("team_id") or ""),
+            )
+        return self.identity
+
     async def close(self) -> None:
         await self.kimi.close()
         await self.redis.aclose()

@@ -11,6 +11,7 @@ import signal
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.authorization import AuthorizeResult
 from slack_bolt.request.async_request import AsyncBoltRequest
 
 import handlers
@@ -25,11 +26,27 @@ SHUTDOWN_GRACE_S = 30.0
 
 def build_bolt_app(deps: Deps) -> AsyncApp:
     settings = deps.settings
+
+    async def authorize(enterprise_id: str | None, team_id: str | None) -> AuthorizeResult:
+        # Our own authorize (instead of Bolt's single-team one) calls auth.test once, through our
+        # client, without the team_id parameter Bolt's per-request client would add to it.
+        me = await deps.whoami()
+        return AuthorizeResult(
+            enterprise_id=enterprise_id,
+            team_id=team_id or me.team_id,
+            bot_user_id=me.user_id,
+            bot_id=me.bot_id,
+            bot_token=settings.slack_bot_token,
+        )
+
     app = AsyncApp(
         client=deps.slack,
+        authorize=authorize,
         signing_secret=settings.slack_signing_secret or None,
         request_verification_enabled=not settings.socket_mode,
-        process_before_response=False,
+        # Listeners only admit and hand over (a few ms); finishing them before the ack means a
+        # turn is claimed and queued before Slack hears 200, and no ack-polling delay.
+        process_before_response=True,
         logger=logging.getLogger("slack_bolt.kimibot"),
     )
     handlers.register(app, deps)

@@ -11,6 +11,8 @@ from bot.pipeline import answer
 from bot.slack.reply import announce_question
 from bot.turn import Source, Turn
 
+HELP_WORDS = frozenset({"", "help", "-h", "--help", "?"})
+
 
 def usage_text(command: str) -> str:
     return (
@@ -23,34 +25,41 @@ def usage_text(command: str) -> str:
     )
 
 
+async def ask_from_command(deps: Deps, command: dict[str, Any], question: str) -> None:
+    """Post the question in the channel and answer in its thread; off-channel, answer via response_url."""
+    channel = str(command.get("channel_id") or "")
+    user = str(command.get("user_id") or "")
+    team = str(command.get("team_id") or "")
+    ts = await announce_question(deps.slack, channel, user, question)
+    if ts is not None:
+        turn = Turn(Source.COMMAND, team, channel, user, question, ts=ts, thread_ts=ts)
+    else:
+        trigger = str(command.get("trigger_id") or "")
+        turn = Turn(
+            Source.COMMAND,
+            team,
+            channel,
+            user,
+            question,
+            ts=trigger,
+            thread_ts=trigger,
+            response_url=str(command.get("response_url") or ""),
+        )
+    await answer(turn, deps)
+
+
 def register(app: AsyncApp, deps: Deps) -> None:
     command_name = deps.settings.slash_command
 
     async def on_command(ack: AsyncAck, command: dict[str, Any]) -> None:
         question = str(command.get("text") or "").strip()
-        if question.lower() in ("", "help", "-h", "--help", "?"):
+        if question.lower() in HELP_WORDS:
             await ack(response_type="ephemeral", text=usage_text(command_name))
             return
         await ack()
-        channel = str(command.get("channel_id") or "")
-        user = str(command.get("user_id") or "")
-        team = str(command.get("team_id") or "")
-        ts = await announce_question(deps.slack, channel, user, question)
-        if ts is not None:
-            turn = Turn(Source.COMMAND, team, channel, user, question, ts=ts, thread_ts=ts)
-        else:
-            # Not a member of this channel: answer privately through response_url instead.
-            trigger = str(command.get("trigger_id") or "")
-            turn = Turn(
-                Source.COMMAND,
-                team,
-                channel,
-                user,
-                question,
-                ts=trigger,
-                thread_ts=trigger,
-                response_url=str(command.get("response_url") or ""),
-            )
-        deps.jobs.submit(answer(turn, deps), name=f"command:{channel}:{turn.ts}")
+        deps.jobs.submit(
+            ask_from_command(deps, command, question),
+            name=f"command:{command.get('channel_id')}:{command.get('trigger_id')}",
+        )
 
     app.command(command_name)(on_command)

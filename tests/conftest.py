@@ -1,0 +1,162 @@
+"""Fixtures: real Redis (a DB of its own, flushed per test), fake Slack and Kimi servers, and the bot."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
+
+from bot.deps import Deps, build_deps
+from bot.server import build_bolt_app, build_web_app
+from bot.settings import Settings, load_settings
+from tests.fakes.kimi_api import API_KEY, FakeKimi
+from tests.fakes.slack_api import BOT_USER_ID, TOKEN, FakeSlack
+from tests.slack_requests import ALICE, BOB, SIGNING_SECRET, command_body, envelope, json_body, sign
+
+REDIS_URL = os.environ.get("KIMIBOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture
+async def redis_url() -> AsyncIterator[str]:
+    client: Redis = Redis.from_url(REDIS_URL)
+    await client.flushdb()
+    yield REDIS_URL
+    await client.flushdb()
+    await client.aclose()
+
+
+@pytest.fixture
+async def fake_slack() -> AsyncIterator[FakeSlack]:
+    slack = FakeSlack()
+    slack.add_user(ALICE, "alice")
+    slack.add_user(BOB, "bob")
+    await slack.start()
+    yield slack
+    await slack.stop()
+
+
+@pytest.fixture
+async def fake_kimi() -> AsyncIterator[FakeKimi]:
+    kimi = FakeKimi()
+    await kimi.start()
+    yield kimi
+    await kimi.stop()
+
+
+@pytest.fixture
+def make_settings(fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "_env_file": None,
+            "slack_bot_token": TOKEN,
+            "slack_signing_secret": SIGNING_SECRET,
+            "slack_app_token": "",
+            "slack_api_url": fake_slack.api_url,
+            "moonshot_api_key": API_KEY,
+            "kimi_base_url": fake_kimi.base_url,
+            "kimi_model": "kimi-k2.6",
+            "redis_url": redis_url,
+            "slack_post_interval": 0,
+            "kimi_retry_base_delay": 0.01,
+            **overrides,
+        }
+        return load_settings(**values)
+
+    return make
+
+
+class BotHarness:
+    """The real Bolt app behind the real aiohttp routes, reached over loopback HTTP like Slack does."""
+
+    def __init__(self, settings: Settings, slack: FakeSlack) -> None:
+        self.settings = settings
+        self.slack = slack
+        self.deps: Deps = build_deps(settings)
+        self.server = TestServer(build_web_app(self.deps, build_bolt_app(self.deps)), host="127.0.0.1")
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        await self.server.start_server()
+        self.session = aiohttp.ClientSession()
+
+    async def stop(self) -> None:
+        await self.settle()
+        assert self.session is not None
+        await self.session.close()
+        await self.server.close()
+        await self.deps.close()
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    async def post(
+        self, body: bytes, content_type: str, headers: dict[str, str] | None = None, signed: bool = True
+    ) -> tuple[int, str]:
+        assert self.session is not None
+        all_headers = {"Content-Type": content_type, **(sign(body) if signed else {}), **(headers or {})}
+        async with self.session.post(self.url("/slack/events"), data=body, headers=all_headers) as response:
+            return response.status, await response.text()
+
+    async def send_event(
+        self,
+        event: dict[str, Any],
+        *,
+        event_id: str | None = None,
+        retry_num: int | None = None,
+        seed: bool = True,
+    ) -> tuple[int, str]:
+        """Deliver an event as Slack would; by default the message also exists in the fake workspace."""
+        if (
+            seed
+            and event.get("ts")
+            and not any(m["ts"] == event["ts"] for m in self.slack.messages[event["channel"]])
+        ):
+            self.slack.messages[event["channel"]].append({k: v for k, v in event.items() if k != "channel"})
+        headers = {}
+        if retry_num:
+            headers = {"X-Slack-Retry-Num": str(retry_num), "X-Slack-Retry-Reason": "http_timeout"}
+        return await self.post(json_body(envelope(event, event_id)), "application/json", headers)
+
+    async def command(self, text: str, **kwargs: Any) -> tuple[int, str]:
+        kwargs.setdefault("response_url", self.slack.response_url())
+        return await self.post(command_body(text, **kwargs), "application/x-www-form-urlencoded")
+
+    async def settle(self, timeout: float = 15.0) -> None:
+        """Wait until every answer job has finished."""
+        deadline = time.monotonic() + timeout
+        while self.deps.jobs.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert not self.deps.jobs.running, "answer jobs still running"
+
+
+@pytest.fixture
+async def make_bot(
+    make_settings: Callable[..., Settings], fake_slack: FakeSlack
+) -> AsyncIterator[Callable[..., Any]]:
+    bots: list[BotHarness] = []
+
+    async def make(**overrides: Any) -> BotHarness:
+        harness = BotHarness(make_settings(**overrides), fake_slack)
+        await harness.start()
+        bots.append(harness)
+        return harness
+
+    yield make
+    for harness in bots:
+        await harness.stop()
+
+
+@pytest.fixture
+async def bot(make_bot: Callable[..., Any]) -> BotHarness:
+    harness: BotHarness = await make_bot()
+    return harness
+
+
+__all__ = ["BOT_USER_ID", "BotHarness"]

@@ -1,0 +1,169 @@
+"""A fake Kimi (Moonshot) chat-completions API over loopback HTTP.
+
+Streams Server-Sent Events the way Kimi does: `delta.reasoning_content` first, then `delta.content`,
+then a last chunk with `finish_reason` and the usage inside `choices[0].usage` (with `cached_tokens`),
+then `data: [DONE]`. Replies are scripted per request: HTTP errors with Kimi's error bodies and
+Retry-After, errors inside the stream, streams cut mid-way (clean EOF or a connection reset), slow chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+API_KEY = "sk-test-key"
+
+
+def default_answer(request: dict[str, Any]) -> str:
+    """Echo what the model was given, so tests can see which context reached it."""
+    users = [m for m in request["messages"] if m["role"] == "user"]
+    last = users[-1]["content"] if users else ""
+    return f"You said: {last} (I saw {len(request['messages'])} messages)"
+
+
+@dataclass
+class Reply:
+    """How to answer one request."""
+
+    status: int = 200
+    error_type: str = ""
+    error_message: str = ""
+    retry_after: float | None = None
+    reasoning: str = "Let me think about this carefully."
+    content: str | Callable[[dict[str, Any]], str] | None = None
+    chunk_chars: int = 40
+    chunk_delay: float = 0.0
+    first_byte_delay: float = 0.0
+    finish_reason: str = "stop"
+    cut_after_chunks: int | None = None  # stop after N content chunks: clean EOF, no finish, no [DONE]
+    reset_after_chunks: int | None = None  # abort the TCP connection after N content chunks
+    error_in_stream: dict[str, Any] | None = None  # sent as `data: {"error": ...}` after the reasoning
+    cached_tokens: int = 0
+
+
+@dataclass
+class FakeKimi:
+    replies: deque[Reply] = field(default_factory=deque)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    request_times: list[float] = field(default_factory=list)
+    done_times: list[float] = field(default_factory=list)
+    known_models: set[str] | None = None
+    tokens_per_char: float = 0.25
+    server: TestServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def script(self, *replies: Reply) -> None:
+        self.replies.extend(replies)
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._completions)
+        self.server = TestServer(app, host="127.0.0.1")
+        await self.server.start_server()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+
+    def prompt_tokens(self, request: dict[str, Any]) -> int:
+        chars = sum(
+            len(m.get("content") or "") + len(m.get("reasoning_content") or "") for m in request["messages"]
+        )
+        return int(chars * self.tokens_per_char) + 4 * len(request["messages"])
+
+    @staticmethod
+    def _error(status: int, error_type: str, message: str, retry_after: float | None = None) -> web.Response:
+        headers = {"x-request-id": "req-fake-1"}
+        if retry_after is not None:
+            headers["Retry-After"] = str(retry_after)
+        return web.json_response(
+            {"error": {"message": message, "type": error_type}}, status=status, headers=headers
+        )
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        self.request_times.append(time.monotonic())
+        if request.headers.get("Authorization") != f"Bearer {API_KEY}":
+            return self._error(401, "invalid_authentication_error", "Invalid Authentication")
+        body = await request.json()
+        self.requests.append(body)
+        if self.known_models is not None and body.get("model") not in self.known_models:
+            return self._error(404, "resource_not_found_error", f"Not found the model {body.get('model')}")
+        reply = self.replies.popleft() if self.replies else Reply()
+        if reply.status != 200:
+            return self._error(reply.status, reply.error_type, reply.error_message, reply.retry_after)
+
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "x-trace-id": "trace-fake"}
+        )
+        await response.prepare(request)
+        if reply.first_byte_delay:
+            await asyncio.sleep(reply.first_byte_delay)
+        model = body.get("model", "kimi")
+        created = int(time.time())
+
+        async def send(
+            delta: dict[str, Any], finish: str | None = None, usage: dict[str, Any] | None = None
+        ) -> None:
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+            if usage is not None:
+                choice["usage"] = usage
+            chunk = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+            }
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if reply.chunk_delay:
+                await asyncio.sleep(reply.chunk_delay)
+
+        await send({"role": "assistant", "content": ""})
+        for piece in _pieces(reply.reasoning, reply.chunk_chars):
+            await send({"reasoning_content": piece})
+        if reply.error_in_stream is not None:
+            await response.write(f"data: {json.dumps({'error': reply.error_in_stream})}\n\n".encode())
+            return response
+        content = reply.content if reply.content is not None else default_answer
+        text = content(body) if callable(content) else content
+        for n, piece in enumerate(_pieces(text, reply.chunk_chars)):
+            if reply.cut_after_chunks is not None and n >= reply.cut_after_chunks:
+                return response
+            if reply.reset_after_chunks is not None and n >= reply.reset_after_chunks:
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            await send({"content": piece})
+        prompt = self.prompt_tokens(body)
+        completion = (len(text) + len(reply.reasoning)) // 4 + 1
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "cached_tokens": reply.cached_tokens,
+        }
+        await send({}, finish=reply.finish_reason, usage=usage)
+        self.done_times.append(time.monotonic())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]

@@ -1,0 +1,317 @@
+"""A fake Slack Web API (and response_url endpoint) over loopback HTTP.
+
+It speaks Slack's wire format (JSON bodies with `ok`/`error`, HTTP 429 + Retry-After), checks every
+call against the method reference data in `slack_api_ref/` (required and known arguments, from
+docs.slack.dev via slack-ruby/slack-api-ref, MIT), and enforces the documented size limits. Anything
+the bot sends that real Slack would refuse is answered with Slack's error and recorded in `problems`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+REF_DIR = Path(__file__).parent / "slack_api_ref"
+
+TEAM_ID = "T05KQ2R7JNB"
+BOT_USER_ID = "U07F3N1BOTX"
+BOT_ID = "B07F3N1QRST"
+APP_ID = "A07F3M9XQ2L"
+TOKEN = "xoxb-test-token"
+
+MARKDOWN_TEXT_LIMIT = 12_000
+TEXT_LIMIT = 40_000
+UPDATE_TEXT_LIMIT = 4_000
+
+
+@dataclass
+class Call:
+    method: str
+    args: dict[str, Any]
+    at: float
+
+
+@dataclass
+class Failure:
+    error: str = ""
+    status: int = 200
+    retry_after: int | None = None
+
+
+@dataclass
+class FakeSlack:
+    users: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calls: list[Call] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    messages: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    reactions: dict[tuple[str, str], set[str]] = field(default_factory=lambda: defaultdict(set))
+    responses: list[dict[str, Any]] = field(default_factory=list)  # what arrived at response_url
+    not_member_of: set[str] = field(default_factory=set)  # channels where posting gives not_in_channel
+    failures: dict[str, list[Failure]] = field(default_factory=lambda: defaultdict(list))
+    delay: dict[str, float] = field(default_factory=dict)  # seconds to wait before answering a method
+    server: TestServer | None = None
+    _clock: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    # ---- test helpers -------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api/"
+
+    def response_url(self, name: str = "cmd") -> str:
+        return f"{self.url}/response/{name}"
+
+    def fail(
+        self,
+        method: str,
+        error: str = "",
+        *,
+        status: int = 200,
+        retry_after: int | None = None,
+        times: int = 1,
+    ) -> None:
+        """The next `times` calls of `method` fail this way (Slack error, 5xx, or 429 + Retry-After)."""
+        self.failures[method].extend(Failure(error, status, retry_after) for _ in range(times))
+
+    def add_user(self, user_id: str, display_name: str, real_name: str = "") -> None:
+        self.users[user_id] = {
+            "id": user_id,
+            "name": display_name.lower(),
+            "real_name": real_name or display_name,
+            "profile": {"display_name": display_name, "real_name": real_name or display_name},
+        }
+
+    def new_ts(self) -> str:
+        return f"{1_760_000_000 + next(self._clock)}.{next(self._clock) % 1_000_000:06d}"
+
+    def seed(
+        self,
+        channel: str,
+        *,
+        user: str,
+        text: str,
+        ts: str | None = None,
+        thread_ts: str | None = None,
+        **extra: Any,
+    ) -> str:
+        """Put a message into the fake workspace (for conversations.replies backfill)."""
+        ts = ts or self.new_ts()
+        message = {"type": "message", "user": user, "text": text, "ts": ts, **extra}
+        if thread_ts:
+            message["thread_ts"] = thread_ts
+        self.messages[channel].append(message)
+        return ts
+
+    def calls_of(self, method: str) -> list[Call]:
+        return [c for c in self.calls if c.method == method]
+
+    def posts(self, channel: str | None = None, thread_ts: str | None = None) -> list[dict[str, Any]]:
+        """Messages the bot posted (chat.postMessage), optionally in one channel/thread."""
+        return [
+            c.args
+            for c in self.calls_of("chat.postMessage")
+            if "ts" in c.args.get("_result", {})
+            and (channel is None or c.args.get("channel") == channel)
+            and (thread_ts is None or c.args.get("thread_ts") == thread_ts)
+        ]
+
+    @staticmethod
+    def body_of(post: dict[str, Any]) -> str:
+        return str(post.get("markdown_text") or post.get("text") or "")
+
+    # ---- server ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        app = web.Application(client_max_size=10 * 1024 * 1024)
+        app.router.add_route("*", "/api/{method}", self._api)
+        app.router.add_post("/response/{name}", self._response_url)
+        self.server = TestServer(app, host="127.0.0.1")
+        await self.server.start_server()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+
+    async def _response_url(self, request: web.Request) -> web.Response:
+        self.responses.append(await request.json())
+        return web.Response(text="ok")
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        args = await self._args(request)
+        call = Call(method, args, time.monotonic())
+        self.calls.append(call)
+        if method in self.delay:
+            await asyncio.sleep(self.delay[method])
+        if self.failures.get(method):
+            failure = self.failures[method].pop(0)
+            if failure.status == 429:
+                return web.json_response(
+                    {"ok": False, "error": "ratelimited"},
+                    status=429,
+                    headers={"Retry-After": str(failure.retry_after or 1)},
+                )
+            if failure.status >= 500:
+                return web.Response(status=failure.status, text="upstream trouble")
+            return self._error(call, failure.error)
+        ref_error = self._check_reference(method, args)
+        if ref_error:
+            return self._error(call, ref_error)
+        if args.get("token") != TOKEN:
+            return self._error(call, "invalid_auth")
+        handler = getattr(self, "_m_" + method.replace(".", "_"), None)
+        if handler is None:
+            self.problems.append(f"{method}: the fake does not implement it")
+            return self._error(call, "unknown_method")
+        result: dict[str, Any] = handler(args)
+        if not result.get("ok", True):
+            return self._error(call, str(result["error"]))
+        result = {"ok": True, **result}
+        args["_result"] = result
+        return web.json_response(result)
+
+    def _error(self, call: Call, error: str) -> web.Response:
+        call.args["_result"] = {"ok": False, "error": error}
+        return web.json_response({"ok": False, "error": error})
+
+    async def _args(self, request: web.Request) -> dict[str, Any]:
+        args: dict[str, Any] = dict(request.query)
+        raw = await request.read()
+        if raw:
+            if request.content_type == "application/json":
+                args.update(json.loads(raw))
+            else:
+                args.update(dict(parse_qsl(raw.decode(), keep_blank_values=True)))
+        auth = request.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            args.setdefault("token", auth.removeprefix("Bearer "))
+        return args
+
+    def _check_reference(self, method: str, args: dict[str, Any]) -> str | None:
+        """Required and known arguments per Slack's reference data; a miss is a bot bug."""
+        path = REF_DIR / f"{method}.json"
+        if not path.exists():
+            self.problems.append(f"{method}: no reference data (not a documented method?)")
+            return "unknown_method"
+        spec = json.loads(path.read_text())["args"]
+        known = set(spec.get("properties", {}))
+        for name in spec.get("required", []):
+            if name not in args or args[name] in (None, ""):
+                self.problems.append(f"{method}: missing required argument {name}")
+                return "invalid_arguments"
+        for name in args:
+            if name not in known:
+                self.problems.append(f"{method}: unknown argument {name}")
+                return "invalid_arguments"
+        return None
+
+    # ---- methods --------------------------------------------------------------------------------
+    def _m_auth_test(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "url": "https://fake.slack.com/",
+            "team": "Fake",
+            "user": "kimibot",
+            "team_id": TEAM_ID,
+            "user_id": BOT_USER_ID,
+            "bot_id": BOT_ID,
+            "is_enterprise_install": False,
+        }
+
+    def _content_error(self, method: str, args: dict[str, Any], *, text_limit: int) -> str | None:
+        markdown, text, blocks = args.get("markdown_text"), args.get("text"), args.get("blocks")
+        if markdown is not None and (text or blocks):
+            self.problems.append(f"{method}: markdown_text combined with text/blocks")
+            return "markdown_text_conflict"
+        if not (markdown or text or blocks or args.get("attachments")):
+            self.problems.append(f"{method}: no content")
+            return "no_text"
+        if markdown is not None and len(markdown) > MARKDOWN_TEXT_LIMIT:
+            self.problems.append(f"{method}: markdown_text of {len(markdown)} chars")
+            return "msg_too_long"
+        if text is not None and len(text) > text_limit:
+            self.problems.append(f"{method}: text of {len(text)} chars")
+            return "msg_too_long"
+        return None
+
+    def _m_chat_postMessage(self, args: dict[str, Any]) -> dict[str, Any]:
+        channel = args["channel"]
+        if channel in self.not_member_of:
+            return {"ok": False, "error": "not_in_channel"}
+        error = self._content_error("chat.postMessage", args, text_limit=TEXT_LIMIT)
+        if error:
+            return {"ok": False, "error": error}
+        thread_ts = args.get("thread_ts")
+        if thread_ts and not any(m["ts"] == thread_ts for m in self.messages[channel]):
+            self.problems.append(f"chat.postMessage: thread_ts {thread_ts} is not a message in {channel}")
+        ts = self.new_ts()
+        message = {
+            "type": "message",
+            "user": BOT_USER_ID,
+            "bot_id": BOT_ID,
+            "app_id": APP_ID,
+            "ts": ts,
+            "text": args.get("markdown_text") or args.get("text") or "",
+        }
+        if thread_ts:
+            message["thread_ts"] = thread_ts
+        self.messages[channel].append(message)
+        return {"channel": channel, "ts": ts, "message": message}
+
+    def _m_chat_update(self, args: dict[str, Any]) -> dict[str, Any]:
+        error = self._content_error("chat.update", args, text_limit=UPDATE_TEXT_LIMIT)
+        if error:
+            return {"ok": False, "error": error}
+        return {"channel": args["channel"], "ts": args["ts"]}
+
+    def _m_chat_postEphemeral(self, args: dict[str, Any]) -> dict[str, Any]:
+        error = self._content_error("chat.postEphemeral", args, text_limit=TEXT_LIMIT)
+        return {"ok": False, "error": error} if error else {"message_ts": self.new_ts()}
+
+    def _m_reactions_add(self, args: dict[str, Any]) -> dict[str, Any]:
+        key = (args["channel"], args["timestamp"])
+        if args["name"] in self.reactions[key]:
+            return {"ok": False, "error": "already_reacted"}
+        self.reactions[key].add(args["name"])
+        return {}
+
+    def _m_reactions_remove(self, args: dict[str, Any]) -> dict[str, Any]:
+        key = (args.get("channel", ""), args.get("timestamp", ""))
+        if args["name"] not in self.reactions[key]:
+            return {"ok": False, "error": "no_reaction"}
+        self.reactions[key].discard(args["name"])
+        return {}
+
+    def _m_users_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        user = self.users.get(args["user"])
+        return {"user": user} if user else {"ok": False, "error": "user_not_found"}
+
+    def _m_conversations_replies(self, args: dict[str, Any]) -> dict[str, Any]:
+        channel, thread = args["channel"], str(args["ts"])
+        thread_messages = sorted(
+            (m for m in self.messages[channel] if m["ts"] == thread or m.get("thread_ts") == thread),
+            key=lambda m: float(m["ts"]),
+        )
+        if not thread_messages:
+            return {"ok": False, "error": "thread_not_found"}
+        start = int(args.get("cursor") or 0)
+        limit = int(args.get("limit") or 1000)
+        page = thread_messages[start : start + limit]
+        more = start + limit < len(thread_messages)
+        return {
+            "messages": page,
+            "has_more": more,
+            "response_metadata": {"next_cursor": str(start + limit) if more else ""},
+        }

@@ -1,0 +1,141 @@
+"""Mentions, thread follow-ups, DMs: exactly one threaded answer per user message, with context."""
+
+from __future__ import annotations
+
+from tests.conftest import BotHarness
+from tests.fakes.kimi_api import FakeKimi
+from tests.fakes.slack_api import BOT_ID, BOT_USER_ID, FakeSlack
+from tests.slack_requests import BOB, CHANNEL, DM, mention, message, thread_key
+
+
+async def test_mention_gets_one_threaded_answer_with_reasoning_stored(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    status, _ = await bot.send_event(mention("What is Redis?", "1700000000.000100"))
+    assert status == 200
+    await bot.settle()
+    posts = fake_slack.posts(CHANNEL, thread_ts="1700000000.000100")
+    assert len(posts) == 1
+    assert "You said: alice: What is Redis?" in posts[0]["markdown_text"]
+    assert "kimi-k2.6" in posts[0]["markdown_text"]  # footer
+    request = fake_kimi.requests[0]
+    assert request["messages"][0]["role"] == "system"
+    assert request["thinking"] == {"type": "enabled"}  # kimi-k2.6: extra_body merged into the JSON body
+    assert "temperature" not in request and "top_p" not in request
+    assert request["max_completion_tokens"] > 0 and request["stream"] is True
+    entries, meta = await bot.deps.threads.load(thread_key("1700000000.000100"))
+    assert [e["role"] for e in entries] == ["user", "assistant"]
+    assert entries[1]["reasoning_content"] == "Let me think about this carefully."
+    assert meta["answered"] == "1"
+    assert fake_slack.problems == []
+
+
+async def test_mention_and_message_twins_and_retries_get_one_answer(
+    bot: BotHarness, fake_slack: FakeSlack
+) -> None:
+    ts = "1700000000.000200"
+    mention_event = mention("hello there", ts)
+    twin = message(f"<@{BOT_USER_ID}> hello there", ts)
+    assert (await bot.send_event(mention_event, event_id="EvA"))[0] == 200
+    assert (await bot.send_event(twin, event_id="EvB"))[0] == 200
+    assert (await bot.send_event(mention_event, event_id="EvA", retry_num=1))[0] == 200
+    assert (await bot.send_event(twin, event_id="EvB", retry_num=2))[0] == 200
+    await bot.settle()
+    assert len(fake_slack.posts(CHANNEL, thread_ts=ts)) == 1
+
+
+async def test_follow_up_in_thread_sees_earlier_turns_without_a_mention(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    root = "1700000000.000300"
+    await bot.send_event(mention("Remember the number 42.", root))
+    await bot.settle()
+    await bot.send_event(message("What number did I say?", "1700000000.000301", thread_ts=root, user=BOB))
+    await bot.settle()
+    posts = fake_slack.posts(CHANNEL, thread_ts=root)
+    assert len(posts) == 2
+    second = fake_kimi.requests[1]["messages"]
+    contents = [m["content"] for m in second]
+    assert "alice: Remember the number 42." in contents
+    assert "bob: What number did I say?" == contents[-1]
+    assistant = [m for m in second if m["role"] == "assistant"]
+    assert assistant and assistant[0]["reasoning_content"]  # replayed whole
+
+
+async def test_messages_in_threads_the_bot_never_joined_are_ignored(
+    bot: BotHarness, fake_slack: FakeSlack
+) -> None:
+    root = fake_slack.seed(CHANNEL, user=BOB, text="team chat")
+    await bot.send_event(message("just people talking", "1700000000.000401", thread_ts=root))
+    await bot.send_event(message("top-level chatter", "1700000000.000402"))
+    await bot.settle()
+    assert fake_slack.posts() == []
+
+
+async def test_dm_is_answered_in_its_thread(bot: BotHarness, fake_slack: FakeSlack) -> None:
+    ts = "1700000000.000500"
+    await bot.send_event(message("hi in private", ts, channel=DM, channel_type="im"))
+    await bot.settle()
+    posts = fake_slack.posts(DM, thread_ts=ts)
+    assert len(posts) == 1 and "hi in private" in posts[0]["markdown_text"]
+
+
+async def test_other_bots_edits_and_own_messages_are_ignored(bot: BotHarness, fake_slack: FakeSlack) -> None:
+    root = "1700000000.000600"
+    await bot.send_event(mention("start", root))
+    await bot.settle()
+    before = len(fake_slack.posts())
+    events = [
+        # a classic integration bot in our thread
+        {
+            "type": "message",
+            "subtype": "bot_message",
+            "bot_id": "B999",
+            "text": "beep",
+            "ts": "1700000000.000601",
+            "channel": CHANNEL,
+            "thread_ts": root,
+            "channel_type": "channel",
+        },
+        # another Slack app's bot user mentioning us
+        {**mention("ping", "1700000000.000602", thread_ts=root), "bot_id": "B998", "user": "U0OTHERBOT"},
+        # our own reply echoed back
+        {
+            **message("my own words", "1700000000.000603", thread_ts=root),
+            "user": BOT_USER_ID,
+            "bot_id": BOT_ID,
+        },
+        # an edit of a user message
+        {
+            "type": "message",
+            "subtype": "message_changed",
+            "hidden": True,
+            "channel": CHANNEL,
+            "ts": "1700000000.000604",
+            "channel_type": "channel",
+            "message": {
+                "type": "message",
+                "user": BOB,
+                "text": "edited",
+                "ts": root,
+                "edited": {"user": BOB, "ts": "1700000000.000604"},
+            },
+        },
+        # a deletion
+        {
+            "type": "message",
+            "subtype": "message_deleted",
+            "hidden": True,
+            "channel": CHANNEL,
+            "ts": "1700000000.000605",
+            "deleted_ts": root,
+            "channel_type": "channel",
+        },
+        # someone joining
+        {**message("has joined", "1700000000.000606"), "subtype": "channel_join"},
+    ]
+    for event in events:
+        status, _ = await bot.send_event(event, seed=False)
+        assert status == 200
+    await bot.settle()
+    assert len(fake_slack.posts()) == before
