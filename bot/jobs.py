@@ -36,6 +36,11 @@ class Jobs:
     def running(self) -> int:
         return len(self._tasks)
 
+    async def idle(self) -> None:
+        """Return once no job is running (jobs started meanwhile are waited for too)."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
     async def drain(self, grace_s: float) -> None:
         """Wait for running jobs up to `grace_s`, then cancel what is left."""
         if not self._tasks:

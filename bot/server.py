@@ -9,10 +9,12 @@ import logging
 import signal
 
 from aiohttp import web
+from redis.exceptions import RedisError
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.authorization import AuthorizeResult
 from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_bolt.response import BoltResponse
 
 import handlers
 from bot.deps import Deps
@@ -39,6 +41,9 @@ def build_bolt_app(deps: Deps) -> AsyncApp:
             bot_token=settings.slack_bot_token,
         )
 
+    bolt_logger = logging.getLogger("slack_bolt.kimibot")
+    # Bolt warns that the client's token is ignored when authorize is given; it is the same token.
+    previous_level, bolt_logger.level = bolt_logger.level, logging.ERROR
     app = AsyncApp(
         client=deps.slack,
         authorize=authorize,
@@ -47,10 +52,28 @@ def build_bolt_app(deps: Deps) -> AsyncApp:
         # Listeners only admit and hand over (a few ms); finishing them before the ack means a
         # turn is claimed and queued before Slack hears 200, and no ack-polling delay.
         process_before_response=True,
-        logger=logging.getLogger("slack_bolt.kimibot"),
+        logger=bolt_logger,
     )
+    bolt_logger.setLevel(previous_level)
+    app.error(on_bolt_error)
     handlers.register(app, deps)
     return app
+
+
+# Errors raised while Bolt reads a payload whose shape is not what Slack sends.
+MALFORMED_PAYLOAD_ERRORS = (AttributeError, KeyError, TypeError, ValueError, IndexError)
+
+
+async def on_bolt_error(error: Exception) -> BoltResponse:
+    """Bolt answers 500 to any error; say what it really was, so Slack retries only what may pass later."""
+    if isinstance(error, RedisError):
+        log.warning("redis unavailable while admitting a request", extra={"error": str(error)})
+        return BoltResponse(status=503, body='{"ok":false,"error":"storage unavailable"}')
+    if isinstance(error, MALFORMED_PAYLOAD_ERRORS):
+        log.warning("malformed payload refused", exc_info=error)
+        return BoltResponse(status=400, body='{"ok":false,"error":"malformed payload"}')
+    log.error("request failed", exc_info=error)
+    return BoltResponse(status=500, body='{"ok":false,"error":"internal error"}')
 
 
 def _bad_request(why: str, status: int = 400) -> web.Response:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -128,12 +127,10 @@ class BotHarness:
         kwargs.setdefault("response_url", self.slack.response_url())
         return await self.post(command_body(text, **kwargs), "application/x-www-form-urlencoded")
 
-    async def settle(self, timeout: float = 15.0) -> None:
+    async def settle(self, limit_s: float = 15.0) -> None:
         """Wait until every answer job has finished."""
-        deadline = time.monotonic() + timeout
-        while self.deps.jobs.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert not self.deps.jobs.running, "answer jobs still running"
+        async with asyncio.timeout(limit_s):
+            await self.deps.jobs.idle()
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ async def test_follow_up_in_thread_sees_earlier_turns_without_a_mention(
     second = fake_kimi.requests[1]["messages"]
     contents = [m["content"] for m in second]
     assert "alice: Remember the number 42." in contents
-    assert "bob: What number did I say?" == contents[-1]
+    assert contents[-1] == "bob: What number did I say?"
     assistant = [m for m in second if m["role"] == "assistant"]
     assert assistant and assistant[0]["reasoning_content"]  # replayed whole
 

@@ -1,0 +1,121 @@
+"""What reaches /slack/events and /healthz: signatures, staleness, malformed bodies, verification."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+from tests.conftest import BotHarness
+from tests.fakes.slack_api import FakeSlack
+from tests.slack_requests import CHANNEL, envelope, json_body, mention, sign
+
+
+async def test_forged_signature_is_refused_with_401(bot: BotHarness, fake_slack: FakeSlack) -> None:
+    body = json_body(envelope(mention("hi", "1700000001.000100")))
+    status, _ = await bot.post(body, "application/json", sign(body, secret="not-the-secret"), signed=False)
+    assert status == 401
+    status, _ = await bot.post(
+        body,
+        "application/json",
+        {"X-Slack-Request-Timestamp": "0", "X-Slack-Signature": "v0=invalid"},
+        signed=False,
+    )
+    assert status == 401
+    assert fake_slack.posts() == []
+
+
+async def test_missing_signature_headers_are_refused(bot: BotHarness) -> None:
+    status, _ = await bot.post(
+        json_body(envelope(mention("hi", "1700000001.000200"))), "application/json", signed=False
+    )
+    assert status == 401
+
+
+async def test_stale_timestamp_is_refused_even_with_a_valid_signature(
+    bot: BotHarness, fake_slack: FakeSlack
+) -> None:
+    body = json_body(envelope(mention("hi", "1700000001.000300")))
+    status, _ = await bot.post(
+        body, "application/json", sign(body, timestamp=int(time.time()) - 301), signed=False
+    )
+    assert status == 401
+    await bot.settle()
+    assert fake_slack.posts() == []
+
+
+async def test_tampered_body_is_refused(bot: BotHarness) -> None:
+    body = json_body(envelope(mention("hi", "1700000001.000400")))
+    headers = sign(body)
+    status, _ = await bot.post(body.replace(b"hi", b"yo"), "application/json", headers, signed=False)
+    assert status == 401
+
+
+async def test_url_verification_echoes_the_challenge(bot: BotHarness) -> None:
+    body = json_body(
+        {
+            "token": "t",
+            "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P",
+            "type": "url_verification",
+        }
+    )
+    status, text = await bot.post(body, "application/json")
+    assert status == 200
+    assert "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P" in text
+
+
+async def test_malformed_bodies_get_4xx_never_500(bot: BotHarness, fake_slack: FakeSlack) -> None:
+    cases: list[tuple[bytes, str]] = [
+        (b"{not json", "application/json"),
+        (b"[1, 2, 3]", "application/json"),
+        (b"\xff\xfe\x00garbage", "application/json"),
+        (b"payload=" + quote("{broken").encode(), "application/x-www-form-urlencoded"),
+        (json_body({"type": "event_callback", "team_id": "T1"}), "application/json"),  # no event
+        (json_body({"type": "event_callback", "event": "not-an-object"}), "application/json"),
+        (json_body({"type": "event_callback", "event": {"type": "message"}}), "application/json"),
+        (
+            b"payload=" + quote(json.dumps({"type": "block_actions"})).encode(),
+            "application/x-www-form-urlencoded",
+        ),
+        (b"command=%2Fkimi", "application/x-www-form-urlencoded"),
+        (b"", "application/json"),
+    ]
+    for body, content_type in cases:
+        status, _ = await bot.post(body, content_type)
+        assert 200 <= status < 500, (body, status)
+    await bot.settle()
+    assert fake_slack.posts() == []
+
+
+async def test_oversized_body_is_refused(bot: BotHarness) -> None:
+    body = json_body(envelope(mention("x" * 2_000_000, "1700000001.000500")))
+    status, _ = await bot.post(body, "application/json")
+    assert status == 413
+
+
+async def test_healthz_is_200_when_redis_answers(bot: BotHarness) -> None:
+    assert bot.session is not None
+    async with bot.session.get(bot.url("/healthz")) as response:
+        assert response.status == 200
+        assert (await response.json())["redis"] == "ok"
+
+
+async def test_healthz_is_503_when_redis_is_down(make_bot: Callable[..., Any]) -> None:
+    down: BotHarness = await make_bot(redis_url="redis://127.0.0.1:1/0")
+    assert down.session is not None
+    async with down.session.get(down.url("/healthz")) as response:
+        assert response.status == 503
+
+
+async def test_event_while_redis_is_down_is_acked_without_crash(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack
+) -> None:
+    down: BotHarness = await make_bot(redis_url="redis://127.0.0.1:1/0")
+    status, _ = await down.send_event(mention("hello?", "1700000001.000600"))
+    assert status < 600 and status != 0
+    await down.settle()
+    assert all(
+        p.get("channel") != CHANNEL or "Traceback" not in FakeSlack.body_of(p) for p in fake_slack.posts()
+    )
