@@ -33,7 +33,7 @@ def turn_log(turn: Turn, **extra: Any) -> dict[str, Any]:
     return {
         "team": turn.team_id,
         "channel": turn.channel,
-        "thread": turn.thread_ts,
+        "thread_ts": turn.thread_ts,
         "ts": turn.ts,
         "event_id": turn.event_id,
         "source": str(turn.source),
