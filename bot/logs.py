@@ -39,5 +39,5 @@ def setup_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Bolt and slack_sdk are chatty at DEBUG; keep their noise at our level or above WARNING.
-    for name in ("slack_bolt", "slack_sdk", "aiohttp.access", "httpx", "openai"):
+    for name in ("slack_bolt", "slack_sdk", "aiohttp.access", "httpx", "httpx2", "openai"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

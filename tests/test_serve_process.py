@@ -1,0 +1,166 @@
+"""The contract end to end: `kimibot serve` as its own process, driven through /slack/events."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.fakes.kimi_api import API_KEY, FakeKimi
+from tests.fakes.slack_api import TOKEN, FakeSlack
+from tests.slack_requests import CHANNEL, DM, SIGNING_SECRET, envelope, json_body, mention, message, sign
+from tests.test_settings_cli import kimibot_command
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServeProcess:
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.port = int(env["PORT"])
+        self.process = subprocess.Popen(
+            [*kimibot_command(), "serve"],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def wait_healthy(self, session: aiohttp.ClientSession) -> None:
+        for _ in range(300):
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"kimibot exited: {self.process.stdout.read() if self.process.stdout else ''}"
+                )
+            try:
+                async with session.get(f"{self.base}/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+        raise AssertionError("kimibot never became healthy")
+
+    async def send(self, session: aiohttp.ClientSession, event: dict[str, Any], **headers: str) -> int:
+        body = json_body(envelope(event))
+        all_headers = {"Content-Type": "application/json", **sign(body), **headers}
+        async with session.post(f"{self.base}/slack/events", data=body, headers=all_headers) as response:
+            return response.status
+
+    async def terminate(self) -> tuple[int, str]:
+        """SIGTERM, then wait in a thread: the fake servers in this process must keep answering meanwhile."""
+        self.process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.to_thread(self.process.communicate, timeout=40)
+        return self.process.returncode, output
+
+
+@pytest.fixture
+async def start_serve(
+    fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path
+) -> AsyncIterator[Callable[[], ServeProcess]]:
+    processes: list[ServeProcess] = []
+    port = free_port()
+
+    def start() -> ServeProcess:
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": str(tmp_path),
+            "SLACK_BOT_TOKEN": TOKEN,
+            "SLACK_SIGNING_SECRET": SIGNING_SECRET,
+            "SLACK_API_URL": fake_slack.api_url,
+            "MOONSHOT_API_KEY": API_KEY,
+            "KIMI_BASE_URL": fake_kimi.base_url,
+            "KIMI_MODEL": "kimi-k2.6",
+            "REDIS_URL": redis_url,
+            "PORT": str(port),
+            "SLACK_POST_INTERVAL": "0",
+        }
+        process = ServeProcess(env, tmp_path)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.process.poll() is None:
+            process.process.kill()
+            process.process.wait()
+
+
+async def wait_for(predicate: Callable[[], bool], limit_s: float = 15.0) -> None:
+    async with asyncio.timeout(limit_s):
+        while not predicate():  # noqa: ASYNC110 - the state lives in another process's effects
+            await asyncio.sleep(0.02)
+
+
+async def test_kimibot_serve_answers_mentions_and_dms_and_keeps_context_across_restarts(
+    start_serve: Callable[[], ServeProcess], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        bot = start_serve()
+        await bot.wait_healthy(session)
+        root = "1700000004.000100"
+        fake_slack.seed(CHANNEL, user="U04RZ8N2PQM", text="hi", ts=root)
+        assert await bot.send(session, mention("Remember: the password is swordfish", root)) == 200
+        assert (
+            await bot.send(
+                session,
+                mention("Remember: the password is swordfish", root),
+                **{"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"},
+            )
+            == 200
+        )
+        await wait_for(lambda: len(fake_slack.posts(CHANNEL, thread_ts=root)) == 1)
+        dm_ts = "1700000004.000200"
+        fake_slack.seed(DM, user="U04RZ8N2PQM", text="psst", ts=dm_ts)
+        assert await bot.send(session, message("psst", dm_ts, channel=DM, channel_type="im")) == 200
+        await wait_for(lambda: len(fake_slack.posts(DM, thread_ts=dm_ts)) == 1)
+        code, output = await bot.terminate()
+        assert code == 0, output
+        assert '"msg": "answered"' in output  # structured JSON logs
+
+        again = start_serve()
+        await again.wait_healthy(session)
+        follow = "1700000004.000101"
+        fake_slack.seed(CHANNEL, user="U04RZ8N2PQM", text="x", ts=follow, thread_ts=root)
+        assert await again.send(session, message("What is the password?", follow, thread_ts=root)) == 200
+        await wait_for(lambda: len(fake_slack.posts(CHANNEL, thread_ts=root)) == 2)
+        contents = [m["content"] for m in fake_kimi.requests[-1]["messages"]]
+        assert "alice: Remember: the password is swordfish" in contents
+        await again.terminate()
+    assert fake_slack.problems == []
+
+
+async def test_kimibot_serve_refuses_forged_requests(
+    start_serve: Callable[[], ServeProcess], fake_slack: FakeSlack
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        bot = start_serve()
+        await bot.wait_healthy(session)
+        body = json_body(envelope(mention("hi", "1700000004.000300")))
+        headers = {"Content-Type": "application/json", **sign(body, secret="forged")}
+        async with session.post(f"{bot.base}/slack/events", data=body, headers=headers) as response:
+            assert response.status == 401
+        async with session.post(
+            f"{bot.base}/slack/events",
+            data=b"{oops",
+            headers={"Content-Type": "application/json", **sign(b"{oops")},
+        ) as response:
+            assert response.status == 400
+        await bot.terminate()
+    assert fake_slack.posts() == []

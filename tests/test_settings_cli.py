@@ -1,0 +1,111 @@
+"""Settings and the `kimibot` command: plain start-up errors, and the contract's names and defaults."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.settings import SettingsError, load_settings
+
+
+def kimibot_command() -> list[str]:
+    script = Path(sys.executable).parent / "kimibot"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "bot.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    base = {"PATH": os.environ.get("PATH", ""), "HOME": str(cwd)}
+    return subprocess.run(
+        [*kimibot_command(), *args], env={**base, **env}, cwd=cwd, capture_output=True, text=True, timeout=30
+    )
+
+
+def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SLACK_API_URL", "KIMI_BASE_URL", "REDIS_URL", "PORT", "KIMI_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings(
+        _env_file=None, slack_bot_token="xoxb-1", slack_signing_secret="s", moonshot_api_key="sk"
+    )
+    assert settings.slack_api_url == "https://slack.com/api/"
+    assert settings.kimi_base_url == "https://api.moonshot.ai/v1"
+    assert settings.redis_url == "redis://localhost:6379/0"
+    assert settings.port == 3000
+    assert settings.kimi_model == "kimi-k2.6"
+    assert settings.thread_ttl_days == 30
+    assert not settings.socket_mode
+
+
+def test_settings_are_read_from_the_environment_by_their_contract_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {
+        "SLACK_BOT_TOKEN": "xoxb-env",
+        "SLACK_SIGNING_SECRET": "sig",
+        "SLACK_APP_TOKEN": "xapp-1",
+        "SLACK_API_URL": "http://127.0.0.1:9/api/",
+        "MOONSHOT_API_KEY": "sk-env",
+        "KIMI_BASE_URL": "http://127.0.0.1:9/v1",
+        "KIMI_MODEL": "kimi-k3",
+        "REDIS_URL": "redis://r:6379/2",
+        "PORT": "8080",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings(_env_file=None)
+    assert (settings.slack_bot_token, settings.slack_app_token, settings.port) == ("xoxb-env", "xapp-1", 8080)
+    assert settings.socket_mode and settings.kimi_model == "kimi-k3"
+
+
+def test_socket_mode_does_not_need_a_signing_secret() -> None:
+    settings = load_settings(
+        _env_file=None,
+        slack_bot_token="xoxb-1",
+        slack_app_token="xapp-1",
+        slack_signing_secret="",
+        moonshot_api_key="sk",
+    )
+    assert settings.socket_mode
+
+
+def test_every_problem_is_named_at_once() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(
+            _env_file=None,
+            slack_bot_token="",
+            slack_signing_secret="",
+            moonshot_api_key="",
+            port="not-a-port",
+            redis_url="http://nope",
+            slack_app_token="",
+        )
+    text = str(caught.value)
+    for name in ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "MOONSHOT_API_KEY", "PORT", "REDIS_URL"):
+        assert name in text
+    assert "OAuth & Permissions" in text  # where to get it
+
+
+def test_kimibot_serve_without_settings_exits_with_a_plain_message(tmp_path: Path) -> None:
+    result = run_cli("serve", env={}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "kimibot cannot start" in result.stderr
+    assert "SLACK_BOT_TOKEN is not set" in result.stderr and "MOONSHOT_API_KEY is not set" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_kimibot_reads_a_dotenv_file(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("SLACK_BOT_TOKEN=xoxb-1\nSLACK_SIGNING_SECRET=s\nPORT=70000\n")
+    result = run_cli("serve", env={}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "PORT is malformed" in result.stderr and "MOONSHOT_API_KEY is not set" in result.stderr
+    assert "SLACK_BOT_TOKEN" not in result.stderr
+
+
+def test_kimibot_help_lists_serve(tmp_path: Path) -> None:
+    result = run_cli("--help", env={}, cwd=tmp_path)
+    assert result.returncode == 0 and "serve" in result.stdout
+    result = run_cli("serve", "--help", env={}, cwd=tmp_path)
+    assert result.returncode == 0 and "/slack/events" in result.stdout
