@@ -152,4 +152,6 @@ async def admit(
             extra={"channel": channel, "ts": ts, "event_id": body.get("event_id")},
         )
         return None
-    return turn_from_event(body, event, decision.source, bot_user_id)
+    turn = turn_from_event(body, event, decision.source, bot_user_id)
+    await threads.engage(turn.thread)
+    return turn

@@ -1,7 +1,8 @@
 """Hand-over between acking Slack and answering: each admitted turn runs as a bounded background job.
 
 In-process for now: a semaphore bounds how many answers run at once (match the Kimi account's
-concurrency tier), and shutdown waits for running jobs within a grace period.
+concurrency tier); jobs that share a key (a thread) run one after another in the order they were
+submitted; shutdown waits for running jobs within a grace period.
 """
 
 from __future__ import annotations
@@ -18,14 +19,25 @@ class Jobs:
     def __init__(self, concurrency: int) -> None:
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tails: dict[str, asyncio.Task[None]] = {}  # the last job submitted per key
 
-    def submit(self, job: Coroutine[Any, Any, None], *, name: str = "") -> None:
-        """Start a job now (it waits for a free slot); keep a reference so it is not collected mid-way."""
-        task = asyncio.create_task(self._run(job), name=name or None)
+    def submit(self, job: Coroutine[Any, Any, None], *, key: str = "", name: str = "") -> None:
+        """Start a job now; it waits for the previous job of its key, then for a free slot."""
+        previous = self._tails.get(key) if key else None
+        task = asyncio.create_task(self._run(job, previous), name=name or None)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if key:
+            self._tails[key] = task
+            task.add_done_callback(lambda done: self._forget(key, done))
 
-    async def _run(self, job: Coroutine[Any, Any, None]) -> None:
+    def _forget(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._tails.get(key) is task:
+            del self._tails[key]
+
+    async def _run(self, job: Coroutine[Any, Any, None], previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.wait({previous})
         async with self._slots:
             try:
                 await job

@@ -62,6 +62,10 @@ class ThreadStore:
             pipe.expire(self.meta_key(thread), self.ttl)
             await pipe.execute()
 
+    async def engage(self, thread: ThreadKey) -> None:
+        """Mark the thread as one the bot answers in, so follow-ups sent before the answer count too."""
+        await self.append(thread, answered=1)
+
     async def is_engaged(self, thread: ThreadKey) -> bool:
         """Has the bot answered in this thread (within the TTL)?"""
         return bool(await self.redis.hexists(self.meta_key(thread), "answered"))

@@ -19,7 +19,9 @@ def register(app: AsyncApp, deps: Deps) -> None:
             body, event, threads=deps.threads, dedup=deps.dedup, bot_user_id=me.user_id, bot_id=me.bot_id
         )
         if turn is not None:
-            deps.jobs.submit(answer(turn, deps), name=f"answer:{turn.channel}:{turn.ts}")
+            deps.jobs.submit(
+                answer(turn, deps), key=str(turn.thread), name=f"answer:{turn.channel}:{turn.ts}"
+            )
 
     app.event("app_mention")(on_message_event)
     app.event("message")(on_message_event)

@@ -139,3 +139,36 @@ async def test_other_bots_edits_and_own_messages_are_ignored(bot: BotHarness, fa
         assert status == 200
     await bot.settle()
     assert len(fake_slack.posts()) == before
+
+
+async def test_two_questions_in_one_thread_are_answered_in_order_and_the_second_sees_the_first(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    from tests.fakes.kimi_api import Reply
+
+    root = "1700000000.000700"
+    fake_kimi.script(Reply(content="first answer", chunk_delay=0.05), Reply(content="second answer"))
+    await bot.send_event(mention("first", root))
+    await bot.send_event(message("second", "1700000000.000701", thread_ts=root, user=BOB))
+    await bot.settle()
+    # The follow-up only counts once the thread is engaged; it was sent while the first answer ran.
+    texts = [p["markdown_text"] for p in fake_slack.posts(CHANNEL, thread_ts=root)]
+    assert [t.split("\n")[0] for t in texts] == ["first answer", "second answer"]
+    second = fake_kimi.requests[1]["messages"]
+    assert [m["content"] for m in second[1:]] == ["alice: first", "first answer", "bob: second"]
+
+
+async def test_questions_in_different_threads_run_in_parallel(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    import time
+
+    from tests.fakes.kimi_api import Reply
+
+    fake_kimi.script(*[Reply(content="slow", first_byte_delay=0.5) for _ in range(4)])
+    started = time.monotonic()
+    for i in range(4):
+        await bot.send_event(mention(f"q{i}", f"1700000000.00080{i}"))
+    await bot.settle()
+    assert time.monotonic() - started < 1.5  # four 0.5 s answers, not one after another
+    assert len(fake_slack.posts(CHANNEL)) == 4

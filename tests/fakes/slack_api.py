@@ -28,6 +28,7 @@ BOT_USER_ID = "U07F3N1BOTX"
 BOT_ID = "B07F3N1QRST"
 APP_ID = "A07F3M9XQ2L"
 TOKEN = "xoxb-test-token"
+APP_TOKEN = "xapp-1-test-app-token"
 
 MARKDOWN_TEXT_LIMIT = 12_000
 TEXT_LIMIT = 40_000
@@ -59,6 +60,8 @@ class FakeSlack:
     not_member_of: set[str] = field(default_factory=set)  # channels where posting gives not_in_channel
     failures: dict[str, list[Failure]] = field(default_factory=lambda: defaultdict(list))
     delay: dict[str, float] = field(default_factory=dict)  # seconds to wait before answering a method
+    sockets: list[web.WebSocketResponse] = field(default_factory=list)  # Socket Mode connections
+    socket_acks: list[dict[str, Any]] = field(default_factory=list)
     server: TestServer | None = None
     _clock: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -138,12 +141,48 @@ class FakeSlack:
         app = web.Application(client_max_size=10 * 1024 * 1024)
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_post("/response/{name}", self._response_url)
+        app.router.add_get("/socket-mode", self._socket_mode)
         self.server = TestServer(app, host="127.0.0.1")
         await self.server.start_server()
 
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.close()
+
+    async def send_envelope(
+        self, kind: str, payload: dict[str, Any], envelope_id: str, retry_attempt: int = 0
+    ) -> None:
+        """Push a Socket Mode envelope (events_api, slash_commands, interactive) to every connection."""
+        message = {
+            "envelope_id": envelope_id,
+            "type": kind,
+            "payload": payload,
+            "accepts_response_payload": kind != "events_api",
+            "retry_attempt": retry_attempt,
+            "retry_reason": "timeout" if retry_attempt else "",
+        }
+        for socket in list(self.sockets):
+            await socket.send_json(message)
+
+    async def _socket_mode(self, request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        self.sockets.append(socket)
+        await socket.send_json(
+            {
+                "type": "hello",
+                "num_connections": len(self.sockets),
+                "connection_info": {"app_id": APP_ID},
+                "debug_info": {"host": "fake"},
+            }
+        )
+        async for frame in socket:
+            if frame.type == web.WSMsgType.TEXT:
+                data = json.loads(frame.data)
+                if "envelope_id" in data:
+                    self.socket_acks.append(data)
+        self.sockets.remove(socket)
+        return socket
 
     async def _response_url(self, request: web.Request) -> web.Response:
         self.responses.append(await request.json())
@@ -170,7 +209,7 @@ class FakeSlack:
         ref_error = self._check_reference(method, args)
         if ref_error:
             return self._error(call, ref_error)
-        if args.get("token") != TOKEN:
+        if args.get("token") != (APP_TOKEN if method == "apps.connections.open" else TOKEN):
             return self._error(call, "invalid_auth")
         handler = getattr(self, "_m_" + method.replace(".", "_"), None)
         if handler is None:
@@ -229,6 +268,9 @@ class FakeSlack:
             "bot_id": BOT_ID,
             "is_enterprise_install": False,
         }
+
+    def _m_apps_connections_open(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"url": self.url.replace("http://", "ws://") + "/socket-mode"}
 
     def _content_error(self, method: str, args: dict[str, Any], *, text_limit: int) -> str | None:
         markdown, text, blocks = args.get("markdown_text"), args.get("text"), args.get("blocks")

@@ -1,0 +1,57 @@
+"""Socket Mode: `kimibot serve` with SLACK_APP_TOKEN connects over WebSocket, acks, and answers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import urllib.parse
+from pathlib import Path
+
+import aiohttp
+
+from tests.fakes.kimi_api import API_KEY, FakeKimi
+from tests.fakes.slack_api import APP_TOKEN, TOKEN, FakeSlack
+from tests.slack_requests import CHANNEL, command_body, envelope, mention
+from tests.test_serve_process import ServeProcess, free_port, wait_for
+
+
+async def test_socket_mode_acks_envelopes_and_answers_once(
+    fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path
+) -> None:
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "SLACK_BOT_TOKEN": TOKEN,
+        "SLACK_APP_TOKEN": APP_TOKEN,
+        "SLACK_API_URL": fake_slack.api_url,
+        "MOONSHOT_API_KEY": API_KEY,
+        "KIMI_BASE_URL": fake_kimi.base_url,
+        "REDIS_URL": redis_url,
+        "PORT": str(free_port()),
+        "SLACK_POST_INTERVAL": "0",
+    }
+    bot = ServeProcess(env, tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await bot.wait_healthy(session)  # /healthz is served in Socket Mode too
+        await wait_for(lambda: bool(fake_slack.sockets))
+        root = fake_slack.seed(CHANNEL, user="U04RZ8N2PQM", text="hello over sockets")
+        payload = envelope(mention("hello over sockets", root))
+        await fake_slack.send_envelope("events_api", payload, "env-1")
+        await fake_slack.send_envelope("events_api", payload, "env-1-retry", retry_attempt=1)
+        await wait_for(lambda: len(fake_slack.posts(CHANNEL, thread_ts=root)) == 1)
+        await wait_for(lambda: {a["envelope_id"] for a in fake_slack.socket_acks} >= {"env-1", "env-1-retry"})
+
+        fields = dict(urllib.parse.parse_qsl(command_body("help").decode()))
+        await fake_slack.send_envelope("slash_commands", fields, "env-2")
+        await wait_for(lambda: any(a["envelope_id"] == "env-2" for a in fake_slack.socket_acks))
+        help_ack = next(a for a in fake_slack.socket_acks if a["envelope_id"] == "env-2")
+        assert "/kimi <question>" in help_ack["payload"]["text"]
+        await asyncio.sleep(0.2)
+        assert len(fake_slack.posts(CHANNEL, thread_ts=root)) == 1
+        code, output = await bot.terminate()
+        assert code == 0, output
+    finally:
+        if bot.process.poll() is None:
+            bot.process.kill()
+    assert fake_slack.problems == []
