@@ -5,9 +5,10 @@ from __future__ import annotations
 from slack_bolt.async_app import AsyncApp
 
 from bot.deps import Deps
-from handlers import commands, events
+from handlers import commands, events, fallback
 
 
 def register(app: AsyncApp, deps: Deps) -> None:
     events.register(app, deps)
     commands.register(app, deps)
+    fallback.register(app)  # last: only what nothing above took

@@ -119,3 +119,40 @@ async def test_event_while_redis_is_down_is_acked_without_crash(
     assert all(
         p.get("channel") != CHANNEL or "Traceback" not in FakeSlack.body_of(p) for p in fake_slack.posts()
     )
+
+
+async def test_events_and_clicks_nobody_handles_are_acked_so_slack_does_not_redeliver(
+    bot: BotHarness,
+) -> None:
+    from tests.slack_requests import ALICE
+
+    reaction = {
+        "type": "reaction_added",
+        "user": ALICE,
+        "reaction": "thumbsup",
+        "event_ts": "1700000001.000700",
+        "item": {"type": "message", "channel": CHANNEL, "ts": "1700000001.000600"},
+    }
+    status, _ = await bot.send_event(reaction, seed=False)
+    assert status == 200
+    click = {
+        "type": "block_actions",
+        "user": {"id": ALICE},
+        "team": {"id": "T05KQ2R7JNB"},
+        "actions": [
+            {
+                "type": "button",
+                "action_id": "something_else",
+                "block_id": "b",
+                "value": "v",
+                "action_ts": "1700000001.000800",
+            }
+        ],
+        "trigger_id": "1.2.3",
+        "api_app_id": "A07F3M9XQ2L",
+        "container": {"type": "message", "message_ts": "1700000001.000600", "channel_id": CHANNEL},
+    }
+    status, _ = await bot.post(
+        b"payload=" + quote(json.dumps(click)).encode(), "application/x-www-form-urlencoded"
+    )
+    assert status == 200

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from bot.settings import SettingsError, load_settings
+from bot.settings import Settings, SettingsError, load_settings
 
 
 def kimibot_command() -> list[str]:
@@ -109,3 +111,18 @@ def test_kimibot_help_lists_serve(tmp_path: Path) -> None:
     assert result.returncode == 0 and "serve" in result.stdout
     result = run_cli("serve", "--help", env={}, cwd=tmp_path)
     assert result.returncode == 0 and "/slack/events" in result.stdout
+
+
+async def test_an_unknown_model_id_starts_with_a_warning_and_a_conservative_profile(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    from bot.deps import build_deps
+
+    with caplog.at_level(logging.WARNING):
+        deps = build_deps(make_settings(kimi_model="some-new-model"))
+    try:
+        assert not deps.kimi.profile.known
+        assert any("unknown model id" in r.getMessage() for r in caplog.records)
+        assert "extra_body" not in deps.kimi.request_kwargs([])
+    finally:
+        await deps.close()

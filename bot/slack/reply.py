@@ -23,6 +23,11 @@ def slack_error(exc: SlackApiError) -> str:
     return str(exc.response.get("error", "unknown_error")) if exc.response is not None else "unknown_error"
 
 
+def describe(exc: Exception) -> str:
+    """Slack's error code for API errors, the exception's type otherwise (for logs)."""
+    return slack_error(exc) if isinstance(exc, SlackApiError) else type(exc).__name__
+
+
 async def announce_question(client: AsyncWebClient, channel: str, user: str, question: str) -> str | None:
     """Post "@user asked: …" for /kimi; its ts is the thread of the answer. None if we can't post here."""
     try:
@@ -63,8 +68,8 @@ class ReplyWriter:
                 channel=self.turn.channel, name=self.reaction, timestamp=self.turn.ts
             )
             self._reacted = True
-        except SlackApiError as exc:
-            log.info("reaction not added", extra={"error": slack_error(exc), "channel": self.turn.channel})
+        except Exception as exc:  # a missing reaction must never cost the answer
+            log.info("reaction not added", extra={"error": describe(exc), "channel": self.turn.channel})
 
     async def finished(self) -> None:
         """Take the working reaction off again, whatever the outcome."""
@@ -74,8 +79,8 @@ class ReplyWriter:
             await self.client.reactions_remove(
                 channel=self.turn.channel, name=self.reaction, timestamp=self.turn.ts
             )
-        except SlackApiError as exc:
-            log.info("reaction not removed", extra={"error": slack_error(exc), "channel": self.turn.channel})
+        except Exception as exc:
+            log.info("reaction not removed", extra={"error": describe(exc), "channel": self.turn.channel})
         self._reacted = False
 
     async def deliver(self, markdown: str, footer: str = "") -> list[str]:
