@@ -17,7 +17,9 @@ from bot.jobs import Jobs
 from bot.kimi.client import KimiClient
 from bot.kimi.profiles import profile_for
 from bot.settings import Settings
-from bot.store import Dedup, ThreadStore, Usage, UserNames
+from bot.slack.pacing import Pacer
+from bot.slack.reply import Pace
+from bot.store import Dedup, Feedback, Stops, ThreadStore, Usage, UserNames
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ class Deps:
     names: UserNames
     usage: Usage
     jobs: Jobs
+    stops: Stops
+    feedback: Feedback
+    pacer: Pacer = field(default_factory=Pacer)
+    pace: Pace = field(default_factory=Pace)
     identity: BotIdentity = field(default_factory=BotIdentity)
 
     async def whoami(self) -> BotIdentity:
@@ -107,4 +113,6 @@ def build_deps(settings: Settings) -> Deps:
         names=UserNames(redis),
         usage=Usage(redis),
         jobs=Jobs(settings.kimi_concurrency),
+        stops=Stops(redis),
+        feedback=Feedback(redis),
     )

@@ -7,6 +7,7 @@ a failure never loses it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from bot.context import calibrate, fit, user_entry
 from bot.deps import Deps
 from bot.errors import ADMIN_REASONS, AnswerError, Reason
 from bot.kimi.events import Accumulator, Event, Text
+from bot.slack.blocks import AnswerRef, answer_blocks
 from bot.slack.render import footer
 from bot.slack.reply import ReplyWriter, describe
 from bot.turn import Turn
@@ -109,18 +111,39 @@ async def _history_entry(deps: Deps, turn: Turn, message: dict[str, Any]) -> dic
     return user_entry(name, strip_mention(text, me.user_id), ts=ts, user=user)
 
 
+def stop_value(turn: Turn) -> str:
+    """What the Stop button carries: the channel and ts that identify this turn."""
+    return f"{turn.channel}:{turn.ts}"
+
+
 async def answer(turn: Turn, deps: Deps) -> None:
     """Answer one turn, in order with the other turns of its thread."""
+    if not turn.text.strip():
+        writer = ReplyWriter(deps.slack, turn, pacer=deps.pacer, pace=deps.pace)
+        await writer.notice(EMPTY_QUESTION)
+        return
+    kimi_task: list[asyncio.Task[Accumulator]] = []
+
+    async def should_stop() -> bool:
+        return await deps.stops.requested_by(turn.channel, turn.ts) is not None
+
+    def on_stop() -> None:
+        for task in kimi_task:
+            task.cancel()
+
     writer = ReplyWriter(
         deps.slack,
         turn,
-        reaction=deps.settings.working_reaction,
-        post_interval=deps.settings.slack_post_interval,
+        pacer=deps.pacer,
+        pace=deps.pace,
+        stop_value=stop_value(turn),
+        should_stop=should_stop,
+        on_stop=on_stop,
     )
-    await writer.started()
+    await writer.begin()
     try:
         if not turn.in_slack_thread:
-            await _think_and_deliver(turn, deps, writer, history=False)
+            await _think_and_deliver(turn, deps, writer, kimi_task, history=False)
             return
         lock = deps.threads.lock(turn.thread, timeout_s=LOCK_TIMEOUT_S, wait_s=LOCK_TIMEOUT_S)
         try:
@@ -130,7 +153,7 @@ async def answer(turn: Turn, deps: Deps) -> None:
         if not acquired:
             log.warning("thread lock not acquired; answering anyway", extra=turn_log(turn))
         try:
-            await _think_and_deliver(turn, deps, writer, history=True)
+            await _think_and_deliver(turn, deps, writer, kimi_task, history=True)
         finally:
             if acquired:
                 try:
@@ -139,12 +162,12 @@ async def answer(turn: Turn, deps: Deps) -> None:
                     log.warning("thread lock expired before release", extra=turn_log(turn))
     except AnswerError as exc:
         await _report(turn, writer, exc)
+    except asyncio.CancelledError:
+        raise
     except Exception as exc:  # a bug or an outage: the user still hears back, with a reference
         error = AnswerError(Reason.INTERNAL, f"{type(exc).__name__}: {exc}")
         log.exception("answer failed", extra=turn_log(turn, reference=error.reference))
         await _report(turn, writer, error, logged=True)
-    finally:
-        await writer.finished()
 
 
 async def _report(turn: Turn, writer: ReplyWriter, error: AnswerError, *, logged: bool = False) -> None:
@@ -156,17 +179,16 @@ async def _report(turn: Turn, writer: ReplyWriter, error: AnswerError, *, logged
             extra=turn_log(turn, reason=str(error.reason), reference=error.reference, detail=error.detail),
         )
     try:
-        await writer.notice(error.user_text())
+        await writer.fail(error.user_text())
     except Exception:
         log.exception(
             "could not tell the user about a failure", extra=turn_log(turn, reference=error.reference)
         )
 
 
-async def _think_and_deliver(turn: Turn, deps: Deps, writer: ReplyWriter, *, history: bool) -> None:
-    if not turn.text.strip():
-        await writer.notice(EMPTY_QUESTION)
-        return
+async def _think_and_deliver(
+    turn: Turn, deps: Deps, writer: ReplyWriter, kimi_task: list[asyncio.Task[Accumulator]], *, history: bool
+) -> None:
     settings = deps.settings
     name = await speaker_name(deps, turn.team_id, turn.user)
     question = user_entry(name, turn.text, ts=turn.ts, user=turn.user)
@@ -200,15 +222,24 @@ async def _think_and_deliver(turn: Turn, deps: Deps, writer: ReplyWriter, *, his
         raise AnswerError(Reason.TOO_LONG, f"question alone exceeds {budget} tokens")
 
     started = time.monotonic()
-    first_text: list[float] = []
 
     async def on_event(event: Event) -> None:
-        if isinstance(event, Text) and not first_text:
-            first_text.append(time.monotonic() - started)
+        if isinstance(event, Text):
+            writer.text(event.text)
+        else:
+            writer.reasoning(event.text)
 
     log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=fitted.left_out))
-    acc = await kimi.complete(fitted.messages, on_event=on_event)
+    task = asyncio.create_task(kimi.complete(fitted.messages, on_event=on_event, on_restart=writer.restarted))
+    kimi_task.append(task)
+    try:
+        acc = await task
+    except asyncio.CancelledError:
+        if not writer.stopped:
+            raise
+        acc = Accumulator(reasoning=[writer.reasoning_text], content=[writer.answer], finish_reason="stopped")
     elapsed = time.monotonic() - started
+    thinking_s = writer.thinking_s if writer.thinking_s is not None else elapsed
     usage = acc.usage
     prompt_tokens = usage.prompt_tokens if usage else 0
     completion_tokens = usage.completion_tokens if usage else 0
@@ -219,8 +250,16 @@ async def _think_and_deliver(turn: Turn, deps: Deps, writer: ReplyWriter, *, his
         completion_tokens,
         left_out=fitted.left_out,
         truncated=acc.finish_reason == "length",
+        thinking_s=thinking_s,
     )
-    reply_ts = await writer.deliver(acc.text, line)
+    ref = AnswerRef(turn.thread_ts, turn.ts, kimi.model, elapsed, prompt_tokens, completion_tokens)
+    note = ""
+    if writer.stopped:
+        who = await deps.stops.requested_by(turn.channel, turn.ts)
+        note = f"_:black_square_for_stop: Stopped{f' by <@{who}>' if who else ''}._"
+    reply_ts = await writer.finish(
+        answer_blocks(line, ref, has_reasoning=bool(acc.reasoning_text)), note=note
+    )
     await _record(
         turn,
         deps,
@@ -230,7 +269,7 @@ async def _think_and_deliver(turn: Turn, deps: Deps, writer: ReplyWriter, *, his
         reply_ts,
         elapsed,
         history=history,
-        thinking_s=first_text[0] if first_text else elapsed,
+        thinking_s=thinking_s,
     )
 
 

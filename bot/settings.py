@@ -73,8 +73,6 @@ class Settings(BaseSettings):
     thread_ttl_days: int = Field(default=30, ge=1)
     dedup_ttl_seconds: int = Field(default=86_400, ge=60)
     backfill_limit: int = Field(default=200, ge=0)
-    slack_post_interval: float = Field(default=1.0, ge=0)  # seconds between posts of one answer
-    working_reaction: str = "eyes"
     slash_command: str = "/kimi"
     log_level: str = "INFO"
 

@@ -135,3 +135,57 @@ class Usage:
     async def day(self, team_id: str, day: dt.date) -> dict[str, str]:
         raw = await self.redis.hgetall(self.key(team_id, day))
         return {str(k): str(v) for k, v in raw.items()}
+
+
+class Stops:
+    """Stop requests for answers in progress, visible to whichever process is writing the answer."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    @staticmethod
+    def key(channel: str, ts: str) -> str:
+        return f"{PREFIX}:stop:{channel}:{ts}"
+
+    async def request(self, channel: str, ts: str, user: str) -> None:
+        await self.redis.set(self.key(channel, ts), user, ex=3_600)
+
+    async def requested_by(self, channel: str, ts: str) -> str | None:
+        value = await self.redis.get(self.key(channel, ts))
+        return str(value) if value is not None else None
+
+
+class Feedback:
+    """Thumbs up/down per answer message and user, with what the answer cost, for the admin."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    @staticmethod
+    def key(team_id: str, channel: str, message_ts: str) -> str:
+        return f"{PREFIX}:feedback:{team_id}:{channel}:{message_ts}"
+
+    @staticmethod
+    def log_key(team_id: str) -> str:
+        return f"{PREFIX}:feedback-log:{team_id}"
+
+    async def record(
+        self,
+        team_id: str,
+        channel: str,
+        message_ts: str,
+        user: str,
+        rating: str,
+        details: dict[str, str | int | float],
+    ) -> None:
+        entry = {"user": user, "rating": rating, "channel": channel, "message_ts": message_ts, **details}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.key(team_id, channel, message_ts), user, json.dumps(entry, separators=(",", ":")))
+            pipe.expire(self.key(team_id, channel, message_ts), USAGE_TTL_S)
+            pipe.lpush(self.log_key(team_id), json.dumps(entry, separators=(",", ":")))
+            pipe.ltrim(self.log_key(team_id), 0, 9_999)
+            await pipe.execute()
+
+    async def ratings(self, team_id: str, channel: str, message_ts: str) -> dict[str, dict[str, Any]]:
+        raw = await self.redis.hgetall(self.key(team_id, channel, message_ts))
+        return {str(k): json.loads(v) for k, v in raw.items()}

@@ -15,10 +15,15 @@ from redis.asyncio import Redis
 from bot.deps import Deps, build_deps
 from bot.server import build_bolt_app, build_web_app
 from bot.settings import Settings, load_settings
+from bot.slack.pacing import Pacer
+from bot.slack.reply import Pace
 from tests.fakes.kimi_api import API_KEY, FakeKimi
 from tests.fakes.slack_api import BOT_USER_ID, TOKEN, FakeSlack
 from tests.slack_requests import ALICE, BOB, SIGNING_SECRET, command_body, envelope, json_body, sign
 
+FAST_PACE = Pace(
+    first_flush_s=0.05, max_latency_s=0.1, min_call_interval_s=0.02, thinking_update_s=0.1, tick_s=0.02
+)
 REDIS_URL = os.environ.get("KIMIBOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
@@ -62,7 +67,6 @@ def make_settings(fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str) ->
             "kimi_base_url": fake_kimi.base_url,
             "kimi_model": "kimi-k2.6",
             "redis_url": redis_url,
-            "slack_post_interval": 0,
             "kimi_retry_base_delay": 0.01,
             **overrides,
         }
@@ -78,6 +82,10 @@ class BotHarness:
         self.settings = settings
         self.slack = slack
         self.deps: Deps = build_deps(settings)
+        # Slack's real pace (1 s between calls, 3 s thinking updates) would make the suite slow; tests that
+        # are about pacing build their own.
+        self.deps.pace = FAST_PACE
+        self.deps.pacer = Pacer(scale=1_000)
         self.server = TestServer(build_web_app(self.deps, build_bolt_app(self.deps)), host="127.0.0.1")
         self.session: aiohttp.ClientSession | None = None
 

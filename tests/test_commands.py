@@ -34,9 +34,9 @@ async def test_kimi_question_is_posted_and_answered_in_its_thread(
     assert len(asked) == 1
     assert asked[0]["text"] == f"<@{ALICE}> asked: What is the capital of France?"
     thread = asked[0]["_result"]["ts"]
-    answers = fake_slack.posts(CHANNEL, thread_ts=thread)
+    answers = fake_slack.bodies(CHANNEL, thread)
     assert len(answers) == 1
-    assert "alice: What is the capital of France?" in answers[0]["markdown_text"]
+    assert "alice: What is the capital of France?" in answers[0]
 
 
 async def test_follow_up_in_a_command_thread_is_answered_with_context(
@@ -49,9 +49,9 @@ async def test_follow_up_in_a_command_thread_is_answered_with_context(
     thread = next(p for p in fake_slack.posts(CHANNEL) if "thread_ts" not in p)["_result"]["ts"]
     await bot.send_event(message("Why that one?", "1800000000.000001", thread_ts=thread))
     await bot.settle()
-    answers = fake_slack.posts(CHANNEL, thread_ts=thread)
+    answers = fake_slack.bodies(CHANNEL, thread)
     assert len(answers) == 2
-    assert "I saw 4 messages" in answers[1]["markdown_text"]  # system, question, answer, follow-up
+    assert "I saw 4 messages" in answers[1]  # system, question, answer, follow-up
 
 
 async def test_kimi_where_the_bot_is_not_a_member_answers_through_response_url(

@@ -14,10 +14,10 @@ async def test_mention_gets_one_threaded_answer_with_reasoning_stored(
     status, _ = await bot.send_event(mention("What is Redis?", "1700000000.000100"))
     assert status == 200
     await bot.settle()
-    posts = fake_slack.posts(CHANNEL, thread_ts="1700000000.000100")
+    posts = fake_slack.bodies(CHANNEL, "1700000000.000100")
     assert len(posts) == 1
-    assert "You said: alice: What is Redis?" in posts[0]["markdown_text"]
-    assert "kimi-k2.6" in posts[0]["markdown_text"]  # footer
+    assert "You said: alice: What is Redis?" in posts[0]
+    assert "kimi-k2.6" in posts[0]  # footer
     request = fake_kimi.requests[0]
     assert request["messages"][0]["role"] == "system"
     assert request["thinking"] == {"type": "enabled"}  # kimi-k2.6: extra_body merged into the JSON body
@@ -41,7 +41,7 @@ async def test_mention_and_message_twins_and_retries_get_one_answer(
     assert (await bot.send_event(mention_event, event_id="EvA", retry_num=1))[0] == 200
     assert (await bot.send_event(twin, event_id="EvB", retry_num=2))[0] == 200
     await bot.settle()
-    assert len(fake_slack.posts(CHANNEL, thread_ts=ts)) == 1
+    assert len(fake_slack.bodies(CHANNEL, ts)) == 1
 
 
 async def test_follow_up_in_thread_sees_earlier_turns_without_a_mention(
@@ -52,7 +52,7 @@ async def test_follow_up_in_thread_sees_earlier_turns_without_a_mention(
     await bot.settle()
     await bot.send_event(message("What number did I say?", "1700000000.000301", thread_ts=root, user=BOB))
     await bot.settle()
-    posts = fake_slack.posts(CHANNEL, thread_ts=root)
+    posts = fake_slack.bodies(CHANNEL, root)
     assert len(posts) == 2
     second = fake_kimi.requests[1]["messages"]
     contents = [m["content"] for m in second]
@@ -76,8 +76,8 @@ async def test_dm_is_answered_in_its_thread(bot: BotHarness, fake_slack: FakeSla
     ts = "1700000000.000500"
     await bot.send_event(message("hi in private", ts, channel=DM, channel_type="im"))
     await bot.settle()
-    posts = fake_slack.posts(DM, thread_ts=ts)
-    assert len(posts) == 1 and "hi in private" in posts[0]["markdown_text"]
+    posts = fake_slack.bodies(DM, ts)
+    assert len(posts) == 1 and "hi in private" in posts[0]
 
 
 async def test_other_bots_edits_and_own_messages_are_ignored(bot: BotHarness, fake_slack: FakeSlack) -> None:
@@ -152,7 +152,7 @@ async def test_two_questions_in_one_thread_are_answered_in_order_and_the_second_
     await bot.send_event(message("second", "1700000000.000701", thread_ts=root, user=BOB))
     await bot.settle()
     # The follow-up only counts once the thread is engaged; it was sent while the first answer ran.
-    texts = [p["markdown_text"] for p in fake_slack.posts(CHANNEL, thread_ts=root)]
+    texts = fake_slack.bodies(CHANNEL, root)
     assert [t.split("\n")[0] for t in texts] == ["first answer", "second answer"]
     second = fake_kimi.requests[1]["messages"]
     assert [m["content"] for m in second[1:]] == ["alice: first", "first answer", "bob: second"]

@@ -18,7 +18,7 @@ REF = re.compile(r"\(ref `([0-9a-f]{8})`\)")
 
 
 def thread_texts(fake_slack: FakeSlack, ts: str) -> list[str]:
-    return [FakeSlack.body_of(p) for p in fake_slack.posts(CHANNEL, thread_ts=ts)]
+    return fake_slack.bodies(CHANNEL, ts)
 
 
 async def ask(bot: BotHarness, ts: str, text: str = "question") -> None:
@@ -152,15 +152,23 @@ async def test_thinking_that_uses_the_whole_budget_says_so(
     assert len(texts) == 1 and "output budget thinking" in texts[0]
 
 
-async def test_working_reaction_is_added_then_removed_on_success_and_on_error(
+async def test_placeholder_comes_before_kimi_is_asked_and_is_replaced_by_the_answer_or_the_error(
     bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
 ) -> None:
-    fake_kimi.script(Reply(), Reply(status=401, error_type="invalid_authentication_error"))
+    fake_kimi.script(
+        Reply(content="fine answer"), Reply(status=401, error_type="invalid_authentication_error")
+    )
     await ask(bot, "1700000002.000500")
     await ask(bot, "1700000002.000600")
-    assert len(fake_slack.calls_of("reactions.add")) == 2
-    assert len(fake_slack.calls_of("reactions.remove")) == 2
-    assert not any(fake_slack.reactions.values())
+    placeholders = [c for c in fake_slack.calls_of("chat.postMessage") if c.args.get("text") == "Thinking…"]
+    assert len(placeholders) == 2
+    assert placeholders[0].at < fake_kimi.request_times[0] and placeholders[1].at < fake_kimi.request_times[1]
+    answered, failed = (
+        fake_slack.bodies(CHANNEL, "1700000002.000500"),
+        fake_slack.bodies(CHANNEL, "1700000002.000600"),
+    )
+    assert len(answered) == 1 and answered[0].startswith("fine answer") and "Thinking" not in answered[0]
+    assert len(failed) == 1 and "MOONSHOT_API_KEY" in failed[0] and "Thinking" not in failed[0]
 
 
 async def test_slack_rate_limit_on_post_is_waited_out(bot: BotHarness, fake_slack: FakeSlack) -> None:
@@ -176,13 +184,16 @@ async def test_slack_server_errors_are_retried(bot: BotHarness, fake_slack: Fake
     assert len(thread_texts(fake_slack, "1700000002.000800")) == 1
 
 
-async def test_a_slack_error_on_the_answer_does_not_crash_the_bot(
+async def test_slack_refusing_every_write_does_not_crash_the_bot(
     bot: BotHarness, fake_slack: FakeSlack, caplog: pytest.LogCaptureFixture
 ) -> None:
-    fake_slack.fail("chat.postMessage", "is_archived", times=2)
+    for method in ("chat.postMessage", "chat.startStream", "chat.update"):
+        fake_slack.fail(method, "is_archived", times=2)
     with caplog.at_level(logging.WARNING):
         await ask(bot, "1700000002.000900")
-    assert any(getattr(r, "reference", None) for r in caplog.records)
+    assert any(
+        getattr(r, "reference", None) for r in caplog.records
+    )  # the failure is logged with its reference
     await ask(bot, "1700000002.001000")  # the next question is answered normally
     assert len(thread_texts(fake_slack, "1700000002.001000")) == 1
 

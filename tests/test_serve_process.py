@@ -89,7 +89,6 @@ async def start_serve(
             "KIMI_MODEL": "kimi-k2.6",
             "REDIS_URL": redis_url,
             "PORT": str(port),
-            "SLACK_POST_INTERVAL": "0",
         }
         process = ServeProcess(env, tmp_path)
         processes.append(process)
@@ -100,6 +99,12 @@ async def start_serve(
         if process.process.poll() is None:
             process.process.kill()
             process.process.wait()
+
+
+def answered(slack: FakeSlack, channel: str, thread_ts: str, count: int) -> bool:
+    """The thread shows `count` finished answers (no placeholder still thinking)."""
+    bodies = slack.bodies(channel, thread_ts)
+    return len(bodies) == count and not any("Thinking…" in body for body in bodies)
 
 
 async def wait_for(predicate: Callable[[], bool], limit_s: float = 15.0) -> None:
@@ -125,11 +130,11 @@ async def test_kimibot_serve_answers_mentions_and_dms_and_keeps_context_across_r
             )
             == 200
         )
-        await wait_for(lambda: len(fake_slack.posts(CHANNEL, thread_ts=root)) == 1)
+        await wait_for(lambda: answered(fake_slack, CHANNEL, root, 1))
         dm_ts = "1700000004.000200"
         fake_slack.seed(DM, user="U04RZ8N2PQM", text="psst", ts=dm_ts)
         assert await bot.send(session, message("psst", dm_ts, channel=DM, channel_type="im")) == 200
-        await wait_for(lambda: len(fake_slack.posts(DM, thread_ts=dm_ts)) == 1)
+        await wait_for(lambda: answered(fake_slack, DM, dm_ts, 1))
         code, output = await bot.terminate()
         assert code == 0, output
         assert '"msg": "answered"' in output  # structured JSON logs
@@ -139,7 +144,7 @@ async def test_kimibot_serve_answers_mentions_and_dms_and_keeps_context_across_r
         follow = "1700000004.000101"
         fake_slack.seed(CHANNEL, user="U04RZ8N2PQM", text="x", ts=follow, thread_ts=root)
         assert await again.send(session, message("What is the password?", follow, thread_ts=root)) == 200
-        await wait_for(lambda: len(fake_slack.posts(CHANNEL, thread_ts=root)) == 2)
+        await wait_for(lambda: answered(fake_slack, CHANNEL, root, 2))
         contents = [m["content"] for m in fake_kimi.requests[-1]["messages"]]
         assert "alice: Remember: the password is swordfish" in contents
         await again.terminate()

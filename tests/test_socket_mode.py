@@ -12,7 +12,7 @@ import aiohttp
 from tests.fakes.kimi_api import API_KEY, FakeKimi
 from tests.fakes.slack_api import APP_TOKEN, TOKEN, FakeSlack
 from tests.slack_requests import CHANNEL, command_body, envelope, mention
-from tests.test_serve_process import ServeProcess, free_port, wait_for
+from tests.test_serve_process import ServeProcess, answered, free_port, wait_for
 
 
 async def test_socket_mode_acks_envelopes_and_answers_once(
@@ -28,7 +28,6 @@ async def test_socket_mode_acks_envelopes_and_answers_once(
         "KIMI_BASE_URL": fake_kimi.base_url,
         "REDIS_URL": redis_url,
         "PORT": str(free_port()),
-        "SLACK_POST_INTERVAL": "0",
     }
     bot = ServeProcess(env, tmp_path)
     try:
@@ -39,7 +38,7 @@ async def test_socket_mode_acks_envelopes_and_answers_once(
         payload = envelope(mention("hello over sockets", root))
         await fake_slack.send_envelope("events_api", payload, "env-1")
         await fake_slack.send_envelope("events_api", payload, "env-1-retry", retry_attempt=1)
-        await wait_for(lambda: len(fake_slack.posts(CHANNEL, thread_ts=root)) == 1)
+        await wait_for(lambda: answered(fake_slack, CHANNEL, root, 1))
         await wait_for(lambda: {a["envelope_id"] for a in fake_slack.socket_acks} >= {"env-1", "env-1-retry"})
 
         fields = dict(urllib.parse.parse_qsl(command_body("help").decode()))
@@ -48,7 +47,7 @@ async def test_socket_mode_acks_envelopes_and_answers_once(
         help_ack = next(a for a in fake_slack.socket_acks if a["envelope_id"] == "env-2")
         assert "/kimi <question>" in help_ack["payload"]["text"]
         await asyncio.sleep(0.2)
-        assert len(fake_slack.posts(CHANNEL, thread_ts=root)) == 1
+        assert len(fake_slack.bodies(CHANNEL, root)) == 1
         code, output = await bot.terminate()
         assert code == 0, output
     finally:

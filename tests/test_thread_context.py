@@ -38,7 +38,7 @@ async def test_first_mention_inside_an_existing_thread_backfills_its_messages(
         "ci-bot (bot): CI: build #12 red",
         "bob: what should we try?",
     ]
-    assert len(fake_slack.posts(CHANNEL, thread_ts=root)) == 1
+    assert len(fake_slack.bodies(CHANNEL, root)) == 1
     # Second turn: from Redis, no second backfill.
     await bot.send_event(message("and then?", fake_slack.new_ts(), thread_ts=root))
     await bot.settle()
@@ -66,7 +66,7 @@ async def test_backfill_failure_still_answers(bot: BotHarness, fake_slack: FakeS
     fake_slack.fail("conversations.replies", "missing_scope")
     await bot.send_event(mention("hello", fake_slack.new_ts(), thread_ts=root))
     await bot.settle()
-    assert len(fake_slack.posts(CHANNEL, thread_ts=root)) == 1
+    assert len(fake_slack.bodies(CHANNEL, root)) == 1
 
 
 async def test_context_survives_a_restart(
@@ -82,7 +82,7 @@ async def test_context_survives_a_restart(
     await second.settle()
     contents = [m["content"] for m in fake_kimi.requests[-1]["messages"]]
     assert "alice: My name is Ada." in contents
-    assert len(fake_slack.posts(CHANNEL, thread_ts=root)) == 2
+    assert len(fake_slack.bodies(CHANNEL, root)) == 2
     assert not fake_slack.calls_of("conversations.replies")
 
 
@@ -104,7 +104,7 @@ async def test_long_threads_leave_out_the_oldest_turns_and_say_so(
     for i in range(1, 6):
         await small.send_event(message(f"more {i} " + "b" * 6_000, f"1700000003.00030{i}", thread_ts=root))
         await small.settle()
-    last = FakeSlack.body_of(fake_slack.posts(CHANNEL, thread_ts=root)[-1])
+    last = fake_slack.bodies(CHANNEL, root)[-1]
     assert re.search(r"\d+ earlier messages? left out to fit the context window", last)
     sent = fake_kimi.requests[-1]["messages"]
     assert sent[-1]["content"].startswith("alice: more 5")
@@ -118,7 +118,7 @@ async def test_a_message_too_big_for_the_window_gets_a_clear_answer_not_an_api_e
     small: BotHarness = await make_bot(kimi_model="mystery-model", kimi_max_completion_tokens=120_000)
     await small.send_event(mention("z" * 39_000, "1700000003.000400"))
     await small.settle()
-    texts = [FakeSlack.body_of(p) for p in fake_slack.posts(CHANNEL, thread_ts="1700000003.000400")]
+    texts = fake_slack.bodies(CHANNEL, "1700000003.000400")
     assert len(texts) == 1 and "too long for the model's context window" in texts[0]
     assert fake_kimi.requests == []
 
@@ -134,13 +134,15 @@ async def test_a_60000_char_answer_is_delivered_complete_in_several_valid_messag
     fake_kimi.script(Reply(content=answer, chunk_chars=2_000))
     await bot.send_event(mention("write a lot", "1700000003.000500"))
     await bot.settle()
-    posts = fake_slack.posts(CHANNEL, thread_ts="1700000003.000500")
-    assert len(posts) >= 5
     assert fake_slack.problems == []
-    bodies = [p["markdown_text"] for p in posts]
-    assert all(len(b) <= 12_000 and b.count("```") % 2 == 0 for b in bodies)
-    delivered = "\n\n".join(bodies)
-    assert delivered.startswith(answer) and delivered.count("x_59_79 = 79") == 1
+    parts = fake_slack.answer_parts(CHANNEL, "1700000003.000500")
+    assert len(parts) >= 5
+    assert all(len(part) <= 12_000 and part.count("```") % 2 == 0 for part in parts)  # fences closed/reopened
+    delivered = "".join(parts)
+    expected_lines = [line for line in answer.splitlines() if line.startswith(("x_", "Section"))]
+    assert [line for line in delivered.splitlines() if line.startswith(("x_", "Section"))] == expected_lines
+    footer = fake_slack.bodies(CHANNEL, "1700000003.000500")[-1]
+    assert "kimi-k2.6" in footer
 
 
 async def test_usage_is_recorded_per_team_and_day(bot: BotHarness, fake_kimi: FakeKimi) -> None:

@@ -107,6 +107,7 @@ def verdict_for(exc: Exception) -> Verdict:
 
 
 OnEvent = Callable[[Event], Awaitable[None]]
+OnRestart = Callable[[], Awaitable[None]]
 
 
 class KimiClient:
@@ -155,8 +156,17 @@ class KimiClient:
             **self.profile.request_params(self.reasoning_effort, self.output_budget),
         }
 
-    async def complete(self, messages: list[dict[str, Any]], on_event: OnEvent | None = None) -> Accumulator:
-        """Stream an answer to the end and return it whole; raise AnswerError when it cannot be had."""
+    async def complete(
+        self,
+        messages: list[dict[str, Any]],
+        on_event: OnEvent | None = None,
+        on_restart: OnRestart | None = None,
+    ) -> Accumulator:
+        """Stream an answer to the end and return it whole; raise AnswerError when it cannot be had.
+
+        `on_restart` is awaited before a retry whose failed attempt had already produced events, so the
+        caller can take back what it showed of the abandoned answer.
+        """
         started = time.monotonic()
         attempt = 0
         while True:
@@ -188,6 +198,8 @@ class KimiClient:
                 )
                 if give_up:
                     raise AnswerError(verdict.reason, f"{type(exc).__name__}: {exc}") from exc
+                if on_restart is not None and (acc.content or acc.reasoning):
+                    await on_restart()
                 await asyncio.sleep(delay)
                 attempt += 1
 

@@ -29,6 +29,13 @@ class Unit:
     info: str = ""  # the info string after the opening fence (e.g. "python")
 
 
+def _closes(match: re.Match[str], marker: str) -> bool:
+    """A fence line closes an open fence when it uses the same character, is as long, and has no info."""
+    return (
+        match.group(1)[0] == marker[0] and len(match.group(1)) >= len(marker) and not match.group(2).strip()
+    )
+
+
 def units(markdown: str) -> list[Unit]:
     """Cut Markdown into paragraphs and fenced blocks; an unclosed fence runs to the end."""
     result: list[Unit] = []
@@ -54,12 +61,7 @@ def units(markdown: str) -> list[Unit]:
                 block.append(lines[i])
                 closing = _FENCE.match(lines[i])
                 i += 1
-                if (
-                    closing
-                    and closing.group(1)[0] == marker[0]
-                    and len(closing.group(1)) >= len(marker)
-                    and not closing.group(2).strip()
-                ):
+                if closing and _closes(closing, marker):
                     closed = True
                     break
             if not closed:
@@ -131,6 +133,21 @@ def split_markdown(markdown: str, limit: int = MARKDOWN_TEXT_LIMIT - FOOTER_RESE
     return pieces or [""]
 
 
+def open_fence(markdown: str) -> Unit | None:
+    """The code fence `markdown` ends inside of, if any (to close and reopen it across messages)."""
+    current: Unit | None = None
+    for line in markdown.split("\n"):
+        match = _FENCE.match(line)
+        if not match:
+            continue
+        marker, rest = match.group(1), match.group(2).strip()
+        if current is None:
+            current = Unit("", fence=marker, info=rest)
+        elif _closes(match, current.fence):
+            current = None
+    return current
+
+
 def footer(
     model: str,
     seconds: float,
@@ -138,9 +155,13 @@ def footer(
     completion_tokens: int,
     left_out: int = 0,
     truncated: bool = False,
+    thinking_s: float | None = None,
 ) -> str:
-    """The small line under an answer: model, time, tokens, and whatever the reader should know."""
-    parts = [model, f"{seconds:.1f}s", f"{prompt_tokens:,} in / {completion_tokens:,} out tokens"]
+    """The small line under an answer: model, thinking time, tokens, and what the reader should know."""
+    parts = [model]
+    if thinking_s is not None:
+        parts.append(f"thought {thinking_s:.1f}s")
+    parts += [f"{seconds:.1f}s", f"{prompt_tokens:,} in / {completion_tokens:,} out tokens"]
     notes = []
     if left_out:
         notes.append(

@@ -1,29 +1,67 @@
-"""ReplyWriter: the only code that writes into a thread (or, for /kimi off-channel, a response_url)."""
+"""ReplyWriter: the only code that writes into a thread (or, for /kimi off-channel, a response_url).
+
+One writer per turn. Its life: `begin` posts a placeholder at once (the sign of life, with a Stop
+button); `reasoning`/`text` only record what Kimi said and wake the flusher, so reading Kimi never
+waits on Slack; the flusher shows the latest thought while Kimi thinks and streams the answer once
+it comes (native chat.startStream/appendStream/stopStream), flushed by size and by time; `finish`
+delivers the rest with the footer and buttons.
+
+`sent` counts the answer characters Slack has confirmed. Every fallback resumes from it, so no text
+is lost or repeated: a stream Slack closed (about 5 minutes, `message_not_in_streaming_state`)
+continues in a new stream message; a stream that cannot start falls back to post-and-update
+(chat.update, <= 4,000 characters a message); a message that fills up continues in the next one,
+closing and reopening an open code fence.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from bot.slack.render import MARKDOWN_TEXT_LIMIT, split_markdown
-from bot.turn import Source, Turn
+from bot.slack.blocks import latest_thought, thinking_view, thought_summary
+from bot.slack.pacing import Pacer
+from bot.slack.render import CHAT_UPDATE_TEXT_LIMIT, MARKDOWN_TEXT_LIMIT, open_fence, split_markdown
+from bot.turn import Turn
 
 log = logging.getLogger(__name__)
 
 # Errors that mean "the bot cannot post here": the /kimi path then answers through response_url.
 CANNOT_POST_HERE = frozenset({"not_in_channel", "channel_not_found", "is_archived", "restricted_action"})
+STREAM_GONE = frozenset({"message_not_in_streaming_state", "message_not_found", "streaming_state_conflict"})
+STOPPED_BY_USER = "stopped_by_user"
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How the writer spaces its calls. Defaults follow Slack's limits; tests shrink the times."""
+
+    first_flush_s: float = (
+        1.0  # wait this long after the first text before streaming (short answers: 1 update)
+    )
+    max_latency_s: float = 1.5  # text waits at most this long before it is flushed
+    min_call_interval_s: float = 1.0  # at most about one call per second per answer
+    flush_chars: int = 600  # flush earlier when this much text is waiting
+    thinking_update_s: float = 3.0  # how often the thinking view changes (chat.update is Tier 3)
+    tick_s: float = 0.25
+    stream_message_chars: int = 10_000  # start a new stream message beyond this (markdown limit 12,000)
+    stream_max_age_s: float = 240.0  # Slack closes streams at about 5 minutes: roll over before that
+    update_message_chars: int = CHAT_UPDATE_TEXT_LIMIT - 100  # post-and-update fallback, per message
 
 
 def slack_error(exc: SlackApiError) -> str:
     return str(exc.response.get("error", "unknown_error")) if exc.response is not None else "unknown_error"
 
 
-def describe(exc: Exception) -> str:
+def describe(exc: BaseException) -> str:
     """Slack's error code for API errors, the exception's type otherwise (for logs)."""
     return slack_error(exc) if isinstance(exc, SlackApiError) else type(exc).__name__
 
@@ -46,77 +84,491 @@ async def announce_question(client: AsyncWebClient, channel: str, user: str, que
     return str(response["ts"])
 
 
+def markdown_blocks(text: str) -> list[dict[str, Any]]:
+    return [{"type": "markdown", "text": text}]
+
+
+def fallback_text(text: str) -> str:
+    """The plain `text` that goes with blocks (notifications, old clients), within chat.update's limit."""
+    return text if len(text) <= 3_000 else text[:2_999] + "…"
+
+
+def close_fence(text: str, marker: str) -> str:
+    """The characters that close an open fence at the end of `text`, on a line of their own."""
+    return marker if text.endswith("\n") else f"\n{marker}"
+
+
+def fitting_cut(text: str, room: int) -> int:
+    """How much of `text` to add to a message with `room` left: all of it if it fits, else up to the
+    last paragraph or line end that fits, else 0 (better to start the next message)."""
+    if len(text) <= room:
+        return len(text)
+    if room <= 0:
+        return 0
+    for separator in ("\n\n", "\n"):
+        cut = text.rfind(separator, 0, room)
+        if cut > 0:
+            return cut + len(separator)
+    return 0
+
+
+def cut_point(text: str, room: int) -> int:
+    """Where to end a message holding at most `room` characters: a paragraph end, else a line end."""
+    if len(text) <= room:
+        return len(text)
+    for separator in ("\n\n", "\n", " "):
+        cut = text.rfind(separator, room // 2, room)
+        if cut > 0:
+            return cut + len(separator)
+    return room
+
+
 class ReplyWriter:
-    """Writes one turn's sign of life, answer pieces and notices, at a pace Slack accepts."""
+    """Writes one turn's placeholder, thinking view, streamed answer and notices."""
 
     def __init__(
-        self, client: AsyncWebClient, turn: Turn, *, reaction: str = "eyes", post_interval: float = 1.0
+        self,
+        client: AsyncWebClient,
+        turn: Turn,
+        *,
+        pacer: Pacer | None = None,
+        pace: Pace | None = None,
+        stop_value: str = "",
+        should_stop: Callable[[], Awaitable[bool]] | None = None,
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.turn = turn
-        self.reaction = reaction
-        self.post_interval = post_interval
-        self._reacted = False
-        self._posts = 0
+        self.pacer = pacer or Pacer()
+        self.pace = pace or Pace()
+        self.stop_value = stop_value
+        self.should_stop = should_stop
+        self.on_stop = on_stop
+        self.started_at = time.monotonic()
+        self.placeholder_ts: str | None = None
+        self.placeholder_free = False  # still showing "Thinking…", so the answer may replace it
+        self.reasoning_text = ""
+        self.answer = ""
+        self.sent = 0
+        self.first_text_at: float | None = None
+        self.thinking_s: float | None = None
+        self.stopped = False
+        self.mode: str | None = None  # None (not started), "stream" or "update"
+        self.message_ts: str | None = None  # the message the answer currently goes into
+        self.message_started_at = 0.0
+        self.message_text = ""  # what the current message holds (for chat.update and caps)
+        self.answer_ts: list[str] = []  # every message that holds part of the answer
+        self._last_call = 0.0
+        self._last_view = 0.0
+        self._last_stop_check = 0.0
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
 
-    async def started(self) -> None:
-        """Show the asker at once that work has begun: a reaction on their message."""
-        if not self.turn.in_slack_thread or not self.reaction or self.turn.source is Source.COMMAND:
-            return
-        try:
-            await self.client.reactions_add(
-                channel=self.turn.channel, name=self.reaction, timestamp=self.turn.ts
-            )
-            self._reacted = True
-        except Exception as exc:  # a missing reaction must never cost the answer
-            log.info("reaction not added", extra={"error": describe(exc), "channel": self.turn.channel})
-
-    async def finished(self) -> None:
-        """Take the working reaction off again, whatever the outcome."""
-        if not self._reacted:
-            return
-        try:
-            await self.client.reactions_remove(
-                channel=self.turn.channel, name=self.reaction, timestamp=self.turn.ts
-            )
-        except Exception as exc:
-            log.info("reaction not removed", extra={"error": describe(exc), "channel": self.turn.channel})
-        self._reacted = False
-
-    async def deliver(self, markdown: str, footer: str = "") -> list[str]:
-        """Post the answer as one or more threaded messages; return their timestamps."""
-        pieces = split_markdown(markdown)
-        if footer:
-            pieces[-1] = f"{pieces[-1]}\n\n{footer}" if pieces[-1] else footer
-        return [ts for piece in pieces if (ts := await self._post(piece, markdown=True))]
-
-    async def notice(self, text: str) -> str | None:
-        """A short plain message in the thread: errors, help, refusals."""
-        return await self._post(text, markdown=False)
-
-    async def _pace(self) -> None:
-        # chat.postMessage allows about one message per second per channel.
-        if self._posts and self.post_interval:
-            await asyncio.sleep(self.post_interval)
-        self._posts += 1
-
-    async def _post(self, text: str, *, markdown: bool) -> str | None:
-        await self._pace()
+    # ---- what the pipeline calls ------------------------------------------------------------
+    async def begin(self) -> None:
+        """The sign of life: a placeholder in the thread, right away, before Kimi is even called."""
         if not self.turn.in_slack_thread:
-            await self._respond(text, markdown=markdown)
-            return None
-        body: dict[str, Any] = {"markdown_text": text} if markdown else {"text": text}
-        response = await self.client.chat_postMessage(
-            channel=self.turn.channel, thread_ts=self.turn.thread_ts, unfurl_links=False, **body
+            return
+        text, blocks = thinking_view(0, "", self.stop_value)
+        try:
+            response = await self._call(
+                "chat.postMessage",
+                channel=self.turn.channel,
+                thread_ts=self.turn.thread_ts,
+                text=text,
+                blocks=blocks,
+            )
+            self.placeholder_ts = str(response["ts"])
+            self.placeholder_free = True
+        except Exception as exc:  # the answer can still come without a placeholder
+            log.warning(
+                "placeholder not posted", extra={"error": describe(exc), "channel": self.turn.channel}
+            )
+        self._last_view = time.monotonic()
+        self._flusher = asyncio.create_task(self._flush_loop())
+
+    def reasoning(self, text: str) -> None:
+        self.reasoning_text += text
+
+    def text(self, text: str) -> None:
+        if self.first_text_at is None:
+            self.first_text_at = time.monotonic()
+            self.thinking_s = self.first_text_at - self.started_at
+        self.answer += text
+        if len(self.answer) - self.sent >= self.pace.flush_chars:
+            self._wake.set()
+
+    async def restarted(self) -> None:
+        """Before Kimi's retry: text already shown is replaced by a note, and the answer starts over."""
+        async with self._lock:
+            self.answer = self.answer[: self.sent]  # what was not shown yet is simply dropped
+            if not self.sent:
+                return
+            await self._end_stream()
+            note = "_(The connection to Kimi dropped mid-answer; the answer starts again below.)_"
+            for index, ts in enumerate(self.answer_ts):
+                with contextlib.suppress(Exception):
+                    if index == 0:
+                        await self._call(
+                            "chat.update",
+                            channel=self.turn.channel,
+                            ts=ts,
+                            text=note,
+                            blocks=markdown_blocks(note),
+                        )
+                    else:
+                        await self._call("chat.delete", channel=self.turn.channel, ts=ts)
+            self.answer, self.sent, self.mode, self.message_ts, self.message_text = "", 0, None, None, ""
+            self.answer_ts = []
+
+    async def finish(self, closing_blocks: list[dict[str, Any]], *, note: str = "") -> list[str]:
+        """Deliver whatever is left, end the answer with its footer and buttons; return the message ts."""
+        await self._stop_flusher()
+        if not self.turn.in_slack_thread:
+            await self._respond(self.answer + (f"\n\n{note}" if note else ""), markdown=True)
+            return []
+        async with self._lock:
+            if note:
+                self.answer += f"\n\n{note}"
+            if (
+                self.mode is None
+                and self.placeholder_free
+                and len(self.answer) <= self.pace.update_message_chars
+            ):
+                # A short answer that came at once: it simply replaces the placeholder.
+                text = self.answer or "_(no answer)_"
+                await self._call(
+                    "chat.update",
+                    channel=self.turn.channel,
+                    ts=self.placeholder_ts,
+                    text=fallback_text(text),
+                    blocks=markdown_blocks(text) + closing_blocks,
+                )
+                self.placeholder_free = False
+                self.sent = len(self.answer)
+                self.answer_ts = [str(self.placeholder_ts)]
+                return self.answer_ts
+            while self.sent < len(self.answer):
+                await self._flush_some()
+            await self._close_message(closing_blocks)
+            await self._summarise_placeholder()
+        return self.answer_ts
+
+    async def fail(self, sentence: str) -> None:
+        """End the turn with one sentence: it replaces the placeholder, or follows the partial answer."""
+        await self._stop_flusher()
+        if not self.turn.in_slack_thread:
+            await self._respond(sentence, markdown=False)
+            return
+        async with self._lock:
+            with contextlib.suppress(Exception):
+                await self._end_stream()
+            blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": sentence}}]
+            if self.placeholder_free and self.placeholder_ts:
+                await self._call(
+                    "chat.update",
+                    channel=self.turn.channel,
+                    ts=self.placeholder_ts,
+                    text=sentence,
+                    blocks=blocks,
+                )
+                self.placeholder_free = False
+                return
+            await self._summarise_placeholder()
+            await self._call(
+                "chat.postMessage",
+                channel=self.turn.channel,
+                thread_ts=self.turn.thread_ts,
+                text=sentence,
+                blocks=blocks,
+            )
+
+    async def notice(self, text: str) -> None:
+        """A short plain message in the thread, outside any answer (help, greetings)."""
+        if not self.turn.in_slack_thread:
+            await self._respond(text, markdown=False)
+            return
+        await self._call(
+            "chat.postMessage", channel=self.turn.channel, thread_ts=self.turn.thread_ts, text=text
         )
-        return str(response["ts"])
+
+    # ---- the flusher --------------------------------------------------------------------------
+    async def _flush_loop(self) -> None:
+        try:
+            while not self._closed:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.pace.tick_s):
+                        await self._wake.wait()
+                self._wake.clear()
+                if self._closed:
+                    return
+                await self._check_stop()
+                async with self._lock:
+                    if self._closed:
+                        return
+                    if self.first_text_at is None:
+                        await self._update_thinking_view()
+                    elif self._flush_due():
+                        await self._flush_some()
+        except Exception:
+            log.exception(
+                "flusher failed; the rest of the answer goes out when it ends",
+                extra={"channel": self.turn.channel},
+            )
+
+    async def _check_stop(self) -> None:
+        now = time.monotonic()
+        if self.should_stop is None or self.stopped or now - self._last_stop_check < 0.5:
+            return
+        self._last_stop_check = now
+        with contextlib.suppress(Exception):
+            if await self.should_stop():
+                self.request_stop()
+
+    def request_stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            if self.on_stop is not None:
+                self.on_stop()
+
+    def _flush_due(self) -> bool:
+        now = time.monotonic()
+        pending = len(self.answer) - self.sent
+        if pending <= 0 or now - self._last_call < self.pace.min_call_interval_s:
+            return False
+        assert self.first_text_at is not None
+        if self.mode is None and now - self.first_text_at < self.pace.first_flush_s:
+            return False
+        waited = now - max(self._last_call, self.first_text_at)
+        return pending >= self.pace.flush_chars or waited >= self.pace.max_latency_s
+
+    async def _update_thinking_view(self) -> None:
+        now = time.monotonic()
+        if not self.placeholder_free or now - self._last_view < self.pace.thinking_update_s:
+            return
+        self._last_view = now
+        text, blocks = thinking_view(
+            now - self.started_at, latest_thought(self.reasoning_text), self.stop_value
+        )
+        with contextlib.suppress(Exception):
+            await self._call(
+                "chat.update", channel=self.turn.channel, ts=self.placeholder_ts, text=text, blocks=blocks
+            )
+
+    async def _stop_flusher(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
+            self._flusher = None
+
+    # ---- moving text into Slack ---------------------------------------------------------------
+    async def _flush_some(self) -> None:
+        """Move the waiting text (or as much as the current message takes) into Slack."""
+        if self.mode != "update":
+            try:
+                await self._stream_some()
+                return
+            except SlackApiError as exc:
+                error = slack_error(exc)
+                if error == STOPPED_BY_USER:  # the user pressed Slack's own stop on the stream
+                    self.request_stop()
+                    self.mode, self.message_ts, self.message_text = None, None, ""
+                    self.answer = self.answer[: self.sent]
+                    return
+                log.info(
+                    "streaming unavailable; posting and updating instead",
+                    extra={"error": error, "channel": self.turn.channel},
+                )
+                await self._end_stream()
+                self.mode = "update"
+        await self._update_some()
+
+    async def _stream_some(self) -> None:
+        """One stream call: start a stream, append what fits, or roll over to a new stream message."""
+        pending = self.answer[self.sent :]
+        if self.mode is None:
+            await self._start_stream(pending)
+            return
+        room = self.pace.stream_message_chars - len(self.message_text)
+        too_old = time.monotonic() - self.message_started_at > self.pace.stream_max_age_s
+        cut = fitting_cut(pending, room)
+        if too_old or cut == 0:
+            await self._roll_over()
+            return
+        piece = pending[:cut]
+        try:
+            await self._call(
+                "chat.appendStream", channel=self.turn.channel, ts=self.message_ts, markdown_text=piece
+            )
+        except SlackApiError as exc:
+            if slack_error(exc) not in STREAM_GONE:
+                raise
+            # Slack closed the stream (about 5 minutes): the same text goes into a new stream message.
+            log.info(
+                "stream closed by Slack; continuing in a new message", extra={"channel": self.turn.channel}
+            )
+            self.mode, self.message_ts, self.message_text = None, None, ""
+            await self._start_stream(pending)
+            return
+        self.message_text += piece
+        self.sent += len(piece)
+
+    async def _start_stream(self, pending: str) -> None:
+        """A new stream message with as much of `pending` as one message takes (reopening an open fence)."""
+        prefix = self._reopen_prefix()
+        piece = pending[: cut_point(pending, self.pace.stream_message_chars - len(prefix))]
+        response = await self._call(
+            "chat.startStream",
+            channel=self.turn.channel,
+            thread_ts=self.turn.thread_ts,
+            recipient_user_id=self.turn.user,
+            recipient_team_id=self.turn.team_id,
+            markdown_text=prefix + piece,
+        )
+        self.mode = "stream"
+        self.message_ts = str(response["ts"])
+        self.message_started_at = time.monotonic()
+        self.answer_ts.append(self.message_ts)
+        self.message_text = prefix + piece
+        self.sent += len(piece)
+
+    async def _roll_over(self) -> None:
+        """The stream message is full or old: close it (and an open fence) and continue in a new one."""
+        await self._end_stream()
+        await self._start_stream(self.answer[self.sent :])
+
+    def _reopen_prefix(self) -> str:
+        """What opens a continuation message: the open code fence of the answer so far, reopened."""
+        fence = open_fence(self.answer[: self.sent]) if self.sent else None
+        return f"{fence.fence}{fence.info}\n" if fence else ""
+
+    async def _end_stream(self) -> None:
+        """Close a live stream quietly (fallbacks and failures), closing an open code fence in it."""
+        if self.mode == "stream" and self.message_ts:
+            fence = open_fence(self.message_text)
+            with contextlib.suppress(SlackApiError):
+                await self._call(
+                    "chat.stopStream",
+                    channel=self.turn.channel,
+                    ts=self.message_ts,
+                    markdown_text=f"\n{fence.fence}" if fence else None,
+                )
+            self.mode, self.message_ts, self.message_text = None, None, ""
+
+    async def _update_some(self) -> None:
+        """Post-and-update: the answer fills messages of at most ~4,000 characters via chat.update."""
+        limit = self.pace.update_message_chars
+        pending = self.answer[self.sent :]
+        if self.message_ts is not None:
+            cut = fitting_cut(pending, limit - len(self.message_text))
+            if cut:
+                await self._set_message(self.message_ts, self.message_text + pending[:cut])
+                self.sent += cut
+                return
+            if fence := open_fence(self.message_text):  # full: close its open fence before moving on
+                await self._set_message(
+                    self.message_ts, self.message_text + close_fence(self.message_text, fence.fence)
+                )
+        prefix = self._reopen_prefix()
+        piece = pending[: cut_point(pending, limit - len(prefix))]
+        body = prefix + piece
+        if self.placeholder_free and self.placeholder_ts:
+            self.placeholder_free = False
+            self.message_ts = self.placeholder_ts
+            await self._set_message(self.message_ts, body)
+        else:
+            response = await self._call(
+                "chat.postMessage",
+                channel=self.turn.channel,
+                thread_ts=self.turn.thread_ts,
+                text=fallback_text(body),
+                blocks=markdown_blocks(body),
+            )
+            self.message_ts, self.message_text = str(response["ts"]), body
+        self.answer_ts.append(self.message_ts)
+        self.sent += len(piece)
+
+    async def _set_message(
+        self, ts: str, text: str, extra_blocks: list[dict[str, Any]] | None = None
+    ) -> None:
+        await self._call(
+            "chat.update",
+            channel=self.turn.channel,
+            ts=ts,
+            text=fallback_text(text),
+            blocks=markdown_blocks(text) + (extra_blocks or []),
+        )
+        if ts == self.message_ts:
+            self.message_text = text
+
+    async def _close_message(self, closing_blocks: list[dict[str, Any]]) -> None:
+        """Put the footer and buttons under the last piece of the answer."""
+        if self.mode == "stream" and self.message_ts:
+            self.mode = None
+            try:
+                await self._call(
+                    "chat.stopStream", channel=self.turn.channel, ts=self.message_ts, blocks=closing_blocks
+                )
+                return
+            except SlackApiError as exc:
+                log.info("stream could not be closed with its footer", extra={"error": slack_error(exc)})
+        elif self.mode == "update" and self.message_ts:
+            await self._call(
+                "chat.update",
+                channel=self.turn.channel,
+                ts=self.message_ts,
+                text=fallback_text(self.message_text),
+                blocks=markdown_blocks(self.message_text) + closing_blocks,
+            )
+            return
+        elif not self.answer_ts and self.placeholder_free and self.placeholder_ts:  # no text (stopped early)
+            await self._call(
+                "chat.update",
+                channel=self.turn.channel,
+                ts=self.placeholder_ts,
+                text=fallback_text(self.answer or "(no answer)"),
+                blocks=markdown_blocks(self.answer or "_(no answer)_") + closing_blocks,
+            )
+            self.placeholder_free = False
+            return
+        await self._call(
+            "chat.postMessage",
+            channel=self.turn.channel,
+            thread_ts=self.turn.thread_ts,
+            text="Answer details",
+            blocks=closing_blocks,
+        )
+
+    async def _summarise_placeholder(self) -> None:
+        """The placeholder stays above the answer as a one-line "Thought for Ns"."""
+        if not self.placeholder_free or not self.placeholder_ts:
+            return
+        text, blocks = thought_summary(
+            self.thinking_s if self.thinking_s is not None else time.monotonic() - self.started_at
+        )
+        with contextlib.suppress(Exception):
+            await self._call(
+                "chat.update", channel=self.turn.channel, ts=self.placeholder_ts, text=text, blocks=blocks
+            )
+        self.placeholder_free = False
+
+    # ---- the wire -----------------------------------------------------------------------------
+    async def _call(self, method: str, **args: Any) -> Any:
+        await self.pacer.acquire(method, self.turn.team_id, self.turn.channel)
+        self._last_call = time.monotonic()
+        return await self.client.api_call(method, json={k: v for k, v in args.items() if v is not None})
 
     async def _respond(self, text: str, *, markdown: bool) -> None:
-        """/kimi where the bot is not a member: an ephemeral reply through response_url."""
+        """/kimi where the bot is not a member: ephemeral replies through response_url."""
         webhook = AsyncWebhookClient(self.turn.response_url)
-        blocks = [{"type": "markdown", "text": text}] if markdown else None
-        response = await webhook.send(
-            text=text[:MARKDOWN_TEXT_LIMIT], blocks=blocks, response_type="ephemeral", replace_original=False
-        )
-        if response.status_code >= 400:
-            log.warning("response_url refused the answer", extra={"status": response.status_code})
+        for piece in split_markdown(text) if markdown else [text]:
+            blocks = markdown_blocks(piece) if markdown else None
+            response = await webhook.send(
+                text=fallback_text(piece), blocks=blocks, response_type="ephemeral", replace_original=False
+            )
+            if response.status_code >= 400:
+                log.warning("response_url refused the answer", extra={"status": response.status_code})

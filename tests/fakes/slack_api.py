@@ -33,6 +33,33 @@ APP_TOKEN = "xapp-1-test-app-token"
 MARKDOWN_TEXT_LIMIT = 12_000
 TEXT_LIMIT = 40_000
 UPDATE_TEXT_LIMIT = 4_000
+SECTION_TEXT_LIMIT = 3_000
+MESSAGE_BLOCKS_LIMIT = 50
+MODAL_BLOCKS_LIMIT = 100
+BUTTON_VALUE_LIMIT = 2_000
+
+
+def visible_text(message: dict[str, Any]) -> str:
+    """What a person sees of a message: streamed or markdown text, then the text of its blocks."""
+    parts = []
+    if message.get("stream_text"):
+        parts.append(message["stream_text"])
+    for block in message.get("blocks") or []:
+        if block.get("type") == "markdown":
+            parts.append(block.get("text", ""))
+        elif block.get("type") == "section" and block.get("text"):
+            parts.append(block["text"].get("text", ""))
+        elif block.get("type") == "context":
+            parts.extend(e.get("text", "") for e in block.get("elements", []))
+    if not parts:
+        parts.append(message.get("text", ""))
+    return "\n".join(parts)
+
+
+def _blocks(blocks: Any) -> list[dict[str, Any]]:
+    if isinstance(blocks, str):
+        return list(json.loads(blocks))
+    return list(blocks or [])
 
 
 @dataclass
@@ -58,6 +85,9 @@ class FakeSlack:
     reactions: dict[tuple[str, str], set[str]] = field(default_factory=lambda: defaultdict(set))
     responses: list[dict[str, Any]] = field(default_factory=list)  # what arrived at response_url
     not_member_of: set[str] = field(default_factory=set)  # channels where posting gives not_in_channel
+    stream_lifetime_s: float | None = None  # Slack closes streams after about 5 minutes; tests shorten it
+    views: list[dict[str, Any]] = field(default_factory=list)  # modals opened (views.open)
+    ephemerals: list[dict[str, Any]] = field(default_factory=list)
     failures: dict[str, list[Failure]] = field(default_factory=lambda: defaultdict(list))
     delay: dict[str, float] = field(default_factory=dict)  # seconds to wait before answering a method
     sockets: list[web.WebSocketResponse] = field(default_factory=list)  # Socket Mode connections
@@ -135,6 +165,34 @@ class FakeSlack:
     @staticmethod
     def body_of(post: dict[str, Any]) -> str:
         return str(post.get("markdown_text") or post.get("text") or "")
+
+    def replies(self, channel: str, thread_ts: str) -> list[dict[str, Any]]:
+        """The bot's messages in a thread as they stand now (after updates, streams and deletions)."""
+        return sorted(
+            (
+                m
+                for m in self.messages[channel]
+                if m.get("thread_ts") == thread_ts and m.get("bot_id") == BOT_ID and not m.get("deleted")
+            ),
+            key=lambda m: float(m["ts"]),
+        )
+
+    def bodies(self, channel: str, thread_ts: str) -> list[str]:
+        return [visible_text(m) for m in self.replies(channel, thread_ts)]
+
+    def answer_parts(self, channel: str, thread_ts: str) -> list[str]:
+        """The answer's own Markdown in each of the bot's thread messages (streams and markdown blocks)."""
+        parts = []
+        for message in self.replies(channel, thread_ts):
+            text = message.get("stream_text", "") + "".join(
+                b.get("text", "") for b in message.get("blocks") or [] if b.get("type") == "markdown"
+            )
+            if text:
+                parts.append(text)
+        return parts
+
+    def find(self, channel: str, ts: str) -> dict[str, Any] | None:
+        return next((m for m in self.messages[channel] if m["ts"] == ts and not m.get("deleted")), None)
 
     # ---- server ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -286,6 +344,42 @@ class FakeSlack:
         if text is not None and len(text) > text_limit:
             self.problems.append(f"{method}: text of {len(text)} chars")
             return "msg_too_long"
+        if blocks is not None:
+            return self._blocks_error(method, blocks, MESSAGE_BLOCKS_LIMIT)
+        return None
+
+    def _blocks_error(self, method: str, blocks: Any, limit: int) -> str | None:
+        """Slack block limits: count, section 3,000, markdown 12,000 (also in total), button value 2,000."""
+        if isinstance(blocks, str):
+            blocks = json.loads(blocks)
+        problems = []
+        if not isinstance(blocks, list) or len(blocks) > limit:
+            problems.append(f"{len(blocks) if isinstance(blocks, list) else '?'} blocks")
+            blocks = []
+        markdown_total = 0
+        for block in blocks:
+            kind = block.get("type")
+            if kind == "section" and len(block.get("text", {}).get("text", "")) > SECTION_TEXT_LIMIT:
+                problems.append("section text over 3,000")
+            if kind == "markdown":
+                markdown_total += len(block.get("text", ""))
+            if kind == "actions":
+                if len(block.get("elements", [])) > 25:
+                    problems.append("more than 25 actions")
+                for element in block.get("elements", []):
+                    if len(str(element.get("value", ""))) > BUTTON_VALUE_LIMIT:
+                        problems.append("button value over 2,000")
+                    if len(element.get("text", {}).get("text", "")) > 75:
+                        problems.append("button text over 75")
+            if kind == "context" and len(block.get("elements", [])) > 10:
+                problems.append("more than 10 context elements")
+            if kind not in ("section", "markdown", "actions", "context", "divider", "header", "rich_text"):
+                problems.append(f"unknown block type {kind}")
+        if markdown_total > MARKDOWN_TEXT_LIMIT:
+            problems.append(f"markdown blocks of {markdown_total} chars")
+        if problems:
+            self.problems.append(f"{method}: invalid blocks: {', '.join(problems)}")
+            return "invalid_blocks"
         return None
 
     def _m_chat_postMessage(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -316,11 +410,130 @@ class FakeSlack:
         error = self._content_error("chat.update", args, text_limit=UPDATE_TEXT_LIMIT)
         if error:
             return {"ok": False, "error": error}
+        message = self.find(args["channel"], args["ts"])
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        if message.get("stream_state") == "streaming":
+            self.problems.append("chat.update: on a message that is still streaming")
+            return {"ok": False, "error": "streaming_state_conflict"}
+        message["text"] = args.get("markdown_text") or args.get("text") or ""
+        message["blocks"] = _blocks(args.get("blocks"))
+        message.pop("stream_text", None)
+        message["edits"] = message.get("edits", 0) + 1
+        return {"channel": args["channel"], "ts": args["ts"], "text": message["text"]}
+
+    def _m_chat_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        message = self.find(args["channel"], args["ts"])
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        message["deleted"] = True
         return {"channel": args["channel"], "ts": args["ts"]}
+
+    def _stream(self, args: dict[str, Any]) -> dict[str, Any] | str:
+        message = self.find(args["channel"], args["ts"])
+        if message is None:
+            return "message_not_found"
+        lifetime = self.stream_lifetime_s
+        if (
+            message.get("stream_state") == "streaming"
+            and lifetime is not None
+            and time.monotonic() - message["stream_started"] > lifetime
+        ):
+            message["stream_state"] = "expired"
+        if message.get("stream_state") != "streaming":
+            return "message_not_in_streaming_state"
+        return message
+
+    def _m_chat_startStream(self, args: dict[str, Any]) -> dict[str, Any]:
+        channel = args["channel"]
+        if not args.get("thread_ts"):
+            self.problems.append("chat.startStream: without thread_ts")
+            return {"ok": False, "error": "invalid_arguments"}
+        if channel.startswith("C") or channel.startswith("G"):
+            if not args.get("recipient_user_id"):
+                return {"ok": False, "error": "missing_recipient_user_id"}
+            if not args.get("recipient_team_id"):
+                return {"ok": False, "error": "missing_recipient_team_id"}
+        markdown = args.get("markdown_text") or ""
+        if len(markdown) > MARKDOWN_TEXT_LIMIT:
+            self.problems.append(f"chat.startStream: markdown_text of {len(markdown)} chars")
+            return {"ok": False, "error": "msg_too_long"}
+        ts = self.new_ts()
+        self.messages[channel].append(
+            {
+                "type": "message",
+                "user": BOT_USER_ID,
+                "bot_id": BOT_ID,
+                "app_id": APP_ID,
+                "ts": ts,
+                "text": "",
+                "thread_ts": args["thread_ts"],
+                "stream_text": markdown,
+                "stream_state": "streaming",
+                "stream_started": time.monotonic(),
+                "appends": 0,
+            }
+        )
+        return {"channel": channel, "ts": ts}
+
+    def _m_chat_appendStream(self, args: dict[str, Any]) -> dict[str, Any]:
+        markdown = args.get("markdown_text") or ""
+        if len(markdown) > MARKDOWN_TEXT_LIMIT:
+            self.problems.append(f"chat.appendStream: markdown_text of {len(markdown)} chars")
+            return {"ok": False, "error": "msg_too_long"}
+        message = self._stream(args)
+        if isinstance(message, str):
+            return {"ok": False, "error": message}
+        message["stream_text"] += markdown
+        message["appends"] += 1
+        return {"channel": args["channel"], "ts": args["ts"]}
+
+    def _m_chat_stopStream(self, args: dict[str, Any]) -> dict[str, Any]:
+        message = self._stream(args)
+        if isinstance(message, str):
+            return {"ok": False, "error": message}
+        if args.get("blocks") is not None:
+            error = self._blocks_error("chat.stopStream", args["blocks"], MESSAGE_BLOCKS_LIMIT)
+            if error:
+                return {"ok": False, "error": error}
+        message["stream_text"] += args.get("markdown_text") or ""
+        message["blocks"] = _blocks(args.get("blocks"))
+        message["stream_state"] = "stopped"
+        if len(message["stream_text"]) > 40_000:
+            self.problems.append("chat.stopStream: streamed message over 40,000 chars")
+        return {"channel": args["channel"], "ts": args["ts"], "message": {"ts": args["ts"]}}
+
+    def _m_views_open(self, args: dict[str, Any]) -> dict[str, Any]:
+        view = args["view"] if isinstance(args["view"], dict) else json.loads(args["view"])
+        error = self._blocks_error("views.open", view.get("blocks", []), MODAL_BLOCKS_LIMIT)
+        if error:
+            return {"ok": False, "error": error}
+        if len(view.get("title", {}).get("text", "")) > 24:
+            self.problems.append("views.open: title over 24 chars")
+            return {"ok": False, "error": "invalid_arguments"}
+        self.views.append(view)
+        return {"view": {"id": f"V{len(self.views):08d}", **view}}
+
+    def _m_assistant_threads_setStatus(self, args: dict[str, Any]) -> dict[str, Any]:
+        for message in args.get("loading_messages") or []:
+            if len(message) > 50:
+                self.problems.append("assistant.threads.setStatus: loading message over 50 chars")
+        return {}
+
+    def _m_assistant_threads_setSuggestedPrompts(self, args: dict[str, Any]) -> dict[str, Any]:
+        if len(args.get("prompts") or []) > 4:
+            self.problems.append("assistant.threads.setSuggestedPrompts: more than 4 prompts")
+        return {}
+
+    def _m_assistant_threads_setTitle(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {}
 
     def _m_chat_postEphemeral(self, args: dict[str, Any]) -> dict[str, Any]:
         error = self._content_error("chat.postEphemeral", args, text_limit=TEXT_LIMIT)
-        return {"ok": False, "error": error} if error else {"message_ts": self.new_ts()}
+        if error:
+            return {"ok": False, "error": error}
+        self.ephemerals.append(args)
+        return {"message_ts": self.new_ts()}
 
     def _m_reactions_add(self, args: dict[str, Any]) -> dict[str, Any]:
         key = (args["channel"], args["timestamp"])

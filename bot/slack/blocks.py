@@ -1,0 +1,174 @@
+"""Block Kit for kimibot's messages: the thinking view, the answer's footer and buttons, the
+reasoning modal. Pure; every size stays within Slack's documented block limits."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from bot.slack.render import SECTION_TEXT_LIMIT
+
+MODAL_MAX_BLOCKS = 100  # modals and Home tabs allow 100 blocks (messages 50)
+MODAL_TITLE_LIMIT = 24
+BUTTON_VALUE_LIMIT = 2_000
+THOUGHT_LIMIT = 140
+
+ACTION_STOP = "kimi_stop"
+ACTION_REASONING = "kimi_show_reasoning"
+ACTION_REGENERATE = "kimi_regenerate"
+ACTION_FEEDBACK_UP = "kimi_feedback_up"
+ACTION_FEEDBACK_DOWN = "kimi_feedback_down"
+
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
+_MARKUP = re.compile(r"[*_~`<>|]")
+
+
+def latest_thought(reasoning: str, limit: int = THOUGHT_LIMIT) -> str:
+    """The last whole sentence of the reasoning so far (or its tail), as safe one-line text."""
+    text = " ".join(reasoning.split())
+    if not text:
+        return ""
+    sentences = [s for s in _SENTENCE_END.split(text) if s.strip()]
+    complete = [s for s in sentences if s.rstrip()[-1:] in ".!?。！？"]
+    thought = (complete or sentences)[-1]
+    thought = _MARKUP.sub("", thought).strip()
+    if len(thought) > limit:
+        thought = "…" + thought[-(limit - 1) :]
+    return thought
+
+
+def plain(text: str) -> dict[str, Any]:
+    return {"type": "plain_text", "text": text, "emoji": True}
+
+
+def button(action_id: str, label: str, value: str, style: str | None = None) -> dict[str, Any]:
+    element: dict[str, Any] = {
+        "type": "button",
+        "action_id": action_id,
+        "text": plain(label),
+        "value": value[:BUTTON_VALUE_LIMIT],
+    }
+    if style:
+        element["style"] = style
+    return element
+
+
+def thinking_view(
+    elapsed_s: float, thought: str, stop_value: str, *, answering: bool = False
+) -> tuple[str, list[dict[str, Any]]]:
+    """The placeholder while Kimi works: what it is doing, for how long, its latest thought, and Stop."""
+    state = "Answering" if answering else "Thinking"
+    head = f":thought_balloon: *{state}…* ({elapsed_s:.0f}s)"
+    body = f"{head}\n_{thought}_" if thought else head
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": body[:SECTION_TEXT_LIMIT]}},
+        {
+            "type": "actions",
+            "block_id": "kimi_working",
+            "elements": [button(ACTION_STOP, "Stop", stop_value, "danger")],
+        },
+    ]
+    return f"{state}…", blocks
+
+
+def thought_summary(thinking_s: float) -> tuple[str, list[dict[str, Any]]]:
+    """What the placeholder becomes once the answer streams below it."""
+    text = f":thought_balloon: Thought for {thinking_s:.0f}s"
+    return text, [{"type": "context", "elements": [{"type": "mrkdwn", "text": text}]}]
+
+
+@dataclass(frozen=True)
+class AnswerRef:
+    """What the answer's buttons need to find their turn again (kept small: it rides in button values)."""
+
+    thread_ts: str
+    question_ts: str
+    model: str
+    latency_s: float
+    prompt_tokens: int
+    completion_tokens: int
+
+    def value(self) -> str:
+        return json.dumps(
+            {
+                "t": self.thread_ts,
+                "q": self.question_ts,
+                "m": self.model,
+                "l": round(self.latency_s, 2),
+                "p": self.prompt_tokens,
+                "c": self.completion_tokens,
+            },
+            separators=(",", ":"),
+        )
+
+    @staticmethod
+    def parse(value: str) -> AnswerRef:
+        data = json.loads(value)
+        return AnswerRef(
+            str(data["t"]),
+            str(data["q"]),
+            str(data.get("m", "")),
+            float(data.get("l", 0)),
+            int(data.get("p", 0)),
+            int(data.get("c", 0)),
+        )
+
+
+def answer_blocks(footer: str, ref: AnswerRef, *, has_reasoning: bool) -> list[dict[str, Any]]:
+    """Footer and controls at the bottom of an answer."""
+    value = ref.value()
+    elements = []
+    if has_reasoning:
+        elements.append(button(ACTION_REASONING, "Show reasoning", value))
+    elements += [
+        button(ACTION_REGENERATE, "Regenerate", value),
+        button(ACTION_FEEDBACK_UP, ":+1:", value),
+        button(ACTION_FEEDBACK_DOWN, ":-1:", value),
+    ]
+    return [
+        {"type": "context", "elements": [{"type": "mrkdwn", "text": footer[:SECTION_TEXT_LIMIT]}]},
+        {"type": "actions", "block_id": "kimi_answer", "elements": elements},
+    ]
+
+
+def chunk_text(text: str, size: int) -> list[str]:
+    """Split text into pieces of at most `size` characters, preferring line ends."""
+    pieces: list[str] = []
+    while len(text) > size:
+        cut = text.rfind("\n", size // 2, size)
+        cut = cut if cut > 0 else size
+        pieces.append(text[:cut])
+        text = text[cut:].lstrip("\n")
+    if text:
+        pieces.append(text)
+    return pieces
+
+
+def reasoning_modal(reasoning: str, thinking_s: float) -> dict[str, Any]:
+    """A modal showing the whole reasoning, in plain-text sections within the modal block limits."""
+    intro = f"Kimi thought for {thinking_s:.0f}s before answering ({len(reasoning):,} characters)."
+    pieces = chunk_text(reasoning or "(no reasoning was recorded)", SECTION_TEXT_LIMIT)
+    room = MODAL_MAX_BLOCKS - 2
+    blocks: list[dict[str, Any]] = [{"type": "context", "elements": [{"type": "mrkdwn", "text": intro}]}]
+    blocks += [{"type": "section", "text": plain(piece)} for piece in pieces[:room]]
+    if len(pieces) > room:
+        shown = sum(len(p) for p in pieces[:room])
+        blocks.append(
+            {
+                "type": "context",
+                "elements": [
+                    {
+                        "type": "mrkdwn",
+                        "text": f"Showing the first {shown:,} of {len(reasoning):,} characters.",
+                    }
+                ],
+            }
+        )
+    return {
+        "type": "modal",
+        "title": plain("Kimi's reasoning"[:MODAL_TITLE_LIMIT]),
+        "close": plain("Close"),
+        "blocks": blocks,
+    }

@@ -1,0 +1,91 @@
+"""Pace Web API calls to Slack's rate tiers, per workspace and method, so answers don't draw 429s.
+
+A token bucket per (workspace, method) for tiered methods, and per channel for chat.postMessage.
+Callers that wait longer simply flush more text per call: under load, buffers grow by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+# Calls per minute Slack documents as the floor of each tier ("20+", "50+", "100+"), used as both the
+# refill rate and the burst size. (SLACK_ANCHORS.md section 6; slack-api-ref rate_limits.)
+TIER_PER_MINUTE = {"t1": 1, "t2": 20, "t3": 50, "t4": 100}
+METHOD_TIER = {
+    "chat.startStream": "t2",
+    "chat.stopStream": "t2",
+    "chat.update": "t3",
+    "chat.appendStream": "t4",
+    "conversations.replies": "t3",
+    "users.info": "t4",
+    "views.open": "t4",
+    "chat.postEphemeral": "t4",
+    "assistant.threads.setSuggestedPrompts": "t4",
+    "assistant.threads.setTitle": "t4",
+}
+POST_PER_CHANNEL_PER_S = 1.0  # chat.postMessage: about one message per second per channel, short bursts ok
+POST_BURST = 3
+
+
+@dataclass
+class TokenBucket:
+    rate_per_s: float
+    capacity: float
+    tokens: float = -1.0
+    updated: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0:
+            self.tokens = self.capacity
+
+    def delay(self, now: float) -> float:
+        """Seconds until a token is free (0 if one is), without taking it."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate_per_s)
+        self.updated = now
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate_per_s
+
+    def take(self) -> None:
+        self.tokens -= 1
+
+
+class Pacer:
+    """Waits, when needed, before each Slack call so the app stays within its tiers."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale  # tests and benchmarks may loosen the pace; 1.0 is Slack's documented floor
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self._lock = asyncio.Lock()
+        self.waited_s = 0.0
+
+    def _bucket(self, method: str, team: str, channel: str) -> TokenBucket | None:
+        if method == "chat.postMessage":
+            key = ("post", channel)
+            rate, burst = POST_PER_CHANNEL_PER_S, POST_BURST
+        elif method in METHOD_TIER:
+            tier = METHOD_TIER[method]
+            key = (tier + ":" + method, team)
+            rate, burst = TIER_PER_MINUTE[tier] / 60.0, TIER_PER_MINUTE[tier]
+        else:
+            return None
+        if key not in self._buckets:
+            self._buckets[key] = TokenBucket(rate * self.scale, burst * max(self.scale, 1.0))
+        return self._buckets[key]
+
+    def wait_estimate(self, method: str, team: str = "", channel: str = "") -> float:
+        bucket = self._bucket(method, team, channel)
+        return bucket.delay(time.monotonic()) if bucket else 0.0
+
+    async def acquire(self, method: str, team: str = "", channel: str = "") -> None:
+        bucket = self._bucket(method, team, channel)
+        if bucket is None:
+            return
+        while True:
+            async with self._lock:
+                wait = bucket.delay(time.monotonic())
+                if wait <= 0:
+                    bucket.take()
+                    return
+            self.waited_s += wait
+            await asyncio.sleep(wait)
