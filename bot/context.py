@@ -22,7 +22,7 @@ MIN_CALIBRATION, MAX_CALIBRATION = 0.25, 4.0
 
 def user_entry(name: str, text: str, *, ts: str, user: str) -> dict[str, Any]:
     """A user turn; the speaker's name leads so the model can tell people apart."""
-    return {"role": "user", "content": f"{name}: {text}", "ts": ts, "user": user}
+    return {"role": "user", "content": f"{name}: {text}", "ts": ts, "user": user, "text": text}
 
 
 def to_message(entry: dict[str, Any]) -> dict[str, Any]:

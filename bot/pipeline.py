@@ -111,6 +111,17 @@ async def _history_entry(deps: Deps, turn: Turn, message: dict[str, Any]) -> dic
     return user_entry(name, strip_mention(text, me.user_id), ts=ts, user=user)
 
 
+def find_exchange(
+    entries: list[dict[str, Any]], question_ts: str
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The stored question with this ts, and the assistant answer that followed it (if any)."""
+    for index, entry in enumerate(entries):
+        if entry.get("role") == "user" and entry.get("ts") == question_ts:
+            following = entries[index + 1] if index + 1 < len(entries) else None
+            return entry, following if following and following.get("role") == "assistant" else None
+    return None, None
+
+
 def stop_value(turn: Turn) -> str:
     """What the Stop button carries: the channel and ts that identify this turn."""
     return f"{turn.channel}:{turn.ts}"

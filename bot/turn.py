@@ -11,6 +11,7 @@ class Source(StrEnum):
     THREAD = "thread"  # a follow-up in a thread the bot has answered in
     DM = "dm"  # a direct message
     COMMAND = "command"  # /kimi <question>
+    REGENERATE = "regenerate"  # the Regenerate button under an answer
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Turn:
     thread_ts: str  # the thread the answer goes into
     event_id: str = ""
     response_url: str = ""  # /kimi in a channel the bot is not in: answer through this instead
+    assistant_thread: bool = False  # a thread in Slack's assistant panel: status instead of a placeholder
 
     @property
     def thread(self) -> ThreadKey:

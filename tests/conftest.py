@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -17,8 +20,9 @@ from bot.server import build_bolt_app, build_web_app
 from bot.settings import Settings, load_settings
 from bot.slack.pacing import Pacer
 from bot.slack.reply import Pace
+from bot.turn import ThreadKey
 from tests.fakes.kimi_api import API_KEY, FakeKimi
-from tests.fakes.slack_api import BOT_USER_ID, TOKEN, FakeSlack
+from tests.fakes.slack_api import APP_ID, BOT_USER_ID, TEAM_ID, TOKEN, FakeSlack
 from tests.slack_requests import ALICE, BOB, SIGNING_SECRET, command_body, envelope, json_body, sign
 
 FAST_PACE = Pace(
@@ -134,6 +138,53 @@ class BotHarness:
     async def command(self, text: str, **kwargs: Any) -> tuple[int, str]:
         kwargs.setdefault("response_url", self.slack.response_url())
         return await self.post(command_body(text, **kwargs), "application/x-www-form-urlencoded")
+
+    @staticmethod
+    def thread(thread_ts: str, channel: str = "C06H4T2MZ8R") -> ThreadKey:
+        return ThreadKey(TEAM_ID, channel, thread_ts)
+
+    async def click(
+        self, message: dict[str, Any], action_id: str, *, user: str = ALICE, channel: str = "C06H4T2MZ8R"
+    ) -> tuple[int, str]:
+        """Press a button on a message the bot posted, as Slack sends it (block_actions, form-encoded)."""
+        element = next(
+            e
+            for b in message.get("blocks") or []
+            if b.get("type") == "actions"
+            for e in b["elements"]
+            if e["action_id"] == action_id
+        )
+        payload = {
+            "type": "block_actions",
+            "user": {"id": user, "username": "someone", "team_id": TEAM_ID},
+            "api_app_id": APP_ID,
+            "token": "legacy",
+            "trigger_id": f"{time.time():.0f}.42.trigger",
+            "team": {"id": TEAM_ID, "domain": "fake"},
+            "channel": {"id": channel, "name": "general"},
+            "container": {
+                "type": "message",
+                "message_ts": message["ts"],
+                "channel_id": channel,
+                "is_ephemeral": False,
+            },
+            "message": {
+                k: v for k, v in message.items() if k in ("ts", "thread_ts", "text", "blocks", "user")
+            },
+            "response_url": self.slack.response_url("action"),
+            "actions": [
+                {
+                    "type": "button",
+                    "action_id": action_id,
+                    "block_id": "kimi",
+                    "value": element["value"],
+                    "action_ts": f"{time.time():.6f}",
+                }
+            ],
+            "state": {"values": {}},
+        }
+        body = b"payload=" + quote(json.dumps(payload)).encode()
+        return await self.post(body, "application/x-www-form-urlencoded")
 
     async def settle(self, limit_s: float = 15.0) -> None:
         """Wait until every answer job has finished."""

@@ -1,0 +1,109 @@
+"""Buttons on kimibot's messages: Stop, Show reasoning, Regenerate, and 👍/👎 feedback."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from slack_bolt.async_app import AsyncAck, AsyncApp
+
+from bot.deps import Deps
+from bot.pipeline import answer, find_exchange
+from bot.slack.blocks import (
+    ACTION_FEEDBACK_DOWN,
+    ACTION_FEEDBACK_UP,
+    ACTION_REASONING,
+    ACTION_REGENERATE,
+    ACTION_STOP,
+    AnswerRef,
+    reasoning_modal,
+)
+from bot.turn import Source, ThreadKey, Turn
+
+log = logging.getLogger(__name__)
+GONE = "I no longer have that answer's details (threads are kept for a limited time)."
+
+
+def where(body: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(team, channel, user, message ts) of a click on a message."""
+    team = str((body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id") or "")
+    channel = str(
+        (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id") or ""
+    )
+    message_ts = str(
+        (body.get("container") or {}).get("message_ts") or (body.get("message") or {}).get("ts") or ""
+    )
+    return team, channel, str((body.get("user") or {}).get("id") or ""), message_ts
+
+
+def register(app: AsyncApp, deps: Deps) -> None:
+    async def tell(channel: str, user: str, thread_ts: str, text: str) -> None:
+        try:
+            await deps.slack.chat_postEphemeral(channel=channel, user=user, thread_ts=thread_ts, text=text)
+        except Exception as exc:
+            log.info("ephemeral reply failed", extra={"error": type(exc).__name__, "channel": channel})
+
+    async def on_stop(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        await ack()
+        channel, _, ts = str(action.get("value") or "").partition(":")
+        _, _, user, _ = where(body)
+        if channel and ts:
+            await deps.stops.request(channel, ts, user)
+
+    async def on_reasoning(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        await ack()
+        ref = AnswerRef.parse(str(action["value"]))
+        team, channel, user, _ = where(body)
+        entries, _ = await deps.threads.load(ThreadKey(team, channel, ref.thread_ts))
+        _, reply = find_exchange(entries, ref.question_ts)
+        if reply is None:
+            await tell(channel, user, ref.thread_ts, GONE)
+            return
+        view = reasoning_modal(str(reply.get("reasoning_content") or ""), float(reply.get("thinking_s") or 0))
+        await deps.slack.views_open(trigger_id=body["trigger_id"], view=view)
+
+    async def on_regenerate(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        await ack()
+        ref = AnswerRef.parse(str(action["value"]))
+        team, channel, user, _ = where(body)
+        entries, _ = await deps.threads.load(ThreadKey(team, channel, ref.thread_ts))
+        question, _ = find_exchange(entries, ref.question_ts)
+        if question is None:
+            await tell(channel, user, ref.thread_ts, GONE)
+            return
+        clicked_at = str(action.get("action_ts") or "")
+        if not await deps.dedup.claim(channel, clicked_at):
+            return
+        text = str(question.get("text") or str(question.get("content", "")).partition(": ")[2])
+        turn = Turn(Source.REGENERATE, team, channel, user, text, ts=clicked_at, thread_ts=ref.thread_ts)
+        deps.jobs.submit(answer(turn, deps), key=str(turn.thread), name=f"regenerate:{channel}:{clicked_at}")
+
+    async def on_feedback(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        await ack()
+        ref = AnswerRef.parse(str(action["value"]))
+        team, channel, user, message_ts = where(body)
+        rating = "up" if action.get("action_id") == ACTION_FEEDBACK_UP else "down"
+        await deps.feedback.record(
+            team,
+            channel,
+            message_ts,
+            user,
+            rating,
+            {
+                "model": ref.model,
+                "latency_s": ref.latency_s,
+                "prompt_tokens": ref.prompt_tokens,
+                "completion_tokens": ref.completion_tokens,
+                "thread_ts": ref.thread_ts,
+                "question_ts": ref.question_ts,
+            },
+        )
+        await tell(
+            channel, user, ref.thread_ts, "Thanks for the feedback!" + (" :+1:" if rating == "up" else "")
+        )
+
+    app.action(ACTION_STOP)(on_stop)
+    app.action(ACTION_REASONING)(on_reasoning)
+    app.action(ACTION_REGENERATE)(on_regenerate)
+    app.action(re.compile(f"^({ACTION_FEEDBACK_UP}|{ACTION_FEEDBACK_DOWN})$"))(on_feedback)

@@ -1,0 +1,232 @@
+"""Live answers: thinking view, native streaming, every fallback, long answers, and the buttons."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from bot.slack.blocks import (
+    ACTION_FEEDBACK_DOWN,
+    ACTION_FEEDBACK_UP,
+    ACTION_REASONING,
+    ACTION_REGENERATE,
+    ACTION_STOP,
+)
+from tests.conftest import BotHarness
+from tests.fakes.kimi_api import FakeKimi, Reply
+from tests.fakes.slack_api import TEAM_ID, FakeSlack
+from tests.slack_requests import CHANNEL, DM, mention, message
+
+LONG = "\n\n".join(f"Paragraph {i}: " + "lorem ipsum dolor sit amet " * 12 for i in range(40))
+
+
+def numbered(text: str) -> list[str]:
+    return [line.split(":")[0] for line in text.split("\n") if line.startswith("Paragraph")]
+
+
+async def ask(bot: BotHarness, ts: str, text: str = "question", **kwargs: Any) -> None:
+    await bot.send_event(mention(text, ts, **kwargs))
+
+
+async def wait_until(predicate: Callable[[], bool], limit_s: float = 10.0) -> None:
+    async with asyncio.timeout(limit_s):
+        while not predicate():  # noqa: ASYNC110 - the state changes in the fake servers
+            await asyncio.sleep(0.01)
+
+
+async def test_a_slow_answer_streams_while_kimi_is_still_writing(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_kimi.script(Reply(content=LONG, chunk_chars=200, chunk_delay=0.03))
+    await ask(bot, "1700000005.000100")
+    await bot.settle()
+    starts = fake_slack.calls_of("chat.startStream")
+    assert starts and starts[0].at < fake_kimi.done_times[0]  # text was in Slack before Kimi finished
+    assert starts[0].args["recipient_user_id"] and starts[0].args["recipient_team_id"] == TEAM_ID
+    assert len(fake_slack.calls_of("chat.appendStream")) >= 2
+    parts = fake_slack.answer_parts(CHANNEL, "1700000005.000100")
+    assert numbered("".join(parts)) == numbered(LONG)
+    bodies = fake_slack.bodies(CHANNEL, "1700000005.000100")
+    assert bodies[0].startswith(":thought_balloon: Thought for")  # the placeholder became the summary
+    assert "kimi-k2.6" in bodies[-1] and "thought" in bodies[-1]
+    assert fake_slack.problems == []
+
+
+async def test_the_thinking_view_shows_elapsed_time_and_the_latest_thought(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    reasoning = "First, recall what Redis streams are. Then compare them with lists. Finally decide."
+    fake_kimi.script(Reply(reasoning=reasoning, chunk_chars=10, chunk_delay=0.03, content="Use streams."))
+    await ask(bot, "1700000005.000200")
+    await bot.settle()
+    views = [c.args for c in fake_slack.calls_of("chat.update") if c.args.get("text") == "Thinking…"]
+    assert views, "the placeholder was never updated while thinking"
+    shown = json.dumps(views[-1]["blocks"])
+    assert "Thinking" in shown and "s)" in shown
+    assert any(s in shown for s in ("recall what Redis", "compare them with lists", "Finally decide"))
+    assert fake_slack.bodies(CHANNEL, "1700000005.000200")[0].startswith("Use streams.")
+
+
+async def test_a_stream_slack_closes_mid_answer_continues_in_a_new_message_exactly_once(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_slack.stream_lifetime_s = 0.25  # Slack's ~5 minutes, shortened
+    fake_kimi.script(Reply(content=LONG, chunk_chars=100, chunk_delay=0.02))
+    await ask(bot, "1700000005.000300")
+    await bot.settle()
+    streams = fake_slack.calls_of("chat.startStream")
+    assert len(streams) >= 2
+    assert numbered("".join(fake_slack.answer_parts(CHANNEL, "1700000005.000300"))) == numbered(LONG)
+    assert fake_slack.problems == []
+
+
+async def test_an_append_refused_as_not_streaming_is_resent_in_a_new_stream(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_slack.fail("chat.appendStream", "message_not_in_streaming_state")
+    fake_kimi.script(Reply(content=LONG, chunk_chars=150, chunk_delay=0.02))
+    await ask(bot, "1700000005.000400")
+    await bot.settle()
+    assert numbered("".join(fake_slack.answer_parts(CHANNEL, "1700000005.000400"))) == numbered(LONG)
+
+
+async def test_rate_limited_appends_are_waited_out_without_losing_text(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_slack.fail("chat.appendStream", status=429, retry_after=1)
+    fake_kimi.script(Reply(content=LONG, chunk_chars=150, chunk_delay=0.02))
+    await ask(bot, "1700000005.000500")
+    await bot.settle()
+    assert numbered("".join(fake_slack.answer_parts(CHANNEL, "1700000005.000500"))) == numbered(LONG)
+
+
+async def test_when_a_stream_cannot_start_the_answer_is_posted_and_updated_within_4000_chars(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_slack.fail("chat.startStream", "channel_type_not_supported", times=20)
+    code = (
+        "```python\n"
+        + "\n".join(f"value_{i} = {i}  # a comment to make the line longer" for i in range(200))
+        + "\n```"
+    )
+    text = LONG + "\n\n" + code
+    fake_kimi.script(Reply(content=text, chunk_chars=150, chunk_delay=0.01))
+    await ask(bot, "1700000005.000600")
+    await bot.settle()
+    parts = fake_slack.answer_parts(CHANNEL, "1700000005.000600")
+    assert len(parts) >= 5 and all(len(p) <= 4_000 for p in parts)
+    assert all(p.count("```") % 2 == 0 for p in parts)
+    delivered = "".join(parts)
+    assert numbered(delivered) == numbered(LONG)
+    assert [x for x in delivered.split("\n") if x.startswith("value_")] == [
+        x for x in code.split("\n") if x.startswith("value_")
+    ]
+    assert not fake_slack.calls_of("chat.appendStream")
+    assert fake_slack.problems == []
+
+
+async def test_a_kimi_restart_after_text_was_shown_replaces_the_partial_answer(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_kimi.script(
+        Reply(content=LONG, chunk_chars=100, chunk_delay=0.03, reset_after_chunks=15),
+        Reply(content="The complete second answer."),
+    )
+    await ask(bot, "1700000005.000700")
+    await bot.settle()
+    bodies = fake_slack.bodies(CHANNEL, "1700000005.000700")
+    assert sum("The complete second answer." in b for b in bodies) == 1
+    assert not any("Paragraph 0" in b for b in bodies)  # the abandoned partial answer is gone
+    assert any("answer starts again below" in b for b in bodies)
+
+
+async def test_short_answers_take_two_slack_calls_and_show_a_sign_of_life_first(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_kimi.script(Reply(content="Short and sweet."))
+    await ask(bot, "1700000005.000800")
+    await bot.settle()
+    writes = [c for c in fake_slack.calls if c.method.startswith(("chat.", "assistant.", "reactions."))]
+    assert [c.method for c in writes] == ["chat.postMessage", "chat.update"]
+    assert fake_slack.bodies(CHANNEL, "1700000005.000800")[0].startswith("Short and sweet.")
+
+
+async def test_stop_cancels_kimi_at_once_and_says_so(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_kimi.script(Reply(content=LONG * 3, chunk_chars=50, chunk_delay=0.05))
+    ts = "1700000005.000900"
+    await ask(bot, ts)
+    await wait_until(lambda: bool(fake_slack.calls_of("chat.appendStream")))
+    placeholder = fake_slack.replies(CHANNEL, ts)[0]
+    status, _ = await bot.click(placeholder, ACTION_STOP)
+    assert status == 200
+    await bot.settle(limit_s=5)
+    bodies = fake_slack.bodies(CHANNEL, ts)
+    assert "Stopped by <@U04RZ8N2PQM>" in bodies[-1]
+    delivered = "".join(fake_slack.answer_parts(CHANNEL, ts))
+    assert 0 < len(delivered) < len(LONG * 3) / 2
+    entries, _ = await bot.deps.threads.load(bot.thread(ts))
+    assert entries[-1]["role"] == "assistant" and entries[-1]["content"].startswith("Paragraph 0")
+
+
+async def test_regenerate_answers_the_same_question_again_in_the_thread(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    ts = "1700000005.001000"
+    fake_kimi.script(Reply(content="First take."), Reply(content="Second take."))
+    await ask(bot, ts, "name a colour")
+    await bot.settle()
+    first = fake_slack.replies(CHANNEL, ts)[0]
+    status, _ = await bot.click(first, ACTION_REGENERATE)
+    assert status == 200
+    await bot.settle()
+    bodies = fake_slack.bodies(CHANNEL, ts)
+    assert bodies[0].startswith("First take.") and bodies[1].startswith("Second take.")
+    contents = [m["content"] for m in fake_kimi.requests[1]["messages"]]
+    assert contents[1:] == ["alice: name a colour", "First take.", "alice: name a colour"]
+
+
+async def test_show_reasoning_opens_a_modal_with_the_whole_reasoning(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    reasoning = "Step one. " * 2_000  # 20,000 characters: several sections
+    fake_kimi.script(Reply(reasoning=reasoning, content="Done.", chunk_chars=5_000))
+    ts = "1700000005.001100"
+    await ask(bot, ts)
+    await bot.settle()
+    answer_message = fake_slack.replies(CHANNEL, ts)[0]
+    status, _ = await bot.click(answer_message, ACTION_REASONING)
+    assert status == 200
+    await bot.settle()
+    assert len(fake_slack.views) == 1
+    sections = [b["text"]["text"] for b in fake_slack.views[0]["blocks"] if b["type"] == "section"]
+    assert len(sections) >= 7 and all(len(s) <= 3_000 for s in sections)
+    assert "".join(sections) == reasoning  # all of it, in order, nothing repeated
+    assert fake_slack.problems == []
+
+
+async def test_feedback_is_stored_with_model_latency_and_tokens(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    ts = "1700000005.001200"
+    await ask(bot, ts)
+    await bot.settle()
+    answer_message = fake_slack.replies(CHANNEL, ts)[0]
+    await bot.click(answer_message, ACTION_FEEDBACK_UP)
+    await bot.click(answer_message, ACTION_FEEDBACK_DOWN, user="U03MX5W1TYH")
+    ratings = await bot.deps.feedback.ratings(TEAM_ID, CHANNEL, answer_message["ts"])
+    assert ratings["U04RZ8N2PQM"]["rating"] == "up" and ratings["U03MX5W1TYH"]["rating"] == "down"
+    assert ratings["U04RZ8N2PQM"]["model"] == "kimi-k2.6" and ratings["U04RZ8N2PQM"]["prompt_tokens"] > 0
+    assert len(fake_slack.ephemerals) == 2
+
+
+async def test_a_follow_up_in_a_dm_thread_streams_too(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_kimi.script(Reply(content=LONG, chunk_chars=200, chunk_delay=0.02))
+    await bot.send_event(message("tell me a story", "1700000005.001300", channel=DM, channel_type="im"))
+    await bot.settle()
+    assert numbered("".join(fake_slack.answer_parts(DM, "1700000005.001300"))) == numbered(LONG)
