@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
-    AsyncRateLimitErrorRetryHandler,
     AsyncServerErrorRetryHandler,
 )
 from slack_sdk.web.async_client import AsyncWebClient
@@ -16,6 +15,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.jobs import Jobs
 from bot.kimi.client import KimiClient
 from bot.kimi.profiles import profile_for
+from bot.metrics import CountingRateLimitHandler, Metrics
 from bot.settings import Settings
 from bot.slack.pacing import Pacer
 from bot.slack.reply import Pace
@@ -44,6 +44,7 @@ class Deps:
     jobs: Jobs
     stops: Stops
     feedback: Feedback
+    metrics: Metrics = field(default_factory=Metrics)
     pacer: Pacer = field(default_factory=Pacer)
     pace: Pace = field(default_factory=Pace)
     identity: BotIdentity = field(default_factory=BotIdentity)
@@ -64,7 +65,7 @@ class Deps:
         await self.redis.aclose()
 
 
-def slack_client(settings: Settings) -> AsyncWebClient:
+def slack_client(settings: Settings, metrics: Metrics) -> AsyncWebClient:
     """One Web API client for everything, pointed at SLACK_API_URL, with slack_sdk's retry handlers."""
     base_url = (
         settings.slack_api_url if settings.slack_api_url.endswith("/") else settings.slack_api_url + "/"
@@ -74,7 +75,7 @@ def slack_client(settings: Settings) -> AsyncWebClient:
         base_url=base_url,
         timeout=30,
         retry_handlers=[
-            AsyncRateLimitErrorRetryHandler(max_retry_count=3),  # honours Retry-After
+            CountingRateLimitHandler(metrics, max_retry_count=3),  # honours Retry-After
             AsyncConnectionErrorRetryHandler(max_retry_count=2),
             AsyncServerErrorRetryHandler(max_retry_count=2),
         ],
@@ -103,9 +104,11 @@ def build_deps(settings: Settings) -> Deps:
         max_attempts=settings.kimi_max_attempts,
         backoff_base=settings.kimi_retry_base_delay,
     )
+    metrics = Metrics()
     return Deps(
         settings=settings,
-        slack=slack_client(settings),
+        slack=slack_client(settings, metrics),
+        metrics=metrics,
         redis=redis,
         kimi=kimi,
         threads=ThreadStore(redis, settings.thread_ttl_seconds),

@@ -88,7 +88,9 @@ def build_web_app(deps: Deps, bolt: AsyncApp | None) -> web.Application:
             await asyncio.wait_for(deps.redis.ping(), HEALTH_TIMEOUT_S)
         except Exception as exc:
             return web.json_response({"ok": False, "redis": type(exc).__name__}, status=503)
-        return web.json_response({"ok": True, "redis": "ok", "jobs": deps.jobs.running})
+        return web.json_response(
+            {"ok": True, "redis": "ok", "jobs": deps.jobs.running, **deps.metrics.snapshot()}
+        )
 
     async def slack_events(request: web.Request) -> web.Response:
         assert bolt is not None

@@ -176,6 +176,7 @@ async def test_slack_rate_limit_on_post_is_waited_out(bot: BotHarness, fake_slac
     await ask(bot, "1700000002.000700")
     texts = thread_texts(fake_slack, "1700000002.000700")
     assert len(texts) == 1 and "You said" in texts[0]
+    assert bot.deps.metrics.snapshot()["slack_429s_by_method"] == {"chat.postMessage": 1}
 
 
 async def test_slack_server_errors_are_retried(bot: BotHarness, fake_slack: FakeSlack) -> None:

@@ -87,6 +87,10 @@ class FakeSlack:
     not_member_of: set[str] = field(default_factory=set)  # channels where posting gives not_in_channel
     stream_lifetime_s: float | None = None  # Slack closes streams after about 5 minutes; tests shorten it
     views: list[dict[str, Any]] = field(default_factory=list)  # modals opened (views.open)
+    # Rate limits, when enforced: chat.postMessage per channel (burst, then one a second), others per tier.
+    enforce_limits: bool = False
+    limit_hits: list[str] = field(default_factory=list)
+    _allowance: dict[str, tuple[float, float]] = field(default_factory=dict)
     ephemerals: list[dict[str, Any]] = field(default_factory=list)
     failures: dict[str, list[Failure]] = field(default_factory=lambda: defaultdict(list))
     delay: dict[str, float] = field(default_factory=dict)  # seconds to wait before answering a method
@@ -242,6 +246,26 @@ class FakeSlack:
         self.sockets.remove(socket)
         return socket
 
+    def _allowed(self, method: str, args: dict[str, Any]) -> bool:
+        """Slack's documented rates: postMessage about 1/s per channel (bursts of 3), tiers per minute."""
+        per_minute = {"t2": 20, "t3": 50, "t4": 100}
+        if method == "chat.postMessage":
+            key, capacity, per_s = f"post:{args.get('channel')}", 3.0, 1.0
+        else:
+            path = REF_DIR / f"{method}.json"
+            tier = json.loads(path.read_text()).get("rate_limits") if path.exists() else None
+            if tier not in per_minute:
+                return True
+            key, capacity, per_s = method, float(per_minute[tier]), per_minute[tier] / 60
+        now = time.monotonic()
+        tokens, last = self._allowance.get(key, (capacity, now))
+        tokens = min(capacity, tokens + (now - last) * per_s)
+        if tokens < 1:
+            self._allowance[key] = (tokens, now)
+            return False
+        self._allowance[key] = (tokens - 1, now)
+        return True
+
     async def _response_url(self, request: web.Request) -> web.Response:
         self.responses.append(await request.json())
         return web.Response(text="ok")
@@ -253,6 +277,11 @@ class FakeSlack:
         self.calls.append(call)
         if method in self.delay:
             await asyncio.sleep(self.delay[method])
+        if self.enforce_limits and not self._allowed(method, args):
+            self.limit_hits.append(method)
+            return web.json_response(
+                {"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": "1"}
+            )
         if self.failures.get(method):
             failure = self.failures[method].pop(0)
             if failure.status == 429:
