@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bot.store import Dedup, ThreadStore
@@ -153,5 +153,11 @@ async def admit(
         )
         return None
     turn = turn_from_event(body, event, decision.source, bot_user_id)
+    if (
+        decision.source is Source.DM
+        and not turn.opens_thread
+        and await threads.is_assistant_thread(turn.thread)
+    ):
+        turn = replace(turn, assistant_thread=True)
     await threads.engage(turn.thread)
     return turn

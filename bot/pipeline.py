@@ -211,6 +211,8 @@ async def _think_and_deliver(
         new_entries: list[dict[str, Any]] = []
         if not entries and not turn.opens_thread:
             new_entries = await backfill(deps, turn)
+        if turn.assistant_thread and not any(e.get("role") == "user" for e in entries):
+            await writer.title(turn.text)
         # A re-run of this turn finds its question already stored: don't store it twice.
         if not any(e.get("ts") == turn.ts and e.get("role") == "user" for e in entries):
             new_entries.append(question)

@@ -70,6 +70,13 @@ class ThreadStore:
         """Has the bot answered in this thread (within the TTL)?"""
         return bool(await self.redis.hexists(self.meta_key(thread), "answered"))
 
+    async def start_assistant_thread(self, thread: ThreadKey) -> None:
+        """A thread opened in Slack's assistant panel: answered with status and titles."""
+        await self.append(thread, answered=1, assistant=1)
+
+    async def is_assistant_thread(self, thread: ThreadKey) -> bool:
+        return bool(await self.redis.hexists(self.meta_key(thread), "assistant"))
+
     def lock(self, thread: ThreadKey, timeout_s: float, wait_s: float) -> Lock:
         """One answer at a time per thread, across processes: the second question sees the first answer."""
         return self.redis.lock(f"{_thread_tag(thread)}:lock", timeout=timeout_s, blocking_timeout=wait_s)

@@ -230,3 +230,53 @@ async def test_a_follow_up_in_a_dm_thread_streams_too(
     await bot.send_event(message("tell me a story", "1700000005.001300", channel=DM, channel_type="im"))
     await bot.settle()
     assert numbered("".join(fake_slack.answer_parts(DM, "1700000005.001300"))) == numbered(LONG)
+
+
+async def test_assistant_panel_threads_are_greeted_then_answered_with_status_and_a_title(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    thread_ts = fake_slack.seed(DM, user="U07F3N1BOTX", text="(assistant thread)")
+    started = {
+        "type": "assistant_thread_started",
+        "event_ts": "1700000005.002000",
+        "assistant_thread": {
+            "user_id": "U04RZ8N2PQM",
+            "channel_id": DM,
+            "thread_ts": thread_ts,
+            "context": {"channel_id": CHANNEL, "team_id": TEAM_ID, "enterprise_id": None},
+        },
+    }
+    status, _ = await bot.send_event(started, seed=False)
+    assert status == 200
+    await bot.settle()
+    assert fake_slack.calls_of("assistant.threads.setSuggestedPrompts")[0].args["thread_ts"] == thread_ts
+    assert "I'm Kimi" in fake_slack.bodies(DM, thread_ts)[0]
+
+    fake_kimi.script(
+        Reply(
+            reasoning="Consider the options. Pick one.",
+            content="Use a queue.",
+            chunk_chars=8,
+            chunk_delay=0.03,
+        )
+    )
+    question = message(
+        "How should I design the job system?",
+        "1700000005.002001",
+        channel=DM,
+        channel_type="im",
+        thread_ts=thread_ts,
+    )
+    await bot.send_event(question)
+    await bot.settle()
+    statuses = fake_slack.calls_of("assistant.threads.setStatus")
+    assert statuses and statuses[0].at < fake_kimi.request_times[0]  # the sign of life came first
+    assert statuses[0].args["status"] == "is thinking…"
+    assert all(len(m) <= 50 for s in statuses for m in s.args.get("loading_messages", []))
+    assert (
+        fake_slack.calls_of("assistant.threads.setTitle")[0].args["title"]
+        == "How should I design the job system?"
+    )
+    assert not [c for c in fake_slack.calls_of("chat.postMessage") if c.args.get("text") == "Thinking…"]
+    assert "Use a queue." in "".join(fake_slack.answer_parts(DM, thread_ts))
+    assert fake_slack.problems == []

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 CANNOT_POST_HERE = frozenset({"not_in_channel", "channel_not_found", "is_archived", "restricted_action"})
 STREAM_GONE = frozenset({"message_not_in_streaming_state", "message_not_found", "streaming_state_conflict"})
 STOPPED_BY_USER = "stopped_by_user"
+STATUS_MESSAGE_LIMIT = 50  # assistant.threads.setStatus loading_messages: 1-10 strings of <= 50 characters
+TITLE_LIMIT = 80
+LOADING_MESSAGES = ("Reading the thread…", "Thinking it through…", "Checking the details…")
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ class ReplyWriter:
         self.started_at = time.monotonic()
         self.placeholder_ts: str | None = None
         self.placeholder_free = False  # still showing "Thinking…", so the answer may replace it
+        self.status_mode = False  # assistant panel: the thread status is the sign of life
         self.reasoning_text = ""
         self.answer = ""
         self.sent = 0
@@ -168,8 +172,14 @@ class ReplyWriter:
 
     # ---- what the pipeline calls ------------------------------------------------------------
     async def begin(self) -> None:
-        """The sign of life: a placeholder in the thread, right away, before Kimi is even called."""
+        """The sign of life, right away, before Kimi is even called: in Slack's assistant panel the
+        thread status ("is thinking…"), elsewhere a placeholder message with a Stop button."""
         if not self.turn.in_slack_thread:
+            return
+        if self.turn.assistant_thread and await self._set_status(list(LOADING_MESSAGES)):
+            self.status_mode = True
+            self._last_view = time.monotonic()
+            self._flusher = asyncio.create_task(self._flush_loop())
             return
         text, blocks = thinking_view(0, "", self.stop_value)
         try:
@@ -285,6 +295,33 @@ class ReplyWriter:
                 blocks=blocks,
             )
 
+    async def title(self, question: str) -> None:
+        """Name an assistant-panel thread after its first question."""
+        if not self.status_mode:
+            return
+        title = " ".join(question.split())
+        with contextlib.suppress(Exception):
+            await self._call(
+                "assistant.threads.setTitle",
+                channel_id=self.turn.channel,
+                thread_ts=self.turn.thread_ts,
+                title=title if len(title) <= TITLE_LIMIT else title[: TITLE_LIMIT - 1] + "…",
+            )
+
+    async def _set_status(self, loading_messages: list[str]) -> bool:
+        try:
+            await self._call(
+                "assistant.threads.setStatus",
+                channel_id=self.turn.channel,
+                thread_ts=self.turn.thread_ts,
+                status="is thinking…",
+                loading_messages=[m[:STATUS_MESSAGE_LIMIT] for m in loading_messages[:10]],
+            )
+            return True
+        except Exception as exc:
+            log.info("thread status not set", extra={"error": describe(exc), "channel": self.turn.channel})
+            return False
+
     async def notice(self, text: str) -> None:
         """A short plain message in the thread, outside any answer (help, greetings)."""
         if not self.turn.in_slack_thread:
@@ -346,7 +383,14 @@ class ReplyWriter:
 
     async def _update_thinking_view(self) -> None:
         now = time.monotonic()
-        if not self.placeholder_free or now - self._last_view < self.pace.thinking_update_s:
+        if now - self._last_view < self.pace.thinking_update_s:
+            return
+        if self.status_mode:
+            self._last_view = now
+            thought = latest_thought(self.reasoning_text, limit=STATUS_MESSAGE_LIMIT)
+            await self._set_status([thought] if thought else list(LOADING_MESSAGES))
+            return
+        if not self.placeholder_free:
             return
         self._last_view = now
         text, blocks = thinking_view(
