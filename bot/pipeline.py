@@ -179,6 +179,8 @@ async def answer(turn: Turn, deps: Deps) -> None:
         error = AnswerError(Reason.INTERNAL, f"{type(exc).__name__}: {exc}")
         log.exception("answer failed", extra=turn_log(turn, reference=error.reference))
         await _report(turn, writer, error, logged=True)
+    finally:
+        await writer.close()
 
 
 async def _report(turn: Turn, writer: ReplyWriter, error: AnswerError, *, logged: bool = False) -> None:

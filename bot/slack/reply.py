@@ -214,6 +214,7 @@ class ReplyWriter:
         """Before Kimi's retry: text already shown is replaced by a note, and the answer starts over."""
         async with self._lock:
             self.answer = self.answer[: self.sent]  # what was not shown yet is simply dropped
+            self.reasoning_text = ""
             if not self.sent:
                 return
             await self._end_stream()
@@ -400,6 +401,10 @@ class ReplyWriter:
             await self._call(
                 "chat.update", channel=self.turn.channel, ts=self.placeholder_ts, text=text, blocks=blocks
             )
+
+    async def close(self) -> None:
+        """Stop the flusher whatever happened (finish and fail do this too)."""
+        await self._stop_flusher()
 
     async def _stop_flusher(self) -> None:
         self._closed = True
