@@ -160,4 +160,4 @@ async def admit(
     ):
         turn = replace(turn, assistant_thread=True)
     await threads.engage(turn.thread)
-    return turn
+    return replace(turn, seq=await threads.next_seq(turn.thread))

@@ -21,14 +21,20 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="run the bot",
         description="Run the bot: Socket Mode when SLACK_APP_TOKEN is set, otherwise HTTP on PORT "
-        "(POST /slack/events for events, commands and interactivity; GET /healthz).",
+        "(POST /slack/events for events, commands and interactivity; GET /healthz). Receives Slack's "
+        "requests and answers them; KIMIBOT_ROLE=receiver or worker runs one half only.",
+    )
+    sub.add_parser(
+        "worker",
+        help="run only the workers that answer queued questions (same as KIMIBOT_ROLE=worker)",
+        description="Take questions off the Redis job queue and answer them; serves GET /healthz on PORT.",
     )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command != "serve":
+    if args.command not in ("serve", "worker"):
         _parser().print_help()
         return 2
     from bot.deps import build_deps
@@ -37,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from bot.settings import SettingsError, load_settings
 
     try:
-        settings = load_settings()
+        settings = load_settings(**({"kimibot_role": "worker"} if args.command == "worker" else {}))
     except SettingsError as exc:
         print("kimibot cannot start:", file=sys.stderr)
         for problem in exc.problems:

@@ -12,14 +12,14 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.jobs import Jobs
 from bot.kimi.client import KimiClient
 from bot.kimi.profiles import profile_for
 from bot.metrics import CountingRateLimitHandler, Metrics
+from bot.queue import JobQueue, consumer_name
 from bot.settings import Settings
 from bot.slack.pacing import Pacer
 from bot.slack.reply import Pace
-from bot.store import Dedup, Feedback, Stops, ThreadStore, Usage, UserNames
+from bot.store import Dedup, Feedback, JobProgress, Stops, ThreadStore, Usage, UserNames
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class Deps:
     dedup: Dedup
     names: UserNames
     usage: Usage
-    jobs: Jobs
+    queue: JobQueue
+    progress: JobProgress
     stops: Stops
     feedback: Feedback
     metrics: Metrics = field(default_factory=Metrics)
@@ -115,7 +116,8 @@ def build_deps(settings: Settings) -> Deps:
         dedup=Dedup(redis, settings.dedup_ttl_seconds),
         names=UserNames(redis),
         usage=Usage(redis),
-        jobs=Jobs(settings.kimi_concurrency),
+        queue=JobQueue(redis, consumer=consumer_name(), visibility_s=settings.job_visibility_timeout),
+        progress=JobProgress(redis),
         stops=Stops(redis),
         feedback=Feedback(redis),
     )

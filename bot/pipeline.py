@@ -27,6 +27,7 @@ from bot.turn import Turn
 log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 1_800  # longest one answer may hold its thread
+TURN_WAIT_S = 600  # longest a question waits for the one before it in its thread
 EMPTY_QUESTION = "Hi! Ask me anything: mention me with a question, or reply in this thread."
 
 
@@ -127,11 +128,22 @@ def stop_value(turn: Turn) -> str:
     return f"{turn.channel}:{turn.ts}"
 
 
-async def answer(turn: Turn, deps: Deps) -> None:
-    """Answer one turn, in order with the other turns of its thread."""
+async def answer(turn: Turn, deps: Deps, job_id: str = "") -> None:
+    """Answer one turn, after the questions before it in its thread, exactly once per job."""
+    progress = await deps.progress.load(job_id) if job_id else {}
+    if progress.get("delivered"):
+        log.info("job already delivered; not answering again", extra=turn_log(turn, job=job_id))
+        return
+
+    async def save_progress(**fields: str) -> None:
+        if job_id:
+            await deps.progress.save(job_id, **fields)
+
     if not turn.text.strip():
         writer = ReplyWriter(deps.slack, turn, pacer=deps.pacer, pace=deps.pace)
         await writer.notice(EMPTY_QUESTION)
+        await save_progress(delivered="1")
+        await _finish_turn(turn, deps)
         return
     kimi_task: list[asyncio.Task[Accumulator]] = []
 
@@ -150,37 +162,60 @@ async def answer(turn: Turn, deps: Deps) -> None:
         stop_value=stop_value(turn),
         should_stop=should_stop,
         on_stop=on_stop,
+        resume=progress,
+        on_progress=save_progress,
     )
     await writer.begin()
     try:
         if not turn.in_slack_thread:
             await _think_and_deliver(turn, deps, writer, kimi_task, history=False)
-            return
-        lock = deps.threads.lock(turn.thread, timeout_s=LOCK_TIMEOUT_S, wait_s=LOCK_TIMEOUT_S)
-        try:
-            acquired = await lock.acquire()
-        except LockError:
-            acquired = False
-        if not acquired:
-            log.warning("thread lock not acquired; answering anyway", extra=turn_log(turn))
-        try:
-            await _think_and_deliver(turn, deps, writer, kimi_task, history=True)
-        finally:
-            if acquired:
-                try:
-                    await lock.release()
-                except LockError:
-                    log.warning("thread lock expired before release", extra=turn_log(turn))
+        else:
+            if turn.seq and not await deps.threads.wait_turn(turn.thread, turn.seq, TURN_WAIT_S):
+                log.warning(
+                    "earlier question in the thread still not done; answering anyway", extra=turn_log(turn)
+                )
+            await _answer_in_thread(turn, deps, writer, kimi_task)
+        await save_progress(delivered="1")
     except AnswerError as exc:
         await _report(turn, writer, exc)
+        await save_progress(delivered="1")
     except asyncio.CancelledError:
-        raise
+        raise  # shutdown: the job goes back on the queue and its re-run replaces what was shown
     except Exception as exc:  # a bug or an outage: the user still hears back, with a reference
         error = AnswerError(Reason.INTERNAL, f"{type(exc).__name__}: {exc}")
         log.exception("answer failed", extra=turn_log(turn, reference=error.reference))
         await _report(turn, writer, error, logged=True)
+        await save_progress(delivered="1")
     finally:
         await writer.close()
+    await _finish_turn(turn, deps)
+
+
+async def _finish_turn(turn: Turn, deps: Deps) -> None:
+    """Let the thread's next question go (it may be waiting in another process)."""
+    if turn.seq:
+        await deps.threads.finish_turn(turn.thread, turn.seq)
+
+
+async def _answer_in_thread(
+    turn: Turn, deps: Deps, writer: ReplyWriter, kimi_task: list[asyncio.Task[Accumulator]]
+) -> None:
+    """One answer at a time per thread, across processes (the second sees the first's answer)."""
+    lock = deps.threads.lock(turn.thread, timeout_s=LOCK_TIMEOUT_S, wait_s=LOCK_TIMEOUT_S)
+    try:
+        acquired = await lock.acquire()
+    except LockError:
+        acquired = False
+    if not acquired:
+        log.warning("thread lock not acquired; answering anyway", extra=turn_log(turn))
+    try:
+        await _think_and_deliver(turn, deps, writer, kimi_task, history=True)
+    finally:
+        if acquired:
+            try:
+                await lock.release()
+            except LockError:
+                log.warning("thread lock expired before release", extra=turn_log(turn))
 
 
 async def _report(turn: Turn, writer: ReplyWriter, error: AnswerError, *, logged: bool = False) -> None:

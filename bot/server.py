@@ -18,12 +18,14 @@ from slack_bolt.response import BoltResponse
 
 import handlers
 from bot.deps import Deps
+from bot.queue import Job
+from bot.work import run_job
+from bot.worker import Worker
 
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 1.0
 MAX_BODY_BYTES = 1024 * 1024  # Slack's payloads are far smaller; anything bigger is refused (413)
-SHUTDOWN_GRACE_S = 30.0
 
 
 def build_bolt_app(deps: Deps) -> AsyncApp:
@@ -80,16 +82,17 @@ def _bad_request(why: str, status: int = 400) -> web.Response:
     return web.json_response({"ok": False, "error": why}, status=status)
 
 
-def build_web_app(deps: Deps, bolt: AsyncApp | None) -> web.Application:
-    """/healthz always; /slack/events only in HTTP mode (bolt is None in Socket Mode)."""
+def build_web_app(deps: Deps, bolt: AsyncApp | None, worker: Worker | None = None) -> web.Application:
+    """/healthz always; /slack/events when this process receives Slack's requests over HTTP."""
 
     async def healthz(_: web.Request) -> web.Response:
         try:
             await asyncio.wait_for(deps.redis.ping(), HEALTH_TIMEOUT_S)
         except Exception as exc:
             return web.json_response({"ok": False, "redis": type(exc).__name__}, status=503)
+        running = len(worker.running) if worker is not None else 0
         return web.json_response(
-            {"ok": True, "redis": "ok", "jobs": deps.jobs.running, **deps.metrics.snapshot()}
+            {"ok": True, "redis": "ok", "running_jobs": running, **deps.metrics.snapshot()}
         )
 
     async def slack_events(request: web.Request) -> web.Response:
@@ -122,10 +125,29 @@ def build_web_app(deps: Deps, bolt: AsyncApp | None) -> web.Application:
     return web_app
 
 
-async def serve(deps: Deps) -> None:
-    """Run until SIGINT/SIGTERM; then stop taking work, let running answers finish, and close."""
+def build_worker(deps: Deps, block_ms: int = 1_000) -> Worker:
     settings = deps.settings
-    bolt = build_bolt_app(deps)
+
+    async def run(job: Job) -> None:
+        await run_job(job, deps)
+
+    return Worker(
+        deps.queue,
+        run,
+        concurrency=settings.kimi_concurrency,
+        visibility_s=settings.job_visibility_timeout,
+        block_ms=block_ms,
+    )
+
+
+async def serve(deps: Deps) -> None:
+    """Run until SIGINT/SIGTERM. Then stop taking Slack requests and jobs, let running answers finish
+    within the grace period, hand the rest back to the queue, and close."""
+    settings = deps.settings
+    receives = settings.kimibot_role in ("all", "receiver")
+    works = settings.kimibot_role in ("all", "worker")
+    bolt = build_bolt_app(deps) if receives else None
+    worker = build_worker(deps) if works else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -133,31 +155,36 @@ async def serve(deps: Deps) -> None:
             loop.add_signal_handler(sig, stop.set)
 
     socket_handler = None
-    web_app = build_web_app(deps, None if settings.socket_mode else bolt)
+    web_app = build_web_app(deps, bolt if receives and not settings.socket_mode else None, worker)
     runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host="0.0.0.0", port=settings.port)
     await site.start()
-    if settings.socket_mode:
+    if bolt is not None and settings.socket_mode:
         from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
         socket_handler = AsyncSocketModeHandler(bolt, settings.slack_app_token, web_client=deps.slack)
         await socket_handler.connect_async()  # type: ignore[no-untyped-call]
-        log.info(
-            "kimibot running in Socket Mode", extra={"port": settings.port, "model": settings.kimi_model}
-        )
-    else:
-        log.info(
-            "kimibot listening",
-            extra={"port": settings.port, "path": "/slack/events", "model": settings.kimi_model},
-        )
+    worker_task = asyncio.create_task(worker.run()) if worker is not None else None
+    log.info(
+        "kimibot running",
+        extra={
+            "role": settings.kimibot_role,
+            "port": settings.port,
+            "mode": "socket" if settings.socket_mode else "http",
+            "model": settings.kimi_model,
+            "consumer": deps.queue.consumer,
+        },
+    )
     try:
         await stop.wait()
     finally:
-        log.info("shutting down", extra={"running_jobs": deps.jobs.running})
+        log.info("shutting down", extra={"running_jobs": len(worker.running) if worker else 0})
         if socket_handler is not None:
             await socket_handler.close_async()  # type: ignore[no-untyped-call]
         await site.stop()
-        await deps.jobs.drain(SHUTDOWN_GRACE_S)
+        if worker is not None and worker_task is not None:
+            await worker.drain(settings.shutdown_grace_seconds)
+            await worker_task
         await runner.cleanup()
         await deps.close()

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
     dedup_ttl_seconds: int = Field(default=86_400, ge=60)
     backfill_limit: int = Field(default=200, ge=0)
     slash_command: str = "/kimi"
+
+    # --- Jobs and processes ---
+    kimibot_role: Literal["all", "receiver", "worker"] = "all"  # receive Slack requests, run answers, or both
+    job_visibility_timeout: float = Field(
+        default=60.0, gt=0
+    )  # a silent worker's jobs are taken over after this
+    shutdown_grace_seconds: float = Field(
+        default=30.0, ge=0
+    )  # how long running answers may finish on SIGTERM
     log_level: str = "INFO"
 
     @property

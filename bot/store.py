@@ -6,6 +6,7 @@ history, metadata and lock sit on one shard.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 from typing import Any
@@ -18,6 +19,15 @@ from bot.turn import ThreadKey
 PREFIX = "kimibot"
 USER_NAME_TTL_S = 86_400
 USAGE_TTL_S = 400 * 86_400
+
+
+# SET key to ARGV[1] only if that raises it (and refresh its expiry to ARGV[2] seconds).
+_RAISE_TO = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return current
+"""
 
 
 def _thread_tag(thread: ThreadKey) -> str:
@@ -76,6 +86,29 @@ class ThreadStore:
 
     async def is_assistant_thread(self, thread: ThreadKey) -> bool:
         return bool(await self.redis.hexists(self.meta_key(thread), "assistant"))
+
+    async def next_seq(self, thread: ThreadKey) -> int:
+        """The place of a new question in its thread: questions are answered in this order."""
+        key = f"{_thread_tag(thread)}:seq"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, self.ttl)
+            seq, _ = await pipe.execute()
+        return int(seq)
+
+    async def wait_turn(self, thread: ThreadKey, seq: int, limit_s: float, poll_s: float = 0.1) -> bool:
+        """Wait until the question before `seq` is done (in any process); False if that took too long."""
+        key = f"{_thread_tag(thread)}:done"
+        deadline = asyncio.get_running_loop().time() + limit_s
+        while int(await self.redis.get(key) or 0) < seq - 1:
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(poll_s)
+        return True
+
+    async def finish_turn(self, thread: ThreadKey, seq: int) -> None:
+        """Mark question `seq` done (never moving the mark back), letting the next one go."""
+        await self.redis.eval(_RAISE_TO, 1, f"{_thread_tag(thread)}:done", seq, self.ttl)
 
     def lock(self, thread: ThreadKey, timeout_s: float, wait_s: float) -> Lock:
         """One answer at a time per thread, across processes: the second question sees the first answer."""
@@ -196,3 +229,27 @@ class Feedback:
     async def ratings(self, team_id: str, channel: str, message_ts: str) -> dict[str, dict[str, Any]]:
         raw = await self.redis.hgetall(self.key(team_id, channel, message_ts))
         return {str(k): json.loads(v) for k, v in raw.items()}
+
+
+class JobProgress:
+    """What a job already put in Slack, so a re-run (after a crash) replaces it instead of repeating it."""
+
+    TTL_S = 2 * 86_400
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    @staticmethod
+    def key(job_id: str) -> str:
+        return f"{PREFIX}:job:{{{job_id}}}"
+
+    async def load(self, job_id: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(self.key(job_id))
+        return {str(k): str(v) for k, v in raw.items()}
+
+    async def save(self, job_id: str, **fields: str) -> None:
+        mapping: dict[Any, Any] = dict(fields)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.key(job_id), mapping=mapping)
+            pipe.expire(self.key(job_id), self.TTL_S)
+            await pipe.execute()

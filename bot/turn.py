@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class Source(StrEnum):
@@ -40,6 +41,19 @@ class Turn:
     event_id: str = ""
     response_url: str = ""  # /kimi in a channel the bot is not in: answer through this instead
     assistant_thread: bool = False  # a thread in Slack's assistant panel: status instead of a placeholder
+    seq: int = 0  # the question's place in its thread; 0 when it has none (answered without history)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Turn:
+        return Turn(**{**data, "source": Source(data["source"])})
+
+    @property
+    def job_id(self) -> str:
+        """One job per user message: the same id however often Slack or a crash makes us see it."""
+        return f"{self.channel}:{self.ts}"
 
     @property
     def thread(self) -> ThreadKey:

@@ -9,7 +9,7 @@ from typing import Any
 from slack_bolt.async_app import AsyncAck, AsyncApp
 
 from bot.deps import Deps
-from bot.pipeline import answer, find_exchange
+from bot.pipeline import find_exchange
 from bot.slack.blocks import (
     ACTION_FEEDBACK_DOWN,
     ACTION_FEEDBACK_UP,
@@ -20,6 +20,7 @@ from bot.slack.blocks import (
     reasoning_modal,
 )
 from bot.turn import Source, ThreadKey, Turn
+from bot.work import turn_job
 
 log = logging.getLogger(__name__)
 GONE = "I no longer have that answer's details (threads are kept for a limited time)."
@@ -76,8 +77,18 @@ def register(app: AsyncApp, deps: Deps) -> None:
         if not await deps.dedup.claim(channel, clicked_at):
             return
         text = str(question.get("text") or str(question.get("content", "")).partition(": ")[2])
-        turn = Turn(Source.REGENERATE, team, channel, user, text, ts=clicked_at, thread_ts=ref.thread_ts)
-        deps.jobs.submit(answer(turn, deps), key=str(turn.thread), name=f"regenerate:{channel}:{clicked_at}")
+        thread = ThreadKey(team, channel, ref.thread_ts)
+        turn = Turn(
+            Source.REGENERATE,
+            team,
+            channel,
+            user,
+            text,
+            ts=clicked_at,
+            thread_ts=ref.thread_ts,
+            seq=await deps.threads.next_seq(thread),
+        )
+        await deps.queue.put("turn", turn_job(turn))
 
     async def on_feedback(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()

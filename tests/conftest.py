@@ -14,9 +14,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from bot.deps import Deps, build_deps
-from bot.server import build_bolt_app, build_web_app
+from bot.server import build_bolt_app, build_web_app, build_worker
 from bot.settings import Settings, load_settings
 from bot.slack.pacing import Pacer
 from bot.slack.reply import Pace
@@ -90,15 +91,23 @@ class BotHarness:
         # are about pacing build their own.
         self.deps.pace = FAST_PACE
         self.deps.pacer = Pacer(scale=1_000)
-        self.server = TestServer(build_web_app(self.deps, build_bolt_app(self.deps)), host="127.0.0.1")
+        self.worker = build_worker(self.deps, block_ms=50)
+        self.server = TestServer(
+            build_web_app(self.deps, build_bolt_app(self.deps), self.worker), host="127.0.0.1"
+        )
         self.session: aiohttp.ClientSession | None = None
+        self.worker_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.server.start_server()
         self.session = aiohttp.ClientSession()
+        self.worker_task = asyncio.create_task(self.worker.run())
 
     async def stop(self) -> None:
         await self.settle()
+        await self.worker.drain(5)
+        if self.worker_task is not None:
+            await self.worker_task
         assert self.session is not None
         await self.session.close()
         await self.server.close()
@@ -187,9 +196,17 @@ class BotHarness:
         return await self.post(body, "application/x-www-form-urlencoded")
 
     async def settle(self, limit_s: float = 15.0) -> None:
-        """Wait until every answer job has finished."""
+        """Wait until the job queue is empty and every job taken has finished."""
         async with asyncio.timeout(limit_s):
-            await self.deps.jobs.idle()
+            while await self._queued() or self.worker.running:
+                await self.worker.idle()
+                await asyncio.sleep(0.01)
+
+    async def _queued(self) -> int:
+        try:
+            return await self.deps.queue.length()
+        except RedisError:  # tests of a Redis outage: nothing can be queued
+            return 0
 
 
 @pytest.fixture

@@ -15,6 +15,17 @@ MODAL_TITLE_LIMIT = 24
 BUTTON_VALUE_LIMIT = 2_000
 THOUGHT_LIMIT = 140
 
+GREETING = "Hi! I'm Kimi. Ask me anything: I think before I answer, and you can see my reasoning."
+SUGGESTED_PROMPTS = (
+    {
+        "title": "Explain a concept",
+        "message": "Explain how Redis Streams consumer groups work, with an example.",
+    },
+    {"title": "Review some code", "message": "Review this function for bugs and suggest improvements:"},
+    {"title": "Plan a task", "message": "Help me break this project into steps with estimates:"},
+    {"title": "Summarise", "message": "Summarise the key points of the following text:"},
+)
+
 ACTION_STOP = "kimi_stop"
 ACTION_REASONING = "kimi_show_reasoning"
 ACTION_REGENERATE = "kimi_regenerate"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from bot.slack.blocks import latest_thought, thinking_view, thought_summary
+from bot.slack.blocks import GREETING, SUGGESTED_PROMPTS, latest_thought, thinking_view, thought_summary
 from bot.slack.pacing import Pacer
 from bot.slack.render import CHAT_UPDATE_TEXT_LIMIT, MARKDOWN_TEXT_LIMIT, open_fence, split_markdown
 from bot.turn import Turn
@@ -87,6 +88,14 @@ async def announce_question(client: AsyncWebClient, channel: str, user: str, que
     return str(response["ts"])
 
 
+async def greet_assistant_thread(client: AsyncWebClient, channel: str, thread_ts: str) -> None:
+    """A new thread in Slack's assistant panel: say hello and offer a few prompts."""
+    await client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=GREETING)
+    await client.assistant_threads_setSuggestedPrompts(
+        channel_id=channel, thread_ts=thread_ts, prompts=list(SUGGESTED_PROMPTS)
+    )
+
+
 def markdown_blocks(text: str) -> list[dict[str, Any]]:
     return [{"type": "markdown", "text": text}]
 
@@ -139,6 +148,8 @@ class ReplyWriter:
         stop_value: str = "",
         should_stop: Callable[[], Awaitable[bool]] | None = None,
         on_stop: Callable[[], None] | None = None,
+        resume: dict[str, str] | None = None,
+        on_progress: Callable[..., Awaitable[None]] | None = None,
     ) -> None:
         self.client = client
         self.turn = turn
@@ -147,6 +158,8 @@ class ReplyWriter:
         self.stop_value = stop_value
         self.should_stop = should_stop
         self.on_stop = on_stop
+        self.resume = resume or {}  # what an earlier run of this job put in Slack (placeholder_ts, answer_ts)
+        self.on_progress = on_progress
         self.started_at = time.monotonic()
         self.placeholder_ts: str | None = None
         self.placeholder_free = False  # still showing "Thinking…", so the answer may replace it
@@ -173,31 +186,65 @@ class ReplyWriter:
     # ---- what the pipeline calls ------------------------------------------------------------
     async def begin(self) -> None:
         """The sign of life, right away, before Kimi is even called: in Slack's assistant panel the
-        thread status ("is thinking…"), elsewhere a placeholder message with a Stop button."""
+        thread status ("is thinking…"), elsewhere a placeholder message with a Stop button. A re-run of
+        an interrupted job first takes back the partial answer the earlier run left, and reuses its
+        placeholder."""
         if not self.turn.in_slack_thread:
             return
+        earlier = self.resume.get("placeholder_ts")
+        await self._take_back(earlier, json.loads(self.resume.get("answer_ts") or "[]"))
         if self.turn.assistant_thread and await self._set_status(list(LOADING_MESSAGES)):
             self.status_mode = True
-            self._last_view = time.monotonic()
-            self._flusher = asyncio.create_task(self._flush_loop())
-            return
-        text, blocks = thinking_view(0, "", self.stop_value)
-        try:
-            response = await self._call(
-                "chat.postMessage",
-                channel=self.turn.channel,
-                thread_ts=self.turn.thread_ts,
-                text=text,
-                blocks=blocks,
-            )
-            self.placeholder_ts = str(response["ts"])
-            self.placeholder_free = True
-        except Exception as exc:  # the answer can still come without a placeholder
-            log.warning(
-                "placeholder not posted", extra={"error": describe(exc), "channel": self.turn.channel}
-            )
+        else:
+            text, blocks = thinking_view(0, "", self.stop_value)
+            try:
+                if earlier:
+                    await self._call(
+                        "chat.update", channel=self.turn.channel, ts=earlier, text=text, blocks=blocks
+                    )
+                    self.placeholder_ts = earlier
+                else:
+                    response = await self._call(
+                        "chat.postMessage",
+                        channel=self.turn.channel,
+                        thread_ts=self.turn.thread_ts,
+                        text=text,
+                        blocks=blocks,
+                    )
+                    self.placeholder_ts = str(response["ts"])
+                    await self._report(placeholder_ts=self.placeholder_ts)
+                self.placeholder_free = True
+            except Exception as exc:  # the answer can still come without a placeholder
+                log.warning(
+                    "placeholder not posted", extra={"error": describe(exc), "channel": self.turn.channel}
+                )
         self._last_view = time.monotonic()
         self._flusher = asyncio.create_task(self._flush_loop())
+
+    async def _take_back(self, placeholder: str | None, answer_ts: list[str]) -> None:
+        """A re-run after a crash: remove the partial answer the earlier run left (not its placeholder)."""
+        for ts in answer_ts:
+            if ts == placeholder:
+                continue
+            with contextlib.suppress(Exception):
+                await self._call("chat.stopStream", channel=self.turn.channel, ts=ts)
+            with contextlib.suppress(Exception):
+                await self._call("chat.delete", channel=self.turn.channel, ts=ts)
+        if answer_ts:
+            log.info(
+                "partial answer of an interrupted run removed",
+                extra={"channel": self.turn.channel, "messages": len(answer_ts)},
+            )
+
+    async def _report(self, **fields: str) -> None:
+        if self.on_progress is not None:
+            with contextlib.suppress(Exception):
+                await self.on_progress(**fields)
+
+    async def _remember(self, ts: str) -> None:
+        """A message now holds part of the answer: remember it, here and for a re-run of the job."""
+        self.answer_ts.append(ts)
+        await self._report(answer_ts=json.dumps(self.answer_ts))
 
     def reasoning(self, text: str) -> None:
         self.reasoning_text += text
@@ -233,6 +280,7 @@ class ReplyWriter:
                         await self._call("chat.delete", channel=self.turn.channel, ts=ts)
             self.answer, self.sent, self.mode, self.message_ts, self.message_text = "", 0, None, None, ""
             self.answer_ts = []
+            await self._report(answer_ts="[]")
 
     async def finish(self, closing_blocks: list[dict[str, Any]], *, note: str = "") -> list[str]:
         """Deliver whatever is left, end the answer with its footer and buttons; return the message ts."""
@@ -259,7 +307,7 @@ class ReplyWriter:
                 )
                 self.placeholder_free = False
                 self.sent = len(self.answer)
-                self.answer_ts = [str(self.placeholder_ts)]
+                await self._remember(str(self.placeholder_ts))
                 return self.answer_ts
             while self.sent < len(self.answer):
                 await self._flush_some()
@@ -481,7 +529,7 @@ class ReplyWriter:
         self.mode = "stream"
         self.message_ts = str(response["ts"])
         self.message_started_at = time.monotonic()
-        self.answer_ts.append(self.message_ts)
+        await self._remember(self.message_ts)
         self.message_text = prefix + piece
         self.sent += len(piece)
 
@@ -538,7 +586,7 @@ class ReplyWriter:
                 blocks=markdown_blocks(body),
             )
             self.message_ts, self.message_text = str(response["ts"]), body
-        self.answer_ts.append(self.message_ts)
+        await self._remember(self.message_ts)
         self.sent += len(piece)
 
     async def _set_message(
