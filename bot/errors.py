@@ -43,6 +43,11 @@ USER_MESSAGES: dict[Reason, str] = {
     Reason.INTERNAL: "Something went wrong on my side while answering.",
 }
 
+# Reasons that may pass if the user simply asks again later: their message gets a Retry button.
+RETRYABLE_REASONS = frozenset(
+    {Reason.OVERLOADED, Reason.RATE_LIMITED, Reason.UNAVAILABLE, Reason.INTERNAL, Reason.NO_ANSWER}
+)
+
 # Reasons an admin must act on: logged at ERROR so they stand out.
 ADMIN_REASONS = frozenset({Reason.QUOTA, Reason.AUTH, Reason.MODEL, Reason.INVALID})
 

@@ -17,9 +17,9 @@ from redis.exceptions import LockError
 from bot.admission import strip_mention
 from bot.context import calibrate, fit, user_entry
 from bot.deps import Deps
-from bot.errors import ADMIN_REASONS, AnswerError, Reason
+from bot.errors import ADMIN_REASONS, RETRYABLE_REASONS, AnswerError, Reason
 from bot.kimi.events import Accumulator, Event, Text
-from bot.slack.blocks import AnswerRef, answer_blocks
+from bot.slack.blocks import AnswerRef, answer_blocks, failure_blocks
 from bot.slack.render import footer
 from bot.slack.reply import ReplyWriter, describe
 from bot.turn import Turn
@@ -226,8 +226,11 @@ async def _report(turn: Turn, writer: ReplyWriter, error: AnswerError, *, logged
             "turn not answered",
             extra=turn_log(turn, reason=str(error.reason), reference=error.reference, detail=error.detail),
         )
+    retry = AnswerRef(turn.thread_ts, turn.ts, "", 0, 0, 0) if error.reason in RETRYABLE_REASONS else None
     try:
-        await writer.fail(error.user_text())
+        await writer.fail(
+            error.user_text(), failure_blocks(error.user_text(), retry if turn.in_slack_thread else None)
+        )
     except Exception:
         log.exception(
             "could not tell the user about a failure", extra=turn_log(turn, reference=error.reference)

@@ -1,4 +1,4 @@
-"""Buttons on kimibot's messages: Stop, Show reasoning, Regenerate, and 👍/👎 feedback."""
+"""Buttons on kimibot's messages: Stop, Show reasoning, Regenerate (and Retry after a failure), 👍/👎."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from bot.slack.blocks import (
     ACTION_FEEDBACK_UP,
     ACTION_REASONING,
     ACTION_REGENERATE,
+    ACTION_RETRY,
     ACTION_STOP,
     AnswerRef,
     reasoning_modal,
@@ -116,5 +117,5 @@ def register(app: AsyncApp, deps: Deps) -> None:
 
     app.action(ACTION_STOP)(on_stop)
     app.action(ACTION_REASONING)(on_reasoning)
-    app.action(ACTION_REGENERATE)(on_regenerate)
+    app.action(re.compile(f"^({ACTION_REGENERATE}|{ACTION_RETRY})$"))(on_regenerate)
     app.action(re.compile(f"^({ACTION_FEEDBACK_UP}|{ACTION_FEEDBACK_DOWN})$"))(on_feedback)

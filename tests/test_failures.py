@@ -210,3 +210,32 @@ async def test_wrong_api_key_is_reported_as_auth(make_bot: Callable[..., Any], f
     await ask(bad, "1700000002.001200")
     texts = thread_texts(fake_slack, "1700000002.001200")
     assert len(texts) == 1 and "MOONSHOT_API_KEY" in texts[0]
+
+
+async def test_when_retries_run_out_a_retry_button_asks_again(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    from bot.slack.blocks import ACTION_RETRY
+
+    fake_kimi.script(
+        *[Reply(status=429, error_type="engine_overloaded_error", error_message="busy")] * 4,
+        Reply(content="Here it is after all."),
+    )
+    await ask(bot, "1700000002.001300", "the question")
+    failed = fake_slack.replies(CHANNEL, "1700000002.001300")
+    assert len(failed) == 1 and "overloaded" in FakeSlack.body_of(failed[0]) + str(failed[0]["blocks"])
+    status, _ = await bot.click(failed[0], ACTION_RETRY)
+    assert status == 200
+    await bot.settle()
+    bodies = thread_texts(fake_slack, "1700000002.001300")
+    assert bodies[-1].startswith("Here it is after all.")
+    assert fake_kimi.requests[-1]["messages"][-1]["content"] == "alice: the question"
+
+
+async def test_quota_failures_have_no_retry_button(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_kimi.script(Reply(status=429, error_type="exceeded_current_quota_error", error_message="suspended"))
+    await ask(bot, "1700000002.001400")
+    message = fake_slack.replies(CHANNEL, "1700000002.001400")[0]
+    assert not [b for b in message["blocks"] if b["type"] == "actions"]

@@ -31,6 +31,7 @@ ACTION_REASONING = "kimi_show_reasoning"
 ACTION_REGENERATE = "kimi_regenerate"
 ACTION_FEEDBACK_UP = "kimi_feedback_up"
 ACTION_FEEDBACK_DOWN = "kimi_feedback_down"
+ACTION_RETRY = "kimi_retry"
 
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
 _MARKUP = re.compile(r"[*_~`<>|]")
@@ -142,6 +143,20 @@ def answer_blocks(footer: str, ref: AnswerRef, *, has_reasoning: bool) -> list[d
         {"type": "context", "elements": [{"type": "mrkdwn", "text": footer[:SECTION_TEXT_LIMIT]}]},
         {"type": "actions", "block_id": "kimi_answer", "elements": elements},
     ]
+
+
+def failure_blocks(sentence: str, retry: AnswerRef | None) -> list[dict[str, Any]]:
+    """A failure's one sentence, with a Retry button when asking again may work."""
+    blocks: list[dict[str, Any]] = [{"type": "section", "text": {"type": "mrkdwn", "text": sentence}}]
+    if retry is not None:
+        blocks.append(
+            {
+                "type": "actions",
+                "block_id": "kimi_failed",
+                "elements": [button(ACTION_RETRY, "Retry", retry.value(), "primary")],
+            }
+        )
+    return blocks
 
 
 def chunk_text(text: str, size: int) -> list[str]:

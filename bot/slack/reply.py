@@ -315,7 +315,7 @@ class ReplyWriter:
             await self._summarise_placeholder()
         return self.answer_ts
 
-    async def fail(self, sentence: str) -> None:
+    async def fail(self, sentence: str, blocks: list[dict[str, Any]] | None = None) -> None:
         """End the turn with one sentence: it replaces the placeholder, or follows the partial answer."""
         await self._stop_flusher()
         if not self.turn.in_slack_thread:
@@ -324,7 +324,7 @@ class ReplyWriter:
         async with self._lock:
             with contextlib.suppress(Exception):
                 await self._end_stream()
-            blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": sentence}}]
+            blocks = blocks or [{"type": "section", "text": {"type": "mrkdwn", "text": sentence}}]
             if self.placeholder_free and self.placeholder_ts:
                 await self._call(
                     "chat.update",
