@@ -12,8 +12,6 @@ import logging
 import time
 from typing import Any
 
-from redis.exceptions import LockError
-
 from bot.admission import strip_mention
 from bot.context import calibrate, fit, user_entry
 from bot.deps import Deps
@@ -26,7 +24,7 @@ from bot.turn import Turn
 
 log = logging.getLogger(__name__)
 
-LOCK_TIMEOUT_S = 1_800  # longest one answer may hold its thread
+LOCK_WAIT_S = 1_800  # longest a question waits for the thread's lock
 TURN_WAIT_S = 600  # longest a question waits for the one before it in its thread
 EMPTY_QUESTION = "Hi! Ask me anything: mention me with a question, or reply in this thread."
 
@@ -201,21 +199,11 @@ async def _answer_in_thread(
     turn: Turn, deps: Deps, writer: ReplyWriter, kimi_task: list[asyncio.Task[Accumulator]]
 ) -> None:
     """One answer at a time per thread, across processes (the second sees the first's answer)."""
-    lock = deps.threads.lock(turn.thread, timeout_s=LOCK_TIMEOUT_S, wait_s=LOCK_TIMEOUT_S)
-    try:
-        acquired = await lock.acquire()
-    except LockError:
-        acquired = False
-    if not acquired:
-        log.warning("thread lock not acquired; answering anyway", extra=turn_log(turn))
-    try:
+    ttl = deps.settings.job_visibility_timeout
+    async with deps.threads.hold(turn.thread, ttl_s=ttl, wait_s=LOCK_WAIT_S) as acquired:
+        if not acquired:
+            log.warning("thread lock not acquired; answering anyway", extra=turn_log(turn))
         await _think_and_deliver(turn, deps, writer, kimi_task, history=True)
-    finally:
-        if acquired:
-            try:
-                await lock.release()
-            except LockError:
-                log.warning("thread lock expired before release", extra=turn_log(turn))
 
 
 async def _report(turn: Turn, writer: ReplyWriter, error: AnswerError, *, logged: bool = False) -> None:

@@ -50,15 +50,20 @@ class JobQueue:
         self.consumer = consumer
         self.visibility_ms = int(visibility_s * 1000)
         self.stream = stream
+        self._group_ready = False
 
     async def ensure_group(self) -> None:
+        """Create the stream and its consumer group if missing (id 0: jobs added before it count too)."""
         try:
             await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        self._group_ready = True
 
     async def put(self, kind: str, data: dict[str, Any], attempt: int = 1) -> str:
+        if not self._group_ready:
+            await self.ensure_group()
         fields = {"kind": kind, "data": json.dumps(data, separators=(",", ":")), "attempt": str(attempt)}
         return str(await self.redis.xadd(self.stream, fields))  # type: ignore[arg-type]
 

@@ -7,12 +7,15 @@ history, metadata and lock sit on one shard.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
+from redis.exceptions import LockError, RedisError
 
 from bot.turn import ThreadKey
 
@@ -28,6 +31,13 @@ if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return current
 """
+
+
+async def _keep_alive(lock: Lock, ttl_s: float) -> None:
+    while True:
+        await asyncio.sleep(ttl_s / 3)
+        with contextlib.suppress(RedisError):
+            await lock.reacquire()
 
 
 def _thread_tag(thread: ThreadKey) -> str:
@@ -110,9 +120,27 @@ class ThreadStore:
         """Mark question `seq` done (never moving the mark back), letting the next one go."""
         await self.redis.eval(_RAISE_TO, 1, f"{_thread_tag(thread)}:done", seq, self.ttl)
 
-    def lock(self, thread: ThreadKey, timeout_s: float, wait_s: float) -> Lock:
-        """One answer at a time per thread, across processes: the second question sees the first answer."""
-        return self.redis.lock(f"{_thread_tag(thread)}:lock", timeout=timeout_s, blocking_timeout=wait_s)
+    @contextlib.asynccontextmanager
+    async def hold(self, thread: ThreadKey, ttl_s: float, wait_s: float) -> AsyncIterator[bool]:
+        """One answer at a time per thread, across processes. The lock lives `ttl_s` and is renewed while
+        its holder runs, so a holder that dies (kill -9) frees the thread within `ttl_s`. Yields whether
+        the lock was had within `wait_s`."""
+        lock = self.redis.lock(f"{_thread_tag(thread)}:lock", timeout=ttl_s, blocking_timeout=wait_s)
+        try:
+            acquired = bool(await lock.acquire())
+        except LockError:
+            acquired = False
+        keeper = asyncio.create_task(_keep_alive(lock, ttl_s)) if acquired else None
+        try:
+            yield acquired
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError, RedisError):
+                    await keeper
+            if acquired:
+                with contextlib.suppress(LockError, RedisError):
+                    await lock.release()
 
 
 class Dedup:

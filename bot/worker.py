@@ -40,6 +40,8 @@ class Worker:
     async def run(self) -> None:
         """Take and run jobs until `stop()`; survives Redis outages."""
         heartbeat = asyncio.create_task(self._heartbeat())
+        with contextlib.suppress(RedisError):
+            await self.queue.ensure_group()
         try:
             while not self._stopping.is_set():
                 free = self.concurrency - len(self.running)
@@ -50,11 +52,12 @@ class Worker:
                             await self._slot_free.wait()
                     continue
                 try:
-                    await self.queue.ensure_group()
                     jobs = await self.queue.take(free, self.block_ms)
                 except RedisError as exc:
                     log.warning("job queue unavailable; retrying", extra={"error": str(exc)})
                     await asyncio.sleep(REDIS_RETRY_S)
+                    with contextlib.suppress(RedisError):
+                        await self.queue.ensure_group()  # a Redis that lost its data lost the group too
                     continue
                 for job in jobs:
                     self._start(job)

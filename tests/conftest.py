@@ -83,7 +83,8 @@ def make_settings(fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str) ->
 class BotHarness:
     """The real Bolt app behind the real aiohttp routes, reached over loopback HTTP like Slack does."""
 
-    def __init__(self, settings: Settings, slack: FakeSlack) -> None:
+    def __init__(self, settings: Settings, slack: FakeSlack, *, start_worker: bool = True) -> None:
+        self.start_worker = start_worker
         self.settings = settings
         self.slack = slack
         self.deps: Deps = build_deps(settings)
@@ -101,10 +102,15 @@ class BotHarness:
     async def start(self) -> None:
         await self.server.start_server()
         self.session = aiohttp.ClientSession()
+        if self.start_worker:
+            self.run_worker()
+
+    def run_worker(self) -> None:
         self.worker_task = asyncio.create_task(self.worker.run())
 
     async def stop(self) -> None:
-        await self.settle()
+        if self.worker_task is not None:
+            await self.settle()
         await self.worker.drain(5)
         if self.worker_task is not None:
             await self.worker_task
@@ -215,8 +221,8 @@ async def make_bot(
 ) -> AsyncIterator[Callable[..., Any]]:
     bots: list[BotHarness] = []
 
-    async def make(**overrides: Any) -> BotHarness:
-        harness = BotHarness(make_settings(**overrides), fake_slack)
+    async def make(*, start_worker: bool = True, **overrides: Any) -> BotHarness:
+        harness = BotHarness(make_settings(**overrides), fake_slack, start_worker=start_worker)
         await harness.start()
         bots.append(harness)
         return harness

@@ -73,11 +73,11 @@ class ServeProcess:
 @pytest.fixture
 async def start_serve(
     fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path
-) -> AsyncIterator[Callable[[], ServeProcess]]:
+) -> AsyncIterator[Callable[..., ServeProcess]]:
     processes: list[ServeProcess] = []
     port = free_port()
 
-    def start() -> ServeProcess:
+    def start(**extra: str) -> ServeProcess:
         env = {
             "PATH": os.environ.get("PATH", ""),
             "HOME": str(tmp_path),
@@ -89,6 +89,7 @@ async def start_serve(
             "KIMI_MODEL": "kimi-k2.6",
             "REDIS_URL": redis_url,
             "PORT": str(port),
+            **extra,
         }
         process = ServeProcess(env, tmp_path)
         processes.append(process)
@@ -114,7 +115,7 @@ async def wait_for(predicate: Callable[[], bool], limit_s: float = 15.0) -> None
 
 
 async def test_kimibot_serve_answers_mentions_and_dms_and_keeps_context_across_restarts(
-    start_serve: Callable[[], ServeProcess], fake_slack: FakeSlack, fake_kimi: FakeKimi
+    start_serve: Callable[..., ServeProcess], fake_slack: FakeSlack, fake_kimi: FakeKimi
 ) -> None:
     async with aiohttp.ClientSession() as session:
         bot = start_serve()
@@ -152,7 +153,7 @@ async def test_kimibot_serve_answers_mentions_and_dms_and_keeps_context_across_r
 
 
 async def test_kimibot_serve_refuses_forged_requests(
-    start_serve: Callable[[], ServeProcess], fake_slack: FakeSlack
+    start_serve: Callable[..., ServeProcess], fake_slack: FakeSlack
 ) -> None:
     async with aiohttp.ClientSession() as session:
         bot = start_serve()
@@ -169,3 +170,34 @@ async def test_kimibot_serve_refuses_forged_requests(
             assert response.status == 400
         await bot.terminate()
     assert fake_slack.posts() == []
+
+
+async def test_an_answer_cut_by_kill_9_is_completed_after_a_restart_exactly_once(
+    start_serve: Callable[..., ServeProcess], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    from tests.fakes.kimi_api import Reply
+
+    long = "\n\n".join(f"Paragraph {i}: " + "words of a long answer " * 10 for i in range(30))
+    fake_kimi.script(
+        Reply(content=long, chunk_chars=40, chunk_delay=0.05), Reply(content=long, chunk_chars=500)
+    )
+    async with aiohttp.ClientSession() as session:
+        bot = start_serve(JOB_VISIBILITY_TIMEOUT="1")
+        await bot.wait_healthy(session)
+        root = "1700000004.000400"
+        fake_slack.seed(CHANNEL, user="U04RZ8N2PQM", text="hi", ts=root)
+        assert await bot.send(session, mention("write a long answer", root)) == 200
+        await wait_for(lambda: len(fake_slack.calls_of("chat.appendStream")) >= 2)
+        bot.process.kill()  # SIGKILL: no goodbye, the job stays claimed by a dead worker
+        await asyncio.to_thread(bot.process.wait)
+        again = start_serve(JOB_VISIBILITY_TIMEOUT="1")
+        await again.wait_healthy(session)
+        await wait_for(lambda: answered(fake_slack, CHANNEL, root, 2), limit_s=30)
+        await again.terminate()
+    text = "".join(fake_slack.answer_parts(CHANNEL, root))
+    assert [line.split(":")[0] for line in text.split("\n") if line.startswith("Paragraph")] == [
+        f"Paragraph {i}" for i in range(30)
+    ]
+    assert len([c for c in fake_slack.calls_of("chat.postMessage") if c.args.get("text") == "Thinking…"]) == 1
+    assert len(fake_kimi.requests) == 2
+    assert fake_slack.problems == []

@@ -1,0 +1,208 @@
+"""Nothing lost, nothing twice: dead workers, shutdowns, several replicas, and Redis restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from bot.queue import GROUP, STREAM
+from tests.conftest import BotHarness
+from tests.fakes.kimi_api import FakeKimi, Reply
+from tests.fakes.slack_api import FakeSlack
+from tests.slack_requests import BOB, CHANNEL, mention, message
+
+LONG = "\n\n".join(f"Paragraph {i}: " + "words of a long answer " * 10 for i in range(30))
+
+
+def paragraphs(fake_slack: FakeSlack, thread_ts: str) -> list[str]:
+    text = "".join(fake_slack.answer_parts(CHANNEL, thread_ts))
+    return [line.split(":")[0] for line in text.split("\n") if line.startswith("Paragraph")]
+
+
+async def test_a_job_whose_worker_died_is_taken_over_after_the_visibility_timeout(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    bot: BotHarness = await make_bot(start_worker=False, job_visibility_timeout=0.3)
+    await bot.send_event(mention("are you there?", "1700000007.000100"))
+    # A worker takes the job and dies without a word.
+    taken = await bot.deps.redis.xreadgroup(GROUP, "dead-worker", {STREAM: ">"}, count=1)
+    assert taken and taken[0][1]
+    bot.run_worker()
+    await asyncio.sleep(0.5)
+    await bot.settle()
+    assert len(fake_slack.bodies(CHANNEL, "1700000007.000100")) == 1
+    assert len(fake_kimi.requests) == 1
+    assert await bot.deps.queue.pending() == 0
+
+
+async def test_shutdown_hands_a_running_answer_to_another_worker_and_the_thread_shows_it_once(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_kimi.script(
+        Reply(content=LONG, chunk_chars=60, chunk_delay=0.03), Reply(content=LONG, chunk_chars=400)
+    )
+    first: BotHarness = await make_bot()
+    ts = "1700000007.000200"
+    await first.send_event(mention("write a lot", ts))
+    async with asyncio.timeout(10):
+        while not fake_slack.calls_of("chat.appendStream"):  # noqa: ASYNC110 - waiting on the fake server
+            await asyncio.sleep(0.01)
+    await first.worker.drain(grace_s=0)  # SIGTERM with no grace left: the job goes back on the queue
+    second: BotHarness = await make_bot()
+    await second.settle()
+    assert paragraphs(fake_slack, ts) == [f"Paragraph {i}" for i in range(30)]  # complete, exactly once
+    placeholders = [c for c in fake_slack.calls_of("chat.postMessage") if c.args.get("text") == "Thinking…"]
+    assert len(placeholders) == 1  # the re-run reused it
+    assert fake_slack.problems == []
+
+
+async def test_questions_in_one_thread_keep_their_order_across_replicas(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_kimi.script(Reply(content="first answer", first_byte_delay=0.4), Reply(content="second answer"))
+    one: BotHarness = await make_bot()
+    two: BotHarness = await make_bot()
+    root = "1700000007.000300"
+    await one.send_event(mention("first", root))
+    await asyncio.sleep(0.05)
+    await two.send_event(message("second", "1700000007.000301", thread_ts=root, user=BOB))
+    await one.settle()
+    await two.settle()
+    bodies = fake_slack.bodies(CHANNEL, root)
+    assert [b.split("\n")[0] for b in bodies] == ["first answer", "second answer"]
+    assert [m["content"] for m in fake_kimi.requests[1]["messages"][1:]] == [
+        "alice: first",
+        "first answer",
+        "bob: second",
+    ]
+
+
+async def test_two_replicas_answer_ten_questions_once_each_while_retries_hit_the_other(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    one: BotHarness = await make_bot()
+    two: BotHarness = await make_bot()
+    sends = []
+    for i in range(10):
+        event = mention(f"question {i}", f"1700000007.{400 + i:06d}")
+        first, other = (one, two) if i % 2 else (two, one)
+        sends.append(first.send_event(event, event_id=f"EvR{i}"))
+        sends.append(other.send_event(event, event_id=f"EvR{i}", retry_num=1))
+        sends.append(other.send_event(message(event["text"], event["ts"]), event_id=f"EvM{i}"))
+    statuses = await asyncio.gather(*sends)
+    assert {status for status, _ in statuses} == {200}
+    await one.settle()
+    await two.settle()
+    for i in range(10):
+        assert len(fake_slack.bodies(CHANNEL, f"1700000007.{400 + i:06d}")) == 1
+    assert len(fake_kimi.requests) == 10
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, with AOF on, that can be stopped and started again."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            *[
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        client: Redis = Redis.from_url(self.url)
+        try:
+            for _ in range(100):
+                try:
+                    await client.ping()
+                    return
+                except Exception:
+                    await asyncio.sleep(0.05)
+            raise AssertionError("private redis-server did not start")
+        finally:
+            await client.aclose()
+
+    async def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            await self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is needed for this test (scripts/test and .ci/run install it)")
+    server = PrivateRedis(tmp_path)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_a_redis_restart_keeps_queued_questions_and_the_bot_carries_on(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, private_redis: PrivateRedis
+) -> None:
+    bot: BotHarness = await make_bot(start_worker=False, redis_url=private_redis.url)
+    await bot.send_event(mention("queued before the restart", "1700000007.000500"))
+    await private_redis.stop()
+    assert bot.session is not None
+    async with bot.session.get(bot.url("/healthz")) as response:
+        assert response.status == 503
+    status, _ = await bot.send_event(mention("during the outage", "1700000007.000501"))
+    assert status == 503  # Slack delivers it again later
+    await private_redis.start()  # same directory: the AOF brings the queue back
+    async with bot.session.get(bot.url("/healthz")) as response:
+        assert response.status == 200
+    bot.run_worker()
+    await bot.settle()
+    assert len(fake_slack.bodies(CHANNEL, "1700000007.000500")) == 1
+    status, _ = await bot.send_event(mention("during the outage", "1700000007.000501"), retry_num=1)
+    assert status == 200
+    await bot.settle()
+    assert len(fake_slack.bodies(CHANNEL, "1700000007.000501")) == 1
+
+
+async def test_the_worker_survives_a_redis_outage_and_resumes(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, private_redis: PrivateRedis
+) -> None:
+    bot: BotHarness = await make_bot(redis_url=private_redis.url)
+    await private_redis.stop()
+    await asyncio.sleep(1.5)  # the worker meets the outage and keeps trying
+    assert bot.worker_task is not None and not bot.worker_task.done()
+    await private_redis.start()
+    await bot.send_event(mention("back again?", "1700000007.000600"))
+    await bot.settle()
+    assert len(fake_slack.bodies(CHANNEL, "1700000007.000600")) == 1
