@@ -1,7 +1,8 @@
 """The one place that says "answer this" or "ignore it", for every message event.
 
-`decide` is pure: it gets the event and the facts it needs, and returns a Decision. `dedup_key`
-names the Redis key that makes sure one user message gets one answer, whichever event brings it.
+`decide` is pure: it gets the event and the facts it needs, and returns a Decision. `admit` adds the
+Redis facts and the claim (channel + ts, under the thread's key) that makes sure one user message
+gets one answer, whichever event brings it and however often.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bot.store import Dedup, ThreadStore
+from bot.store import ThreadStore
 from bot.turn import Source, ThreadKey, Turn
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,6 @@ def is_thread_reply(event: dict[str, Any]) -> bool:
     return bool(thread_ts) and thread_ts != event.get("ts")
 
 
-def dedup_key_parts(event: dict[str, Any]) -> tuple[str, str]:
-    """(channel, ts): the same for app_mention and message twins, and for Slack's retries."""
-    return str(event.get("channel", "")), str(event.get("ts", ""))
-
-
 def event_team(body: dict[str, Any], event: dict[str, Any]) -> str:
     return str(body.get("team_id") or event.get("team") or "")
 
@@ -126,11 +122,12 @@ async def admit(
     event: dict[str, Any],
     *,
     threads: ThreadStore,
-    dedup: Dedup,
+    dedup_ttl_s: int,
     bot_user_id: str,
     bot_id: str,
 ) -> Turn | None:
-    """decide() plus the two Redis facts it needs: is the thread ours, and is this message new."""
+    """decide() plus the Redis facts it needs: is the thread ours (thread replies only), and is this
+    message new; then the turn's claim, its thread marked ours and its place in line, in one round trip."""
     engaged = False
     if (
         event.get("type") == "message"
@@ -145,19 +142,18 @@ async def admit(
     if not decision.answer or decision.source is None:
         log.debug("ignored", extra={"why": decision.why, "event_id": body.get("event_id")})
         return None
-    channel, ts = dedup_key_parts(event)
-    if not await dedup.claim(channel, ts):
+    turn = turn_from_event(body, event, decision.source, bot_user_id)
+    seq = await threads.admit(turn.thread, turn.ts, dedup_ttl_s)
+    if seq is None:
         log.info(
             "duplicate delivery ignored",
-            extra={"channel": channel, "ts": ts, "event_id": body.get("event_id")},
+            extra={"channel": turn.channel, "ts": turn.ts, "event_id": body.get("event_id")},
         )
         return None
-    turn = turn_from_event(body, event, decision.source, bot_user_id)
     if (
         decision.source is Source.DM
         and not turn.opens_thread
         and await threads.is_assistant_thread(turn.thread)
     ):
         turn = replace(turn, assistant_thread=True)
-    await threads.engage(turn.thread)
-    return replace(turn, seq=await threads.next_seq(turn.thread))
+    return replace(turn, seq=seq)

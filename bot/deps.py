@@ -19,7 +19,7 @@ from bot.queue import JobQueue, consumer_name
 from bot.settings import Settings
 from bot.slack.pacing import Pacer
 from bot.slack.reply import Pace
-from bot.store import Dedup, Feedback, JobProgress, Stops, ThreadStore, Usage, UserNames
+from bot.store import Feedback, JobProgress, Stops, ThreadStore, Usage, UserNames
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ class Deps:
     redis: Redis
     kimi: KimiClient
     threads: ThreadStore
-    dedup: Dedup
     names: UserNames
     usage: Usage
     queue: JobQueue
@@ -113,7 +112,6 @@ def build_deps(settings: Settings) -> Deps:
         redis=redis,
         kimi=kimi,
         threads=ThreadStore(redis, settings.thread_ttl_seconds),
-        dedup=Dedup(redis, settings.dedup_ttl_seconds),
         names=UserNames(redis),
         usage=Usage(redis),
         queue=JobQueue(redis, consumer=consumer_name(), visibility_s=settings.job_visibility_timeout),

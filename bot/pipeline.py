@@ -163,7 +163,7 @@ async def answer(turn: Turn, deps: Deps, job_id: str = "") -> None:
         resume=progress,
         on_progress=save_progress,
     )
-    await writer.begin()
+    writer.start()  # the sign of life goes out while the context is loaded and Kimi is asked
     try:
         if not turn.in_slack_thread:
             await _think_and_deliver(turn, deps, writer, kimi_task, history=False)

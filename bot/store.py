@@ -40,6 +40,17 @@ async def _keep_alive(lock: Lock, ttl_s: float) -> None:
             await lock.reacquire()
 
 
+# KEYS: seen, meta, seq (one thread's hash tag, so one slot). ARGV: dedup TTL, thread TTL.
+_ADMIT = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return -1 end
+redis.call('HSET', KEYS[2], 'answered', '1')
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+local seq = redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+return seq
+"""
+
+
 def _thread_tag(thread: ThreadKey) -> str:
     return f"{PREFIX}:thread:{{{thread}}}"
 
@@ -81,6 +92,20 @@ class ThreadStore:
             pipe.expire(self.history_key(thread), self.ttl)
             pipe.expire(self.meta_key(thread), self.ttl)
             await pipe.execute()
+
+    async def admit(self, thread: ThreadKey, ts: str, dedup_ttl_s: int) -> int | None:
+        """One round trip: claim message `ts` (None if already claimed: a twin event or a retry), mark the
+        thread as one the bot answers in, and give the question its place in the thread's order."""
+        result = await self.redis.eval(
+            _ADMIT,
+            3,
+            f"{_thread_tag(thread)}:seen:{ts}",
+            self.meta_key(thread),
+            f"{_thread_tag(thread)}:seq",
+            dedup_ttl_s,
+            self.ttl,
+        )
+        return None if int(result) < 0 else int(result)
 
     async def engage(self, thread: ThreadKey) -> None:
         """Mark the thread as one the bot answers in, so follow-ups sent before the answer count too."""
@@ -141,21 +166,6 @@ class ThreadStore:
             if acquired:
                 with contextlib.suppress(LockError, RedisError):
                     await lock.release()
-
-
-class Dedup:
-    """Claims a (channel, ts) once, so one user message is answered once across events and retries."""
-
-    def __init__(self, redis: Redis, ttl_seconds: int) -> None:
-        self.redis = redis
-        self.ttl = ttl_seconds
-
-    @staticmethod
-    def key(channel: str, ts: str) -> str:
-        return f"{PREFIX}:seen:{channel}:{ts}"
-
-    async def claim(self, channel: str, ts: str) -> bool:
-        return bool(await self.redis.set(self.key(channel, ts), "1", nx=True, ex=self.ttl))
 
 
 class UserNames:

@@ -75,19 +75,13 @@ def register(app: AsyncApp, deps: Deps) -> None:
             await tell(channel, user, ref.thread_ts, GONE)
             return
         clicked_at = str(action.get("action_ts") or "")
-        if not await deps.dedup.claim(channel, clicked_at):
+        thread = ThreadKey(team, channel, ref.thread_ts)
+        seq = await deps.threads.admit(thread, clicked_at, deps.settings.dedup_ttl_seconds)
+        if seq is None:  # the same click delivered twice
             return
         text = str(question.get("text") or str(question.get("content", "")).partition(": ")[2])
-        thread = ThreadKey(team, channel, ref.thread_ts)
         turn = Turn(
-            Source.REGENERATE,
-            team,
-            channel,
-            user,
-            text,
-            ts=clicked_at,
-            thread_ts=ref.thread_ts,
-            seq=await deps.threads.next_seq(thread),
+            Source.REGENERATE, team, channel, user, text, ts=clicked_at, thread_ts=ref.thread_ts, seq=seq
         )
         await deps.queue.put("turn", turn_job(turn))
 

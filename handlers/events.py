@@ -16,7 +16,12 @@ def register(app: AsyncApp, deps: Deps) -> None:
         # Bolt acks once this returns: decide, and queue the answer so an acked question is never lost.
         me = await deps.whoami()
         turn = await admit(
-            body, event, threads=deps.threads, dedup=deps.dedup, bot_user_id=me.user_id, bot_id=me.bot_id
+            body,
+            event,
+            threads=deps.threads,
+            dedup_ttl_s=deps.settings.dedup_ttl_seconds,
+            bot_user_id=me.user_id,
+            bot_id=me.bot_id,
         )
         if turn is not None:
             await deps.queue.put("turn", turn_job(turn))

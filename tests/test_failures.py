@@ -152,7 +152,7 @@ async def test_thinking_that_uses_the_whole_budget_says_so(
     assert len(texts) == 1 and "output budget thinking" in texts[0]
 
 
-async def test_placeholder_comes_before_kimi_is_asked_and_is_replaced_by_the_answer_or_the_error(
+async def test_a_placeholder_shows_at_once_and_is_replaced_by_the_answer_or_the_error(
     bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
 ) -> None:
     fake_kimi.script(
@@ -162,7 +162,8 @@ async def test_placeholder_comes_before_kimi_is_asked_and_is_replaced_by_the_ans
     await ask(bot, "1700000002.000600")
     placeholders = [c for c in fake_slack.calls_of("chat.postMessage") if c.args.get("text") == "Thinking…"]
     assert len(placeholders) == 2
-    assert placeholders[0].at < fake_kimi.request_times[0] and placeholders[1].at < fake_kimi.request_times[1]
+    answers = [c for c in fake_slack.calls_of("chat.update") if c.args.get("text") != "Thinking…"]
+    assert placeholders[0].at < answers[0].at and placeholders[1].at < answers[1].at
     answered, failed = (
         fake_slack.bodies(CHANNEL, "1700000002.000500"),
         fake_slack.bodies(CHANNEL, "1700000002.000600"),

@@ -74,6 +74,14 @@ class Pacer:
             self._buckets[key] = TokenBucket(rate * self.scale * MARGIN, burst * max(self.scale, 1.0))
         return self._buckets[key]
 
+    def headroom(self, method: str, team: str = "", channel: str = "") -> float:
+        """The share of the method's burst still available (1.0 when unpaced or idle)."""
+        bucket = self._bucket(method, team, channel)
+        if bucket is None:
+            return 1.0
+        bucket.delay(time.monotonic())
+        return bucket.tokens / bucket.capacity
+
     def wait_estimate(self, method: str, team: str = "", channel: str = "") -> float:
         bucket = self._bucket(method, team, channel)
         return bucket.delay(time.monotonic()) if bucket else 0.0

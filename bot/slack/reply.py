@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 CANNOT_POST_HERE = frozenset({"not_in_channel", "channel_not_found", "is_archived", "restricted_action"})
 STREAM_GONE = frozenset({"message_not_in_streaming_state", "message_not_found", "streaming_state_conflict"})
 STOPPED_BY_USER = "stopped_by_user"
+OPTIONAL_HEADROOM = 0.5  # below this share of a method's burst, optional calls wait for the final ones
 STATUS_MESSAGE_LIMIT = 50  # assistant.threads.setStatus loading_messages: 1-10 strings of <= 50 characters
 TITLE_LIMIT = 80
 LOADING_MESSAGES = ("Reading the thread…", "Thinking it through…", "Checking the details…")
@@ -182,8 +183,18 @@ class ReplyWriter:
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
+        self._begun: asyncio.Task[None] | None = None
 
     # ---- what the pipeline calls ------------------------------------------------------------
+    def start(self) -> None:
+        """Begin (placeholder or status) without waiting for it: Kimi is asked meanwhile."""
+        self._begun = asyncio.create_task(self.begin())
+
+    async def _after_begin(self) -> None:
+        if self._begun is not None:
+            with contextlib.suppress(Exception):
+                await self._begun
+
     async def begin(self) -> None:
         """The sign of life, right away, before Kimi is even called: in Slack's assistant panel the
         thread status ("is thinking…"), elsewhere a placeholder message with a Stop button. A re-run of
@@ -259,6 +270,7 @@ class ReplyWriter:
 
     async def restarted(self) -> None:
         """Before Kimi's retry: text already shown is replaced by a note, and the answer starts over."""
+        await self._after_begin()
         async with self._lock:
             self.answer = self.answer[: self.sent]  # what was not shown yet is simply dropped
             self.reasoning_text = ""
@@ -284,6 +296,7 @@ class ReplyWriter:
 
     async def finish(self, closing_blocks: list[dict[str, Any]], *, note: str = "") -> list[str]:
         """Deliver whatever is left, end the answer with its footer and buttons; return the message ts."""
+        await self._after_begin()
         await self._stop_flusher()
         if not self.turn.in_slack_thread:
             await self._respond(self.answer + (f"\n\n{note}" if note else ""), markdown=True)
@@ -311,12 +324,13 @@ class ReplyWriter:
                 return self.answer_ts
             while self.sent < len(self.answer):
                 await self._flush_some()
-            await self._close_message(closing_blocks)
-            await self._summarise_placeholder()
+            # The last two writes don't depend on each other: one round trip instead of two.
+            await asyncio.gather(self._close_message(closing_blocks), self._summarise_placeholder())
         return self.answer_ts
 
     async def fail(self, sentence: str, blocks: list[dict[str, Any]] | None = None) -> None:
         """End the turn with one sentence: it replaces the placeholder, or follows the partial answer."""
+        await self._after_begin()
         await self._stop_flusher()
         if not self.turn.in_slack_thread:
             await self._respond(sentence, markdown=False)
@@ -419,11 +433,22 @@ class ReplyWriter:
             if self.on_stop is not None:
                 self.on_stop()
 
+    def _next_method(self) -> str:
+        if self.mode == "stream":
+            return "chat.appendStream"
+        if self.mode is None and not self._streams_busy():
+            return "chat.startStream"
+        return "chat.update"
+
     def _flush_due(self) -> bool:
         now = time.monotonic()
         pending = len(self.answer) - self.sent
         if pending <= 0 or now - self._last_call < self.pace.min_call_interval_s:
             return False
+        if self.pacer.headroom(self._next_method(), self.turn.team_id, self.turn.channel) < OPTIONAL_HEADROOM:
+            # Slack's budget for this call is running low: keep the text (it goes out in bigger pieces, or
+            # all at once at the end) rather than queue behind other answers or draw 429s.
+            return pending >= self.pace.stream_message_chars
         assert self.first_text_at is not None
         if self.mode is None and now - self.first_text_at < self.pace.first_flush_s:
             return False
@@ -441,6 +466,8 @@ class ReplyWriter:
             return
         if not self.placeholder_free:
             return
+        if self.pacer.headroom("chat.update", self.turn.team_id) < OPTIONAL_HEADROOM:
+            return  # a nicety; the answer's own edits need the budget more
         self._last_view = now
         text, blocks = thinking_view(
             now - self.started_at, latest_thought(self.reasoning_text), self.stop_value
@@ -452,6 +479,9 @@ class ReplyWriter:
 
     async def close(self) -> None:
         """Stop the flusher whatever happened (finish and fail do this too)."""
+        if self._begun is not None and not self._begun.done():
+            self._begun.cancel()
+        await self._after_begin()
         await self._stop_flusher()
 
     async def _stop_flusher(self) -> None:
@@ -463,8 +493,15 @@ class ReplyWriter:
             self._flusher = None
 
     # ---- moving text into Slack ---------------------------------------------------------------
+    def _streams_busy(self) -> bool:
+        """Slack's Tier 2 budget for starting and stopping streams is spent: post-and-update instead."""
+        team = self.turn.team_id
+        return any(self.pacer.wait_estimate(m, team) > 0 for m in ("chat.startStream", "chat.stopStream"))
+
     async def _flush_some(self) -> None:
         """Move the waiting text (or as much as the current message takes) into Slack."""
+        if self.mode is None and self._streams_busy():
+            self.mode = "update"
         if self.mode != "update":
             try:
                 await self._stream_some()

@@ -55,6 +55,7 @@ class FakeKimi:
     requests: list[dict[str, Any]] = field(default_factory=list)
     request_times: list[float] = field(default_factory=list)
     done_times: list[float] = field(default_factory=list)
+    finished: dict[int, float] = field(default_factory=dict)  # request index -> when its last byte was sent
     known_models: set[str] | None = None
     tokens_per_char: float = 0.25
     server: TestServer | None = None
@@ -102,6 +103,7 @@ class FakeKimi:
             return self._error(401, "invalid_authentication_error", "Invalid Authentication")
         body = await request.json()
         self.requests.append(body)
+        index = len(self.requests) - 1
         if self.known_models is not None and body.get("model") not in self.known_models:
             return self._error(404, "resource_not_found_error", f"Not found the model {body.get('model')}")
         reply = self.replies.popleft() if self.replies else Reply()
@@ -162,6 +164,7 @@ class FakeKimi:
         self.done_times.append(time.monotonic())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
+        self.finished[index] = time.monotonic()
         return response
 
 

@@ -1,0 +1,225 @@
+"""Load benchmark: N questions at once, slow thinking answers, through /slack/events.
+
+Starts `kimibot serve` as its own process against the fake Slack (enforcing Slack's rate limits) and the
+fake Kimi (reasoning, then an answer streamed over a few seconds), sends N signed app_mention events at
+once, and prints ack latency, throughput, Slack calls per answer, the bot's peak RSS and its own
+overhead per turn. Redis: KIMIBOT_TEST_REDIS_URL (default redis://127.0.0.1:6379/15, flushed).
+
+    .venv/bin/python -m bench.load [--questions 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import aiohttp
+from redis.asyncio import Redis
+
+from tests.fakes.kimi_api import API_KEY, FakeKimi, Reply
+from tests.fakes.slack_api import TOKEN, FakeSlack
+from tests.slack_requests import ALICE, SIGNING_SECRET, envelope, json_body, mention, sign
+from tests.test_serve_process import ServeProcess, free_port
+
+REDIS_URL = os.environ.get("KIMIBOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+CHANNELS = 10
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Round:
+    """One round of questions: when each was sent, how long its ack took."""
+
+    def __init__(self, name: str, prefix: str, questions: int) -> None:
+        self.name = name
+        self.events = []
+        for i in range(questions):
+            channel, ts = f"C0{prefix}{i % CHANNELS:04d}", f"17000{prefix[-1]}1000.{i:06d}"
+            self.events.append(
+                (channel, ts, json_body(envelope(mention(f"question {prefix}{i}", ts, channel=channel))))
+            )
+        self.acks: list[float] = []
+        self.sent_at: dict[str, float] = {}
+        self.started = self.finished = 0.0
+
+
+async def run_round(
+    session: aiohttp.ClientSession, url: str, slack: FakeSlack, rnd: Round, gap_s: float
+) -> None:
+    for channel, ts, _ in rnd.events:
+        slack.seed(channel, user=ALICE, text="q", ts=ts)
+
+    async def send(ts: str, body: bytes) -> None:
+        headers = {"Content-Type": "application/json", **sign(body)}
+        started = time.monotonic()
+        rnd.sent_at[ts] = started
+        async with session.post(url, data=body, headers=headers) as response:
+            assert response.status == 200, response.status
+        rnd.acks.append(time.monotonic() - started)
+
+    rnd.started = time.monotonic()
+    sends = []
+    for _, ts, body in rnd.events:
+        sends.append(asyncio.create_task(send(ts, body)))
+        if gap_s:
+            await asyncio.sleep(gap_s)
+    await asyncio.gather(*sends)
+
+    def done(channel: str, ts: str) -> bool:
+        bodies = slack.bodies(channel, ts)
+        return bool(bodies) and not any("Thinking…" in b for b in bodies) and "kimi" in bodies[-1]
+
+    async with asyncio.timeout(300):
+        while not all(done(channel, ts) for channel, ts, _ in rnd.events):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    rnd.finished = time.monotonic()
+
+
+def report(rnd: Round, slack: FakeSlack, kimi: FakeKimi) -> None:
+    """Per-turn figures from the fakes' own clocks."""
+    calls: dict[str, list[float]] = defaultdict(list)
+    thread_of: dict[str, str] = {}
+    for call in slack.calls:
+        thread = call.args.get("thread_ts")
+        if thread and call.args.get("_result", {}).get("ts"):
+            thread_of[str(call.args["_result"]["ts"])] = str(thread)
+        key = thread or thread_of.get(str(call.args.get("ts")))
+        if key in rnd.sent_at and call.method.startswith(("chat.", "assistant.")):
+            calls[key].append(call.at)
+    to_model, after_model = [], []
+    for index, request in enumerate(kimi.requests):
+        asked = request["messages"][-1]["content"].rsplit(" ", 1)[-1]
+        ts = next(
+            (
+                ts
+                for _, ts, body in rnd.events
+                if f'"question {asked}"' in body.decode() or body.decode().endswith(f"question {asked}")
+            ),
+            None,
+        )
+        ts = next((t for c, t, b in rnd.events if f"question {asked}" in b.decode()), ts)
+        if ts is None:
+            continue
+        to_model.append(kimi.request_times[index] - rnd.sent_at[ts])
+        if index in kimi.finished:
+            after_model.append(max(calls[ts]) - kimi.finished[index])
+    once = all(len([b for b in slack.bodies(c, t) if "kimi" in b]) == 1 for c, t, _ in rnd.events)
+    n = len(rnd.events)
+    print(f"{rnd.name}")
+    answered = sum(1 for c, t, _ in rnd.events if slack.bodies(c, t))
+    print(f"  answered once each:              {once} ({answered}/{n})")
+    print(
+        f"  ack latency:                     p50 {percentile(rnd.acks, 50) * 1000:.1f} ms, "
+        f"p99 {percentile(rnd.acks, 99) * 1000:.1f} ms   (targets < 10 ms, < 50 ms)"
+    )
+    print(
+        f"  event -> model request:          median {statistics.median(to_model) * 1000:.1f} ms  "
+        "(target < 10 ms)"
+    )
+    print(
+        f"  model done -> last Slack write:  median {statistics.median(after_model) * 1000:.1f} ms  "
+        "(target < 5 ms)"
+    )
+    print(
+        f"  answers per minute:              {n / (rnd.finished - rnd.started) * 60:.0f} "
+        f"(all {n} done in {rnd.finished - rnd.started:.1f} s)"
+    )
+    print(f"  Slack calls per answer:          {statistics.mean(len(v) for v in calls.values()):.1f}")
+
+
+async def main(questions: int) -> None:
+    await Redis.from_url(REDIS_URL).flushdb()
+    slack, kimi = FakeSlack(), FakeKimi()
+    slack.add_user(ALICE, "alice")
+    slack.enforce_limits = True
+    await slack.start()
+    await kimi.start()
+    # Slow answers: ~1.5 s of reasoning, then ~1,600 characters over ~2 s.
+    kimi.script(
+        *[
+            Reply(
+                reasoning="Let me think this through. " * 12,
+                content="Part of the answer. " * 80,
+                chunk_chars=40,
+                chunk_delay=0.05,
+            )
+            for _ in range(2 * questions)
+        ]
+    )
+    workdir = Path(tempfile.mkdtemp())
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(workdir),
+        "SLACK_BOT_TOKEN": TOKEN,
+        "SLACK_SIGNING_SECRET": SIGNING_SECRET,
+        "SLACK_API_URL": slack.api_url,
+        "MOONSHOT_API_KEY": API_KEY,
+        "KIMI_BASE_URL": kimi.base_url,
+        "REDIS_URL": REDIS_URL,
+        "PORT": str(free_port()),
+        "KIMI_CONCURRENCY": str(questions),
+        "LOG_LEVEL": "WARNING",
+    }
+    bot = ServeProcess(env, workdir)
+    paced = Round(
+        f"{questions} questions arriving over {questions * 0.05:.1f} s ({questions} in flight)",
+        "PACE",
+        questions,
+    )
+    burst = Round(f"{questions} questions in one burst (all sent at the same instant)", "BURST", questions)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await bot.wait_healthy(session)
+            url = f"{bot.base}/slack/events"
+            warm = json_body(envelope(mention("warm up", "1700000999.000001", channel="C0WARM")))
+            slack.seed("C0WARM", user=ALICE, text="warm up", ts="1700000999.000001")
+            kimi.replies.appendleft(Reply(content="ok"))
+            async with session.post(
+                url, data=warm, headers={"Content-Type": "application/json", **sign(warm)}
+            ):
+                pass
+            await asyncio.sleep(1.0)
+            await run_round(session, url, slack, paced, gap_s=0.05)
+            await asyncio.sleep(5.0)
+            await run_round(session, url, slack, burst, gap_s=0)
+            rss = peak_rss_mb(bot.process.pid)
+            await bot.terminate()
+    finally:
+        if bot.process.poll() is None:
+            bot.process.kill()
+        await slack.stop()
+        await kimi.stop()
+    print(
+        f"kimibot load benchmark (answers: ~1.5 s thinking, then ~1,600 chars streamed over ~2 s; "
+        f"{CHANNELS} channels; fake Slack enforcing its rate limits)"
+    )
+    report(paced, slack, kimi)
+    report(burst, slack, kimi)
+    print(f"peak RSS of kimibot:               {rss:.0f} MB   (target < 100 MB)")
+    print(f"Slack 429s:                        {len(slack.limit_hits)}   (target 0)")
+    print(f"Web API call problems:             {len(slack.problems)}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--questions", type=int, default=30)
+    sys.exit(asyncio.run(main(parser.parse_args().questions)))
