@@ -20,11 +20,11 @@ from bot.kimi.events import Accumulator, Event, Text
 from bot.slack.blocks import AnswerRef, answer_blocks, failure_blocks
 from bot.slack.render import footer
 from bot.slack.reply import ReplyWriter, describe
+from bot.store import ThreadState
 from bot.turn import Turn
 
 log = logging.getLogger(__name__)
 
-LOCK_WAIT_S = 1_800  # longest a question waits for the thread's lock
 TURN_WAIT_S = 600  # longest a question waits for the one before it in its thread
 EMPTY_QUESTION = "Hi! Ask me anything: mention me with a question, or reply in this thread."
 
@@ -126,9 +126,17 @@ def stop_value(turn: Turn) -> str:
     return f"{turn.channel}:{turn.ts}"
 
 
+async def _nothing() -> None:
+    return None
+
+
 async def answer(turn: Turn, deps: Deps, job_id: str = "") -> None:
     """Answer one turn, after the questions before it in its thread, exactly once per job."""
-    progress = await deps.progress.load(job_id) if job_id else {}
+    progress, name, state = await asyncio.gather(  # what the job needs, fetched at once
+        deps.progress.load(job_id) if job_id else asyncio.sleep(0, {}),
+        speaker_name(deps, turn.team_id, turn.user),
+        deps.threads.load(turn.thread) if turn.in_slack_thread else _nothing(),
+    )
     if progress.get("delivered"):
         log.info("job already delivered; not answering again", extra=turn_log(turn, job=job_id))
         return
@@ -165,14 +173,15 @@ async def answer(turn: Turn, deps: Deps, job_id: str = "") -> None:
     )
     writer.start()  # the sign of life goes out while the context is loaded and Kimi is asked
     try:
-        if not turn.in_slack_thread:
-            await _think_and_deliver(turn, deps, writer, kimi_task, history=False)
-        else:
-            if turn.seq and not await deps.threads.wait_turn(turn.thread, turn.seq, TURN_WAIT_S):
+        if state is not None and turn.seq and state.done < turn.seq - 1:
+            # Questions in a thread are answered in order, whichever process has them; the earlier
+            # answer is then part of this one's context.
+            if not await deps.threads.wait_turn(turn.thread, turn.seq, TURN_WAIT_S):
                 log.warning(
                     "earlier question in the thread still not done; answering anyway", extra=turn_log(turn)
                 )
-            await _answer_in_thread(turn, deps, writer, kimi_task)
+            state = await deps.threads.load(turn.thread)
+        await _think_and_deliver(turn, deps, writer, kimi_task, name=name, state=state)
         await save_progress(delivered="1")
     except AnswerError as exc:
         await _report(turn, writer, exc)
@@ -195,17 +204,6 @@ async def _finish_turn(turn: Turn, deps: Deps) -> None:
         await deps.threads.finish_turn(turn.thread, turn.seq)
 
 
-async def _answer_in_thread(
-    turn: Turn, deps: Deps, writer: ReplyWriter, kimi_task: list[asyncio.Task[Accumulator]]
-) -> None:
-    """One answer at a time per thread, across processes (the second sees the first's answer)."""
-    ttl = deps.settings.job_visibility_timeout
-    async with deps.threads.hold(turn.thread, ttl_s=ttl, wait_s=LOCK_WAIT_S) as acquired:
-        if not acquired:
-            log.warning("thread lock not acquired; answering anyway", extra=turn_log(turn))
-        await _think_and_deliver(turn, deps, writer, kimi_task, history=True)
-
-
 async def _report(turn: Turn, writer: ReplyWriter, error: AnswerError, *, logged: bool = False) -> None:
     if not logged:
         level = logging.ERROR if error.reason in ADMIN_REASONS else logging.WARNING
@@ -226,21 +224,28 @@ async def _report(turn: Turn, writer: ReplyWriter, error: AnswerError, *, logged
 
 
 async def _think_and_deliver(
-    turn: Turn, deps: Deps, writer: ReplyWriter, kimi_task: list[asyncio.Task[Accumulator]], *, history: bool
+    turn: Turn,
+    deps: Deps,
+    writer: ReplyWriter,
+    kimi_task: list[asyncio.Task[Accumulator]],
+    *,
+    name: str,
+    state: ThreadState | None,
 ) -> None:
+    """`state` is the thread's history (None when the answer goes through response_url, without one)."""
     settings = deps.settings
-    name = await speaker_name(deps, turn.team_id, turn.user)
+    history = state is not None
     question = user_entry(name, turn.text, ts=turn.ts, user=turn.user)
 
     entries: list[dict[str, Any]] = []
     meta: dict[str, str] = {}
-    if history:
-        entries, meta = await deps.threads.load(turn.thread)
+    if state is not None:
+        entries, meta = state.entries, state.meta
         new_entries: list[dict[str, Any]] = []
         if not entries and not turn.opens_thread:
             new_entries = await backfill(deps, turn)
         if turn.assistant_thread and not any(e.get("role") == "user" for e in entries):
-            await writer.title(turn.text)
+            writer.title(turn.text)
         # A re-run of this turn finds its question already stored: don't store it twice.
         if not any(e.get("ts") == turn.ts and e.get("role") == "user" for e in entries):
             new_entries.append(question)

@@ -1,21 +1,19 @@
 """Every Redis key kimibot uses lives here, and nowhere else.
 
 Keys of one thread share a hash tag `{team:channel:thread_ts}` so that, on Redis Cluster, a thread's
-history, metadata and lock sit on one shard.
+history, metadata, dedup claims and order sit on one shard (and one Lua script may touch them all).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
-from collections.abc import AsyncIterator
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.lock import Lock
-from redis.exceptions import LockError, RedisError
 
 from bot.turn import ThreadKey
 
@@ -31,13 +29,6 @@ if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return current
 """
-
-
-async def _keep_alive(lock: Lock, ttl_s: float) -> None:
-    while True:
-        await asyncio.sleep(ttl_s / 3)
-        with contextlib.suppress(RedisError):
-            await lock.reacquire()
 
 
 # KEYS: seen, meta, seq (one thread's hash tag, so one slot). ARGV: dedup TTL, thread TTL.
@@ -60,6 +51,13 @@ def _dumps(entry: dict[str, Any]) -> str:
     return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
 
 
+@dataclass(frozen=True)
+class ThreadState:
+    entries: list[dict[str, Any]]
+    meta: dict[str, str]
+    done: int  # the sequence number of the last question answered in the thread
+
+
 class ThreadStore:
     """A thread's history (append-only list of JSON entries) and its metadata hash, with a TTL."""
 
@@ -75,12 +73,14 @@ class ThreadStore:
     def meta_key(thread: ThreadKey) -> str:
         return f"{_thread_tag(thread)}:meta"
 
-    async def load(self, thread: ThreadKey) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    async def load(self, thread: ThreadKey) -> ThreadState:
+        """History, metadata and how far the thread's questions are done, in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.lrange(self.history_key(thread), 0, -1)
             pipe.hgetall(self.meta_key(thread))
-            raw, meta = await pipe.execute()
-        return [json.loads(item) for item in raw], dict(meta)
+            pipe.get(f"{_thread_tag(thread)}:done")
+            raw, meta, done = await pipe.execute()
+        return ThreadState([json.loads(item) for item in raw], dict(meta), int(done or 0))
 
     async def append(self, thread: ThreadKey, *entries: dict[str, Any], **meta: str | int | float) -> None:
         """Add entries (and set metadata) atomically, and push both keys' expiry out again."""
@@ -145,44 +145,32 @@ class ThreadStore:
         """Mark question `seq` done (never moving the mark back), letting the next one go."""
         await self.redis.eval(_RAISE_TO, 1, f"{_thread_tag(thread)}:done", seq, self.ttl)
 
-    @contextlib.asynccontextmanager
-    async def hold(self, thread: ThreadKey, ttl_s: float, wait_s: float) -> AsyncIterator[bool]:
-        """One answer at a time per thread, across processes. The lock lives `ttl_s` and is renewed while
-        its holder runs, so a holder that dies (kill -9) frees the thread within `ttl_s`. Yields whether
-        the lock was had within `wait_s`."""
-        lock = self.redis.lock(f"{_thread_tag(thread)}:lock", timeout=ttl_s, blocking_timeout=wait_s)
-        try:
-            acquired = bool(await lock.acquire())
-        except LockError:
-            acquired = False
-        keeper = asyncio.create_task(_keep_alive(lock, ttl_s)) if acquired else None
-        try:
-            yield acquired
-        finally:
-            if keeper is not None:
-                keeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError, RedisError):
-                    await keeper
-            if acquired:
-                with contextlib.suppress(LockError, RedisError):
-                    await lock.release()
-
 
 class UserNames:
-    """Display names from users.info, cached for a day."""
+    """Display names from users.info, cached for a day in Redis and for minutes in the process."""
+
+    LOCAL_TTL_S = 600
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
+        self._local: dict[tuple[str, str], tuple[str, float]] = {}
 
     @staticmethod
     def key(team_id: str, user: str) -> str:
         return f"{PREFIX}:user:{team_id}:{user}"
 
     async def get(self, team_id: str, user: str) -> str | None:
+        local = self._local.get((team_id, user))
+        if local is not None and local[1] > time.monotonic():
+            return local[0]
         value = await self.redis.get(self.key(team_id, user))
-        return str(value) if value is not None else None
+        if value is None:
+            return None
+        self._local[(team_id, user)] = (str(value), time.monotonic() + self.LOCAL_TTL_S)
+        return str(value)
 
     async def put(self, team_id: str, user: str, name: str) -> None:
+        self._local[(team_id, user)] = (name, time.monotonic() + self.LOCAL_TTL_S)
         await self.redis.set(self.key(team_id, user), name, ex=USER_NAME_TTL_S)
 
 

@@ -57,8 +57,8 @@ def register(app: AsyncApp, deps: Deps) -> None:
         await ack()
         ref = AnswerRef.parse(str(action["value"]))
         team, channel, user, _ = where(body)
-        entries, _ = await deps.threads.load(ThreadKey(team, channel, ref.thread_ts))
-        _, reply = find_exchange(entries, ref.question_ts)
+        state = await deps.threads.load(ThreadKey(team, channel, ref.thread_ts))
+        _, reply = find_exchange(state.entries, ref.question_ts)
         if reply is None:
             await tell(channel, user, ref.thread_ts, GONE)
             return
@@ -69,8 +69,8 @@ def register(app: AsyncApp, deps: Deps) -> None:
         await ack()
         ref = AnswerRef.parse(str(action["value"]))
         team, channel, user, _ = where(body)
-        entries, _ = await deps.threads.load(ThreadKey(team, channel, ref.thread_ts))
-        question, _ = find_exchange(entries, ref.question_ts)
+        state = await deps.threads.load(ThreadKey(team, channel, ref.thread_ts))
+        question, _ = find_exchange(state.entries, ref.question_ts)
         if question is None:
             await tell(channel, user, ref.thread_ts, GONE)
             return

@@ -23,7 +23,8 @@ async def test_mention_gets_one_threaded_answer_with_reasoning_stored(
     assert request["thinking"] == {"type": "enabled"}  # kimi-k2.6: extra_body merged into the JSON body
     assert "temperature" not in request and "top_p" not in request
     assert request["max_completion_tokens"] > 0 and request["stream"] is True
-    entries, meta = await bot.deps.threads.load(thread_key("1700000000.000100"))
+    state = await bot.deps.threads.load(thread_key("1700000000.000100"))
+    entries, meta = state.entries, state.meta
     assert [e["role"] for e in entries] == ["user", "assistant"]
     assert entries[1]["reasoning_content"] == "Let me think about this carefully."
     assert meta["answered"] == "1"

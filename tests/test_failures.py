@@ -69,7 +69,8 @@ async def test_transient_kimi_failures_are_retried_and_answered_once(
     assert len(texts) == 1
     assert texts[0].startswith("the full answer")
     assert len(fake_kimi.requests) == 2
-    entries, _ = await bot.deps.threads.load(thread_key("1700000002.000100"))
+    state = await bot.deps.threads.load(thread_key("1700000002.000100"))
+    entries, _ = state.entries, state.meta
     assert [e["content"] for e in entries if e["role"] == "assistant"] == ["the full answer"]
 
 

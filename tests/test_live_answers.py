@@ -168,7 +168,8 @@ async def test_stop_cancels_kimi_at_once_and_says_so(
     assert "Stopped by <@U04RZ8N2PQM>" in bodies[-1]
     delivered = "".join(fake_slack.answer_parts(CHANNEL, ts))
     assert 0 < len(delivered) < len(LONG * 3) / 2
-    entries, _ = await bot.deps.threads.load(bot.thread(ts))
+    state = await bot.deps.threads.load(bot.thread(ts))
+    entries, _ = state.entries, state.meta
     assert entries[-1]["role"] == "assistant" and entries[-1]["content"].startswith("Paragraph 0")
 
 

@@ -184,6 +184,7 @@ class ReplyWriter:
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
         self._begun: asyncio.Task[None] | None = None
+        self._side_tasks: list[asyncio.Task[None]] = []
 
     # ---- what the pipeline calls ------------------------------------------------------------
     def start(self) -> None:
@@ -358,8 +359,12 @@ class ReplyWriter:
                 blocks=blocks,
             )
 
-    async def title(self, question: str) -> None:
-        """Name an assistant-panel thread after its first question."""
+    def title(self, question: str) -> None:
+        """Name an assistant-panel thread after its first question (once begin() is done; Kimi goes on)."""
+        self._side_tasks.append(asyncio.create_task(self._set_title(question)))
+
+    async def _set_title(self, question: str) -> None:
+        await self._after_begin()
         if not self.status_mode:
             return
         title = " ".join(question.split())
@@ -483,6 +488,7 @@ class ReplyWriter:
             self._begun.cancel()
         await self._after_begin()
         await self._stop_flusher()
+        await asyncio.gather(*self._side_tasks, return_exceptions=True)
 
     async def _stop_flusher(self) -> None:
         self._closed = True

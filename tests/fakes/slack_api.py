@@ -429,6 +429,7 @@ class FakeSlack:
             "app_id": APP_ID,
             "ts": ts,
             "text": args.get("markdown_text") or args.get("text") or "",
+            "blocks": _blocks(args.get("blocks")),
         }
         if thread_ts:
             message["thread_ts"] = thread_ts
