@@ -48,6 +48,7 @@ async def ask(bot: BotHarness, ts: str, text: str = "question") -> None:
             }
         ),
         Reply(reasoning="thinking...", content="", finish_reason="stop", cut_after_chunks=0),
+        Reply(garbage_in_stream=True),
     ],
     ids=[
         "overloaded",
@@ -58,6 +59,7 @@ async def ask(bot: BotHarness, ts: str, text: str = "question") -> None:
         "connection-reset",
         "error-mid-stream",
         "reasoning-only",
+        "garbled-chunk",
     ],
 )
 async def test_transient_kimi_failures_are_retried_and_answered_once(

@@ -159,3 +159,13 @@ def test_errors_are_sorted_into_reasons(
 ) -> None:
     verdict = classify(status, kind, message)
     assert (verdict.reason, verdict.retryable) == (reason, retry)
+
+
+def test_sse_lines_are_read_as_kimi_sends_them() -> None:
+    from bot.kimi.client import DONE, sse_data
+
+    assert sse_data('data: {"choices": []}') == {"choices": []}
+    assert sse_data("data:[DONE]") is DONE
+    assert sse_data("") is None and sse_data(": keep-alive") is None and sse_data("event: message") is None
+    with pytest.raises(ValueError):
+        sse_data("data: {oops")

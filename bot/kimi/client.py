@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -104,6 +105,19 @@ def verdict_for(exc: Exception) -> Verdict:
             status = code
         return classify(status, getattr(exc, "type", None) or body.get("type"), str(exc.message))
     return Verdict(Reason.INTERNAL, False)
+
+
+DONE: Any = object()  # the `data: [DONE]` line
+
+
+def sse_data(line: str) -> Any:
+    """The JSON of one Server-Sent Events `data:` line, DONE for `[DONE]`, None for anything else."""
+    if not line.startswith("data:"):
+        return None  # blank separators, `:` comments, `event:`/`id:` fields
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return DONE
+    return json.loads(data) if data else None
 
 
 OnEvent = Callable[[Event], Awaitable[None]]
@@ -206,9 +220,23 @@ class KimiClient:
     async def _stream_once(
         self, messages: list[dict[str, Any]], acc: Accumulator, on_event: OnEvent | None
     ) -> None:
-        stream = await self.openai.chat.completions.create(**self.request_kwargs(messages))
-        async with stream:
-            async for chunk in stream:
+        """One streamed request. The SDK builds it and raises HTTP errors; the Server-Sent Events are read
+        here as plain JSON, since a typed model per chunk costs more CPU than everything else per answer."""
+        kwargs = self.request_kwargs(messages)
+        async with self.openai.chat.completions.with_streaming_response.create(**kwargs) as response:
+            async for line in response.iter_lines():
+                try:
+                    chunk = sse_data(line)
+                except ValueError as exc:
+                    raise StreamCut(f"unreadable stream chunk: {line[:80]!r}") from exc
+                if chunk is None:
+                    continue
+                if chunk is DONE:
+                    break
+                if isinstance(chunk, dict) and chunk.get("error"):
+                    error = chunk["error"]
+                    message = str(error.get("message") if isinstance(error, dict) else error)
+                    raise openai.APIError(message, response.http_request, body=error)
                 for event in acc.feed(chunk):
                     if on_event is not None:
                         await on_event(event)

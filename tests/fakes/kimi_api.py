@@ -46,6 +46,7 @@ class Reply:
     cut_after_chunks: int | None = None  # stop after N content chunks: clean EOF, no finish, no [DONE]
     reset_after_chunks: int | None = None  # abort the TCP connection after N content chunks
     error_in_stream: dict[str, Any] | None = None  # sent as `data: {"error": ...}` after the reasoning
+    garbage_in_stream: bool = False  # a `data:` line that is not JSON, after the reasoning
     cached_tokens: int = 0
 
 
@@ -139,6 +140,9 @@ class FakeKimi:
         await send({"role": "assistant", "content": ""})
         for piece in _pieces(reply.reasoning, reply.chunk_chars):
             await send({"reasoning_content": piece})
+        if reply.garbage_in_stream:
+            await response.write(b"data: {not json at all\n\n")
+            return response
         if reply.error_in_stream is not None:
             await response.write(f"data: {json.dumps({'error': reply.error_in_stream})}\n\n".encode())
             return response
