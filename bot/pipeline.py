@@ -171,9 +171,9 @@ async def answer(turn: Turn, deps: Deps, job_id: str = "") -> None:
         resume=progress,
         on_progress=save_progress,
     )
-    writer.start()  # the sign of life goes out while the context is loaded and Kimi is asked
     try:
         if state is not None and turn.seq and state.done < turn.seq - 1:
+            writer.start()  # waiting its turn: show the sign of life now
             # Questions in a thread are answered in order, whichever process has them; the earlier
             # answer is then part of this one's context.
             if not await deps.threads.wait_turn(turn.thread, turn.seq, TURN_WAIT_S):
@@ -278,6 +278,7 @@ async def _think_and_deliver(
     log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=fitted.left_out))
     task = asyncio.create_task(kimi.complete(fitted.messages, on_event=on_event, on_restart=writer.restarted))
     kimi_task.append(task)
+    writer.start()  # the sign of life goes out right behind the request to Kimi (a no-op if already shown)
     try:
         acc = await task
     except asyncio.CancelledError:

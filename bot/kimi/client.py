@@ -229,10 +229,8 @@ class KimiClient:
                     chunk = sse_data(line)
                 except ValueError as exc:
                     raise StreamCut(f"unreadable stream chunk: {line[:80]!r}") from exc
-                if chunk is None:
-                    continue
-                if chunk is DONE:
-                    break
+                if chunk is None or chunk is DONE:
+                    continue  # read on to the end of the body, so the connection goes back to the pool
                 if isinstance(chunk, dict) and chunk.get("error"):
                     error = chunk["error"]
                     message = str(error.get("message") if isinstance(error, dict) else error)

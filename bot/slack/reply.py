@@ -185,11 +185,13 @@ class ReplyWriter:
         self._closed = False
         self._begun: asyncio.Task[None] | None = None
         self._side_tasks: list[asyncio.Task[None]] = []
+        self._title = ""
 
     # ---- what the pipeline calls ------------------------------------------------------------
     def start(self) -> None:
-        """Begin (placeholder or status) without waiting for it: Kimi is asked meanwhile."""
-        self._begun = asyncio.create_task(self.begin())
+        """Begin (placeholder or status) without waiting for it: Kimi is asked meanwhile. Once only."""
+        if self._begun is None:
+            self._begun = asyncio.create_task(self.begin())
 
     async def _after_begin(self) -> None:
         if self._begun is not None:
@@ -207,6 +209,8 @@ class ReplyWriter:
         await self._take_back(earlier, json.loads(self.resume.get("answer_ts") or "[]"))
         if self.turn.assistant_thread and await self._set_status(list(LOADING_MESSAGES)):
             self.status_mode = True
+            if self._title:
+                self._side_tasks.append(asyncio.create_task(self._set_title(self._title)))
         else:
             text, blocks = thinking_view(0, "", self.stop_value)
             try:
@@ -360,11 +364,12 @@ class ReplyWriter:
             )
 
     def title(self, question: str) -> None:
-        """Name an assistant-panel thread after its first question (once begin() is done; Kimi goes on)."""
-        self._side_tasks.append(asyncio.create_task(self._set_title(question)))
+        """Name an assistant-panel thread after its first question, once begin() knows it is one."""
+        self._title = question
+        if self._begun is not None and self._begun.done():
+            self._side_tasks.append(asyncio.create_task(self._set_title(question)))
 
     async def _set_title(self, question: str) -> None:
-        await self._after_begin()
         if not self.status_mode:
             return
         title = " ".join(question.split())
