@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,7 @@ class JobQueue:
         self.visibility_ms = int(visibility_s * 1000)
         self.stream = stream
         self._group_ready = False
+        self._next_reclaim = 0.0
 
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group if missing (id 0: jobs added before it count too)."""
@@ -68,8 +70,12 @@ class JobQueue:
         return str(await self.redis.xadd(self.stream, fields))  # type: ignore[arg-type]
 
     async def take(self, count: int, block_ms: int) -> list[Job]:
-        """Jobs whose worker went silent first (reclaimed), then new ones; at most `count`."""
-        jobs = await self._reclaim(count)
+        """Jobs whose worker went silent first (looked for a few times per visibility timeout), then new
+        ones; at most `count`."""
+        jobs: list[Job] = []
+        if time.monotonic() >= self._next_reclaim:
+            self._next_reclaim = time.monotonic() + self.visibility_ms / 4000
+            jobs = await self._reclaim(count)
         if len(jobs) < count:
             response: Any = await self.redis.xreadgroup(
                 GROUP, self.consumer, {self.stream: ">"}, count=count - len(jobs), block=block_ms or None
