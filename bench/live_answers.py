@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import time
 from typing import Any
 
-from redis.asyncio import Redis
-
+from bench.common import REDIS_URL, answers, start_fakes
 from bot.settings import load_settings
 from bot.slack.pacing import Pacer
 from bot.slack.reply import Pace
 from tests.conftest import BotHarness
-from tests.fakes.kimi_api import API_KEY, FakeKimi, Reply
+from tests.fakes.kimi_api import API_KEY
 from tests.fakes.slack_api import TOKEN, FakeSlack
 from tests.slack_requests import ALICE, SIGNING_SECRET, mention
 
-REDIS_URL = os.environ.get("KIMIBOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 WRITES = ("chat.", "assistant.", "reactions.", "views.")
 
 
@@ -53,12 +50,7 @@ async def one(bot: BotHarness, slack: FakeSlack, channel: str, ts: str) -> tuple
 
 
 async def main(questions: int) -> None:
-    await Redis.from_url(REDIS_URL).flushdb()
-    slack, kimi = FakeSlack(), FakeKimi()
-    slack.add_user(ALICE, "alice")
-    await slack.start()
-    await kimi.start()
-    slack.enforce_limits = True
+    slack, kimi = await start_fakes()
     settings = load_settings(
         _env_file=None,
         slack_bot_token=TOKEN,
@@ -75,25 +67,24 @@ async def main(questions: int) -> None:
     try:
         # Short answers: the whole answer arrives at once after ~2 s of thinking.
         kimi.script(
-            *[
-                Reply(
-                    reasoning="Thinking. " * 40, chunk_chars=20, chunk_delay=0.01, content="A short answer."
-                )
-                for _ in range(questions)
-            ]
+            *answers(
+                questions,
+                reasoning="Thinking. " * 40,
+                content="A short answer.",
+                chunk_chars=20,
+                chunk_delay=0.01,
+            )
         )
         short = [await one(bot, slack, f"C0SHORT{i:03d}", f"1700000100.{i:06d}") for i in range(questions)]
         # Streamed answers: ~2,000 characters arriving over ~4 s.
         kimi.script(
-            *[
-                Reply(
-                    reasoning="Thinking. " * 10,
-                    content="Some words of the answer. " * 80,
-                    chunk_chars=40,
-                    chunk_delay=0.08,
-                )
-                for _ in range(questions // 4 or 1)
-            ]
+            *answers(
+                questions // 4 or 1,
+                reasoning="Thinking. " * 10,
+                content="Some words of the answer. " * 80,
+                chunk_chars=40,
+                chunk_delay=0.08,
+            )
         )
         streamed = [
             await one(bot, slack, f"C0STREAM{i:03d}", f"1700000200.{i:06d}")
@@ -101,10 +92,13 @@ async def main(questions: int) -> None:
         ]
         # Many at once: every question in flight together (placeholders, updates, streams all competing).
         kimi.script(
-            *[
-                Reply(content="Concurrent answer. " * 60, chunk_chars=60, chunk_delay=0.05)
-                for _ in range(questions)
-            ]
+            *answers(
+                questions,
+                reasoning="Thinking.",
+                content="Concurrent answer. " * 60,
+                chunk_chars=60,
+                chunk_delay=0.05,
+            )
         )
         started = time.monotonic()
         for i in range(questions):

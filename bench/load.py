@@ -21,14 +21,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import aiohttp
-from redis.asyncio import Redis
 
+from bench.common import REDIS_URL, answers, start_fakes
 from tests.fakes.kimi_api import API_KEY, FakeKimi, Reply
 from tests.fakes.slack_api import TOKEN, FakeSlack
 from tests.slack_requests import ALICE, SIGNING_SECRET, envelope, json_body, mention, sign
 from tests.test_serve_process import ServeProcess, free_port
 
-REDIS_URL = os.environ.get("KIMIBOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 CHANNELS = 10
 
 
@@ -145,23 +144,16 @@ def report(rnd: Round, slack: FakeSlack, kimi: FakeKimi) -> None:
 
 
 async def main(questions: int) -> None:
-    await Redis.from_url(REDIS_URL).flushdb()
-    slack, kimi = FakeSlack(), FakeKimi()
-    slack.add_user(ALICE, "alice")
-    slack.enforce_limits = True
-    await slack.start()
-    await kimi.start()
+    slack, kimi = await start_fakes()
     # Slow answers: ~1.5 s of reasoning, then ~1,600 characters over ~2 s.
     kimi.script(
-        *[
-            Reply(
-                reasoning="Let me think this through. " * 12,
-                content="Part of the answer. " * 80,
-                chunk_chars=40,
-                chunk_delay=0.05,
-            )
-            for _ in range(2 * questions)
-        ]
+        *answers(
+            2 * questions,
+            reasoning="Let me think this through. " * 12,
+            content="Part of the answer. " * 80,
+            chunk_chars=40,
+            chunk_delay=0.05,
+        )
     )
     workdir = Path(tempfile.mkdtemp())
     env = {

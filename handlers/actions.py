@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp
@@ -25,6 +26,13 @@ from bot.work import turn_job
 
 log = logging.getLogger(__name__)
 GONE = "I no longer have that answer's details (threads are kept for a limited time)."
+
+
+@dataclass(frozen=True)
+class Clicked:
+    ref: AnswerRef
+    thread: ThreadKey
+    user: str
 
 
 def where(body: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -53,35 +61,53 @@ def register(app: AsyncApp, deps: Deps) -> None:
         if channel and ts:
             await deps.stops.request(channel, ts, user)
 
-    async def on_reasoning(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
-        await ack()
+    async def exchange(
+        body: dict[str, Any], action: dict[str, Any]
+    ) -> tuple[Clicked, dict[str, Any], dict[str, Any] | None] | None:
+        """The click, and the stored question and answer its button is about; None (after telling the
+        user) when the thread's history has expired."""
         ref = AnswerRef.parse(str(action["value"]))
         team, channel, user, _ = where(body)
-        state = await deps.threads.load(ThreadKey(team, channel, ref.thread_ts))
-        _, reply = find_exchange(state.entries, ref.question_ts)
-        if reply is None:
+        thread = ThreadKey(team, channel, ref.thread_ts)
+        question, reply = find_exchange((await deps.threads.load(thread)).entries, ref.question_ts)
+        if question is None:
             await tell(channel, user, ref.thread_ts, GONE)
+            return None
+        return Clicked(ref, thread, user), question, reply
+
+    async def on_reasoning(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        await ack()
+        found = await exchange(body, action)
+        if found is None:
+            return
+        clicked, _, reply = found
+        if reply is None:
+            await tell(clicked.thread.channel, clicked.user, clicked.thread.thread_ts, GONE)
             return
         view = reasoning_modal(str(reply.get("reasoning_content") or ""), float(reply.get("thinking_s") or 0))
         await deps.slack.views_open(trigger_id=body["trigger_id"], view=view)
 
     async def on_regenerate(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
-        ref = AnswerRef.parse(str(action["value"]))
-        team, channel, user, _ = where(body)
-        state = await deps.threads.load(ThreadKey(team, channel, ref.thread_ts))
-        question, _ = find_exchange(state.entries, ref.question_ts)
-        if question is None:
-            await tell(channel, user, ref.thread_ts, GONE)
+        found = await exchange(body, action)
+        if found is None:
             return
+        clicked, question, _ = found
         clicked_at = str(action.get("action_ts") or "")
-        thread = ThreadKey(team, channel, ref.thread_ts)
-        seq = await deps.threads.admit(thread, clicked_at, deps.settings.dedup_ttl_seconds)
+        seq = await deps.threads.admit(clicked.thread, clicked_at, deps.settings.dedup_ttl_seconds)
         if seq is None:  # the same click delivered twice
             return
         text = str(question.get("text") or str(question.get("content", "")).partition(": ")[2])
+        thread = clicked.thread
         turn = Turn(
-            Source.REGENERATE, team, channel, user, text, ts=clicked_at, thread_ts=ref.thread_ts, seq=seq
+            Source.REGENERATE,
+            thread.team_id,
+            thread.channel,
+            clicked.user,
+            text,
+            ts=clicked_at,
+            thread_ts=thread.thread_ts,
+            seq=seq,
         )
         await deps.queue.put("turn", turn_job(turn))
 
