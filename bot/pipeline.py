@@ -139,6 +139,7 @@ async def answer(turn: Turn, deps: Deps, job_id: str = "") -> None:
     )
     if progress.get("delivered"):
         log.info("job already delivered; not answering again", extra=turn_log(turn, job=job_id))
+        await _finish_turn(turn, deps)  # it may have died just before letting the next question go
         return
 
     async def save_progress(**fields: str) -> None:

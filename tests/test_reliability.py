@@ -206,3 +206,34 @@ async def test_the_worker_survives_a_redis_outage_and_resumes(
     await bot.send_event(mention("back again?", "1700000007.000600"))
     await bot.settle()
     assert len(fake_slack.bodies(CHANNEL, "1700000007.000600")) == 1
+
+
+async def test_a_delivered_job_run_again_answers_nothing_and_lets_the_next_question_go(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    from bot.queue import Job
+    from bot.work import run_job, turn_job
+
+    root = "1700000007.000700"
+    await bot.send_event(mention("first", root))
+    await bot.settle()
+    state = await bot.deps.threads.load(bot.thread(root))
+    entries = state.entries
+    turn_data = {
+        "source": "mention",
+        "team_id": "T05KQ2R7JNB",
+        "channel": CHANNEL,
+        "user": "U04RZ8N2PQM",
+        "text": "first",
+        "ts": root,
+        "thread_ts": root,
+        "seq": 1,
+    }
+    # As if the worker died after delivering but before marking the question done.
+    await bot.deps.redis.set(f"kimibot:thread:{{{bot.thread(root)}}}:done", 0)
+    from bot.turn import Turn
+
+    await run_job(Job("0-1", "turn", turn_job(Turn.from_dict(turn_data))), bot.deps)
+    assert len(fake_kimi.requests) == 1 and len(fake_slack.bodies(CHANNEL, root)) == 1
+    assert (await bot.deps.threads.load(bot.thread(root))).done == 1
+    assert len((await bot.deps.threads.load(bot.thread(root))).entries) == len(entries)
