@@ -90,6 +90,6 @@ def fit(
         while start < last and entries[start].get("role") != "user":
             start += 1
     too_long = bool(entries) and total(start) > budget_tokens
-    messages = [system, *(to_message(e) for e in entries[start:])]
+    messages = to_messages(system_prompt, entries[start:])
     raw_estimate = sum(estimate_tokens(m) for m in messages)
     return Fit(start, messages, raw_estimate, too_long)

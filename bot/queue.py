@@ -33,7 +33,6 @@ class Job:
     kind: str  # "turn", "command", "greet"
     data: dict[str, Any]
     attempt: int = 1
-    delivered: int = 1  # how many times the stream has handed out this entry
 
     @property
     def job_id(self) -> str:

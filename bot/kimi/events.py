@@ -25,10 +25,6 @@ class Usage:
     completion_tokens: int
     cached_tokens: int = 0
 
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
 
 Event = Reasoning | Text
 

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 MARKDOWN_TEXT_LIMIT = 12_000  # chat.postMessage / startStream markdown_text, and a markdown block
 CHAT_UPDATE_TEXT_LIMIT = 4_000  # chat.update text
 SECTION_TEXT_LIMIT = 3_000  # section block text
-MESSAGE_TEXT_LIMIT = 40_000  # text, beyond which Slack truncates
-MAX_BLOCKS = 50
 FOOTER_RESERVE = 400  # room kept in the last piece for the footer line
 
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")

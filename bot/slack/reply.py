@@ -30,7 +30,13 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot.slack.blocks import GREETING, SUGGESTED_PROMPTS, latest_thought, thinking_view, thought_summary
 from bot.slack.pacing import Pacer
-from bot.slack.render import CHAT_UPDATE_TEXT_LIMIT, MARKDOWN_TEXT_LIMIT, open_fence, split_markdown
+from bot.slack.render import (
+    CHAT_UPDATE_TEXT_LIMIT,
+    MARKDOWN_TEXT_LIMIT,
+    SECTION_TEXT_LIMIT,
+    open_fence,
+    split_markdown,
+)
 from bot.turn import Turn
 
 log = logging.getLogger(__name__)
@@ -103,7 +109,7 @@ def markdown_blocks(text: str) -> list[dict[str, Any]]:
 
 def fallback_text(text: str) -> str:
     """The plain `text` that goes with blocks (notifications, old clients), within chat.update's limit."""
-    return text if len(text) <= 3_000 else text[:2_999] + "…"
+    return text if len(text) <= SECTION_TEXT_LIMIT else text[: SECTION_TEXT_LIMIT - 1] + "…"
 
 
 def close_fence(text: str, marker: str) -> str:
