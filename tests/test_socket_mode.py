@@ -54,3 +54,44 @@ async def test_socket_mode_acks_envelopes_and_answers_once(
         if bot.process.poll() is None:
             bot.process.kill()
     assert fake_slack.problems == []
+
+
+async def test_two_socket_mode_replicas_answer_each_event_once(
+    fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path
+) -> None:
+    base = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "SLACK_BOT_TOKEN": TOKEN,
+        "SLACK_APP_TOKEN": APP_TOKEN,
+        "SLACK_API_URL": fake_slack.api_url,
+        "MOONSHOT_API_KEY": API_KEY,
+        "KIMI_BASE_URL": fake_kimi.base_url,
+        "REDIS_URL": redis_url,
+    }
+    replicas = [ServeProcess({**base, "PORT": str(free_port())}, tmp_path) for _ in range(2)]
+    try:
+        async with aiohttp.ClientSession() as session:
+            for replica in replicas:
+                await replica.wait_healthy(session)
+        await wait_for(lambda: len(fake_slack.sockets) == 2)
+        roots = []
+        for i in range(5):
+            root = fake_slack.seed(CHANNEL, user="U04RZ8N2PQM", text=f"question {i}")
+            roots.append(root)
+            # Every connection gets the envelope (as when Slack retries on another connection).
+            await fake_slack.send_envelope(
+                "events_api", envelope(mention(f"question {i}", root)), f"env-r{i}"
+            )
+        for root in roots:
+            await wait_for(lambda root=root: answered(fake_slack, CHANNEL, root, 1))
+        await asyncio.sleep(0.3)
+        assert all(len(fake_slack.bodies(CHANNEL, root)) == 1 for root in roots)
+        assert len(fake_kimi.requests) == 5
+        for replica in replicas:
+            code, output = await replica.terminate()
+            assert code == 0, output
+    finally:
+        for replica in replicas:
+            if replica.process.poll() is None:
+                replica.process.kill()
