@@ -66,7 +66,7 @@ async def test_the_thinking_view_shows_elapsed_time_and_the_latest_thought(
     shown = json.dumps(views[-1]["blocks"])
     assert "Thinking" in shown and "s)" in shown
     assert any(s in shown for s in ("recall what Redis", "compare them with lists", "Finally decide"))
-    assert fake_slack.bodies(CHANNEL, "1700000005.000200")[0].startswith("Use streams.")
+    assert fake_slack.answer_parts(CHANNEL, "1700000005.000200") == ["Use streams."]
 
 
 async def test_a_stream_slack_closes_mid_answer_continues_in_a_new_message_exactly_once(
