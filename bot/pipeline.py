@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from bot.admission import strip_mention
 from bot.context import calibrate, fit, user_entry
@@ -24,6 +24,7 @@ from bot.store import ThreadState
 from bot.turn import Turn
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TURN_WAIT_S = 600  # longest a question waits for the one before it in its thread
 EMPTY_QUESTION = "Hi! Ask me anything: mention me with a question, or reply in this thread."
@@ -126,16 +127,17 @@ def stop_value(turn: Turn) -> str:
     return f"{turn.channel}:{turn.ts}"
 
 
-async def _nothing() -> None:
-    return None
+async def _given(value: T) -> T:
+    """A value where a coroutine is expected (for gather)."""
+    return value
 
 
 async def answer(turn: Turn, deps: Deps, job_id: str = "") -> None:
     """Answer one turn, after the questions before it in its thread, exactly once per job."""
     progress, name, state = await asyncio.gather(  # what the job needs, fetched at once
-        deps.progress.load(job_id) if job_id else asyncio.sleep(0, {}),
+        deps.progress.load(job_id) if job_id else _given({}),
         speaker_name(deps, turn.team_id, turn.user),
-        deps.threads.load(turn.thread) if turn.in_slack_thread else _nothing(),
+        deps.threads.load(turn.thread) if turn.in_slack_thread else _given(None),
     )
     if progress.get("delivered"):
         log.info("job already delivered; not answering again", extra=turn_log(turn, job=job_id))
