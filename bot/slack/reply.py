@@ -292,13 +292,7 @@ class ReplyWriter:
             for index, ts in enumerate(self.answer_ts):
                 with contextlib.suppress(Exception):
                     if index == 0:
-                        await self._call(
-                            "chat.update",
-                            channel=self.turn.channel,
-                            ts=ts,
-                            text=note,
-                            blocks=markdown_blocks(note),
-                        )
+                        await self._set_message(ts, note)
                     else:
                         await self._call("chat.delete", channel=self.turn.channel, ts=ts)
             self.answer, self.sent, self.mode, self.message_ts, self.message_text = "", 0, None, None, ""
@@ -322,13 +316,7 @@ class ReplyWriter:
             ):
                 # A short answer that came at once: it simply replaces the placeholder.
                 text = self.answer or "_(no answer)_"
-                await self._call(
-                    "chat.update",
-                    channel=self.turn.channel,
-                    ts=self.placeholder_ts,
-                    text=fallback_text(text),
-                    blocks=markdown_blocks(text) + closing_blocks,
-                )
+                await self._set_message(str(self.placeholder_ts), text, closing_blocks)
                 self.placeholder_free = False
                 self.sent = len(self.answer)
                 await self._remember(str(self.placeholder_ts))
@@ -668,22 +656,10 @@ class ReplyWriter:
             except SlackApiError as exc:
                 log.info("stream could not be closed with its footer", extra={"error": slack_error(exc)})
         elif self.mode == "update" and self.message_ts:
-            await self._call(
-                "chat.update",
-                channel=self.turn.channel,
-                ts=self.message_ts,
-                text=fallback_text(self.message_text),
-                blocks=markdown_blocks(self.message_text) + closing_blocks,
-            )
+            await self._set_message(self.message_ts, self.message_text, closing_blocks)
             return
         elif not self.answer_ts and self.placeholder_free and self.placeholder_ts:  # no text (stopped early)
-            await self._call(
-                "chat.update",
-                channel=self.turn.channel,
-                ts=self.placeholder_ts,
-                text=fallback_text(self.answer or "(no answer)"),
-                blocks=markdown_blocks(self.answer or "_(no answer)_") + closing_blocks,
-            )
+            await self._set_message(self.placeholder_ts, self.answer or "_(no answer)_", closing_blocks)
             self.placeholder_free = False
             return
         await self._call(
