@@ -15,12 +15,11 @@ from tests.slack_requests import CHANNEL, command_body, envelope, mention
 from tests.test_serve_process import ServeProcess, answered, free_port, wait_for
 
 
-async def test_socket_mode_acks_envelopes_and_answers_once(
-    fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path
-) -> None:
-    env = {
+def socket_mode_env(fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, home: Path) -> dict[str, str]:
+    """`kimibot serve` in Socket Mode against the fakes, with a port of its own for /healthz."""
+    return {
         "PATH": os.environ.get("PATH", ""),
-        "HOME": str(tmp_path),
+        "HOME": str(home),
         "SLACK_BOT_TOKEN": TOKEN,
         "SLACK_APP_TOKEN": APP_TOKEN,
         "SLACK_API_URL": fake_slack.api_url,
@@ -29,7 +28,12 @@ async def test_socket_mode_acks_envelopes_and_answers_once(
         "REDIS_URL": redis_url,
         "PORT": str(free_port()),
     }
-    bot = ServeProcess(env, tmp_path)
+
+
+async def test_socket_mode_acks_envelopes_and_answers_once(
+    fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path
+) -> None:
+    bot = ServeProcess(socket_mode_env(fake_slack, fake_kimi, redis_url, tmp_path), tmp_path)
     try:
         async with aiohttp.ClientSession() as session:
             await bot.wait_healthy(session)  # /healthz is served in Socket Mode too
@@ -59,17 +63,9 @@ async def test_socket_mode_acks_envelopes_and_answers_once(
 async def test_two_socket_mode_replicas_answer_each_event_once(
     fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path
 ) -> None:
-    base = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(tmp_path),
-        "SLACK_BOT_TOKEN": TOKEN,
-        "SLACK_APP_TOKEN": APP_TOKEN,
-        "SLACK_API_URL": fake_slack.api_url,
-        "MOONSHOT_API_KEY": API_KEY,
-        "KIMI_BASE_URL": fake_kimi.base_url,
-        "REDIS_URL": redis_url,
-    }
-    replicas = [ServeProcess({**base, "PORT": str(free_port())}, tmp_path) for _ in range(2)]
+    replicas = [
+        ServeProcess(socket_mode_env(fake_slack, fake_kimi, redis_url, tmp_path), tmp_path) for _ in range(2)
+    ]
     try:
         async with aiohttp.ClientSession() as session:
             for replica in replicas:
