@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi, Reply
 from tests.fakes.slack_api import FakeSlack
 from tests.slack_requests import BOB, CHANNEL, mention, message
+from tests.test_serve_process import free_port
 
 LONG = "\n\n".join(f"Paragraph {i}: " + "words of a long answer " * 10 for i in range(30))
 
@@ -103,12 +103,6 @@ async def test_two_replicas_answer_ten_questions_once_each_while_retries_hit_the
     for i in range(10):
         assert len(fake_slack.bodies(CHANNEL, f"1700000007.{400 + i:06d}")) == 1
     assert len(fake_kimi.requests) == 10
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PrivateRedis:
