@@ -61,3 +61,17 @@ def test_footer_names_model_time_tokens_and_left_out_turns() -> None:
         and "1,500 in" in line
         and "4 earlier messages left out" in line
     )
+
+
+def test_message_cuts_prefer_paragraphs_then_lines_and_never_split_a_line_when_appending() -> None:
+    from bot.slack.render import close_fence, cut_point, fitting_cut
+
+    text = "first paragraph\n\nsecond line one\nsecond line two"
+    assert fitting_cut(text, 100) == len(text)  # fits whole
+    assert text[: fitting_cut(text, 30)] == "first paragraph\n\n"  # a paragraph end before a later line end
+    assert "one\ntwo\nthree"[: fitting_cut("one\ntwo\nthree", 9)] == "one\ntwo\n"  # else the last line end
+    assert fitting_cut("no line ends here at all", 10) == 0  # better to start the next message
+    assert fitting_cut(text, 0) == 0
+    assert text[: cut_point(text, 20)] == "first paragraph\n\n"
+    assert cut_point("x" * 50, 20) == 20  # no boundary: a hard cut, as a last resort
+    assert close_fence("code\n", "```") == "```" and close_fence("code", "```") == "\n```"

@@ -146,6 +146,36 @@ def open_fence(markdown: str) -> Unit | None:
     return current
 
 
+def close_fence(text: str, marker: str) -> str:
+    """The characters that close an open fence at the end of `text`, on a line of their own."""
+    return marker if text.endswith("\n") else f"\n{marker}"
+
+
+def fitting_cut(text: str, room: int) -> int:
+    """How much of `text` to add to a message with `room` left: all of it if it fits, else up to the
+    last paragraph or line end that fits, else 0 (better to start the next message)."""
+    if len(text) <= room:
+        return len(text)
+    if room <= 0:
+        return 0
+    for separator in ("\n\n", "\n"):
+        cut = text.rfind(separator, 0, room)
+        if cut > 0:
+            return cut + len(separator)
+    return 0
+
+
+def cut_point(text: str, room: int) -> int:
+    """Where to end a message holding at most `room` characters: a paragraph end, else a line end."""
+    if len(text) <= room:
+        return len(text)
+    for separator in ("\n\n", "\n", " "):
+        cut = text.rfind(separator, room // 2, room)
+        if cut > 0:
+            return cut + len(separator)
+    return room
+
+
 def footer(
     model: str,
     seconds: float,
