@@ -31,6 +31,7 @@ WHERE_TO_GET: dict[str, str] = {
     "KIMI_BASE_URL": "an http(s) URL, default https://api.moonshot.ai/v1 (China: https://api.moonshot.cn/v1)",
     "KIMI_MODEL": "a model id such as kimi-k2.6, kimi-k2.7-code or kimi-k3",
     "REDIS_URL": "a redis:// or rediss:// URL, e.g. redis://localhost:6379/0",
+    "REDIS_CLUSTER": "auto (detect a Redis Cluster node at REDIS_URL), true or false",
     "PORT": "a TCP port number between 1 and 65535",
 }
 
@@ -57,6 +58,7 @@ class Settings(BaseSettings):
     kimi_base_url: str = "https://api.moonshot.ai/v1"
     kimi_model: str = "kimi-k2.6"
     redis_url: str = "redis://localhost:6379/0"
+    redis_cluster: Literal["auto", "true", "false"] = "auto"  # is REDIS_URL a Redis Cluster node?
     port: int = Field(default=3000, ge=1, le=65535)
 
     # --- Model behaviour ---
