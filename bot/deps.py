@@ -16,6 +16,7 @@ from bot.kimi.client import KimiClient
 from bot.kimi.profiles import profile_for
 from bot.metrics import CountingRateLimitHandler, Metrics
 from bot.queue import JobQueue, consumer_name
+from bot.redis_client import build_redis
 from bot.settings import Settings
 from bot.slack.pacing import Pacer
 from bot.slack.reply import Pace
@@ -89,9 +90,7 @@ def build_deps(settings: Settings) -> Deps:
             "unknown model id: using a conservative profile (128k window, 16k output, no extra parameters)",
             extra={"model": settings.kimi_model},
         )
-    redis = Redis.from_url(
-        settings.redis_url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30
-    )
+    redis = build_redis(settings.redis_url, settings.redis_cluster)
     kimi = KimiClient(
         api_key=settings.moonshot_api_key,
         base_url=settings.kimi_base_url,

@@ -1,0 +1,140 @@
+"""kimibot's one Redis client: a single Redis or a Redis Cluster, with timeouts that answer Slack in time.
+
+`REDIS_CLUSTER=auto` (the default) asks the server at `REDIS_URL` once, when the client is built, whether
+it is a cluster node (`INFO cluster` -> `cluster_enabled:1`). It asks with a short synchronous probe
+(one attempt, 1 s to connect, 1 s to answer) because `build_deps` is synchronous and every caller uses the
+client right after; a client that decides lazily would have to defer `pipeline()` and every other
+synchronous call as well, for the sake of the first few milliseconds. If Redis cannot be reached at that
+moment, the client is built for a single Redis and a warning says how to make the choice explicit
+(`REDIS_CLUSTER=true`); a cluster needs `REDIS_CLUSTER=true` (or a restart once Redis is up) in that case.
+
+Timeouts: every call gives up after `SOCKET_TIMEOUT_S` without an answer (redis-py's default is 5 s, and its
+default Retry would repeat a timed-out call up to 10 times). A timed-out call is not repeated: the caller
+sees `redis.exceptions.TimeoutError` within ~2 s and can answer Slack 503 in time. A dropped connection
+is retried once, at once, on a new connection (a server restart leaves stale pooled connections).
+Blocking commands (BLPOP, XREADGROUP BLOCK) must wait at most `MAX_BLOCK_S`, less than the read timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, cast
+from urllib.parse import urlparse
+
+import redis
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    ConnectionError,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+)
+from redis.retry import Retry as SyncRetry
+
+log = logging.getLogger(__name__)
+
+SOCKET_TIMEOUT_S = 2.0  # longest wait for any one answer from Redis
+CONNECT_TIMEOUT_S = 1.0  # longest wait for a new connection
+MAX_BLOCK_S = 1.0  # longest timeout a blocking command may ask for; below SOCKET_TIMEOUT_S
+HEALTH_CHECK_S = 30  # PING a pooled connection idle for this long before using it again
+PROBE_TIMEOUT_S = 1.0
+
+ClusterSetting = Literal["auto", "true", "false"]
+
+
+class KimibotRedisCluster(RedisCluster):
+    """RedisCluster that does not repeat a timed-out command (it still re-maps and retries once after a
+    dropped connection or a cluster that is failing over): a silent node costs one socket timeout, not
+    eleven."""
+
+    ERRORS_ALLOW_RETRY = (ConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]
+
+
+def _retry() -> Retry:
+    return Retry(NoBackoff(), retries=1, supported_errors=(ConnectionError,))
+
+
+def _common_options() -> dict[str, Any]:
+    return {
+        "decode_responses": True,
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "health_check_interval": HEALTH_CHECK_S,
+        "retry": _retry(),
+    }
+
+
+def probe_cluster(url: str) -> bool | None:
+    """Is the server at `url` a Redis Cluster node? None when it cannot be reached (or will not say)."""
+    if urlparse(url).scheme == "unix":
+        return False  # Redis Cluster does not serve unix sockets
+    client = redis.Redis.from_url(
+        url,
+        socket_timeout=PROBE_TIMEOUT_S,
+        socket_connect_timeout=PROBE_TIMEOUT_S,
+        retry=SyncRetry(NoBackoff(), retries=0),
+    )
+    client.connection_pool.connection_kwargs["db"] = 0  # a cluster node refuses SELECT n
+    try:
+        try:
+            info = client.info("cluster")
+            return bool(int(info.get("cluster_enabled") or 0))
+        except ResponseError:  # INFO not allowed (ACLs, some managed services): ask CLUSTER itself
+            try:
+                client.execute_command("CLUSTER", "MYID")  # type: ignore[no-untyped-call]
+                return True
+            except ResponseError as exc:
+                return False if "cluster support disabled" in str(exc).lower() else None
+    except RedisError as exc:
+        log.warning(
+            "could not ask Redis whether it is a cluster; using it as a single Redis "
+            "(set REDIS_CLUSTER=true or false to skip the question)",
+            extra={"error": f"{type(exc).__name__}: {exc}"},
+        )
+        return None
+    finally:
+        client.close()
+
+
+def use_cluster(url: str, setting: ClusterSetting) -> bool:
+    if setting != "auto":
+        return setting == "true"
+    return bool(probe_cluster(url))
+
+
+def database_of(url: str) -> int:
+    """The logical database a redis:// URL selects (path /N or ?db=N), 0 when none."""
+    parsed = urlparse(url)
+    for part in parsed.query.split("&"):
+        if part.startswith("db="):
+            return int(part[3:] or 0)
+    path = parsed.path.strip("/")
+    return int(path) if path.isdigit() else 0
+
+
+def build_redis(url: str, setting: ClusterSetting = "auto") -> Redis:
+    """The client for REDIS_URL. Typed as `Redis`: a RedisCluster answers the same commands, and kimibot
+    keeps every multi-key script, transaction and pipeline within one hash slot (bot/store.py)."""
+    if not use_cluster(url, setting):
+        return Redis.from_url(url, **_common_options())
+    if database_of(url) != 0:
+        # Imported here: settings imports nothing from us, and this is the one error it does not catch.
+        from bot.settings import SettingsError
+
+        raise SettingsError(
+            [
+                f"REDIS_URL selects database {database_of(url)}, but it is a Redis Cluster node and "
+                "a cluster has only database 0. Expected: the same URL ending in /0."
+            ]
+        )
+    log.info("Redis at REDIS_URL is a cluster: using the cluster client")
+    cluster = KimibotRedisCluster.from_url(url, **_common_options())
+    return cast(Redis, cluster)
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster)
