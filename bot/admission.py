@@ -1,8 +1,8 @@
 """The one place that says "answer this" or "ignore it", for every message event.
 
 `decide` is pure: it gets the event and the facts it needs, and returns a Decision. `admit` adds the
-Redis facts and the claim (channel + ts, under the thread's key) that makes sure one user message
-gets one answer, whichever event brings it and however often.
+Redis facts. The claim (channel + ts, under the thread's key) that makes sure one user message gets one
+answer, whichever event brings it and however often, is taken when the turn is queued.
 """
 
 from __future__ import annotations
@@ -122,12 +122,12 @@ async def admit(
     event: dict[str, Any],
     *,
     threads: ThreadStore,
-    dedup_ttl_s: int,
     bot_user_id: str,
     bot_id: str,
 ) -> Turn | None:
-    """decide() plus the Redis facts it needs: is the thread ours (thread replies only), and is this
-    message new; then the turn's claim, its thread marked ours and its place in line, in one round trip."""
+    """decide() plus the Redis facts it needs: is the thread ours (thread replies only), and is it a thread
+    of Slack's assistant panel (DMs only). The claim that makes one message one answer is taken where the
+    turn is queued (bot/queue.py), in the same step."""
     engaged = False
     if (
         event.get("type") == "message"
@@ -143,17 +143,10 @@ async def admit(
         log.debug("ignored", extra={"why": decision.why, "event_id": body.get("event_id")})
         return None
     turn = turn_from_event(body, event, decision.source, bot_user_id)
-    seq = await threads.admit(turn.thread, turn.ts, dedup_ttl_s)
-    if seq is None:
-        log.info(
-            "duplicate delivery ignored",
-            extra={"channel": turn.channel, "ts": turn.ts, "event_id": body.get("event_id")},
-        )
-        return None
     if (
         decision.source is Source.DM
         and not turn.opens_thread
         and await threads.is_assistant_thread(turn.thread)
     ):
         turn = replace(turn, assistant_thread=True)
-    return replace(turn, seq=seq)
+    return turn

@@ -20,7 +20,7 @@ from bot.redis_client import build_redis
 from bot.settings import Settings
 from bot.slack.pacing import Pacer
 from bot.slack.reply import Pace
-from bot.store import Feedback, JobProgress, Stops, ThreadStore, Usage, UserNames
+from bot.store import Feedback, Stops, ThreadStore, Usage, UserNames
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ class Deps:
     names: UserNames
     usage: Usage
     queue: JobQueue
-    progress: JobProgress
     stops: Stops
     feedback: Feedback
     metrics: Metrics = field(default_factory=Metrics)
@@ -113,8 +112,12 @@ def build_deps(settings: Settings) -> Deps:
         threads=ThreadStore(redis, settings.thread_ttl_seconds),
         names=UserNames(redis),
         usage=Usage(redis),
-        queue=JobQueue(redis, consumer=consumer_name(), visibility_s=settings.job_visibility_timeout),
-        progress=JobProgress(redis),
+        queue=JobQueue(
+            redis,
+            consumer=consumer_name(),
+            visibility_s=settings.job_visibility_timeout,
+            thread_ttl_s=settings.thread_ttl_seconds,
+        ),
         stops=Stops(redis),
         feedback=Feedback(redis),
     )

@@ -12,11 +12,14 @@ import logging
 import time
 from typing import Any, TypeVar
 
+from redis.exceptions import RedisError
+
 from bot.admission import strip_mention
 from bot.context import calibrate, fit, user_entry
 from bot.deps import Deps
 from bot.errors import ADMIN_REASONS, RETRYABLE_REASONS, AnswerError, Reason
 from bot.kimi.events import Accumulator, Event, Text
+from bot.queue import Job, Lease, LeaseLost
 from bot.slack.blocks import AnswerRef, answer_blocks, failure_blocks
 from bot.slack.render import footer
 from bot.slack.reply import ReplyWriter, describe
@@ -26,7 +29,6 @@ from bot.turn import Turn
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TURN_WAIT_S = 600  # longest a question waits for the one before it in its thread
 EMPTY_QUESTION = "Hi! Ask me anything: mention me with a question, or reply in this thread."
 
 
@@ -111,15 +113,9 @@ async def _history_entry(deps: Deps, turn: Turn, message: dict[str, Any]) -> dic
     return user_entry(name, strip_mention(text, me.user_id), ts=ts, user=user)
 
 
-def find_exchange(
-    entries: list[dict[str, Any]], question_ts: str
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The stored question with this ts, and the assistant answer that followed it (if any)."""
-    for index, entry in enumerate(entries):
-        if entry.get("role") == "user" and entry.get("ts") == question_ts:
-            following = entries[index + 1] if index + 1 < len(entries) else None
-            return entry, following if following and following.get("role") == "assistant" else None
-    return None, None
+async def _given(value: T) -> T:
+    """A value where a coroutine is expected (for gather)."""
+    return value
 
 
 def stop_value(turn: Turn) -> str:
@@ -127,34 +123,13 @@ def stop_value(turn: Turn) -> str:
     return f"{turn.channel}:{turn.ts}"
 
 
-async def _given(value: T) -> T:
-    """A value where a coroutine is expected (for gather)."""
-    return value
-
-
-async def answer(turn: Turn, deps: Deps, job_id: str = "") -> None:
-    """Answer one turn, after the questions before it in its thread, exactly once per job."""
-    progress, name, state = await asyncio.gather(  # what the job needs, fetched at once
-        deps.progress.load(job_id) if job_id else _given({}),
-        speaker_name(deps, turn.team_id, turn.user),
-        deps.threads.load(turn.thread) if turn.in_slack_thread else _given(None),
-    )
-    if progress.get("delivered"):
-        log.info("job already delivered; not answering again", extra=turn_log(turn, job=job_id))
-        await _finish_turn(turn, deps)  # it may have died just before letting the next question go
-        return
+async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
+    """Answer one turn (the head job of its thread, under the thread's lease). Every outcome is recorded
+    with the job's completion: the answer, or one sentence with a reference id telling the user why not."""
+    kimi_task: list[asyncio.Task[Accumulator]] = []
 
     async def save_progress(**fields: str) -> None:
-        if job_id:
-            await deps.progress.save(job_id, **fields)
-
-    if not turn.text.strip():
-        writer = ReplyWriter(deps.slack, turn, pacer=deps.pacer, pace=deps.pace)
-        await writer.notice(EMPTY_QUESTION)
-        await save_progress(delivered="1")
-        await _finish_turn(turn, deps)
-        return
-    kimi_task: list[asyncio.Task[Accumulator]] = []
+        await lease.save_progress(job, **fields)
 
     async def should_stop() -> bool:
         return await deps.stops.requested_by(turn.channel, turn.ts) is not None
@@ -171,40 +146,34 @@ async def answer(turn: Turn, deps: Deps, job_id: str = "") -> None:
         stop_value=stop_value(turn),
         should_stop=should_stop,
         on_stop=on_stop,
-        resume=progress,
         on_progress=save_progress,
+        fence=lease.guard,
     )
+    details = {"question": turn.text}
     try:
-        if state is not None and turn.seq and state.done < turn.seq - 1:
-            writer.start()  # waiting its turn: show the sign of life now
-            # Questions in a thread are answered in order, whichever process has them; the earlier
-            # answer is then part of this one's context.
-            if not await deps.threads.wait_turn(turn.thread, turn.seq, TURN_WAIT_S):
-                log.warning(
-                    "earlier question in the thread still not done; answering anyway", extra=turn_log(turn)
-                )
-            state = await deps.threads.load(turn.thread)
-        await _think_and_deliver(turn, deps, writer, kimi_task, name=name, state=state)
-        await save_progress(delivered="1")
+        progress, name, state = await asyncio.gather(  # what the job needs, fetched at once
+            lease.progress(job),
+            speaker_name(deps, turn.team_id, turn.user),
+            deps.threads.load(turn.thread) if turn.in_slack_thread else _given(None),
+        )
+        writer.resume = progress
+        if not turn.text.strip():
+            await writer.notice(EMPTY_QUESTION)
+            await lease.complete(job)
+            return
+        await _think_and_deliver(turn, deps, writer, kimi_task, lease, job, name=name, state=state)
     except AnswerError as exc:
         await _report(turn, writer, exc)
-        await save_progress(delivered="1")
-    except asyncio.CancelledError:
-        raise  # shutdown: the job goes back on the queue and its re-run replaces what was shown
+        await lease.complete(job, details=(turn.ts, details))
+    except (asyncio.CancelledError, LeaseLost, RedisError):
+        raise  # the job goes back on the queue (or to its new owner); a re-run replaces what was shown
     except Exception as exc:  # a bug or an outage: the user still hears back, with a reference
         error = AnswerError(Reason.INTERNAL, f"{type(exc).__name__}: {exc}")
         log.exception("answer failed", extra=turn_log(turn, reference=error.reference))
         await _report(turn, writer, error, logged=True)
-        await save_progress(delivered="1")
+        await lease.complete(job, details=(turn.ts, details))
     finally:
         await writer.close()
-    await _finish_turn(turn, deps)
-
-
-async def _finish_turn(turn: Turn, deps: Deps) -> None:
-    """Let the thread's next question go (it may be waiting in another process)."""
-    if turn.seq:
-        await deps.threads.finish_turn(turn.thread, turn.seq)
 
 
 async def _report(turn: Turn, writer: ReplyWriter, error: AnswerError, *, logged: bool = False) -> None:
@@ -231,6 +200,8 @@ async def _think_and_deliver(
     deps: Deps,
     writer: ReplyWriter,
     kimi_task: list[asyncio.Task[Accumulator]],
+    lease: Lease,
+    job: Job,
     *,
     name: str,
     state: ThreadState | None,
@@ -242,17 +213,19 @@ async def _think_and_deliver(
 
     entries: list[dict[str, Any]] = []
     meta: dict[str, str] = {}
+    offset = 0
     if state is not None:
-        entries, meta = state.entries, state.meta
+        entries, meta, offset = state.entries, state.meta, state.offset
         new_entries: list[dict[str, Any]] = []
-        if not entries and not turn.opens_thread:
+        if not entries and not offset and not turn.opens_thread:
             new_entries = await backfill(deps, turn)
-        if turn.assistant_thread and not any(e.get("role") == "user" for e in entries):
+        if turn.assistant_thread and not offset and not any(e.get("role") == "user" for e in entries):
             writer.title(turn.text)
         # A re-run of this turn finds its question already stored: don't store it twice.
         if not any(e.get("ts") == turn.ts and e.get("role") == "user" for e in entries):
             new_entries.append(question)
-        await deps.threads.append(turn.thread, *new_entries, answered=1)
+        # Stored before Kimi is asked, so no failure loses it (fenced: only while the thread is ours).
+        await lease.append(*new_entries, answered=1)
         entries = entries + new_entries
     else:
         entries = [question]
@@ -263,7 +236,7 @@ async def _think_and_deliver(
     fitted = fit(
         settings.system_prompt,
         entries,
-        start=int(meta.get("start", "0")),
+        start=max(int(meta.get("start", "0")) - offset, 0),
         budget_tokens=budget,
         calibration=calibration,
     )
@@ -278,7 +251,8 @@ async def _think_and_deliver(
         else:
             writer.reasoning(event.text)
 
-    log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=fitted.left_out))
+    left_out = offset + fitted.start
+    log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=left_out))
     task = asyncio.create_task(kimi.complete(fitted.messages, on_event=on_event, on_restart=writer.restarted))
     kimi_task.append(task)
     writer.start()  # the sign of life goes out right behind the request to Kimi (a no-op if already shown)
@@ -298,7 +272,7 @@ async def _think_and_deliver(
         elapsed,
         prompt_tokens,
         completion_tokens,
-        left_out=fitted.left_out,
+        left_out=left_out,
         truncated=acc.finish_reason == "length",
         thinking_s=thinking_s,
     )
@@ -313,8 +287,10 @@ async def _think_and_deliver(
     await _record(
         turn,
         deps,
+        lease,
+        job,
         acc,
-        fitted.start,
+        left_out,
         fitted.estimated_tokens,
         reply_ts,
         elapsed,
@@ -326,6 +302,8 @@ async def _think_and_deliver(
 async def _record(
     turn: Turn,
     deps: Deps,
+    lease: Lease,
+    job: Job,
     acc: Accumulator,
     start: int,
     estimated: int,
@@ -335,27 +313,38 @@ async def _record(
     history: bool,
     thinking_s: float,
 ) -> None:
+    """Usage first (Kimi was paid either way), then the answer and the job's completion in one step."""
     usage = acc.usage
     kimi = deps.kimi
-    if history:
-        entry = {
-            **acc.message(),
-            "ts": reply_ts[0] if reply_ts else "",
-            "reply_ts": reply_ts,
-            "model": kimi.model,
-            "usage": usage.__dict__ if usage else None,
-            "thinking_s": round(thinking_s, 3),
-            "elapsed_s": round(elapsed, 3),
-        }
-        meta: dict[str, str | int | float] = {"start": start}
-        if usage and usage.prompt_tokens:
-            meta["calibration"] = round(calibrate(estimated, usage.prompt_tokens), 4)
-        await deps.threads.append(turn.thread, entry, **meta)
     if usage:
         cost = kimi.profile.cost_usd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
         await deps.usage.record(
             turn.team_id, kimi.model, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, cost
         )
+    details = {"question": turn.text, "reasoning": acc.reasoning_text, "thinking_s": round(thinking_s, 3)}
+    entries: list[dict[str, Any]] = []
+    meta: dict[str, str | int | float] = {}
+    if history:
+        message = acc.message()
+        if not kimi.profile.replays_reasoning and not message.get("tool_calls"):
+            # This model ignores earlier turns' reasoning: keep it out of the history (Show reasoning reads
+            # it from the turn's details), so every later turn reads and sends less.
+            message.pop("reasoning_content", None)
+        entries.append(
+            {
+                **message,
+                "ts": reply_ts[0] if reply_ts else "",
+                "reply_ts": reply_ts,
+                "model": kimi.model,
+                "usage": usage.__dict__ if usage else None,
+                "thinking_s": round(thinking_s, 3),
+                "elapsed_s": round(elapsed, 3),
+            }
+        )
+        meta["start"] = start
+        if usage and usage.prompt_tokens:
+            meta["calibration"] = round(calibrate(estimated, usage.prompt_tokens), 4)
+    await lease.complete(job, *entries, details=(turn.ts, details), **meta)
     log.info(
         "answered",
         extra=turn_log(

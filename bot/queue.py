@@ -1,145 +1,475 @@
-"""Durable jobs on a Redis Stream with a consumer group.
+"""Durable jobs with one owner per thread: a per-thread inbox and a lease with a fencing token.
 
-The receiver adds a job (XADD) before it acks Slack, so an acked question is never lost. Workers read
-new jobs (XREADGROUP), keep their running jobs alive (XCLAIM to themselves resets the idle time), and
-take over jobs whose worker died (XAUTOCLAIM past the visibility timeout). A finished job is acked
-and deleted; a job a worker gives up at shutdown goes back on the stream for another worker.
+One mechanism owns ordering and exactly-once for a thread:
+
+- A question is queued at the end of its thread's *inbox* (a Redis list) in the same Lua call that
+  deduplicates it, so an acked question is always queued and a redelivery never queues it twice.
+- Threads with waiting jobs are listed in one sorted set (`ready`, score = when to look at it next, ms).
+- A worker *claims* a thread by taking its *lease* (SET NX PX) with a new *fencing token*, then answers the
+  thread's jobs one after the other, oldest first, renewing the lease as it goes. A waiting question holds
+  no worker slot: only a thread's head job runs.
+- Every Redis write a job makes to its thread checks the token, and Slack writes wait while the lease is not
+  confirmed (`Lease.guard`), so a worker that was cut off and lost its lease stops instead of writing over
+  its successor.
+- A worker that dies leaves its lease to expire (`JOB_VISIBILITY_TIMEOUT`); the thread is due again by then,
+  and the next claimant re-runs the head job, whose progress record says what the dead run already showed.
+- Each start of a job counts an attempt; past the limit the job goes to a dead-letter stream and the user is
+  told. Finishing a job (recording its answer) and removing it from the inbox are one atomic step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import secrets
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
-from bot.store import PREFIX
+from bot.store import DEAD_LETTER_KEY, INBOX_PATTERN, READY_KEY, ThreadKeys, dump_entry, thread_from_member
+from bot.turn import ThreadKey
 
 log = logging.getLogger(__name__)
 
-STREAM = f"{PREFIX}:jobs"
-GROUP = "kimibot-workers"
+DEAD_LETTER_MAXLEN = 10_000
+PROGRESS_TTL_S = 2 * 86_400
+LOST = -1  # what the fenced scripts return when the caller no longer holds the lease
+
+# KEYS: seen, meta, inbox (one thread's hash tag, so one slot). ARGV: dedup TTL, thread TTL, the job (JSON),
+# '1' to mark the thread as one the bot answers in, '1' to claim `seen` (deduplicate) first.
+# Claim the message and queue its job in one step: a stall between the two can no longer leave a claimed
+# question that was never queued (its redelivery would be dropped as a duplicate). Returns the inbox length,
+# or -1 when the message was already claimed.
+_ENQUEUE = """
+if ARGV[5] == '1' and not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return -1 end
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[2], 'answered', '1')
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+local n = redis.call('RPUSH', KEYS[3], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+return n
+"""
+
+# KEYS: lease, fence, inbox. ARGV: owner, lease ms. -> {1, token} | {0, lease ms left} | {-1} (nothing to do)
+_CLAIM = """
+if redis.call('LLEN', KEYS[3]) == 0 then return {-1} end
+local left = redis.call('PTTL', KEYS[1])
+if left ~= -2 then return {0, left} end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
+return {1, token}
+"""
+
+# KEYS: lease. ARGV: holder, lease ms.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: lease, inbox, attempts. ARGV: holder. -> {-1} lost | {0} empty | {1, job, attempt}
+_BEGIN = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
+local head = redis.call('LINDEX', KEYS[2], 0)
+if not head then return {0} end
+local attempt = redis.call('HINCRBY', KEYS[3], head, 1)
+redis.call('EXPIRE', KEYS[3], 86400)
+return {1, head, attempt}
+"""
+
+# KEYS: lease, progress. ARGV: holder, ttl s, field, value, field, value...
+_SAVE_PROGRESS = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+# KEYS: lease, history, meta. ARGV: holder, thread ttl s, n entries, entries..., meta field, value...
+_APPEND = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local n = tonumber(ARGV[3])
+for i = 4, 3 + n do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 4 + n, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+return 1
+"""
+
+# Record a job's outcome and take it off the inbox in one step, so a crash can never leave an answer
+# recorded but its job still waiting (a re-run would answer again), nor the reverse.
+# KEYS: lease, inbox, attempts, progress, history, meta, turns.
+# ARGV: holder, thread ttl s, job (inbox entry), details field ('' for none), details value,
+#       n entries, entries..., meta field, value...   -> 1 taken off | 0 not the head (already done) | -1 lost
+_COMPLETE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.call('LINDEX', KEYS[2], 0) ~= ARGV[3] then return 0 end
+local n = tonumber(ARGV[6])
+for i = 7, 6 + n do redis.call('RPUSH', KEYS[5], ARGV[i]) end
+for i = 7 + n, #ARGV, 2 do redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1]) end
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[7], ARGV[4], ARGV[5])
+  redis.call('EXPIRE', KEYS[7], ARGV[2])
+end
+if n > 0 then redis.call('EXPIRE', KEYS[5], ARGV[2]) end
+if #ARGV > 6 + n then redis.call('EXPIRE', KEYS[6], ARGV[2]) end
+redis.call('LPOP', KEYS[2])
+redis.call('HDEL', KEYS[3], ARGV[3])
+redis.call('DEL', KEYS[4])
+return 1
+"""
+
+# KEYS: lease, inbox. ARGV: holder. -> 1 released | 0 more jobs came in (keep going) | -1 lost
+_RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.call('LLEN', KEYS[2]) > 0 then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# Give the thread up at shutdown; the job being run (if any) does not count as an attempt.
+# KEYS: lease, attempts. ARGV: holder, job ('' for none).
+_HAND_BACK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if ARGV[2] ~= '' and tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0') > 0 then
+  redis.call('HINCRBY', KEYS[2], ARGV[2], -1)
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# Drop a thread from `ready` only if nobody queued a job for it since we looked (a new job lowers the score).
+# KEYS: ready. ARGV: member, the score we saw.
+_FORGET = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
+class LeaseLost(Exception):
+    """This worker no longer owns the thread: another one took it over. Stop, and write nothing more."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def consumer_name() -> str:
+    """Unique per process run (a restarted container keeps its hostname and pid 1)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True)
 class Job:
-    entry_id: str  # the stream entry (changes when a job is put back)
+    thread: ThreadKey
+    raw: str  # the inbox entry exactly as stored: it identifies the job in the fenced scripts
     kind: str  # "turn", "command", "greet"
     data: dict[str, Any]
     attempt: int = 1
 
     @property
     def job_id(self) -> str:
-        """Stable across re-deliveries and re-queues: what the job's progress is keyed by."""
-        return str(self.data.get("job_id") or self.entry_id)
+        """Stable across re-runs: what the job's progress is keyed by."""
+        return str(self.data.get("job_id") or "")
 
+    @staticmethod
+    def encode(kind: str, data: dict[str, Any]) -> str:
+        return json.dumps({"kind": kind, "data": data}, separators=(",", ":"))
 
-def consumer_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    @staticmethod
+    def decode(thread: ThreadKey, raw: str, attempt: int) -> Job:
+        """Raise ValueError (or a subclass) for an entry that is not a job we can run."""
+        parsed = json.loads(raw)
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("data"), dict):
+            raise ValueError("not a job")
+        return Job(thread, raw, str(parsed.get("kind") or ""), parsed["data"], attempt)
 
 
 class JobQueue:
-    def __init__(self, redis: Redis, *, consumer: str, visibility_s: float, stream: str = STREAM) -> None:
+    """Queues jobs into threads' inboxes and hands threads to workers (see the module docstring)."""
+
+    def __init__(
+        self, redis: Redis, *, consumer: str, visibility_s: float, thread_ttl_s: int = 30 * 86_400
+    ) -> None:
         self.redis = redis
         self.consumer = consumer
-        self.visibility_ms = int(visibility_s * 1000)
-        self.stream = stream
-        self._group_ready = False
-        self._next_reclaim = 0.0
+        self.lease_ms = max(int(visibility_s * 1000), 100)
+        self.thread_ttl_s = thread_ttl_s
+        self.wakeup = asyncio.Event()  # a job was queued by this process: look now, not at the next poll
 
-    async def ensure_group(self) -> None:
-        """Create the stream and its consumer group if missing (id 0: jobs added before it count too)."""
-        try:
-            await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._group_ready = True
-
-    async def put(self, kind: str, data: dict[str, Any], attempt: int = 1) -> str:
-        if not self._group_ready:
-            await self.ensure_group()
-        fields = {"kind": kind, "data": json.dumps(data, separators=(",", ":")), "attempt": str(attempt)}
-        return str(await self.redis.xadd(self.stream, fields))  # type: ignore[arg-type]
-
-    async def take(self, count: int, block_ms: int) -> list[Job]:
-        """Jobs whose worker went silent first (looked for a few times per visibility timeout), then new
-        ones; at most `count`."""
-        jobs: list[Job] = []
-        if time.monotonic() >= self._next_reclaim:
-            self._next_reclaim = time.monotonic() + self.visibility_ms / 4000
-            jobs = await self._reclaim(count)
-        if len(jobs) < count:
-            response: Any = await self.redis.xreadgroup(
-                GROUP, self.consumer, {self.stream: ">"}, count=count - len(jobs), block=block_ms or None
-            )
-            for _, entries in response or []:
-                jobs += [self._job(entry_id, fields) for entry_id, fields in entries if fields]
-        return jobs
-
-    async def _reclaim(self, count: int) -> list[Job]:
-        result = await self.redis.xautoclaim(
-            self.stream, GROUP, self.consumer, min_idle_time=self.visibility_ms, start_id="0-0", count=count
+    async def put(
+        self,
+        thread: ThreadKey,
+        kind: str,
+        data: dict[str, Any],
+        *,
+        dedup_ts: str | None = None,
+        dedup_ttl_s: int = 86_400,
+        engage: bool = False,
+    ) -> bool:
+        """Queue a job at the end of its thread's inbox; with `dedup_ts`, only if that message was not
+        claimed before (False then). Either way the thread is (again) listed as ready, so a redelivery also
+        repairs a listing that an earlier failure left out."""
+        keys = ThreadKeys(thread)
+        result = await self.redis.eval(  # type: ignore[misc]
+            _ENQUEUE,
+            3,
+            keys.seen(dedup_ts or "-"),
+            keys.meta,
+            keys.inbox,
+            dedup_ttl_s,
+            self.thread_ttl_s,
+            Job.encode(kind, data),
+            "1" if engage else "0",
+            "1" if dedup_ts else "0",
         )
-        entries = result[1] if len(result) > 1 else []
-        jobs = []
-        for entry_id, fields in entries:
-            if not fields:  # deleted meanwhile
-                await self.redis.xack(self.stream, GROUP, entry_id)
+        await self.notify(thread)
+        return int(result) >= 0
+
+    async def notify(self, thread: ThreadKey) -> None:
+        # LT: a thread listed for later (being worked on) is pulled forward to now; a new one is added.
+        await self.redis.zadd(READY_KEY, {str(thread): now_ms()}, lt=True)
+        self.wakeup.set()
+
+    async def due(self, count: int, exclude: Iterable[str] = ()) -> list[tuple[ThreadKey, float]]:
+        """Threads whose time to look has come, oldest first."""
+        skip = set(exclude)
+        found: Any = await self.redis.zrangebyscore(
+            READY_KEY, "-inf", now_ms(), start=0, num=count + len(skip), withscores=True
+        )
+        threads = []
+        for member, score in found:
+            if str(member) in skip:
                 continue
-            job = self._job(entry_id, fields)
-            log.warning(
-                "job reclaimed from a silent worker", extra={"job": job.job_id, "entry": job.entry_id}
-            )
-            jobs.append(job)
-        return jobs
+            try:
+                threads.append((thread_from_member(str(member)), float(score)))
+            except ValueError:
+                log.warning("malformed ready entry dropped", extra={"member": str(member)})
+                await self.redis.zrem(READY_KEY, member)
+        return threads[:count]
 
-    async def heartbeat(self, entry_ids: list[str]) -> None:
-        """Tell the group these jobs are still being worked on (resets their idle time)."""
-        if entry_ids:
-            ids: list[Any] = list(entry_ids)
-            await self.redis.xclaim(self.stream, GROUP, self.consumer, 0, ids, justid=True)
+    async def claim(self, thread: ThreadKey, seen_score: float) -> Lease | None:
+        """Take the thread's lease if it is free and has jobs; else push its listing to when to look again."""
+        keys = ThreadKeys(thread)
+        result: Any = await self.redis.eval(  # type: ignore[misc]
+            _CLAIM, 3, keys.lease, keys.fence, keys.inbox, self.consumer, self.lease_ms
+        )
+        outcome = int(result[0])
+        if outcome == 1:
+            lease = Lease(self, thread, f"{self.consumer}|{int(result[1])}")
+            await self.redis.zadd(READY_KEY, {str(thread): now_ms() + self.lease_ms}, xx=True, gt=True)
+            return lease
+        if outcome == 0:  # another worker has it; look again when its lease would run out
+            left = max(int(result[1]), 0) if int(result[1]) >= 0 else self.lease_ms
+            await self.redis.zadd(READY_KEY, {str(thread): now_ms() + left + 50}, xx=True, gt=True)
+            return None
+        await self.forget(thread, seen_score)
+        return None
 
-    async def done(self, job: Job) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, GROUP, job.entry_id)
-            pipe.xdel(self.stream, job.entry_id)
-            await pipe.execute()
+    async def forget(self, thread: ThreadKey, seen_score: float) -> None:
+        await self.redis.eval(_FORGET, 1, READY_KEY, str(thread), repr(seen_score))  # type: ignore[misc]
 
-    async def put_back(self, job: Job) -> None:
-        """Hand an unfinished job to another worker now, rather than after the visibility timeout."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(
-                self.stream,
-                {
-                    "kind": job.kind,
-                    "data": json.dumps(job.data, separators=(",", ":")),
-                    "attempt": str(job.attempt + 1),
-                },
-            )
-            pipe.xack(self.stream, GROUP, job.entry_id)
-            pipe.xdel(self.stream, job.entry_id)
-            await pipe.execute()
-
-    async def pending(self) -> int:
-        """Jobs handed out but not finished, across all workers."""
-        info = await self.redis.xpending(self.stream, GROUP)
-        return int(info.get("pending", 0) if isinstance(info, dict) else 0)
+    async def sweep(self) -> int:
+        """List every thread that has waiting jobs but no listing (its listing was lost to a failure between
+        the queueing and the listing, and Slack never redelivered). Returns how many were listed again."""
+        listed = 0
+        async for key in self.redis.scan_iter(match=INBOX_PATTERN, count=500):
+            name = str(key)
+            member = name[name.index("{") + 1 : name.rindex("}")]
+            if await self.redis.llen(name) and await self.redis.zadd(  # type: ignore[misc]
+                READY_KEY, {member: now_ms()}, nx=True
+            ):
+                listed += 1
+        if listed:
+            log.warning("threads with waiting jobs listed again", extra={"count": listed})
+        return listed
 
     async def length(self) -> int:
-        return int(await self.redis.xlen(self.stream))
+        """Threads with jobs waiting or running."""
+        return int(await self.redis.zcard(READY_KEY))
 
-    @staticmethod
-    def _job(entry_id: Any, fields: dict[str, Any]) -> Job:
-        return Job(
-            entry_id=str(entry_id),
-            kind=str(fields.get("kind", "")),
-            data=json.loads(fields.get("data") or "{}"),
-            attempt=int(fields.get("attempt") or 1),
+    async def waiting(self, thread: ThreadKey) -> list[str]:
+        return [str(x) for x in await self.redis.lrange(ThreadKeys(thread).inbox, 0, -1)]  # type: ignore[misc]
+
+    async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        entries: Any = await self.redis.xrevrange(DEAD_LETTER_KEY, count=count)
+        return [{str(k): str(v) for k, v in fields.items()} for _, fields in entries]
+
+
+@dataclass
+class Lease:
+    """The right to run and write for one thread, until it is lost or released."""
+
+    queue: JobQueue
+    thread: ThreadKey
+    holder: str  # "consumer|token": the fencing token every write checks
+    valid_until: float = field(default_factory=lambda: 0.0)  # monotonic; Slack writes wait past it
+    lost: bool = False
+    seen_score: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.keys = ThreadKeys(self.thread)
+        self.redis = self.queue.redis
+        self.lease_s = self.queue.lease_ms / 1000
+        self.valid_until = time.monotonic() + self.lease_s * 0.8
+
+    @property
+    def token(self) -> int:
+        return int(self.holder.rsplit("|", 1)[1])
+
+    def _check(self, result: Any) -> int:
+        value = int(result[0] if isinstance(result, list) else result)
+        if value == LOST:
+            self.lost = True
+            raise LeaseLost(str(self.thread))
+        return value
+
+    async def renew(self) -> bool:
+        """Extend the lease; False (and `lost`) when another worker has taken the thread."""
+        sent = time.monotonic()
+        result = await self.redis.eval(  # type: ignore[misc]
+            _RENEW, 1, self.keys.lease, self.holder, self.queue.lease_ms
         )
+        if int(result) == LOST:
+            self.lost = True
+            return False
+        self.valid_until = sent + self.lease_s * 0.8
+        await self.redis.zadd(READY_KEY, {str(self.thread): now_ms() + self.queue.lease_ms}, xx=True, gt=True)
+        return True
+
+    async def guard(self) -> None:
+        """Wait until the lease is known to be ours (renewed recently); raise LeaseLost once it is not."""
+        while time.monotonic() > self.valid_until:
+            if self.lost:
+                raise LeaseLost(str(self.thread))
+            await asyncio.sleep(0.05)
+        if self.lost:
+            raise LeaseLost(str(self.thread))
+
+    async def next_job(self) -> Job | str | None:
+        """The thread's head job (counting an attempt), None when the inbox is empty, or the raw entry when
+        it is not a job at all."""
+        result: Any = await self.redis.eval(  # type: ignore[misc]
+            _BEGIN, 3, self.keys.lease, self.keys.inbox, self.keys.attempts, self.holder
+        )
+        if self._check(result) == 0:
+            return None
+        raw, attempt = str(result[1]), int(result[2])
+        try:
+            return Job.decode(self.thread, raw, attempt)
+        except (ValueError, TypeError):
+            return raw
+
+    async def progress(self, job: Job) -> dict[str, str]:
+        raw = await self.redis.hgetall(self.keys.progress(job.job_id))  # type: ignore[misc]
+        return {str(k): str(v) for k, v in raw.items()}
+
+    async def save_progress(self, job: Job, **fields: str) -> None:
+        args = [x for pair in fields.items() for x in pair]
+        result = await self.redis.eval(  # type: ignore[misc]
+            _SAVE_PROGRESS,
+            2,
+            self.keys.lease,
+            self.keys.progress(job.job_id),
+            self.holder,
+            PROGRESS_TTL_S,
+            *args,
+        )
+        self._check(result)
+
+    async def append(self, *entries: dict[str, Any], **meta: str | int | float) -> None:
+        """Add history entries and metadata to the thread, if we still own it."""
+        args = [x for pair in meta.items() for x in (pair[0], str(pair[1]))]
+        result = await self.redis.eval(  # type: ignore[misc]
+            _APPEND,
+            3,
+            self.keys.lease,
+            self.keys.history,
+            self.keys.meta,
+            self.holder,
+            self.queue.thread_ttl_s,
+            len(entries),
+            *(dump_entry(e) for e in entries),
+            *args,
+        )
+        self._check(result)
+
+    async def complete(
+        self,
+        job: Job | str,
+        *entries: dict[str, Any],
+        details: tuple[str, dict[str, Any]] | None = None,
+        **meta: str | int | float,
+    ) -> bool:
+        """Record the job's outcome (history entries, metadata, the answer's details for its buttons) and
+        take it off the inbox, atomically. False when it was no longer the head (already completed)."""
+        raw = job.raw if isinstance(job, Job) else job
+        job_id = job.job_id if isinstance(job, Job) else "-"
+        args = [x for pair in meta.items() for x in (pair[0], str(pair[1]))]
+        result = await self.redis.eval(  # type: ignore[misc]
+            _COMPLETE,
+            7,
+            self.keys.lease,
+            self.keys.inbox,
+            self.keys.attempts,
+            self.keys.progress(job_id),
+            self.keys.history,
+            self.keys.meta,
+            self.keys.turns,
+            self.holder,
+            self.queue.thread_ttl_s,
+            raw,
+            details[0] if details else "",
+            dump_entry(details[1]) if details else "",
+            len(entries),
+            *(dump_entry(e) for e in entries),
+            *args,
+        )
+        return self._check(result) == 1
+
+    async def dead_letter(self, job: Job | str, reason: str, reference: str = "") -> None:
+        """Set a job aside for the admin, and take it off the inbox."""
+        raw = job.raw if isinstance(job, Job) else job
+        await self.redis.xadd(  # type: ignore[misc]
+            DEAD_LETTER_KEY,
+            {
+                "thread": str(self.thread),
+                "job": raw,
+                "reason": reason,
+                "reference": reference,
+                "attempts": str(job.attempt if isinstance(job, Job) else 0),
+                "at": str(now_ms()),
+            },
+            maxlen=DEAD_LETTER_MAXLEN,
+            approximate=True,
+        )
+        await self.complete(job)
+
+    async def release(self) -> bool:
+        """Give the thread up when its inbox is empty; False when jobs came in meanwhile (keep going)."""
+        result = await self.redis.eval(  # type: ignore[misc]
+            _RELEASE, 2, self.keys.lease, self.keys.inbox, self.holder
+        )
+        if self._check(result) == 0:
+            return False
+        # Unlist the thread, unless a job was queued since (its listing then says "now", not our time).
+        score = await self.redis.zscore(READY_KEY, str(self.thread))
+        if score is not None and score > now_ms():
+            await self.queue.forget(self.thread, score)
+        return True
+
+    async def hand_back(self, job: Job | None) -> None:
+        """Shutdown: let another worker have the thread now; the interrupted job is not an attempt."""
+        result = await self.redis.eval(  # type: ignore[misc]
+            _HAND_BACK, 2, self.keys.lease, self.keys.attempts, self.holder, job.raw if job else ""
+        )
+        if int(result) != LOST:
+            await self.redis.zadd(READY_KEY, {str(self.thread): now_ms()})

@@ -1,12 +1,12 @@
 """Every Redis key kimibot uses lives here, and nowhere else.
 
 Keys of one thread share a hash tag `{team:channel:thread_ts}` so that, on Redis Cluster, a thread's
-history, metadata, dedup claims and order sit on one shard (and one Lua script may touch them all).
+history, metadata, dedup claims, waiting jobs and lease sit on one shard (and one Lua script may touch
+them all). The few global keys (the `ready` index, the dead-letter stream) are touched one at a time.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import time
@@ -22,40 +22,88 @@ USER_NAME_TTL_S = 86_400
 USAGE_TTL_S = 400 * 86_400
 
 
-# SET key to ARGV[1] only if that raises it (and refresh its expiry to ARGV[2] seconds).
-_RAISE_TO = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return current
+# KEYS: meta, history. Metadata and the history from the first entry still in use (meta `start`), so a
+# long thread is not read and decoded whole on every turn.
+_LOAD = """
+local meta = redis.call('HGETALL', KEYS[1])
+local start = 0
+for i = 1, #meta, 2 do if meta[i] == 'start' then start = tonumber(meta[i + 1]) or 0 end end
+return {meta, redis.call('LRANGE', KEYS[2], start, -1), start}
 """
 
-
-# KEYS: seen, meta, seq (one thread's hash tag, so one slot). ARGV: dedup TTL, thread TTL.
-_ADMIT = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return -1 end
-redis.call('HSET', KEYS[2], 'answered', '1')
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-local seq = redis.call('INCR', KEYS[3])
-redis.call('EXPIRE', KEYS[3], ARGV[2])
-return seq
-"""
+INBOX_PATTERN = f"{PREFIX}:thread:*:inbox"  # every thread's inbox, for the sweep
+READY_KEY = f"{PREFIX}:ready"  # threads with waiting jobs: member str(ThreadKey), score = when to look (ms)
+DEAD_LETTER_KEY = f"{PREFIX}:dead-letter"  # jobs given up on, for the admin (a capped stream)
 
 
 def _thread_tag(thread: ThreadKey) -> str:
     return f"{PREFIX}:thread:{{{thread}}}"
 
 
-def _dumps(entry: dict[str, Any]) -> str:
+def thread_from_member(member: str) -> ThreadKey:
+    """The ThreadKey a `ready` member names (team and channel ids hold no colon; a thread_ts may)."""
+    team, channel, thread_ts = member.split(":", 2)
+    return ThreadKey(team, channel, thread_ts)
+
+
+@dataclass(frozen=True)
+class ThreadKeys:
+    """Every key of one thread. They share one hash tag, so on Redis Cluster they sit in one slot and one
+    Lua script may touch them all."""
+
+    thread: ThreadKey
+
+    @property
+    def tag(self) -> str:
+        return _thread_tag(self.thread)
+
+    def seen(self, ts: str) -> str:
+        return f"{self.tag}:seen:{ts}"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.tag}:meta"
+
+    @property
+    def history(self) -> str:
+        return f"{self.tag}:history"
+
+    @property
+    def turns(self) -> str:
+        """question ts -> the answer's details for its buttons (question text, reasoning, thinking time)."""
+        return f"{self.tag}:turns"
+
+    @property
+    def inbox(self) -> str:
+        """The thread's waiting jobs, oldest first: the head is the one being answered."""
+        return f"{self.tag}:inbox"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.tag}:lease"
+
+    @property
+    def fence(self) -> str:
+        return f"{self.tag}:fence"
+
+    @property
+    def attempts(self) -> str:
+        return f"{self.tag}:attempts"
+
+    def progress(self, job_id: str) -> str:
+        return f"{self.tag}:job:{job_id}"
+
+
+def dump_entry(entry: dict[str, Any]) -> str:
     # Fixed key order and escaping: what we store is what we replay, byte for byte.
     return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
 class ThreadState:
-    entries: list[dict[str, Any]]
+    entries: list[dict[str, Any]]  # the history from `offset` on (what the window may still use)
     meta: dict[str, str]
-    done: int  # the sequence number of the last question answered in the thread
+    offset: int = 0  # index in the whole history of entries[0]
 
 
 class ThreadStore:
@@ -67,45 +115,34 @@ class ThreadStore:
 
     @staticmethod
     def history_key(thread: ThreadKey) -> str:
-        return f"{_thread_tag(thread)}:history"
+        return ThreadKeys(thread).history
 
     @staticmethod
     def meta_key(thread: ThreadKey) -> str:
-        return f"{_thread_tag(thread)}:meta"
+        return ThreadKeys(thread).meta
 
     async def load(self, thread: ThreadKey) -> ThreadState:
-        """History, metadata and how far the thread's questions are done, in one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.lrange(self.history_key(thread), 0, -1)
-            pipe.hgetall(self.meta_key(thread))
-            pipe.get(f"{_thread_tag(thread)}:done")
-            raw, meta, done = await pipe.execute()
-        return ThreadState([json.loads(item) for item in raw], dict(meta), int(done or 0))
+        """Metadata and the history still in the window, in one round trip."""
+        keys = ThreadKeys(thread)
+        meta_flat, raw, start = await self.redis.eval(_LOAD, 2, keys.meta, keys.history)  # type: ignore[misc]
+        meta = {str(meta_flat[i]): str(meta_flat[i + 1]) for i in range(0, len(meta_flat), 2)}
+        return ThreadState([json.loads(item) for item in raw], meta, int(start))
 
     async def append(self, thread: ThreadKey, *entries: dict[str, Any], **meta: str | int | float) -> None:
         """Add entries (and set metadata) atomically, and push both keys' expiry out again."""
         async with self.redis.pipeline(transaction=True) as pipe:
             if entries:
-                pipe.rpush(self.history_key(thread), *(_dumps(e) for e in entries))
+                pipe.rpush(self.history_key(thread), *(dump_entry(e) for e in entries))
             if meta:
                 pipe.hset(self.meta_key(thread), mapping={k: str(v) for k, v in meta.items()})
             pipe.expire(self.history_key(thread), self.ttl)
             pipe.expire(self.meta_key(thread), self.ttl)
             await pipe.execute()
 
-    async def admit(self, thread: ThreadKey, ts: str, dedup_ttl_s: int) -> int | None:
-        """One round trip: claim message `ts` (None if already claimed: a twin event or a retry), mark the
-        thread as one the bot answers in, and give the question its place in the thread's order."""
-        result = await self.redis.eval(
-            _ADMIT,
-            3,
-            f"{_thread_tag(thread)}:seen:{ts}",
-            self.meta_key(thread),
-            f"{_thread_tag(thread)}:seq",
-            dedup_ttl_s,
-            self.ttl,
-        )
-        return None if int(result) < 0 else int(result)
+    async def turn_details(self, thread: ThreadKey, question_ts: str) -> dict[str, Any] | None:
+        """What the buttons under one answer need (question text, reasoning), without reading the thread."""
+        raw = await self.redis.hget(ThreadKeys(thread).turns, question_ts)  # type: ignore[misc]
+        return json.loads(raw) if raw else None
 
     async def engage(self, thread: ThreadKey) -> None:
         """Mark the thread as one the bot answers in, so follow-ups sent before the answer count too."""
@@ -113,37 +150,14 @@ class ThreadStore:
 
     async def is_engaged(self, thread: ThreadKey) -> bool:
         """Has the bot answered in this thread (within the TTL)?"""
-        return bool(await self.redis.hexists(self.meta_key(thread), "answered"))
+        return bool(await self.redis.hexists(self.meta_key(thread), "answered"))  # type: ignore[misc]
 
     async def start_assistant_thread(self, thread: ThreadKey) -> None:
         """A thread opened in Slack's assistant panel: answered with status and titles."""
         await self.append(thread, answered=1, assistant=1)
 
     async def is_assistant_thread(self, thread: ThreadKey) -> bool:
-        return bool(await self.redis.hexists(self.meta_key(thread), "assistant"))
-
-    async def next_seq(self, thread: ThreadKey) -> int:
-        """The place of a new question in its thread: questions are answered in this order."""
-        key = f"{_thread_tag(thread)}:seq"
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, self.ttl)
-            seq, _ = await pipe.execute()
-        return int(seq)
-
-    async def wait_turn(self, thread: ThreadKey, seq: int, limit_s: float, poll_s: float = 0.1) -> bool:
-        """Wait until the question before `seq` is done (in any process); False if that took too long."""
-        key = f"{_thread_tag(thread)}:done"
-        deadline = asyncio.get_running_loop().time() + limit_s
-        while int(await self.redis.get(key) or 0) < seq - 1:
-            if asyncio.get_running_loop().time() > deadline:
-                return False
-            await asyncio.sleep(poll_s)
-        return True
-
-    async def finish_turn(self, thread: ThreadKey, seq: int) -> None:
-        """Mark question `seq` done (never moving the mark back), letting the next one go."""
-        await self.redis.eval(_RAISE_TO, 1, f"{_thread_tag(thread)}:done", seq, self.ttl)
+        return bool(await self.redis.hexists(self.meta_key(thread), "assistant"))  # type: ignore[misc]
 
 
 class UserNames:
@@ -255,27 +269,3 @@ class Feedback:
     async def ratings(self, team_id: str, channel: str, message_ts: str) -> dict[str, dict[str, Any]]:
         raw = await self.redis.hgetall(self.key(team_id, channel, message_ts))
         return {str(k): json.loads(v) for k, v in raw.items()}
-
-
-class JobProgress:
-    """What a job already put in Slack, so a re-run (after a crash) replaces it instead of repeating it."""
-
-    TTL_S = 2 * 86_400
-
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-
-    @staticmethod
-    def key(job_id: str) -> str:
-        return f"{PREFIX}:job:{{{job_id}}}"
-
-    async def load(self, job_id: str) -> dict[str, str]:
-        raw = await self.redis.hgetall(self.key(job_id))
-        return {str(k): str(v) for k, v in raw.items()}
-
-    async def save(self, job_id: str, **fields: str) -> None:
-        mapping: dict[Any, Any] = dict(fields)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.key(job_id), mapping=mapping)
-            pipe.expire(self.key(job_id), self.TTL_S)
-            await pipe.execute()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 from typing import Any
 
@@ -41,14 +41,14 @@ class Turn:
     event_id: str = ""
     response_url: str = ""  # /kimi in a channel the bot is not in: answer through this instead
     assistant_thread: bool = False  # a thread in Slack's assistant panel: status instead of a placeholder
-    seq: int = 0  # the question's place in its thread; 0 when it has none (answered without history)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> Turn:
-        return Turn(**{**data, "source": Source(data["source"])})
+        known = {f.name for f in fields(Turn)}
+        return Turn(**{**{k: v for k, v in data.items() if k in known}, "source": Source(data["source"])})
 
     @property
     def job_id(self) -> str:

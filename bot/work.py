@@ -1,4 +1,4 @@
-"""What a worker does with each kind of job. Handlers only describe the work; this does it."""
+"""What a worker does with each kind of job. Handlers only describe the work (and queue it); this does it."""
 
 from __future__ import annotations
 
@@ -6,65 +6,118 @@ import logging
 from typing import Any
 
 from bot.deps import Deps
+from bot.errors import USER_MESSAGES, Reason
 from bot.pipeline import answer
-from bot.queue import Job
+from bot.queue import Job, Lease
 from bot.slack.reply import announce_question, greet_assistant_thread
 from bot.turn import Source, ThreadKey, Turn
 
 log = logging.getLogger(__name__)
 
+GAVE_UP = {
+    "attempts": "I tried to answer this several times and failed each time, so I have given up on it.",
+    "internal": USER_MESSAGES[Reason.INTERNAL],
+}
+
 
 def turn_job(turn: Turn) -> dict[str, Any]:
-    return {"job_id": turn.job_id, "thread": str(turn.thread), "turn": turn.to_dict()}
+    return {"job_id": turn.job_id, "turn": turn.to_dict()}
 
 
-async def run_job(job: Job, deps: Deps) -> None:
+async def queue_turn(deps: Deps, turn: Turn, *, dedup: bool = True) -> bool:
+    """Queue the answer to `turn` in its thread, once per message (False: already queued before)."""
+    return await deps.queue.put(
+        turn.thread,
+        "turn",
+        turn_job(turn),
+        dedup_ts=turn.ts if dedup else None,
+        dedup_ttl_s=deps.settings.dedup_ttl_seconds,
+        engage=True,
+    )
+
+
+def command_thread(command: dict[str, Any]) -> ThreadKey:
+    """Where a /kimi job waits before it has a thread of its own: a queue of one, keyed by its trigger."""
+    return ThreadKey(
+        str(command.get("team_id") or ""),
+        str(command.get("channel_id") or ""),
+        f"command.{command.get('trigger_id') or ''}",
+    )
+
+
+async def run_job(job: Job, lease: Lease, deps: Deps) -> None:
     if job.kind == "turn":
-        await answer(Turn.from_dict(job.data["turn"]), deps, job_id=job.job_id)
+        await answer(Turn.from_dict(job.data["turn"]), deps, lease, job)
     elif job.kind == "command":
-        await answer_command(deps, job.data["command"], job.job_id)
+        await answer_command(deps, job.data["command"], lease, job)
     elif job.kind == "greet":
-        await greet(deps, job.data["team"], job.data["channel"], job.data["thread_ts"])
+        await greet(deps, lease, job)
     else:
         log.warning("unknown job kind dropped", extra={"kind": job.kind, "job": job.job_id})
+        await lease.dead_letter(job, "unknown kind")
 
 
-async def answer_command(deps: Deps, command: dict[str, Any], job_id: str) -> None:
-    """/kimi: post the question in the channel (once, even if the job runs again) and answer in its
-    thread; where the bot is not a member, answer privately through response_url."""
+async def answer_command(deps: Deps, command: dict[str, Any], lease: Lease, job: Job) -> None:
+    """/kimi: post the question in the channel (once, even if the job runs again) and queue its answer in
+    that new thread; where the bot is not a member, answer privately through response_url."""
     channel = str(command.get("channel_id") or "")
     user = str(command.get("user_id") or "")
     team = str(command.get("team_id") or "")
     question = str(command.get("text") or "").strip()
-    progress = await deps.progress.load(job_id)
+    progress = await lease.progress(job)
     ts = progress.get("announce_ts") or await announce_question(deps.slack, channel, user, question)
     if ts is not None:
-        await deps.progress.save(job_id, announce_ts=ts)
-        thread = ThreadKey(team, channel, ts)
-        await deps.threads.engage(thread)
-        seq = int(progress.get("seq") or 0) or await deps.threads.next_seq(thread)
-        await deps.progress.save(job_id, seq=str(seq))
-        turn = Turn(Source.COMMAND, team, channel, user, question, ts=ts, thread_ts=ts, seq=seq)
-    else:
-        trigger = str(command.get("trigger_id") or job_id)
-        turn = Turn(
-            Source.COMMAND,
-            team,
-            channel,
-            user,
-            question,
-            ts=trigger,
-            thread_ts=trigger,
-            response_url=str(command.get("response_url") or ""),
-        )
-    await answer(turn, deps, job_id=job_id)
+        await lease.save_progress(job, announce_ts=ts)
+        turn = Turn(Source.COMMAND, team, channel, user, question, ts=ts, thread_ts=ts)
+        await queue_turn(deps, turn)  # deduplicated by the posted question's ts: once, even on a re-run
+        await lease.complete(job)
+        return
+    trigger = str(command.get("trigger_id") or job.job_id)
+    turn = Turn(
+        Source.COMMAND,
+        team,
+        channel,
+        user,
+        question,
+        ts=trigger,
+        thread_ts=trigger,
+        response_url=str(command.get("response_url") or ""),
+    )
+    await answer(turn, deps, lease, job)
 
 
-async def greet(deps: Deps, team: str, channel: str, thread_ts: str) -> None:
-    await deps.threads.start_assistant_thread(ThreadKey(team, channel, thread_ts))
+async def greet(deps: Deps, lease: Lease, job: Job) -> None:
+    channel, thread_ts = str(job.data["channel"]), str(job.data["thread_ts"])
+    await lease.append(answered=1, assistant=1)
     try:
         await greet_assistant_thread(deps.slack, channel, thread_ts)
     except Exception as exc:
         log.warning(
             "assistant thread greeting failed", extra={"error": type(exc).__name__, "channel": channel}
         )
+
+
+async def tell_not_answered(deps: Deps, job: Job, why: str, reference: str) -> None:
+    """One sentence in the thread (or privately, for /kimi off-channel) saying the question is given up."""
+    sentence = f":warning: {GAVE_UP.get(why, GAVE_UP['internal'])} (ref `{reference}`)"
+    if job.kind == "turn":
+        turn = Turn.from_dict(job.data["turn"])
+        if not turn.in_slack_thread:
+            from slack_sdk.webhook.async_client import AsyncWebhookClient
+
+            await AsyncWebhookClient(turn.response_url).send(text=sentence, response_type="ephemeral")
+            return
+        channel, thread_ts = turn.channel, turn.thread_ts
+    elif job.kind == "command":
+        command = job.data.get("command") or {}
+        channel, thread_ts = str(command.get("channel_id") or ""), ""
+        if command.get("response_url"):
+            from slack_sdk.webhook.async_client import AsyncWebhookClient
+
+            await AsyncWebhookClient(str(command["response_url"])).send(
+                text=sentence, response_type="ephemeral"
+            )
+            return
+    else:
+        return  # a greeting nobody asked for: nobody to tell
+    await deps.slack.chat_postMessage(channel=channel, thread_ts=thread_ts or None, text=sentence)

@@ -1,9 +1,10 @@
-"""The worker: takes jobs off the durable queue and runs them, a bounded number at a time.
+"""The worker: claims threads with waiting jobs and runs each thread's jobs in order, a bounded number of
+threads at a time (a waiting question holds no slot; only a thread's head job runs).
 
-Jobs of one thread run one after another in this process (and, across processes, in the order their
-thread sequence numbers say; see the pipeline). Running jobs are heartbeaten so no other worker takes
-them; at shutdown the worker stops taking jobs, lets running ones finish within a grace period, and
-puts the rest back on the queue. A Redis outage pauses the worker; it resumes when Redis answers.
+Every job ends in exactly one of: answered (the runner recorded it), the user told why with a reference
+(a bug, or too many attempts: then it is also dead-lettered), or back on the queue (shutdown, a lost lease,
+or Redis gone: the lease lapses and another run picks the job up). The loop itself survives Redis outages
+and malformed entries; `loop_heartbeat` says it is alive.
 """
 
 from __future__ import annotations
@@ -11,104 +12,190 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
 
-from bot.queue import Job, JobQueue
+from bot.errors import new_reference
+from bot.queue import Job, JobQueue, Lease, LeaseLost
 
 log = logging.getLogger(__name__)
 
-Runner = Callable[[Job], Awaitable[None]]
+Runner = Callable[[Job, Lease], Awaitable[None]]
+# Tells the asker their question will not be answered: (job, why, reference). Best effort.
+Reporter = Callable[[Job, str, str], Awaitable[None]]
 REDIS_RETRY_S = 1.0
+SWEEP_EVERY_S = 30.0
 
 
 class Worker:
     def __init__(
-        self, queue: JobQueue, run: Runner, *, concurrency: int, visibility_s: float, block_ms: int = 1_000
+        self,
+        queue: JobQueue,
+        run: Runner,
+        *,
+        concurrency: int,
+        visibility_s: float,
+        block_ms: int = 1_000,
+        max_attempts: int = 3,
+        report: Reporter | None = None,
     ) -> None:
         self.queue = queue
         self.run_job = run
+        self.report = report
         self.concurrency = concurrency
-        self.heartbeat_s = max(visibility_s / 3, 0.05)
-        self.block_ms = block_ms
-        self.running: dict[str, asyncio.Task[None]] = {}  # entry id -> task
-        self._tails: dict[str, asyncio.Task[None]] = {}  # thread -> its last job's task
+        self.max_attempts = max_attempts
+        self.renew_s = max(visibility_s / 4, 0.05)
+        self.poll_s = min(max(block_ms, 10), 250) / 1000  # how often an idle worker looks for due threads
+        self.running: dict[str, asyncio.Task[None]] = {}  # thread -> the task running its jobs
+        self.loop_heartbeat = time.monotonic()
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
+        self._next_sweep = 0.0
 
     async def run(self) -> None:
-        """Take and run jobs until `stop()`; survives Redis outages."""
-        heartbeat = asyncio.create_task(self._heartbeat())
-        with contextlib.suppress(RedisError):
-            await self.queue.ensure_group()
-        try:
-            while not self._stopping.is_set():
-                free = self.concurrency - len(self.running)
-                if free <= 0:
-                    self._slot_free.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(1):
-                            await self._slot_free.wait()
-                    continue
-                try:
-                    jobs = await self.queue.take(free, self.block_ms)
-                except RedisError as exc:
-                    log.warning("job queue unavailable; retrying", extra={"error": str(exc)})
-                    await asyncio.sleep(REDIS_RETRY_S)
-                    with contextlib.suppress(RedisError):
-                        await self.queue.ensure_group()  # a Redis that lost its data lost the group too
-                    continue
-                for job in jobs:
-                    self._start(job)
-        finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+        """Claim threads and run their jobs until `stop()`; survives Redis outages and its own bugs."""
+        while not self._stopping.is_set():
+            self.loop_heartbeat = time.monotonic()
+            try:
+                if not await self._claim_some():
+                    await self._idle()
+            except RedisError as exc:
+                log.warning("job queue unavailable; retrying", extra={"error": str(exc)})
+                await self._pause(REDIS_RETRY_S)
+            except Exception:
+                log.exception("job loop error; carrying on")
+                await self._pause(REDIS_RETRY_S)
 
-    def _start(self, job: Job) -> None:
-        key = str(job.data.get("thread") or "")
-        previous = self._tails.get(key) if key else None
-        task = asyncio.create_task(self._run(job, previous), name=f"job:{job.job_id}")
-        self.running[job.entry_id] = task
-        if key:
-            self._tails[key] = task
-        task.add_done_callback(lambda done: self._finished(job, key, done))
+    async def _claim_some(self) -> int:
+        free = self.concurrency - len(self.running)
+        if free <= 0:
+            self._slot_free.clear()
+            await self._pause(1.0, self._slot_free)
+            return 1
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+            await self.queue.sweep()
+        self.queue.wakeup.clear()
+        claimed = 0
+        for thread, score in await self.queue.due(free, exclude=self.running):
+            if self._stopping.is_set() or len(self.running) >= self.concurrency:
+                break
+            lease = await self.queue.claim(thread, score)
+            if lease is not None:
+                self._start(lease)
+                claimed += 1
+        return claimed
 
-    def _finished(self, job: Job, key: str, task: asyncio.Task[None]) -> None:
-        self.running.pop(job.entry_id, None)
-        if key and self._tails.get(key) is task:
-            del self._tails[key]
+    async def _idle(self) -> None:
+        await self._pause(self.poll_s, self.queue.wakeup)
+
+    async def _pause(self, seconds: float, event: asyncio.Event | None = None) -> None:
+        waiter = event if event is not None else self._stopping
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await waiter.wait()
+
+    def _start(self, lease: Lease) -> None:
+        key = str(lease.thread)
+        task = asyncio.create_task(self._serve_thread(lease), name=f"thread:{key}")
+        self.running[key] = task
+        task.add_done_callback(lambda _: self._finished(key))
+
+    def _finished(self, key: str) -> None:
+        self.running.pop(key, None)
         self._slot_free.set()
 
-    async def _run(self, job: Job, previous: asyncio.Task[None] | None) -> None:
+    async def _serve_thread(self, lease: Lease) -> None:
+        """Run the thread's jobs oldest first while we hold its lease; give it up when its inbox is empty."""
+        current = asyncio.current_task()
+        assert current is not None
+        keeper = asyncio.create_task(self._keep(lease, current))
+        job: Job | None = None
         try:
-            if previous is not None:
-                await asyncio.wait({previous})
-            await self.run_job(job)
+            while True:
+                if self._stopping.is_set():
+                    await lease.hand_back(None)  # the thread's other jobs go to another worker now
+                    return
+                entry = await lease.next_job()
+                if entry is None:
+                    if await lease.release():
+                        return
+                    continue
+                if isinstance(entry, str):
+                    log.error("malformed job dead-lettered", extra={"thread": str(lease.thread)})
+                    await lease.dead_letter(entry, "malformed")
+                    continue
+                job = entry
+                await self._run_one(job, lease)
+                job = None
+        except LeaseLost:
+            log.warning(
+                "lease lost: another worker has the thread; stopped", extra={"thread": str(lease.thread)}
+            )
         except asyncio.CancelledError:
-            # Shutdown: another worker finishes it (the re-run replaces any partial answer).
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.queue.put_back(job))
-            log.info("job handed back to the queue", extra={"job": job.job_id})
-            raise
-        except Exception:  # the pipeline reports its own failures; this is a bug, not a Kimi or Slack error
-            log.exception("job failed", extra={"job": job.job_id})
-        try:
-            await self.queue.done(job)
-        except RedisError as exc:  # it stays pending; a re-run finds it delivered and does nothing
-            log.warning("job finished but could not be acked", extra={"job": job.job_id, "error": str(exc)})
+            if (
+                not lease.lost
+            ):  # shutdown: another worker finishes it (its re-run replaces any partial answer)
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(lease.hand_back(job))
+                log.info("job handed back to the queue", extra={"job": job.job_id if job else ""})
+                raise
+            log.warning("lease lost mid-job: stopped writing", extra={"thread": str(lease.thread)})
+        except RedisError as exc:
+            # Nothing can be recorded now; the lease lapses and the job runs again once Redis is back.
+            log.warning(
+                "redis failed mid-job; it will run again",
+                extra={"thread": str(lease.thread), "error": str(exc)},
+            )
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
 
-    async def _heartbeat(self) -> None:
+    async def _run_one(self, job: Job, lease: Lease) -> None:
+        extra = {"job": job.job_id, "kind": job.kind, "attempt": job.attempt}
+        if job.attempt > self.max_attempts:
+            reference = new_reference()
+            log.error("job failed too often; dead-lettered", extra={**extra, "reference": reference})
+            await self._tell(job, "attempts", reference)
+            await lease.dead_letter(job, "attempts", reference)
+            return
+        try:
+            await self.run_job(job, lease)
+        except (LeaseLost, asyncio.CancelledError, RedisError):
+            raise
+        except Exception:  # the pipeline reports Kimi and Slack failures itself: this is a bug
+            reference = new_reference()
+            log.exception("job failed", extra={**extra, "reference": reference})
+            await self._tell(job, "internal", reference)
+        await lease.complete(job)  # a no-op when the runner already recorded it
+
+    async def _tell(self, job: Job, why: str, reference: str) -> None:
+        if self.report is None:
+            return
+        try:
+            await self.report(job, why, reference)
+        except Exception:
+            log.exception("could not tell the user about a failed job", extra={"reference": reference})
+
+    async def _keep(self, lease: Lease, task: asyncio.Task[None]) -> None:
+        """Renew the lease; when another worker has taken the thread, stop the job at once."""
         while True:
-            await asyncio.sleep(self.heartbeat_s)
-            with contextlib.suppress(RedisError):
-                await self.queue.heartbeat(list(self.running))
+            await asyncio.sleep(self.renew_s)
+            try:
+                if not await lease.renew():
+                    task.cancel()
+                    return
+            except RedisError:
+                pass  # writes wait (Lease.guard) until a renewal gets through or the lease is found lost
 
     def stop(self) -> None:
-        """Stop taking new jobs."""
+        """Stop taking new threads; running ones finish their current job and hand the rest back."""
         self._stopping.set()
         self._slot_free.set()
+        self.queue.wakeup.set()
 
     async def idle(self) -> None:
         while self.running:

@@ -10,7 +10,6 @@ from typing import Any
 from slack_bolt.async_app import AsyncAck, AsyncApp
 
 from bot.deps import Deps
-from bot.pipeline import find_exchange
 from bot.slack.blocks import (
     ACTION_FEEDBACK_DOWN,
     ACTION_FEEDBACK_UP,
@@ -22,7 +21,7 @@ from bot.slack.blocks import (
     reasoning_modal,
 )
 from bot.turn import Source, ThreadKey, Turn
-from bot.work import turn_job
+from bot.work import queue_turn
 
 log = logging.getLogger(__name__)
 GONE = "I no longer have that answer's details (threads are kept for a limited time)."
@@ -64,15 +63,19 @@ def register(app: AsyncApp, deps: Deps) -> None:
     async def exchange(
         body: dict[str, Any], action: dict[str, Any]
     ) -> tuple[Clicked, dict[str, Any], dict[str, Any] | None] | None:
-        """The click, and the stored question and answer its button is about; None (after telling the
-        user) when the thread's history has expired."""
+        """The click, and the question and answer its button is about (one small read, not the thread's
+        history); None (after telling the user) when the thread has expired."""
         ref = AnswerRef.parse(str(action["value"]))
         team, channel, user, _ = where(body)
         thread = ThreadKey(team, channel, ref.thread_ts)
-        question, reply = find_exchange((await deps.threads.load(thread)).entries, ref.question_ts)
-        if question is None:
+        details = await deps.threads.turn_details(thread, ref.question_ts)
+        if details is None:
             await tell(channel, user, ref.thread_ts, GONE)
             return None
+        question = {"text": str(details.get("question") or "")}
+        reply = None
+        if "reasoning" in details:
+            reply = {"reasoning_content": details["reasoning"], "thinking_s": details.get("thinking_s") or 0}
         return Clicked(ref, thread, user), question, reply
 
     async def on_reasoning(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
@@ -94,10 +97,7 @@ def register(app: AsyncApp, deps: Deps) -> None:
             return
         clicked, question, _ = found
         clicked_at = str(action.get("action_ts") or "")
-        seq = await deps.threads.admit(clicked.thread, clicked_at, deps.settings.dedup_ttl_seconds)
-        if seq is None:  # the same click delivered twice
-            return
-        text = str(question.get("text") or str(question.get("content", "")).partition(": ")[2])
+        text = str(question.get("text") or "")
         thread = clicked.thread
         turn = Turn(
             Source.REGENERATE,
@@ -107,9 +107,8 @@ def register(app: AsyncApp, deps: Deps) -> None:
             text,
             ts=clicked_at,
             thread_ts=thread.thread_ts,
-            seq=seq,
         )
-        await deps.queue.put("turn", turn_job(turn))
+        await queue_turn(deps, turn)  # deduplicated by action_ts: a click delivered twice counts once
 
     async def on_feedback(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()

@@ -8,6 +8,7 @@ from typing import Any
 from slack_bolt.async_app import AsyncApp
 
 from bot.deps import Deps
+from bot.turn import ThreadKey
 
 log = logging.getLogger(__name__)
 
@@ -18,15 +19,9 @@ def register(app: AsyncApp, deps: Deps) -> None:
         channel, thread_ts = str(thread.get("channel_id") or ""), str(thread.get("thread_ts") or "")
         if channel and thread_ts:
             team = str(body.get("team_id") or (thread.get("context") or {}).get("team_id") or "")
-            await deps.queue.put(
-                "greet",
-                {
-                    "job_id": f"greet:{channel}:{thread_ts}",
-                    "team": team,
-                    "channel": channel,
-                    "thread_ts": thread_ts,
-                },
-            )
+            job = {"job_id": f"greet:{channel}:{thread_ts}", "channel": channel, "thread_ts": thread_ts}
+            # Deduplicated per thread: a redelivered assistant_thread_started greets once.
+            await deps.queue.put(ThreadKey(team, channel, thread_ts), "greet", job, dedup_ts="greet")
 
     async def on_context_changed(event: dict[str, Any]) -> None:
         # The channel the user is looking at changed; nothing in kimibot depends on it yet.

@@ -7,6 +7,7 @@ from typing import Any
 from slack_bolt.async_app import AsyncAck, AsyncApp
 
 from bot.deps import Deps
+from bot.work import command_thread
 
 HELP_WORDS = frozenset({"", "help", "-h", "--help", "?"})
 COMMAND_FIELDS = ("team_id", "channel_id", "user_id", "text", "response_url", "trigger_id")
@@ -32,7 +33,8 @@ def register(app: AsyncApp, deps: Deps) -> None:
             await ack(response_type="ephemeral", text=usage_text(command_name))
             return
         fields = {name: str(command.get(name) or "") for name in COMMAND_FIELDS}
-        await deps.queue.put("command", {"job_id": f"command:{fields['trigger_id']}", "command": fields})
+        job = {"job_id": f"command:{fields['trigger_id']}", "command": fields}
+        await deps.queue.put(command_thread(fields), "command", job)
         await ack()
 
     app.command(command_name)(on_command)

@@ -148,6 +148,8 @@ class KimiClient:
         self.retry_budget = retry_budget
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
+        self.last_outcome = ""  # "" until the first call; then "ok" or the Reason of the last failure
+        self.last_outcome_at = 0.0
         # read= is the idle timeout: the longest wait for the next byte, not for the whole answer.
         self.openai = AsyncOpenAI(
             api_key=api_key,
@@ -181,23 +183,25 @@ class KimiClient:
         `on_restart` is awaited before a retry whose failed attempt had already produced events, so the
         caller can take back what it showed of the abandoned answer.
         """
-        started = time.monotonic()
+        slept = 0.0  # the budget counts backoff only: a long stream that stalls must still get its retry
         attempt = 0
         while True:
             acc = Accumulator()
             try:
                 await self._stream_once(messages, acc, on_event)
-                return self._finished(acc)
-            except AnswerError:
+                finished = self._finished(acc)
+                self._outcome("ok")
+                return finished
+            except AnswerError as exc:
+                self._outcome(str(exc.reason))
                 raise
             except Exception as exc:  # sorted below; nothing raw reaches the user
                 verdict = verdict_for(exc)
                 delay = backoff_delay(attempt, self.backoff_base, _retry_after(exc))
-                spent = time.monotonic() - started
                 give_up = (
                     not verdict.retryable
                     or attempt + 1 >= self.max_attempts
-                    or spent + delay > self.retry_budget
+                    or slept + delay > self.retry_budget
                 )
                 log.warning(
                     "kimi call failed",
@@ -211,11 +215,18 @@ class KimiClient:
                     },
                 )
                 if give_up:
+                    self._outcome(str(verdict.reason))
                     raise AnswerError(verdict.reason, f"{type(exc).__name__}: {exc}") from exc
                 if on_restart is not None and (acc.content or acc.reasoning):
                     await on_restart()
                 await asyncio.sleep(delay)
+                slept += delay
                 attempt += 1
+
+    def _outcome(self, outcome: str) -> None:
+        """The last call's outcome ("ok" or a Reason), for /healthz."""
+        self.last_outcome = outcome
+        self.last_outcome_at = time.time()
 
     async def _stream_once(
         self, messages: list[dict[str, Any]], acc: Accumulator, on_event: OnEvent | None

@@ -33,6 +33,9 @@ class ModelProfile:
     price_cached: float = 0.0
     price_out: float = 0.0
     known: bool = True
+    # Trained with preserved thinking: earlier answers go back with their reasoning (kimi-k2.7-code, k3).
+    # Others ignore earlier turns' reasoning, so the history keeps it out (KIMI_API.md section 3).
+    replays_reasoning: bool = False
 
     def request_params(self, reasoning_effort: str, max_completion_tokens: int = 0) -> dict[str, Any]:
         """The model-specific keyword arguments for chat.completions.create."""
@@ -60,8 +63,20 @@ PROFILES: dict[str, ModelProfile] = {
     for p in (
         ModelProfile("kimi-k2.6", K2_WINDOW, 32_768, Thinking.EXTRA_BODY, {}, 0.95, 0.16, 4.00),
         ModelProfile("kimi-k2.5", K2_WINDOW, 32_768, Thinking.EXTRA_BODY, {}, 0.60, 0.10, 3.00),
-        ModelProfile("kimi-k2.7-code", K2_WINDOW, 32_768, Thinking.ALWAYS, {}, 0.95, 0.19, 4.00),
-        ModelProfile("kimi-k2.7-code-highspeed", K2_WINDOW, 32_768, Thinking.ALWAYS, {}, 1.90, 0.38, 8.00),
+        ModelProfile(
+            "kimi-k2.7-code", K2_WINDOW, 32_768, Thinking.ALWAYS, {}, 0.95, 0.19, 4.00, replays_reasoning=True
+        ),
+        ModelProfile(
+            "kimi-k2.7-code-highspeed",
+            K2_WINDOW,
+            32_768,
+            Thinking.ALWAYS,
+            {},
+            1.90,
+            0.38,
+            8.00,
+            replays_reasoning=True,
+        ),
         ModelProfile(
             "kimi-k2-thinking", K2_WINDOW, 32_768, Thinking.ALWAYS, {"temperature": 1.0}, 0.60, 0.15, 2.50
         ),
@@ -75,9 +90,23 @@ PROFILES: dict[str, ModelProfile] = {
             0.15,
             8.00,
         ),
-        ModelProfile("kimi-k3", K3_WINDOW, 65_536, Thinking.EFFORT, {}, 3.00, 0.30, 15.00),
-        ModelProfile("kimi-k3.1-pro", K3_WINDOW, 65_536, Thinking.EFFORT, {}, 2.00, 0.20, 10.00),
-        ModelProfile("kimi-k3.1-pro-highspeed", K3_WINDOW, 65_536, Thinking.EFFORT, {}, 4.00, 0.20, 20.00),
+        ModelProfile(
+            "kimi-k3", K3_WINDOW, 65_536, Thinking.EFFORT, {}, 3.00, 0.30, 15.00, replays_reasoning=True
+        ),
+        ModelProfile(
+            "kimi-k3.1-pro", K3_WINDOW, 65_536, Thinking.EFFORT, {}, 2.00, 0.20, 10.00, replays_reasoning=True
+        ),
+        ModelProfile(
+            "kimi-k3.1-pro-highspeed",
+            K3_WINDOW,
+            65_536,
+            Thinking.EFFORT,
+            {},
+            4.00,
+            0.20,
+            20.00,
+            replays_reasoning=True,
+        ),
     )
 }
 
