@@ -21,13 +21,15 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="run the bot",
         description="Run the bot: Socket Mode when SLACK_APP_TOKEN is set, otherwise HTTP on PORT "
-        "(POST /slack/events for events, commands and interactivity; GET /healthz). Receives Slack's "
+        "(POST /slack/events for events, commands and interactivity; GET /healthz, GET /livez). First checks "
+        "SLACK_BOT_TOKEN, SLACK_APP_TOKEN and MOONSHOT_API_KEY with Slack and Kimi. Receives Slack's "
         "requests and answers them; KIMIBOT_ROLE=receiver or worker runs one half only.",
     )
     sub.add_parser(
         "worker",
         help="run only the workers that answer queued questions (same as KIMIBOT_ROLE=worker)",
-        description="Take questions off the Redis job queue and answer them; serves GET /healthz on PORT.",
+        description="Take questions off the Redis job queue and answer them; serves GET /healthz and "
+        "GET /livez on PORT. Needs no SLACK_SIGNING_SECRET or SLACK_APP_TOKEN.",
     )
     return parser
 
@@ -39,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bot.deps import build_deps
     from bot.logs import setup_logging
-    from bot.server import serve
+    from bot.server import Stopped, serve
     from bot.settings import SettingsError, load_settings
+    from bot.startup import Rejected
 
     try:
         settings = load_settings(**({"kimibot_role": "worker"} if args.command == "worker" else {}))
@@ -54,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(build_deps(settings)))
     except KeyboardInterrupt:
         pass
+    except Rejected as exc:  # Slack or Kimi refused a setting: one line, no traceback
+        print(f"kimibot cannot start: {exc.line()}", file=sys.stderr)
+        return 2
+    except Stopped as exc:  # logged with its traceback where it happened
+        print(f"kimibot stopped: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:  # e.g. the port is taken
         print(f"kimibot stopped: {exc.strerror or exc}", file=sys.stderr)
         return 1

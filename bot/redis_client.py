@@ -53,6 +53,14 @@ class KimibotRedisCluster(RedisCluster):
 
     ERRORS_ALLOW_RETRY = (ConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]
 
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        # redis-py 8.1 works out a command's slot before it makes sure the cluster map and its command
+        # table are loaded; a two-word command (XGROUP CREATE, ...) sent while another call is still
+        # loading them fails with "No way to dispatch this command ... Missing key". Load them first.
+        if self._initialize:
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
 
 def _retry() -> Retry:
     return Retry(NoBackoff(), retries=1, supported_errors=(ConnectionError,))

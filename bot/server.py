@@ -1,4 +1,4 @@
-"""The Bolt app and how it is served: aiohttp on PORT (/slack/events, /healthz) or Socket Mode."""
+"""The Bolt app and how it is served: aiohttp on PORT (/slack/events, /healthz, /livez) or Socket Mode."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import contextlib
 import json
 import logging
 import signal
+import time
+from collections.abc import Awaitable
+from typing import Any
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -15,10 +18,15 @@ from slack_bolt.async_app import AsyncApp
 from slack_bolt.authorization import AuthorizeResult
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
+from slack_sdk.web.async_client import AsyncWebClient
 
 import handlers
-from bot.deps import Deps
+from bot.deps import BotIdentity, Deps
+from bot.errors import new_reference
+from bot.health import Health, readiness
 from bot.queue import Job
+from bot.socket_mode import SocketConnection
+from bot.startup import Rejected, check_bot_token, check_client, check_kimi, until_settled
 from bot.work import run_job
 from bot.worker import Worker
 
@@ -62,38 +70,83 @@ def build_bolt_app(deps: Deps) -> AsyncApp:
     return app
 
 
-# Errors raised while Bolt reads a payload whose shape is not what Slack sends.
-MALFORMED_PAYLOAD_ERRORS = (AttributeError, KeyError, TypeError, ValueError, IndexError)
-
-
 async def on_bolt_error(error: Exception) -> BoltResponse:
-    """Bolt answers 500 to any error; say what it really was, so Slack retries only what may pass later."""
-    if isinstance(error, RedisError):
+    """Bolt answers 500 to any error; say what it really was, so Slack retries only what may pass later.
+
+    A payload Slack would never send is refused before it reaches a listener (`payload_problem`), so an
+    exception from a listener is ours: 500 with a reference id that is also in the ERROR log line.
+    """
+    if isinstance(error, RedisError | TimeoutError):  # redis' TimeoutError is a RedisError too
         log.warning("redis unavailable while admitting a request", extra={"error": str(error)})
         return BoltResponse(status=503, body='{"ok":false,"error":"storage unavailable"}')
-    if isinstance(error, MALFORMED_PAYLOAD_ERRORS):
-        log.warning("malformed payload refused", exc_info=error)
-        return BoltResponse(status=400, body='{"ok":false,"error":"malformed payload"}')
-    log.error("request failed", exc_info=error)
-    return BoltResponse(status=500, body='{"ok":false,"error":"internal error"}')
+    reference = new_reference()
+    log.error("request failed", exc_info=error, extra={"reference": reference})
+    return BoltResponse(
+        status=500, body=json.dumps({"ok": False, "error": "internal error", "ref": reference})
+    )
+
+
+def payload_problem(body: dict[str, Any]) -> str | None:
+    """Why a parsed payload is not shaped like anything Slack sends (None when it is).
+
+    Only the parts every listener relies on are checked: an event's `event` object and its `type`, a
+    command's name, user and channel, an interaction's `type` (and a button click's actions and user).
+    """
+    if "command" in body:
+        for name in ("command", "user_id", "channel_id"):
+            if not isinstance(body.get(name), str) or not body.get(name):
+                return f"slash command without {name}"
+        return None
+    kind = body.get("type")
+    if kind == "event_callback":
+        event = body.get("event")
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            return "event_callback without an event object"
+        return None
+    if kind == "block_actions":
+        actions = body.get("actions")
+        if not isinstance(actions, list) or not all(isinstance(a, dict) for a in actions):
+            return "block_actions without actions"
+        if not isinstance(body.get("user"), dict):
+            return "block_actions without a user"
+        return None
+    if "payload" in body or (kind is not None and not isinstance(kind, str)):
+        return "unreadable payload"
+    return None
 
 
 def _bad_request(why: str, status: int = 400) -> web.Response:
     return web.json_response({"ok": False, "error": why}, status=status)
 
 
-def build_web_app(deps: Deps, bolt: AsyncApp | None, worker: Worker | None = None) -> web.Application:
-    """/healthz always; /slack/events when this process receives Slack's requests over HTTP."""
+def build_web_app(
+    deps: Deps, bolt: AsyncApp | None, worker: Worker | None = None, health: Health | None = None
+) -> web.Application:
+    """/healthz (ready: can answer) and /livez (alive: responsive) always; /slack/events when this process
+    receives Slack's requests over HTTP."""
+    state = health if health is not None else Health()
 
     async def healthz(_: web.Request) -> web.Response:
         try:
             await asyncio.wait_for(deps.redis.ping(), HEALTH_TIMEOUT_S)
-        except Exception as exc:
-            return web.json_response({"ok": False, "redis": type(exc).__name__}, status=503)
-        running = len(worker.running) if worker is not None else 0
-        return web.json_response(
-            {"ok": True, "redis": "ok", "running_jobs": running, **deps.metrics.snapshot()}
+            redis = "ok"
+        except Exception as exc:  # any failure to answer a PING is "not ready", named by its type
+            redis = f"unavailable: {type(exc).__name__}"
+        heartbeat = getattr(worker, "loop_heartbeat", None) if worker is not None else None
+        ok, body = readiness(
+            state,
+            redis=redis,
+            answers=worker is not None,
+            heartbeat=heartbeat if isinstance(heartbeat, int | float) else None,
+            kimi_outcome=str(getattr(deps.kimi, "last_outcome", "") or ""),
+            now=time.monotonic(),
         )
+        body["running_jobs"] = len(worker.running) if worker is not None else 0
+        body.update(deps.metrics.snapshot())
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def livez(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
 
     async def slack_events(request: web.Request) -> web.Response:
         assert bolt is not None
@@ -111,15 +164,24 @@ def build_web_app(deps: Deps, bolt: AsyncApp | None, worker: Worker | None = Non
             return _bad_request("malformed body")
         if not isinstance(bolt_request.body, dict):
             return _bad_request("malformed body")
+        problem = payload_problem(bolt_request.body)
+        if problem is not None:
+            log.warning("malformed payload refused", extra={"why": problem})
+            return _bad_request("malformed payload")
         try:
             bolt_response = await bolt.async_dispatch(bolt_request)
-        except (ValueError, TypeError, AttributeError, KeyError, IndexError, json.JSONDecodeError):
-            log.warning("malformed payload refused", exc_info=True)
-            return _bad_request("malformed payload")
+        except (RedisError, TimeoutError) as exc:
+            log.warning("redis unavailable while admitting a request", extra={"error": str(exc)})
+            return _bad_request("storage unavailable", status=503)
+        except Exception:  # the payload was well formed: whatever broke is ours
+            reference = new_reference()
+            log.exception("request failed", extra={"reference": reference})
+            return web.json_response({"ok": False, "error": "internal error", "ref": reference}, status=500)
         return await to_aiohttp_response(bolt_response)
 
     web_app = web.Application(client_max_size=MAX_BODY_BYTES)
     web_app.router.add_get("/healthz", healthz)
+    web_app.router.add_get("/livez", livez)
     if bolt is not None:
         web_app.router.add_post("/slack/events", slack_events)
     return web_app
@@ -140,51 +202,143 @@ def build_worker(deps: Deps, block_ms: int = 1_000) -> Worker:
     )
 
 
+def _first_cause(error: BaseException | None) -> BaseException | None:
+    """A rejection inside a TaskGroup's ExceptionGroup, or else the error itself."""
+    if isinstance(error, BaseExceptionGroup):
+        rejected = error.subgroup(Rejected)
+        return rejected.exceptions[0] if rejected is not None else error
+    return error
+
+
+class Stopped(Exception):
+    """serve() ended for a reason other than a stop signal (e.g. the job loop died)."""
+
+
+async def _bounded(awaitable: Awaitable[object], seconds: float, what: str) -> None:
+    """Await a shutdown step for at most `seconds`; a stuck step must not hold up the exit."""
+    try:
+        async with asyncio.timeout(seconds):
+            await awaitable
+    except TimeoutError:
+        log.warning("shutdown step took too long; going on", extra={"step": what, "limit_s": seconds})
+    except Exception as exc:  # shutting down: log and go on with the next step
+        log.warning("shutdown step failed", extra={"step": what, "error": f"{type(exc).__name__}: {exc}"})
+
+
+async def _start_up(
+    deps: Deps, health: Health, checks: AsyncWebClient, socket: SocketConnection | None, works: bool
+) -> None:
+    """Every start-up check, concurrently; then wait for the first Socket Mode connection."""
+    settings = deps.settings
+
+    async def bot_token() -> None:
+        data = await until_settled("SLACK_BOT_TOKEN", lambda: check_bot_token(checks), health.checks)
+        deps.identity = BotIdentity(
+            user_id=str(data.get("user_id") or ""),
+            bot_id=str(data.get("bot_id") or ""),
+            team_id=str(data.get("team_id") or ""),
+        )
+
+    async def kimi() -> None:
+        await until_settled("MOONSHOT_API_KEY", lambda: check_kimi(settings), health.checks)
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(bot_token())
+        if works:
+            group.create_task(kimi())
+        if socket is not None:
+            group.create_task(socket.connected_once.wait())
+
+
 async def serve(deps: Deps) -> None:
-    """Run until SIGINT/SIGTERM. Then stop taking Slack requests and jobs, let running answers finish
-    within the grace period, hand the rest back to the queue, and close."""
+    """Run until SIGINT/SIGTERM, in every state: checking, connecting, reconnecting, idle or busy.
+
+    Start-up checks run while /healthz and /livez already answer (503 naming what is not ready); a
+    definitive rejection ends serve() with `Rejected`. On a stop signal: stop taking Slack requests and
+    jobs, let running answers finish within SHUTDOWN_GRACE_SECONDS, hand the rest back to the queue, close.
+    """
     settings = deps.settings
     receives = settings.kimibot_role in ("all", "receiver")
     works = settings.kimibot_role in ("all", "worker")
-    bolt = build_bolt_app(deps) if receives else None
-    worker = build_worker(deps) if works else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
 
-    socket_handler = None
-    web_app = build_web_app(deps, bolt if receives and not settings.socket_mode else None, worker)
-    runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
+    health = Health(checks={"SLACK_BOT_TOKEN": "checking"})
+    if works:
+        health.checks["MOONSHOT_API_KEY"] = "checking"
+    bolt = build_bolt_app(deps) if receives else None
+    worker = build_worker(deps) if works else None
+    checks = check_client(settings)
+    socket = (
+        SocketConnection(bolt, settings, deps.slack, checks, health)
+        if bolt is not None and settings.socket_mode
+        else None
+    )
+    web_app = build_web_app(deps, bolt if socket is None else None, worker, health)
+    runner = web.AppRunner(web_app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, host="0.0.0.0", port=settings.port)
     await site.start()
-    if bolt is not None and settings.socket_mode:
-        from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
-
-        socket_handler = AsyncSocketModeHandler(bolt, settings.slack_app_token, web_client=deps.slack)
-        await socket_handler.connect_async()  # type: ignore[no-untyped-call]
-    worker_task = asyncio.create_task(worker.run()) if worker is not None else None
     log.info(
-        "kimibot running",
-        extra={
-            "role": settings.kimibot_role,
-            "port": settings.port,
-            "mode": "socket" if settings.socket_mode else "http",
-            "model": settings.kimi_model,
-            "consumer": deps.queue.consumer,
-        },
+        "kimibot starting: checking Slack and Kimi",
+        extra={"role": settings.kimibot_role, "port": settings.port, "model": settings.kimi_model},
     )
+
+    async def start_then_work() -> None:
+        await _start_up(deps, health, checks, socket, works)
+        if worker is not None:
+            health.worker_task = asyncio.create_task(worker.run(), name="job-loop")
+        log.info(
+            "kimibot running",
+            extra={
+                "role": settings.kimibot_role,
+                "port": settings.port,
+                "mode": "socket" if settings.socket_mode else "http",
+                "model": settings.kimi_model,
+                "consumer": deps.queue.consumer,
+            },
+        )
+        if health.worker_task is not None:
+            # asyncio.wait, not await: cancelling this task at shutdown must not cancel the job loop.
+            await asyncio.wait([health.worker_task])
+            if not health.worker_task.cancelled() and health.worker_task.exception() is not None:
+                raise Stopped("the job loop failed") from health.worker_task.exception()
+            raise Stopped("the job loop ended")  # it only ends after stop(); ending otherwise is a bug
+        await asyncio.Event().wait()
+
+    waiter = asyncio.create_task(stop.wait(), name="stop-signal")
+    tasks = [asyncio.create_task(start_then_work(), name="start-up")]
+    if socket is not None:
+        tasks.append(asyncio.create_task(socket.run(), name="socket-mode"))
+    failure: BaseException | None = None
     try:
-        await stop.wait()
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not waiter and not task.cancelled() and task.exception() is not None:
+                failure = _first_cause(task.exception())
+                break
     finally:
+        health.stopping = True
         log.info("shutting down", extra={"running_jobs": len(worker.running) if worker else 0})
-        if socket_handler is not None:
-            await socket_handler.close_async()  # type: ignore[no-untyped-call]
-        await site.stop()
-        if worker is not None and worker_task is not None:
-            await worker.drain(settings.shutdown_grace_seconds)
-            await worker_task
-        await runner.cleanup()
-        await deps.close()
+        for task in [waiter, *tasks]:
+            task.cancel()
+        await asyncio.gather(waiter, *tasks, return_exceptions=True)
+        if socket is not None:
+            await socket.close()
+        await _bounded(site.stop(), 3.0, "stop receiving")
+        if worker is not None and health.worker_task is not None:
+            await _bounded(
+                worker.drain(settings.shutdown_grace_seconds), settings.shutdown_grace_seconds + 2, "drain"
+            )
+            await asyncio.wait([health.worker_task], timeout=3.0)
+            health.worker_task.cancel()
+        await _bounded(runner.cleanup(), 3.0, "http server")
+        await _bounded(deps.close(), 3.0, "connections")
+    if isinstance(failure, Rejected):
+        raise failure
+    if failure is not None:
+        log.error("kimibot stopped by an unexpected error", exc_info=failure)
+        raise Stopped(f"{type(failure).__name__}: {failure}") from failure

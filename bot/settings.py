@@ -1,14 +1,18 @@
 """Every setting kimibot reads, and the only module that reads the environment.
 
-Names are a public contract (DEVELOPERS.md): never rename one. A missing or malformed
-setting becomes one plain sentence naming the variable and where to get it, not a traceback.
+Names are a public contract (the README's "Settings" table): never rename one. A missing or malformed
+setting becomes one plain sentence naming the variable and where to get it, not a traceback. Every
+secret also comes from a file named by `NAME_FILE` (the Docker and Kubernetes secrets convention).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
+from dotenv import dotenv_values
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -33,7 +37,24 @@ WHERE_TO_GET: dict[str, str] = {
     "REDIS_URL": "a redis:// or rediss:// URL, e.g. redis://localhost:6379/0",
     "REDIS_CLUSTER": "auto (detect a Redis Cluster node at REDIS_URL), true or false",
     "PORT": "a TCP port number between 1 and 65535",
+    "LOG_LEVEL": "one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
 }
+
+# Settings that hold secrets: each may instead name a file with `NAME_FILE` (Docker/Kubernetes secrets).
+SECRET_SETTINGS = (
+    "SLACK_BOT_TOKEN",
+    "SLACK_SIGNING_SECRET",
+    "SLACK_APP_TOKEN",
+    "MOONSHOT_API_KEY",
+    "REDIS_URL",
+)
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def is_placeholder(value: str) -> bool:
+    """`.env.example`'s stand-ins (`xoxb-...`, `sk-...`) copied without being filled in."""
+    return "..." in value or "…" in value
 
 
 class SettingsError(Exception):
@@ -49,7 +70,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
-    # --- The contract (DEVELOPERS.md) ---
+    # --- The contract (README "Settings") ---
     slack_bot_token: str = ""
     slack_signing_secret: str = ""
     slack_app_token: str = ""
@@ -79,9 +100,10 @@ class Settings(BaseSettings):
 
     # --- Jobs and processes ---
     kimibot_role: Literal["all", "receiver", "worker"] = "all"  # receive Slack requests, run answers, or both
-    job_visibility_timeout: float = Field(
-        default=60.0, gt=0
-    )  # a silent worker's jobs are taken over after this
+    # A killed or cut-off worker's thread is taken over this long after its last lease renewal.
+    job_visibility_timeout: float = Field(default=10.0, gt=0)
+    # Starts of one job before it is set aside (dead-letter stream) and the asker told.
+    job_max_attempts: int = Field(default=3, ge=1)
     shutdown_grace_seconds: float = Field(
         default=30.0, ge=0
     )  # how long running answers may finish on SIGTERM
@@ -111,29 +133,98 @@ def problems_with(settings: Settings) -> list[str]:
     def malformed(name: str, why: str) -> None:
         problems.append(f"{name} {why}. Expected: {WHERE_TO_GET[name]}.")
 
+    def placeholder(name: str) -> None:
+        problems.append(
+            f"{name} still holds the placeholder from .env.example. Get the real value from: "
+            f"{WHERE_TO_GET[name]}."
+        )
+
+    receives = settings.kimibot_role != "worker"  # a worker never hears from Slack, only writes to it
     if not settings.slack_bot_token:
         missing("SLACK_BOT_TOKEN")
+    elif is_placeholder(settings.slack_bot_token):
+        placeholder("SLACK_BOT_TOKEN")
     elif not settings.slack_bot_token.startswith("xox"):
         malformed("SLACK_BOT_TOKEN", "does not look like a Slack token")
-    if not settings.socket_mode and not settings.slack_signing_secret:
-        missing("SLACK_SIGNING_SECRET")
-    if settings.slack_app_token and not settings.slack_app_token.startswith("xapp-"):
+    if receives and not settings.socket_mode and not settings.slack_signing_secret:
+        problems.append(
+            "SLACK_SIGNING_SECRET is not set (HTTP mode), nor SLACK_APP_TOKEN (Socket Mode): set one. "
+            f"Signing secret: {WHERE_TO_GET['SLACK_SIGNING_SECRET']}. "
+            f"App-level token: {WHERE_TO_GET['SLACK_APP_TOKEN']}."
+        )
+    if settings.slack_app_token and is_placeholder(settings.slack_app_token):
+        placeholder("SLACK_APP_TOKEN")
+    elif settings.slack_app_token and not settings.slack_app_token.startswith("xapp-"):
         malformed("SLACK_APP_TOKEN", "is not an app-level token")
     if not settings.moonshot_api_key:
         missing("MOONSHOT_API_KEY")
+    elif is_placeholder(settings.moonshot_api_key):
+        placeholder("MOONSHOT_API_KEY")
     if not settings.kimi_model.strip():
         missing("KIMI_MODEL")
     for name, value in (("SLACK_API_URL", settings.slack_api_url), ("KIMI_BASE_URL", settings.kimi_base_url)):
         if not _check_url(value, ("http", "https")):
             malformed(name, f"is not an http(s) URL ({value!r})")
     if not _check_url(settings.redis_url, ("redis", "rediss", "unix")):
-        malformed("REDIS_URL", f"is not a Redis URL ({settings.redis_url!r})")
+        malformed("REDIS_URL", f"is not a Redis URL ({_without_password(settings.redis_url)!r})")
+    else:
+        try:
+            urlparse(settings.redis_url).port  # noqa: B018 - parsing it is the check
+        except ValueError:
+            malformed(
+                "REDIS_URL", f"has a port that is not a number ({_without_password(settings.redis_url)!r})"
+            )
+    if settings.log_level.upper() not in LOG_LEVELS:
+        malformed("LOG_LEVEL", f"is not a log level ({settings.log_level!r})")
     return problems
+
+
+def _without_password(url: str) -> str:
+    """A Redis URL fit for a message: the password (if any) replaced by ***."""
+    parsed = urlparse(url)
+    if not parsed.password:
+        return url
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
+    return parsed._replace(netloc=netloc).geturl()
+
+
+def secrets_from_files(
+    env_file: str | Path | None, overrides: dict[str, object]
+) -> tuple[dict[str, str], list[str]]:
+    """Values of `NAME_FILE` settings (read from the environment or the .env file), and any problems.
+
+    A secret given both directly in the environment and as a file is refused: which one wins would be a
+    guess. A value passed in code (`overrides`) needs no file.
+    """
+    from_dotenv: dict[str, str | None] = {}
+    if env_file is not None and Path(env_file).is_file():
+        from_dotenv = dotenv_values(env_file)
+    values: dict[str, str] = {}
+    problems: list[str] = []
+    for name in SECRET_SETTINGS:
+        if name.lower() in overrides:
+            continue
+        path = os.environ.get(f"{name}_FILE") or from_dotenv.get(f"{name}_FILE")
+        if not path:
+            continue
+        if os.environ.get(name):
+            problems.append(f"{name} and {name}_FILE are both set: keep one.")
+            continue
+        try:
+            values[name.lower()] = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            problems.append(f"{name}_FILE names a file that cannot be read ({path}: {reason}).")
+    return values, problems
 
 
 def load_settings(**overrides: object) -> Settings:
     """Read and check the settings; raise SettingsError with plain sentences when they cannot work."""
-    malformed: list[str] = []
+    env_file = overrides.get("_env_file", Settings.model_config.get("env_file"))
+    from_files, malformed = secrets_from_files(
+        env_file if isinstance(env_file, str | Path) else None, overrides
+    )
+    overrides = {**from_files, **overrides}
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot.deps import Deps, build_deps
@@ -24,21 +22,27 @@ from bot.slack.reply import Pace
 from bot.turn import ThreadKey
 from tests.fakes.kimi_api import API_KEY, FakeKimi
 from tests.fakes.slack_api import APP_ID, BOT_USER_ID, TEAM_ID, TOKEN, FakeSlack
+from tests.redis_servers import SuiteRedis, flush, suite_redis
 from tests.slack_requests import ALICE, BOB, SIGNING_SECRET, command_body, envelope, json_body, sign
 
 FAST_PACE = Pace(
     first_flush_s=0.05, max_latency_s=0.1, min_call_interval_s=0.02, thinking_update_s=0.1, tick_s=0.02
 )
-REDIS_URL = os.environ.get("KIMIBOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="session")
+def suite_redis_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SuiteRedis]:
+    """KIMIBOT_TEST_REDIS_URL when set; otherwise a redis-server this session starts (never :6379)."""
+    with suite_redis(tmp_path_factory.mktemp("redis")) as target:
+        yield target
 
 
 @pytest.fixture
-async def redis_url() -> AsyncIterator[str]:
-    client: Redis = Redis.from_url(REDIS_URL)
-    await client.flushdb()
-    yield REDIS_URL
-    await client.flushdb()
-    await client.aclose()
+async def redis_url(suite_redis_target: SuiteRedis) -> AsyncIterator[str]:
+    """The test Redis's URL, emptied before and after the test (every primary's DB 0 on a cluster)."""
+    await flush(suite_redis_target)
+    yield suite_redis_target.url
+    await flush(suite_redis_target)
 
 
 @pytest.fixture

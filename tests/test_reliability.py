@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
-from bot.queue import GROUP, STREAM
+from bot.queue import LeaseLost
+from bot.store import READY_KEY
+from bot.turn import ThreadKey
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi, Reply
 from tests.fakes.slack_api import FakeSlack
+from tests.redis_servers import PrivateRedis
 from tests.slack_requests import BOB, CHANNEL, mention, message
-from tests.test_serve_process import free_port
 
 LONG = "\n\n".join(f"Paragraph {i}: " + "words of a long answer " * 10 for i in range(30))
 
@@ -31,15 +32,17 @@ async def test_a_job_whose_worker_died_is_taken_over_after_the_visibility_timeou
 ) -> None:
     bot: BotHarness = await make_bot(start_worker=False, job_visibility_timeout=0.3)
     await bot.send_event(mention("are you there?", "1700000007.000100"))
-    # A worker takes the job and dies without a word.
-    taken = await bot.deps.redis.xreadgroup(GROUP, "dead-worker", {STREAM: ">"}, count=1)
-    assert taken and taken[0][1]
+    # A worker takes the thread and dies without a word.
+    [(thread, score)] = await bot.deps.queue.due(5)
+    dead = await bot.deps.queue.claim(thread, score)
+    assert dead is not None
     bot.run_worker()
     await asyncio.sleep(0.5)
     await bot.settle()
     assert len(fake_slack.bodies(CHANNEL, "1700000007.000100")) == 1
     assert len(fake_kimi.requests) == 1
-    assert await bot.deps.queue.pending() == 0
+    assert await bot.deps.queue.waiting(thread) == []
+    assert await bot.deps.redis.zcard(READY_KEY) == 0
 
 
 async def test_shutdown_hands_a_running_answer_to_another_worker_and_the_thread_shows_it_once(
@@ -105,57 +108,6 @@ async def test_two_replicas_answer_ten_questions_once_each_while_retries_hit_the
     assert len(fake_kimi.requests) == 10
 
 
-class PrivateRedis:
-    """A redis-server of the test's own, with AOF on, that can be stopped and started again."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.process: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            *[
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        client: Redis = Redis.from_url(self.url)
-        try:
-            for _ in range(100):
-                try:
-                    await client.ping()
-                    return
-                except Exception:
-                    await asyncio.sleep(0.05)
-            raise AssertionError("private redis-server did not start")
-        finally:
-            await client.aclose()
-
-    async def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            await self.process.wait()
-            self.process = None
-
-
 @pytest.fixture
 async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
     if shutil.which("redis-server") is None:
@@ -202,32 +154,29 @@ async def test_the_worker_survives_a_redis_outage_and_resumes(
     assert len(fake_slack.bodies(CHANNEL, "1700000007.000600")) == 1
 
 
-async def test_a_delivered_job_run_again_answers_nothing_and_lets_the_next_question_go(
+async def test_a_completed_job_cannot_be_completed_twice_and_a_stale_owner_cannot_write(
     bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
 ) -> None:
-    from bot.queue import Job
-    from bot.work import run_job, turn_job
-
-    root = "1700000007.000700"
-    await bot.send_event(mention("first", root))
-    await bot.settle()
-    state = await bot.deps.threads.load(bot.thread(root))
-    entries = state.entries
-    turn_data = {
-        "source": "mention",
-        "team_id": "T05KQ2R7JNB",
-        "channel": CHANNEL,
-        "user": "U04RZ8N2PQM",
-        "text": "first",
-        "ts": root,
-        "thread_ts": root,
-        "seq": 1,
-    }
-    # As if the worker died after delivering but before marking the question done.
-    await bot.deps.redis.set(f"kimibot:thread:{{{bot.thread(root)}}}:done", 0)
-    from bot.turn import Turn
-
-    await run_job(Job("0-1", "turn", turn_job(Turn.from_dict(turn_data))), bot.deps)
-    assert len(fake_kimi.requests) == 1 and len(fake_slack.bodies(CHANNEL, root)) == 1
-    assert (await bot.deps.threads.load(bot.thread(root))).done == 1
-    assert len((await bot.deps.threads.load(bot.thread(root))).entries) == len(entries)
+    """The fencing token: once a newer claim exists, the old holder's writes are refused."""
+    thread = ThreadKey("T05KQ2R7JNB", CHANNEL, "1700000007.000700")
+    await bot.worker.drain(0)  # no live worker: this test plays both workers by hand
+    queue = bot.deps.queue
+    assert await queue.put(thread, "turn", {"job_id": "j1", "turn": {}}, dedup_ts="1700000007.000700")
+    [(_, score)] = await queue.due(5)
+    first = await queue.claim(thread, score)
+    assert first is not None
+    job = await first.next_job()
+    assert job is not None and not isinstance(job, str)
+    await bot.deps.redis.delete(f"kimibot:thread:{{{thread}}}:lease")  # as if its lease ran out
+    second = await queue.claim(thread, score)
+    assert second is not None and second.token > first.token
+    with pytest.raises(LeaseLost):
+        await first.append({"role": "assistant", "content": "stale"})
+    with pytest.raises(LeaseLost):
+        await first.complete(job)
+    assert first.lost
+    assert await second.complete(job) is True
+    assert await second.complete(job) is False  # already taken off the inbox
+    assert (await bot.deps.threads.load(thread)).entries == []
+    assert await second.release() is True
+    assert await queue.length() == 0  # nothing left listed

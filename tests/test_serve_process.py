@@ -27,10 +27,10 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+    def __init__(self, env: dict[str, str], cwd: Path, command: str = "serve") -> None:
         self.port = int(env["PORT"])
         self.process = subprocess.Popen(
-            [*kimibot_command(), "serve"],
+            [*kimibot_command(), command],
             env=env,
             cwd=cwd,
             stdout=subprocess.PIPE,

@@ -21,6 +21,22 @@ from aiohttp.test_utils import TestServer
 
 API_KEY = "sk-test-key"
 
+# What GET /models lists when a test does not say (`known_models`): ids as Kimi's platform names them.
+LISTED_MODELS = (
+    "kimi-k2.6",
+    "kimi-k2.5",
+    "kimi-k2-thinking",
+    "kimi-k2-thinking-turbo",
+    "kimi-k2.7-code",
+    "kimi-k2.7-code-highspeed",
+    "kimi-k3",
+    "kimi-k3.1-pro",
+    "kimi-k3.1-pro-highspeed",
+    "moonshot-v1-8k",
+    "moonshot-v1-32k",
+    "moonshot-v1-128k",
+)
+
 
 def default_answer(request: dict[str, Any]) -> str:
     """Echo what the model was given, so tests can see which context reached it."""
@@ -58,6 +74,10 @@ class FakeKimi:
     done_times: list[float] = field(default_factory=list)
     finished: dict[int, float] = field(default_factory=dict)  # request index -> when its last byte was sent
     known_models: set[str] | None = None
+    models_status: int = (
+        200  # GET /models answers this (e.g. 503 while Kimi is "down", 404 on a host without it)
+    )
+    models_requests: int = 0
     tokens_per_char: float = 0.25
     server: TestServer | None = None
 
@@ -76,6 +96,7 @@ class FakeKimi:
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._completions)
+        app.router.add_get("/v1/models", self._models)
         self.server = TestServer(app, host="127.0.0.1")
         await self.server.start_server()
 
@@ -97,6 +118,35 @@ class FakeKimi:
         return web.json_response(
             {"error": {"message": message, "type": error_type}}, status=status, headers=headers
         )
+
+    async def _models(self, request: web.Request) -> web.Response:
+        """GET /models as Kimi answers it: `{"object": "list", "data": [{"id", "object", "created",
+        "owned_by", "context_length", ...}]}`; 401 with Kimi's error body for a wrong key."""
+        self.models_requests += 1
+        if request.headers.get("Authorization") != f"Bearer {API_KEY}":
+            return self._error(401, "invalid_authentication_error", "Invalid Authentication")
+        if self.models_status == 404:
+            return web.Response(status=404, text="404 page not found")
+        if self.models_status != 200:
+            return self._error(self.models_status, "server_error", "The engine is currently overloaded")
+        ids = sorted(self.known_models) if self.known_models is not None else list(LISTED_MODELS)
+        data = [
+            {
+                "id": model,
+                "object": "model",
+                "created": 1_760_000_000,
+                "owned_by": "moonshot",
+                "root": model,
+                "parent": None,
+                "permission": [],
+                "context_length": 262_144,
+                "supports_image_in": True,
+                "supports_video_in": False,
+                "supports_reasoning": True,
+            }
+            for model in ids
+        ]
+        return web.json_response({"object": "list", "data": data})
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         self.request_times.append(time.monotonic())

@@ -96,6 +96,7 @@ class FakeSlack:
     delay: dict[str, float] = field(default_factory=dict)  # seconds to wait before answering a method
     sockets: list[web.WebSocketResponse] = field(default_factory=list)  # Socket Mode connections
     socket_acks: list[dict[str, Any]] = field(default_factory=list)
+    revoked: dict[str, str] = field(default_factory=dict)  # token -> the error Slack now answers it with
     server: TestServer | None = None
     _clock: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -226,6 +227,11 @@ class FakeSlack:
         for socket in list(self.sockets):
             await socket.send_json(message)
 
+    async def drop_sockets(self) -> None:
+        """Close every Socket Mode connection from Slack's side, as when Slack restarts a server."""
+        for socket in list(self.sockets):
+            await socket.close()
+
     async def _socket_mode(self, request: web.Request) -> web.WebSocketResponse:
         socket = web.WebSocketResponse()
         await socket.prepare(request)
@@ -296,6 +302,8 @@ class FakeSlack:
         ref_error = self._check_reference(method, args)
         if ref_error:
             return self._error(call, ref_error)
+        if args.get("token") in self.revoked:
+            return self._error(call, self.revoked[args["token"]])
         if args.get("token") != (APP_TOKEN if method == "apps.connections.open" else TOKEN):
             return self._error(call, "invalid_auth")
         handler = getattr(self, "_m_" + method.replace(".", "_"), None)
