@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import random
 import re
 
-from bot.slack.render import MARKDOWN_TEXT_LIMIT, footer, split_markdown, units
+import pytest
+
+from bot.slack.render import (
+    MARKDOWN_TEXT_LIMIT,
+    WORD_JOINER,
+    BroadcastGuard,
+    footer,
+    neutralise_broadcasts,
+    neutralise_fields,
+    split_markdown,
+    units,
+)
+
+# What would ping a channel, a group or everyone if Slack received it.
+PINGS = re.compile(r"<!(channel|here|everyone|group|subteam)|(?<!\w)@(channel|here|everyone)", re.I)
 
 
 def fences_balanced(piece: str) -> bool:
@@ -75,3 +90,89 @@ def test_message_cuts_prefer_paragraphs_then_lines_and_never_split_a_line_when_a
     assert text[: cut_point(text, 20)] == "first paragraph\n\n"
     assert cut_point("x" * 50, 20) == 20  # no boundary: a hard cut, as a last resort
     assert close_fence("code\n", "```") == "```" and close_fence("code", "```") == "\n```"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("<!channel> look", "@⁠channel look"),
+        ("<!here>", "@⁠here"),
+        ("<!here|here> and <!channel|@channel>", "@⁠here and @⁠channel"),
+        ("<!everyone>!", "@⁠everyone!"),
+        ("<!group>", "@⁠channel"),
+        ("<!subteam^S0614TZR7|@platform-team> please", "@⁠platform-team please"),
+        ("<!subteam^S0614TZR7>", "@⁠group"),
+        ("@here, @channel and @Everyone", "@⁠here, @⁠channel and @⁠Everyone"),
+        ("<!HERE>", "@⁠HERE"),
+    ],
+)
+def test_broadcast_mentions_become_harmless_text(text: str, expected: str) -> None:
+    assert neutralise_broadcasts(text) == expected
+    assert not PINGS.search(neutralise_broadcasts(text))
+    assert neutralise_broadcasts(expected) == expected  # applying it twice changes nothing
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<@U04RZ8N2PQM> asked in <#C06H4T2MZ8R|general>",
+        "write to ops@here.example or admin@channel.io",
+        "<!date^1392734382^{date_short}|Feb 18, 2014>",
+        "a < b and c > d; if (x<!y) return",
+        "```\nplain code\n```",
+    ],
+)
+def test_user_mentions_channel_links_emails_and_dates_are_left_alone(text: str) -> None:
+    assert neutralise_broadcasts(text) == text
+
+
+STREAMED = (
+    "Heads up <!channel>: the deploy is done. <!here|here> ping <!subteam^S1|@oncall> and @everyone; "
+    "mail ops@here.example, ask <@U04RZ8N2PQM> in <#C06H4T2MZ8R>. x < y, <b>, <!date^1|d> @ @h @her @here"
+)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_streamed_text_is_neutralised_whatever_the_chunk_boundaries(seed: int) -> None:
+    """Cut the same text into random pieces: what the guard lets out, piece by piece, adds up to
+    exactly the whole text neutralised, and no prefix of it ever holds a broadcast."""
+    rng = random.Random(seed)
+    guard, out = BroadcastGuard(), ""
+    rest = STREAMED
+    while rest:
+        size = rng.randint(1, 9)
+        out += guard.feed(rest[:size])
+        rest = rest[size:]
+        assert not PINGS.search(out), out
+    out += guard.flush()
+    assert out == neutralise_broadcasts(STREAMED)
+    assert "<@U04RZ8N2PQM>" in out and "<#C06H4T2MZ8R>" in out
+
+
+def test_a_piece_ending_in_half_a_broadcast_is_held_until_the_next_piece() -> None:
+    guard = BroadcastGuard()
+    assert guard.feed("Everyone look <!he") == "Everyone look "
+    assert guard.feed("re> now") == f"@{WORD_JOINER}here now"
+    assert guard.feed(" mail @") == " mail "
+    assert guard.feed("ever") == ""
+    assert guard.flush() == "@ever"  # the text ended: what was held goes out, it was no broadcast
+
+
+def test_payload_fields_people_read_are_neutralised_and_ids_are_not() -> None:
+    payload = {
+        "channel": "C06H4T2MZ8R",
+        "text": "<!here> done",
+        "markdown_text": "@channel",
+        "blocks": [
+            {"type": "markdown", "text": "<!everyone>"},
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": "<!subteam^S1|@ops>"}]},
+            {"type": "actions", "elements": [{"type": "button", "value": "<!here>", "action_id": "a"}]},
+        ],
+        "loading_messages": ["@here thinking"],
+    }
+    clean = neutralise_fields(payload)
+    assert not PINGS.search(str({k: v for k, v in clean.items() if k != "blocks"}))
+    assert clean["blocks"][0]["text"] == f"@{WORD_JOINER}everyone"
+    assert clean["blocks"][1]["elements"][0]["text"] == f"@{WORD_JOINER}ops"
+    assert clean["blocks"][2]["elements"][0]["value"] == "<!here>"  # a button's value is data, not text
+    assert clean["channel"] == "C06H4T2MZ8R"

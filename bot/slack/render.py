@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 # Slack's limits, as documented (SLACK_ANCHORS.md section 6; slack-api-ref method data).
 MARKDOWN_TEXT_LIMIT = 12_000  # chat.postMessage / startStream markdown_text, and a markdown block
@@ -201,3 +202,102 @@ def footer(
     if notes:
         line += " · " + "; ".join(notes)
     return f"_{line}_"
+
+
+# ---- broadcasts -------------------------------------------------------------------------------------
+# Model output (or thread content injected into it) must never ping a channel. Slack notifies everyone
+# for `<!channel>`, `<!here>`, `<!everyone>` (and the legacy `<!group>`), a whole user group for
+# `<!subteam^ID|@handle>`, and, where names are linked, for a literal `@channel`/`@here`/`@everyone`.
+# A word joiner (invisible, zero width) after the `@` keeps the text readable and pings no one.
+# User mentions `<@U…>` and channel links `<#C…>` are left alone.
+WORD_JOINER = "\u2060"
+BROADCAST_WORDS = ("channel", "here", "everyone")
+BROADCAST_TOKEN_LIMIT = 120  # longest `<!…>` held back while waiting for its `>`
+_BROADCAST = re.compile(
+    r"<!(?P<special>channel|here|everyone|group)(?:\|[^<>]*)?>"
+    r"|<!subteam\^[^<>|]*(?:\|@?(?P<handle>[^<>]*))?>"
+    r"|(?<!\w)@(?P<literal>channel|here|everyone)",
+    re.IGNORECASE,
+)
+# Keys whose string values are text a person reads (messages, blocks, titles, statuses).
+_TEXT_KEYS = frozenset({"text", "markdown_text", "title", "status", "loading_messages"})
+
+
+def _harmless(match: re.Match[str]) -> str:
+    word = match.group("special") or match.group("literal")
+    if word:
+        return f"@{WORD_JOINER}{'channel' if word.lower() == 'group' else word}"
+    return f"@{WORD_JOINER}{match.group('handle') or 'group'}"
+
+
+def _neutralise_from(text: str, start: int) -> str:
+    """`text` with every broadcast that begins at or after `start` made harmless (what comes before
+    `start` is only context for the word boundary)."""
+    parts, last = [], start
+    for match in _BROADCAST.finditer(text, start):
+        parts += [text[last : match.start()], _harmless(match)]
+        last = match.end()
+    return "".join([*parts, text[last:]])
+
+
+def neutralise_broadcasts(text: str) -> str:
+    """Text that pings no channel, here, everyone or user group, and reads the same."""
+    return _neutralise_from(text, 0)
+
+
+def _may_become_broadcast(tail: str) -> bool:
+    """Could `tail` (which starts with `<` or `@`) turn into a broadcast once more text follows?"""
+    if tail[0] == "<":
+        return len(tail) <= BROADCAST_TOKEN_LIMIT and ">" not in tail and "!".startswith(tail[1:2])
+    word = tail[1:].lower()
+    return any(w.startswith(word) and w != word for w in BROADCAST_WORDS)
+
+
+def broadcast_safe_cut(text: str) -> int:
+    """How much of `text` can go out now: all of it, except a tail that may still become a broadcast
+    (`<!he`, `@every`) when the next piece arrives."""
+    cut = len(text)
+    for start in (text.rfind("<", max(0, len(text) - BROADCAST_TOKEN_LIMIT)), text.rfind("@")):
+        if start >= 0 and _may_become_broadcast(text[start:]):
+            cut = min(cut, start)
+    return cut
+
+
+class BroadcastGuard:
+    """neutralise_broadcasts for text that arrives in pieces (Kimi's stream): a piece ending in `<!he`
+    is held back until the next one shows whether `re>` follows, so no broadcast slips through a
+    chunk boundary and what was let out is never changed afterwards."""
+
+    def __init__(self) -> None:
+        self._pending = ""  # held back: may be the start of a broadcast
+        self._before = ""  # the last character let out: the word boundary for what follows
+
+    def feed(self, piece: str) -> str:
+        """What of the text so far can go out now, made harmless."""
+        text = self._pending + piece
+        cut = broadcast_safe_cut(text)
+        ready, self._pending = text[:cut], text[cut:]
+        if not ready:
+            return ""
+        out = _neutralise_from(self._before + ready, len(self._before))
+        self._before = ready[-1]
+        return out
+
+    def flush(self) -> str:
+        """The end of the text: whatever was held back, made harmless."""
+        out = _neutralise_from(self._before + self._pending, len(self._before)) if self._pending else ""
+        self._pending, self._before = "", ""
+        return out
+
+
+def neutralise_fields(value: Any, key: str = "") -> Any:
+    """A Web API payload (or part of one) with the text people read neutralised: `text`,
+    `markdown_text`, `title`, `status`, `loading_messages`, at any depth inside blocks. Ids, values,
+    urls and everything else pass unchanged."""
+    if isinstance(value, str):
+        return neutralise_broadcasts(value) if key in _TEXT_KEYS else value
+    if isinstance(value, dict):
+        return {k: neutralise_fields(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [neutralise_fields(item, key) for item in value]
+    return value

@@ -77,6 +77,15 @@ class Failure:
 
 
 @dataclass
+class RawFailure:
+    """An answer that is not Slack's JSON: a proxy's or load balancer's error page."""
+
+    status: int
+    body: str | bytes
+    content_type: str
+
+
+@dataclass
 class FakeSlack:
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
@@ -93,6 +102,7 @@ class FakeSlack:
     _allowance: dict[str, tuple[float, float]] = field(default_factory=dict)
     ephemerals: list[dict[str, Any]] = field(default_factory=list)
     failures: dict[str, list[Failure]] = field(default_factory=lambda: defaultdict(list))
+    raw_failures: dict[str, list[RawFailure]] = field(default_factory=lambda: defaultdict(list))
     delay: dict[str, float] = field(default_factory=dict)  # seconds to wait before answering a method
     sockets: list[web.WebSocketResponse] = field(default_factory=list)  # Socket Mode connections
     socket_acks: list[dict[str, Any]] = field(default_factory=list)
@@ -124,6 +134,19 @@ class FakeSlack:
     ) -> None:
         """The next `times` calls of `method` fail this way (Slack error, 5xx, or 429 + Retry-After)."""
         self.failures[method].extend(Failure(error, status, retry_after) for _ in range(times))
+
+    def fail_raw(
+        self,
+        method: str,
+        status: int,
+        body: str | bytes,
+        content_type: str = "text/plain",
+        *,
+        times: int = 1,
+    ) -> None:
+        """The next `times` calls of `method` are answered by something in front of Slack (an Envoy
+        503, a corporate proxy's HTML 403): `body` as is, with this status and Content-Type."""
+        self.raw_failures[method].extend(RawFailure(status, body, content_type) for _ in range(times))
 
     def add_user(self, user_id: str, display_name: str, real_name: str = "") -> None:
         self.users[user_id] = {
@@ -288,6 +311,11 @@ class FakeSlack:
             return web.json_response(
                 {"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": "1"}
             )
+        if self.raw_failures.get(method):
+            raw = self.raw_failures[method].pop(0)
+            call.args["_result"] = {"ok": False, "error": f"raw {raw.status}"}
+            body = raw.body.encode() if isinstance(raw.body, str) else raw.body
+            return web.Response(status=raw.status, body=body, headers={"Content-Type": raw.content_type})
         if self.failures.get(method):
             failure = self.failures[method].pop(0)
             if failure.status == 429:
