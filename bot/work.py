@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from slack_sdk.webhook.async_client import AsyncWebhookClient
+
 from bot.deps import Deps
 from bot.errors import USER_MESSAGES, Reason
 from bot.pipeline import answer
@@ -97,27 +99,25 @@ async def greet(deps: Deps, lease: Lease, job: Job) -> None:
         )
 
 
-async def tell_not_answered(deps: Deps, job: Job, why: str, reference: str) -> None:
-    """One sentence in the thread (or privately, for /kimi off-channel) saying the question is given up."""
+async def tell_not_answered(deps: Deps, job: Job, lease: Lease, why: str, reference: str) -> None:
+    """One sentence saying the question is given up: in place of the placeholder an earlier run left, else
+    in the thread (or privately, for /kimi off-channel)."""
     sentence = f":warning: {GAVE_UP.get(why, GAVE_UP['internal'])} (ref `{reference}`)"
     if job.kind == "turn":
         turn = Turn.from_dict(job.data["turn"])
-        if not turn.in_slack_thread:
-            from slack_sdk.webhook.async_client import AsyncWebhookClient
-
-            await AsyncWebhookClient(turn.response_url).send(text=sentence, response_type="ephemeral")
-            return
-        channel, thread_ts = turn.channel, turn.thread_ts
+        channel, thread_ts, response_url = turn.channel, turn.thread_ts, turn.response_url
     elif job.kind == "command":
         command = job.data.get("command") or {}
         channel, thread_ts = str(command.get("channel_id") or ""), ""
-        if command.get("response_url"):
-            from slack_sdk.webhook.async_client import AsyncWebhookClient
-
-            await AsyncWebhookClient(str(command["response_url"])).send(
-                text=sentence, response_type="ephemeral"
-            )
-            return
+        response_url = str(command.get("response_url") or "")
     else:
         return  # a greeting nobody asked for: nobody to tell
-    await deps.slack.chat_postMessage(channel=channel, thread_ts=thread_ts or None, text=sentence)
+    await lease.guard()
+    if (response_url and job.kind == "command") or (job.kind == "turn" and response_url):
+        await AsyncWebhookClient(response_url).send(text=sentence, response_type="ephemeral")
+        return
+    placeholder = (await lease.progress(job)).get("placeholder_ts")
+    if placeholder:
+        await deps.slack.chat_update(channel=channel, ts=placeholder, text=sentence, blocks=[])
+    else:
+        await deps.slack.chat_postMessage(channel=channel, thread_ts=thread_ts or None, text=sentence)

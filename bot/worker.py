@@ -23,8 +23,8 @@ from bot.queue import Job, JobQueue, Lease, LeaseLost
 log = logging.getLogger(__name__)
 
 Runner = Callable[[Job, Lease], Awaitable[None]]
-# Tells the asker their question will not be answered: (job, why, reference). Best effort.
-Reporter = Callable[[Job, str, str], Awaitable[None]]
+# Tells the asker their question will not be answered: (job, its lease, why, reference). Best effort.
+Reporter = Callable[[Job, Lease, str, str], Awaitable[None]]
 REDIS_RETRY_S = 1.0
 SWEEP_EVERY_S = 30.0
 
@@ -124,7 +124,7 @@ class Worker:
                         return
                     continue
                 if isinstance(entry, str):
-                    log.error("malformed job dead-lettered", extra={"thread": str(lease.thread)})
+                    log.error("malformed job dead-lettered", extra={"thread_key": str(lease.thread)})
                     await lease.dead_letter(entry, "malformed")
                     continue
                 job = entry
@@ -132,7 +132,7 @@ class Worker:
                 job = None
         except LeaseLost:
             log.warning(
-                "lease lost: another worker has the thread; stopped", extra={"thread": str(lease.thread)}
+                "lease lost: another worker has the thread; stopped", extra={"thread_key": str(lease.thread)}
             )
         except asyncio.CancelledError:
             if (
@@ -142,13 +142,17 @@ class Worker:
                     await asyncio.shield(lease.hand_back(job))
                 log.info("job handed back to the queue", extra={"job": job.job_id if job else ""})
                 raise
-            log.warning("lease lost mid-job: stopped writing", extra={"thread": str(lease.thread)})
+            log.warning("lease lost mid-job: stopped writing", extra={"thread_key": str(lease.thread)})
         except RedisError as exc:
             # Nothing can be recorded now; the lease lapses and the job runs again once Redis is back.
             log.warning(
                 "redis failed mid-job; it will run again",
-                extra={"thread": str(lease.thread), "error": str(exc)},
+                extra={"thread_key": str(lease.thread), "error": str(exc)},
             )
+        except (
+            Exception
+        ):  # a bug in this loop: the lease lapses and the thread is tried again (attempts count)
+            log.exception("thread runner failed", extra={"thread_key": str(lease.thread)})
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -159,7 +163,7 @@ class Worker:
         if job.attempt > self.max_attempts:
             reference = new_reference()
             log.error("job failed too often; dead-lettered", extra={**extra, "reference": reference})
-            await self._tell(job, "attempts", reference)
+            await self._tell(job, lease, "attempts", reference)
             await lease.dead_letter(job, "attempts", reference)
             return
         try:
@@ -169,14 +173,14 @@ class Worker:
         except Exception:  # the pipeline reports Kimi and Slack failures itself: this is a bug
             reference = new_reference()
             log.exception("job failed", extra={**extra, "reference": reference})
-            await self._tell(job, "internal", reference)
+            await self._tell(job, lease, "internal", reference)
         await lease.complete(job)  # a no-op when the runner already recorded it
 
-    async def _tell(self, job: Job, why: str, reference: str) -> None:
+    async def _tell(self, job: Job, lease: Lease, why: str, reference: str) -> None:
         if self.report is None:
             return
         try:
-            await self.report(job, why, reference)
+            await self.report(job, lease, why, reference)
         except Exception:
             log.exception("could not tell the user about a failed job", extra={"reference": reference})
 
