@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tests.conftest import BotHarness
 from tests.fakes.slack_api import FakeSlack
@@ -156,3 +163,92 @@ async def test_events_and_clicks_nobody_handles_are_acked_so_slack_does_not_rede
         b"payload=" + quote(json.dumps(click)).encode(), "application/x-www-form-urlencoded"
     )
     assert status == 200
+
+
+async def _bot_with_a_listener_that_raises(
+    make_settings: Callable[..., Any], error: Exception
+) -> tuple[TestServer, Any]:
+    """The real Bolt app and routes, plus our own code inside Bolt's dispatch (a global middleware, run
+    before the listeners) that raises `error` on reaction_added events."""
+    from bot.deps import build_deps
+    from bot.server import build_bolt_app, build_web_app
+
+    deps = build_deps(make_settings())
+    bolt = build_bolt_app(deps)
+
+    @bolt.middleware
+    async def broken(body: dict[str, Any], next: Callable[[], Any]) -> None:
+        if body.get("event", {}).get("type") == "reaction_added":
+            raise error
+        await next()
+
+    server = TestServer(build_web_app(deps, bolt), host="127.0.0.1")
+    await server.start_server()
+    return server, deps
+
+
+REACTION = {
+    "type": "reaction_added",
+    "user": "U04RZ8N2PQM",
+    "reaction": "thumbsup",
+    "event_ts": "1700000001.000900",
+    "item": {"type": "message", "channel": CHANNEL, "ts": "1700000001.000600"},
+}
+
+
+@pytest.mark.parametrize(
+    "bug", [AttributeError("'NoneType' object has no attribute 'ts'"), KeyError("channel"), TypeError("oops")]
+)
+async def test_our_own_bug_in_a_listener_is_500_with_a_reference_in_an_error_log(
+    make_settings: Callable[..., Any], caplog: pytest.LogCaptureFixture, bug: Exception
+) -> None:
+    server, deps = await _bot_with_a_listener_that_raises(make_settings, bug)
+    body = json_body(envelope(REACTION))
+    try:
+        with caplog.at_level(logging.ERROR):
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    server.make_url("/slack/events"),
+                    data=body,
+                    headers={"Content-Type": "application/json", **sign(body)},
+                ) as response,
+            ):
+                assert response.status == 500
+                reference = (await response.json())["ref"]
+    finally:
+        await server.close()
+        await deps.close()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(getattr(r, "reference", None) == reference and r.exc_info for r in errors)
+
+
+@pytest.mark.parametrize("outage", [RedisConnectionError("refused"), RedisTimeoutError("Timeout reading")])
+async def test_redis_failing_inside_a_listener_is_503_so_slack_delivers_again(
+    make_settings: Callable[..., Any], outage: Exception
+) -> None:
+    server, deps = await _bot_with_a_listener_that_raises(make_settings, outage)
+    body = json_body(envelope(REACTION))
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                server.make_url("/slack/events"),
+                data=body,
+                headers={"Content-Type": "application/json", **sign(body)},
+            ) as response,
+        ):
+            assert response.status == 503
+    finally:
+        await server.close()
+        await deps.close()
+
+
+async def test_livez_answers_while_redis_is_down(make_bot: Callable[..., Any]) -> None:
+    down: BotHarness = await make_bot(redis_url="redis://127.0.0.1:1/0")
+    assert down.session is not None
+    async with down.session.get(down.url("/livez")) as response:
+        assert response.status == 200
+    async with down.session.get(down.url("/healthz")) as response:
+        assert response.status == 503
+        assert "redis" in (await response.json())["failing"]

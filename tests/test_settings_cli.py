@@ -126,3 +126,107 @@ async def test_an_unknown_model_id_starts_with_a_warning_and_a_conservative_prof
         assert "extra_body" not in deps.kimi.request_kwargs([])
     finally:
         await deps.close()
+
+
+def _base_env(**extra: str) -> dict[str, str]:
+    return {
+        "SLACK_BOT_TOKEN": "xoxb-1",
+        "SLACK_SIGNING_SECRET": "s",
+        "MOONSHOT_API_KEY": "sk-1",
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("LOG_LEVEL", "verbose"), ("REDIS_URL", "redis://h:abc/0"), ("REDIS_URL", "redis://h:99999/0")],
+)
+def test_a_malformed_log_level_or_redis_port_is_one_line_naming_it_and_exit_2(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    result = run_cli("serve", env=_base_env(**{name: value}), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    named = [line for line in result.stderr.splitlines() if name in line]
+    assert len(named) == 1 and value.split("//")[-1] in named[0], result.stderr
+
+
+def test_the_env_example_placeholders_are_refused_as_placeholders(tmp_path: Path) -> None:
+    env = _base_env(SLACK_BOT_TOKEN="xoxb-...", MOONSHOT_API_KEY="sk-...")
+    result = run_cli("serve", env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    for name in ("SLACK_BOT_TOKEN", "MOONSHOT_API_KEY"):
+        assert f"{name} still holds the placeholder from .env.example" in result.stderr
+
+
+def test_a_socket_mode_user_without_an_app_token_hears_about_both_ways() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(
+            _env_file=None, slack_bot_token="xoxb-1", moonshot_api_key="sk", slack_signing_secret=""
+        )
+    text = str(caught.value)
+    assert "SLACK_SIGNING_SECRET" in text and "SLACK_APP_TOKEN" in text and "Socket Mode" in text
+
+
+def test_a_worker_needs_no_signing_secret_nor_app_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLACK_SIGNING_SECRET", raising=False)
+    monkeypatch.delenv("SLACK_APP_TOKEN", raising=False)
+    settings = load_settings(
+        _env_file=None, slack_bot_token="xoxb-1", moonshot_api_key="sk", kimibot_role="worker"
+    )
+    assert settings.kimibot_role == "worker" and not settings.slack_signing_secret
+    monkeypatch.setenv("KIMIBOT_ROLE", "worker")
+    assert load_settings(_env_file=None, slack_bot_token="xoxb-1", moonshot_api_key="sk").kimibot_role == (
+        "worker"
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "MOONSHOT_API_KEY", "REDIS_URL"]
+)
+def test_every_secret_can_come_from_a_file_named_by_name_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    values = {
+        "SLACK_BOT_TOKEN": "xoxb-from-file",
+        "SLACK_SIGNING_SECRET": "secret-from-file",
+        "SLACK_APP_TOKEN": "xapp-from-file",
+        "MOONSHOT_API_KEY": "sk-from-file",
+        "REDIS_URL": "redis://:pw@redis:6379/3",
+    }
+    for other, value in _base_env().items():
+        monkeypatch.setenv(other, value)
+    monkeypatch.delenv(name, raising=False)
+    secret = tmp_path / "secret"
+    secret.write_text(values[name] + "\n")  # files written by editors and `echo` end with a newline
+    monkeypatch.setenv(f"{name}_FILE", str(secret))
+    settings = load_settings(_env_file=None)
+    assert getattr(settings, name.lower()) == values[name]
+
+
+def test_a_secret_file_that_cannot_be_read_or_clashes_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for other, value in _base_env().items():
+        monkeypatch.setenv(other, value)
+    monkeypatch.delenv("MOONSHOT_API_KEY")
+    monkeypatch.setenv("MOONSHOT_API_KEY_FILE", str(tmp_path / "missing"))
+    (tmp_path / "token").write_text("xoxb-2")
+    monkeypatch.setenv("SLACK_BOT_TOKEN_FILE", str(tmp_path / "token"))  # SLACK_BOT_TOKEN is set too
+    with pytest.raises(SettingsError) as caught:
+        load_settings(_env_file=None)
+    text = str(caught.value)
+    assert "MOONSHOT_API_KEY_FILE names a file that cannot be read" in text
+    assert "SLACK_BOT_TOKEN and SLACK_BOT_TOKEN_FILE are both set" in text
+
+
+def test_the_settings_module_cites_only_files_that_exist() -> None:
+    import re
+
+    import bot.settings
+
+    root = Path(__file__).resolve().parents[1]
+    source = Path(bot.settings.__file__).read_text()
+    for cited in re.findall(r"\b([A-Za-z_./-]+\.(?:md|txt|yml|yaml))\b", source):
+        assert (root / cited).exists(), cited
