@@ -19,6 +19,8 @@ from pathlib import Path
 
 import redis
 from redis.asyncio.cluster import RedisCluster
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from bot.redis_client import build_redis, probe_cluster
 from tests.test_serve_process import free_port
@@ -60,7 +62,13 @@ class PrivateRedis:
         )
 
     def answers(self) -> bool:
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        client = redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+            retry=Retry(NoBackoff(), retries=0),
+        )
         try:
             return bool(client.ping())
         except redis.RedisError:
