@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from bot.turn import Source, ThreadKey, Turn
 from bot.work import queue_turn
 
 log = logging.getLogger(__name__)
+LazyWork = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
 GONE = "I no longer have that answer's details (threads are kept for a limited time)."
 
 
@@ -78,8 +80,28 @@ def register(app: AsyncApp, deps: Deps) -> None:
             reply = {"reasoning_content": details["reasoning"], "thinking_s": details.get("thinking_s") or 0}
         return Clicked(ref, thread, user), question, reply
 
-    async def on_reasoning(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+    async def ack_at_once(ack: AsyncAck) -> None:
+        """Slack hears back before any slow work: HTTP runs with process_before_response, so whatever
+        an ack function awaits delays the response (and Slack shows an error after 3 s)."""
         await ack()
+
+    def after_ack(work: LazyWork) -> LazyWork:
+        """A Bolt lazy listener: runs once the click is acked, and logs its own failures fully."""
+
+        async def lazy(body: dict[str, Any], action: dict[str, Any]) -> None:
+            try:
+                await work(body, action)
+            except Exception:
+                _, channel, user, _ = where(body)
+                log.exception(
+                    "button failed after its ack",
+                    extra={"action": action.get("action_id"), "channel": channel, "user": user},
+                )
+
+        lazy.__name__ = lazy.__qualname__ = work.__name__  # Bolt tells lazy listeners apart by name
+        return lazy
+
+    async def on_reasoning(body: dict[str, Any], action: dict[str, Any]) -> None:
         found = await exchange(body, action)
         if found is None:
             return
@@ -110,8 +132,7 @@ def register(app: AsyncApp, deps: Deps) -> None:
         )
         await queue_turn(deps, turn)  # deduplicated by action_ts: a click delivered twice counts once
 
-    async def on_feedback(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
-        await ack()
+    async def on_feedback(body: dict[str, Any], action: dict[str, Any]) -> None:
         ref = AnswerRef.parse(str(action["value"]))
         team, channel, user, message_ts = where(body)
         rating = "up" if action.get("action_id") == ACTION_FEEDBACK_UP else "down"
@@ -135,6 +156,8 @@ def register(app: AsyncApp, deps: Deps) -> None:
         )
 
     app.action(ACTION_STOP)(on_stop)
-    app.action(ACTION_REASONING)(on_reasoning)
+    app.action(ACTION_REASONING)(ack=ack_at_once, lazy=[after_ack(on_reasoning)])
     app.action(re.compile(f"^({ACTION_REGENERATE}|{ACTION_RETRY})$"))(on_regenerate)
-    app.action(re.compile(f"^({ACTION_FEEDBACK_UP}|{ACTION_FEEDBACK_DOWN})$"))(on_feedback)
+    app.action(re.compile(f"^({ACTION_FEEDBACK_UP}|{ACTION_FEEDBACK_DOWN})$"))(
+        ack=ack_at_once, lazy=[after_ack(on_feedback)]
+    )

@@ -201,8 +201,7 @@ async def test_show_reasoning_opens_a_modal_with_the_whole_reasoning(
     answer_message = fake_slack.replies(CHANNEL, ts)[0]
     status, _ = await bot.click(answer_message, ACTION_REASONING)
     assert status == 200
-    await bot.settle()
-    assert len(fake_slack.views) == 1
+    await wait_until(lambda: len(fake_slack.views) == 1)  # opened after the click's ack
     sections = [b["text"]["text"] for b in fake_slack.views[0]["blocks"] if b["type"] == "section"]
     assert len(sections) >= 7 and all(len(s) <= 3_000 for s in sections)
     assert "".join(sections) == reasoning  # all of it, in order, nothing repeated
@@ -218,10 +217,10 @@ async def test_feedback_is_stored_with_model_latency_and_tokens(
     answer_message = fake_slack.replies(CHANNEL, ts)[0]
     await bot.click(answer_message, ACTION_FEEDBACK_UP)
     await bot.click(answer_message, ACTION_FEEDBACK_DOWN, user="U03MX5W1TYH")
+    await wait_until(lambda: len(fake_slack.ephemerals) == 2)  # stored and confirmed after the ack
     ratings = await bot.deps.feedback.ratings(TEAM_ID, CHANNEL, answer_message["ts"])
     assert ratings["U04RZ8N2PQM"]["rating"] == "up" and ratings["U03MX5W1TYH"]["rating"] == "down"
     assert ratings["U04RZ8N2PQM"]["model"] == "kimi-k2.6" and ratings["U04RZ8N2PQM"]["prompt_tokens"] > 0
-    assert len(fake_slack.ephemerals) == 2
 
 
 async def test_a_follow_up_in_a_dm_thread_streams_too(
