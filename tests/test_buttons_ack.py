@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,10 @@ def block_actions(message: dict[str, Any], action_id: str, user: str = ALICE) ->
     }
 
 
+def acked(fake_slack: FakeSlack, envelope_id: str) -> bool:
+    return any(a["envelope_id"] == envelope_id for a in fake_slack.socket_acks)
+
+
 async def test_in_socket_mode_the_envelope_is_acked_before_the_slow_calls(
     fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path
 ) -> None:
@@ -140,7 +145,7 @@ async def test_in_socket_mode_the_envelope_is_acked_before_the_slow_calls(
         for envelope_id, action_id in (("env-r", ACTION_REASONING), ("env-f", ACTION_FEEDBACK_UP)):
             sent = time.monotonic()
             await fake_slack.send_envelope("interactive", block_actions(message, action_id), envelope_id)
-            await until(lambda e=envelope_id: any(a["envelope_id"] == e for a in fake_slack.socket_acks))
+            await until(partial(acked, fake_slack, envelope_id))
             took = time.monotonic() - sent
             assert took < FAST_ENOUGH_S, f"{action_id} acked after {took:.2f}s"
         await until(lambda: len(fake_slack.views) == 1 and len(fake_slack.ephemerals) == 1)
