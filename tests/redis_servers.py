@@ -10,6 +10,7 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -31,6 +32,20 @@ ENV = "KIMIBOT_TEST_REDIS_URL"
 def need_redis_server() -> None:
     if shutil.which("redis-server") is None:
         raise RuntimeError("redis-server is needed for the tests (scripts/test and .ci/run install it)")
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    while True:
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
 
 
 class PrivateRedis:
@@ -128,6 +143,7 @@ class PrivateCluster:
                 directory / f"node{i}",
                 appendonly=False,
                 extra=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                port=cluster_port(),
             )
             for i in range(masters)
         ]

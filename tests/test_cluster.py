@@ -1,0 +1,123 @@
+"""Redis Cluster: a REDIS_URL naming any one node of a cluster works with no other setting.
+
+Uses the cluster at KIMIBOT_TEST_CLUSTER_URL (scripts/test starts one; all its data is flushed), or starts a
+3-master cluster of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from bot.redis_client import build_redis, is_cluster
+from bot.settings import SettingsError
+from tests.conftest import BotHarness
+from tests.fakes.kimi_api import FakeKimi
+from tests.fakes.slack_api import FakeSlack
+from tests.redis_servers import PrivateCluster, SuiteRedis, flush
+from tests.slack_requests import BOB, CHANNEL, mention, message
+
+
+@pytest.fixture(scope="module")
+def cluster_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """URLs of every primary of a test cluster."""
+    url = os.environ.get("KIMIBOT_TEST_CLUSTER_URL", "")
+    cluster: PrivateCluster | None = None
+    if not url:
+        cluster = PrivateCluster(tmp_path_factory.mktemp("cluster"))
+        cluster.start_sync()
+        url = cluster.url
+    import redis
+
+    client = redis.RedisCluster.from_url(url)
+    try:
+        nodes = [f"redis://{node.host}:{node.port}/0" for node in client.get_primaries()]
+    finally:
+        client.close()
+    yield sorted(nodes)
+    if cluster is not None:
+        cluster.stop_sync()
+
+
+@pytest.fixture
+async def cluster_url(cluster_nodes: list[str]) -> AsyncIterator[str]:
+    """A node of the test cluster (the second: not necessarily the one scripts/test named), emptied."""
+    target = SuiteRedis(cluster_nodes[0], cluster=True, started_here=False)
+    await flush(target)
+    yield cluster_nodes[1]
+    await flush(target)
+
+
+async def test_any_one_node_of_a_cluster_is_enough_and_keys_land_on_every_primary(
+    cluster_url: str, cluster_nodes: list[str]
+) -> None:
+    for url in cluster_nodes:
+        client = build_redis(url)  # REDIS_CLUSTER=auto, the default
+        try:
+            assert is_cluster(client)
+            for i in range(30):
+                await client.set(f"kimibot:test:{i}", str(i))
+            assert [await client.get(f"kimibot:test:{i}") for i in range(30)] == [str(i) for i in range(30)]
+        finally:
+            await client.aclose()
+    cluster = build_redis(cluster_url)
+    try:
+        per_node = await cluster.dbsize(target_nodes=RedisCluster.PRIMARIES)  # type: ignore[call-arg]
+        assert per_node == 30
+        sizes = []
+        for url in cluster_nodes:
+            node: Redis = Redis.from_url(url)
+            sizes.append(int(await node.dbsize()))
+            await node.aclose()
+        assert all(size > 0 for size in sizes) and sum(sizes) == 30
+    finally:
+        await cluster.aclose()
+
+
+def test_a_single_redis_gets_the_plain_client(suite_redis_target: SuiteRedis) -> None:
+    if suite_redis_target.cluster:
+        pytest.skip("the suite's Redis is itself a cluster in this run")
+    assert not is_cluster(build_redis(suite_redis_target.url))
+
+
+def test_redis_cluster_false_is_obeyed_and_true_needs_no_question(cluster_url: str) -> None:
+    assert not is_cluster(build_redis(cluster_url, "false"))
+    assert is_cluster(build_redis("redis://127.0.0.1:1/0", "true"))  # not even reachable: no probe
+
+
+def test_a_cluster_url_selecting_another_database_is_refused_in_one_sentence(cluster_url: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        build_redis(cluster_url.removesuffix("/0") + "/3")
+    assert caught.value.problems == [
+        "REDIS_URL selects database 3, but it is a Redis Cluster node and a cluster has only database 0. "
+        "Expected: the same URL ending in /0."
+    ]
+
+
+def test_an_unreachable_redis_at_start_gets_the_plain_client_and_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="bot.redis_client"):
+        client = build_redis("redis://127.0.0.1:1/0")
+    assert not is_cluster(client)
+    assert "REDIS_CLUSTER" in caplog.text
+
+
+async def test_a_bot_pointed_at_one_node_answers_a_thread_in_order(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi, cluster_url: str
+) -> None:
+    bot: BotHarness = await make_bot(redis_url=cluster_url)
+    assert is_cluster(bot.deps.redis)
+    root = "1700000080.000100"
+    await bot.send_event(mention("first question", root))
+    await bot.send_event(message("and a follow-up", "1700000080.000200", thread_ts=root, user=BOB))
+    await bot.settle()
+    assert len(fake_slack.bodies(CHANNEL, root)) == 2
+    assert fake_kimi.requests[1]["messages"][1]["content"] == "alice: first question"
+    assert fake_slack.problems == []
