@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,13 +162,21 @@ class ThreadStore:
 
 
 class UserNames:
-    """Display names from users.info, cached for a day in Redis and for minutes in the process."""
+    """Display names from users.info, cached for a day in Redis and for minutes in the process (the
+    most recently used LOCAL_MAX of them: a big workspace must not grow the process without end)."""
 
     LOCAL_TTL_S = 600
+    LOCAL_MAX = 10_000
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._local: dict[tuple[str, str], tuple[str, float]] = {}
+        self._local: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
+
+    def _remember(self, team_id: str, user: str, name: str) -> None:
+        self._local[(team_id, user)] = (name, time.monotonic() + self.LOCAL_TTL_S)
+        self._local.move_to_end((team_id, user))
+        while len(self._local) > self.LOCAL_MAX:
+            self._local.popitem(last=False)  # the least recently used
 
     @staticmethod
     def key(team_id: str, user: str) -> str:
@@ -175,16 +184,19 @@ class UserNames:
 
     async def get(self, team_id: str, user: str) -> str | None:
         local = self._local.get((team_id, user))
-        if local is not None and local[1] > time.monotonic():
-            return local[0]
+        if local is not None:
+            if local[1] > time.monotonic():
+                self._local.move_to_end((team_id, user))
+                return local[0]
+            del self._local[(team_id, user)]
         value = await self.redis.get(self.key(team_id, user))
         if value is None:
             return None
-        self._local[(team_id, user)] = (str(value), time.monotonic() + self.LOCAL_TTL_S)
+        self._remember(team_id, user, str(value))
         return str(value)
 
     async def put(self, team_id: str, user: str, name: str) -> None:
-        self._local[(team_id, user)] = (name, time.monotonic() + self.LOCAL_TTL_S)
+        self._remember(team_id, user, name)
         await self.redis.set(self.key(team_id, user), name, ex=USER_NAME_TTL_S)
 
 
@@ -236,18 +248,27 @@ class Stops:
 
 
 class Feedback:
-    """Thumbs up/down per answer message and user, with what the answer cost, for the admin."""
+    """Thumbs up/down per answer message and user, with what the answer cost, for the admin.
+
+    A vote and the team's log of votes are written in one MULTI, so both keys carry the hash tag
+    `{team_id}` (one slot on Redis Cluster); both expire like usage does."""
+
+    LOG_LENGTH = 10_000
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
 
     @staticmethod
-    def key(team_id: str, channel: str, message_ts: str) -> str:
-        return f"{PREFIX}:feedback:{team_id}:{channel}:{message_ts}"
+    def _tag(team_id: str) -> str:
+        return f"{{{team_id or '-'}}}"  # `{}` would be no tag at all: the two keys could part
 
-    @staticmethod
-    def log_key(team_id: str) -> str:
-        return f"{PREFIX}:feedback-log:{team_id}"
+    @classmethod
+    def key(cls, team_id: str, channel: str, message_ts: str) -> str:
+        return f"{PREFIX}:feedback:{cls._tag(team_id)}:{channel}:{message_ts}"
+
+    @classmethod
+    def log_key(cls, team_id: str) -> str:
+        return f"{PREFIX}:feedback-log:{cls._tag(team_id)}"
 
     async def record(
         self,
@@ -263,7 +284,8 @@ class Feedback:
             pipe.hset(self.key(team_id, channel, message_ts), user, json.dumps(entry, separators=(",", ":")))
             pipe.expire(self.key(team_id, channel, message_ts), USAGE_TTL_S)
             pipe.lpush(self.log_key(team_id), json.dumps(entry, separators=(",", ":")))
-            pipe.ltrim(self.log_key(team_id), 0, 9_999)
+            pipe.ltrim(self.log_key(team_id), 0, self.LOG_LENGTH - 1)
+            pipe.expire(self.log_key(team_id), USAGE_TTL_S)
             await pipe.execute()
 
     async def ratings(self, team_id: str, channel: str, message_ts: str) -> dict[str, dict[str, Any]]:

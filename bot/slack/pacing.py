@@ -28,6 +28,7 @@ METHOD_TIER = {
 POST_PER_CHANNEL_PER_S = 1.0  # chat.postMessage: about one message per second per channel, short bursts ok
 POST_BURST = 3
 MARGIN = 0.9  # refill 10% slower than documented: clocks and latency differ between us and Slack
+PRUNE_FLOOR = 1_024  # buckets kept before idle ones are dropped (one per channel posted to, and per tier)
 
 
 @dataclass
@@ -50,6 +51,10 @@ class TokenBucket:
     def take(self) -> None:
         self.tokens -= 1
 
+    def idle(self, now: float) -> bool:
+        """Full again: indistinguishable from a new bucket, so it can be dropped and made afresh."""
+        return self.tokens + (now - self.updated) * self.rate_per_s >= self.capacity
+
 
 class Pacer:
     """Waits, when needed, before each Slack call so the app stays within its tiers."""
@@ -57,6 +62,7 @@ class Pacer:
     def __init__(self, scale: float = 1.0) -> None:
         self.scale = scale  # tests and benchmarks may loosen the pace; 1.0 is Slack's documented floor
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self._prune_at = PRUNE_FLOOR  # doubles with the buckets still busy, so pruning stays amortised O(1)
         self._lock = asyncio.Lock()
         self.waited_s = 0.0
 
@@ -71,8 +77,18 @@ class Pacer:
         else:
             return None
         if key not in self._buckets:
+            if len(self._buckets) >= self._prune_at:
+                self._prune()
             self._buckets[key] = TokenBucket(rate * self.scale * MARGIN, burst * max(self.scale, 1.0))
         return self._buckets[key]
+
+    def _prune(self) -> None:
+        """Drop the buckets that are full again (channels and workspaces gone quiet): a process that
+        posts to ever new channels keeps only the buckets still pacing something."""
+        now = time.monotonic()
+        for key in [key for key, bucket in self._buckets.items() if bucket.idle(now)]:
+            del self._buckets[key]
+        self._prune_at = max(PRUNE_FLOOR, 2 * len(self._buckets))
 
     def headroom(self, method: str, team: str = "", channel: str = "") -> float:
         """The share of the method's burst still available (1.0 when unpaced or idle)."""
@@ -87,10 +103,11 @@ class Pacer:
         return bucket.delay(time.monotonic()) if bucket else 0.0
 
     async def acquire(self, method: str, team: str = "", channel: str = "") -> None:
-        bucket = self._bucket(method, team, channel)
-        if bucket is None:
-            return
         while True:
+            # Looked up again after each wait: an idle bucket may have been pruned and made afresh.
+            bucket = self._bucket(method, team, channel)
+            if bucket is None:
+                return
             async with self._lock:
                 wait = bucket.delay(time.monotonic())
                 if wait <= 0:
