@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import redis
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import AbstractStrategy, ClusterPipeline, RedisCluster, TransactionStrategy
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -46,6 +46,41 @@ PROBE_TIMEOUT_S = 1.0
 ClusterSetting = Literal["auto", "true", "false"]
 
 
+def _slot_without_io(client: RedisCluster, args: tuple[Any, ...]) -> int | None:
+    """The slot a command goes to, when working it out needs no round trip (None otherwise): always so for
+    EVAL and for commands at fixed key positions once the client has loaded the server's command table."""
+    name = str(args[0]).upper()
+    if name not in ("EVAL", "EVALSHA"):
+        commands = client.commands_parser.commands
+        spec: Any = commands.get(name.lower()) or commands.get(name.lower().split(" ")[0])
+        if client._initialize or not isinstance(spec, dict) or "movablekeys" in spec.get("flags", ()):
+            return None
+    coro = client._determine_slot(*args)
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return int(done.value)
+    coro.close()  # it wanted a round trip after all
+    return None
+
+
+class _InlineTransaction(TransactionStrategy):
+    """MULTI/EXEC on a cluster, queued in place.
+
+    redis-py 8.1 queues each command of a cluster transaction by running `asyncio.run()` in a new thread (its
+    queueing API is synchronous, finding a command's slot is not), blocking the event loop meanwhile: a
+    4-command transaction took 7.3 ms instead of 0.7 ms. When the slot is known without a round trip it is
+    queued here directly; anything else (WATCH, keys only the server can find) goes redis-py's way."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._watching and args[0] not in self.IMMEDIATE_EXECUTE_COMMANDS | self.NO_SLOTS_COMMANDS:
+            slot = _slot_without_io(self._pipe.cluster_client, args)
+            if slot is not None:
+                self._pipeline_slots.add(slot)
+                return AbstractStrategy.execute_command(self, *args, **kwargs)
+        return super().execute_command(*args, **kwargs)
+
+
 class KimibotRedisCluster(RedisCluster):
     """RedisCluster that does not repeat a timed-out command (it still re-maps and retries once after a
     dropped connection or a cluster that is failing over): a silent node costs one socket timeout, not
@@ -60,6 +95,12 @@ class KimibotRedisCluster(RedisCluster):
         if self._initialize:
             await self.initialize()
         return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        pipe = super().pipeline(transaction, shard_hint)
+        if transaction:
+            pipe._execution_strategy = _InlineTransaction(pipe)
+        return pipe
 
 
 def _retry() -> Retry:

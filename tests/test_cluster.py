@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import CrossSlotTransactionError
 
 from bot.redis_client import build_redis, is_cluster
 from bot.settings import SettingsError
@@ -121,3 +123,30 @@ async def test_a_bot_pointed_at_one_node_answers_a_thread_in_order(
     assert len(fake_slack.bodies(CHANNEL, root)) == 2
     assert fake_kimi.requests[1]["messages"][1]["content"] == "alice: first question"
     assert fake_slack.problems == []
+
+
+async def test_a_cluster_transaction_runs_in_one_slot_without_a_thread_per_command(
+    cluster_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = build_redis(cluster_url)
+    try:
+        await client.ping()
+
+        def no_thread(_: threading.Thread) -> None:
+            raise AssertionError("redis-py queued a transaction's command through a thread")
+
+        monkeypatch.setattr(threading.Thread, "start", no_thread)
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.set("{kimibot-test}:a", 1)
+            pipe.incr("{kimibot-test}:a")
+            pipe.eval("return redis.call('GET', KEYS[1])", 1, "{kimibot-test}:a")
+            pipe.hset("{kimibot-test}:h", mapping={"f": "v"})
+            pipe.expire("{kimibot-test}:a", 60)
+            assert await pipe.execute() == [True, 2, "2", 1, True]
+        with pytest.raises(CrossSlotTransactionError):
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.set("{kimibot-test}:a", 1)
+                pipe.set("{another-tag}:a", 1)
+                await pipe.execute()
+    finally:
+        await client.aclose()
