@@ -260,3 +260,23 @@ async def test_socket_mode_reconnects_after_slack_drops_the_connection_and_healt
     code, output, _ = await exit_of(bot, GRACE_S + 10)
     assert code == 0, output
     assert "socket mode reconnected" in output and "Traceback" not in output
+
+
+async def test_sigterm_stops_socket_mode_while_it_keeps_failing_to_reconnect(
+    fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path, processes: list[ServeProcess]
+) -> None:
+    env = serve_env(
+        fake_slack, fake_kimi, redis_url, tmp_path, SLACK_APP_TOKEN=APP_TOKEN, SLACK_SIGNING_SECRET=""
+    )
+    bot = start(processes, env, tmp_path)
+    await wait_health(bot, 200)
+    fake_slack.fail("apps.connections.open", "internal_error", times=1_000)  # Slack's side stays broken
+    await fake_slack.drop_sockets()
+    body = await wait_health(bot, 503)
+    assert body["failing"]["slack_connection"].startswith("reconnecting"), body
+    await wait_for(lambda: len(fake_slack.calls_of("apps.connections.open")) >= 3)
+    bot.process.send_signal(signal.SIGTERM)
+    code, output, took = await exit_of(bot, GRACE_S + 10)
+    assert code == 0, output
+    assert took < GRACE_S
+    assert "Traceback" not in output
