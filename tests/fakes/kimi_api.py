@@ -74,9 +74,7 @@ class FakeKimi:
     done_times: list[float] = field(default_factory=list)
     finished: dict[int, float] = field(default_factory=dict)  # request index -> when its last byte was sent
     known_models: set[str] | None = None
-    models_status: int = (
-        200  # GET /models answers this (e.g. 503 while Kimi is "down", 404 on a host without it)
-    )
+    models_status: int = 200  # what GET /models answers: 503 while Kimi is "down", 404 on a host without it
     models_requests: int = 0
     tokens_per_char: float = 0.25
     server: TestServer | None = None
