@@ -8,6 +8,7 @@ a failure never loses it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any, TypeVar
@@ -113,6 +114,62 @@ async def _history_entry(deps: Deps, turn: Turn, message: dict[str, Any]) -> dic
     return user_entry(name, strip_mention(text, me.user_id), ts=ts, user=user)
 
 
+def _ours(message: dict[str, Any], deps: Deps) -> bool:
+    me = deps.identity
+    return bool(
+        (me.bot_id and message.get("bot_id") == me.bot_id)
+        or (me.user_id and message.get("user") == me.user_id)
+    )
+
+
+def _carries_stop(message: dict[str, Any], value: str) -> bool:
+    return any(
+        element.get("value") == value
+        for block in message.get("blocks") or []
+        if block.get("type") == "actions"
+        for element in block.get("elements") or []
+    )
+
+
+async def recover_orphans(deps: Deps, turn: Turn, progress: dict[str, str]) -> dict[str, str]:
+    """A re-run of a job whose run died: find what that run put in the thread but had no time to note
+    (it died between Slack's answer and the progress write). Its placeholder carries this turn's Stop
+    button: adopt it. After its placeholder, nobody else writes in the thread (one job per thread at a
+    time), so any later message of ours is that run's partial answer: take it back with the rest."""
+    placeholder = progress.get("placeholder_ts", "")
+    answer_ts: list[str] = json.loads(progress.get("answer_ts") or "[]")
+    after = placeholder or turn.ts
+    await deps.whoami()
+    try:
+        response = await deps.slack.conversations_replies(
+            channel=turn.channel, ts=turn.thread_ts, oldest=after, inclusive=False, limit=200
+        )
+        messages = [m for m in response.get("messages") or [] if isinstance(m, dict)]
+    except Exception as exc:  # best effort: without it, at worst a stray message stays
+        log.info("could not look for a dead run's messages", extra=turn_log(turn, error=describe(exc)))
+        return progress
+    found: dict[str, str] = {}
+    for message in sorted(messages, key=lambda m: float(m.get("ts") or 0)):
+        ts = str(message.get("ts") or "")
+        if (
+            not ts
+            or float(ts) <= float(after)
+            or ts in answer_ts
+            or ts == placeholder
+            or not _ours(message, deps)
+        ):
+            continue
+        if not placeholder:
+            if _carries_stop(message, stop_value(turn)):
+                placeholder = found["placeholder_ts"] = ts
+            continue
+        answer_ts.append(ts)
+        found["answer_ts"] = json.dumps(answer_ts)
+    if found:
+        log.info("a dead run's messages found", extra=turn_log(turn, **found))
+    return {**progress, **found}
+
+
 async def _given(value: T) -> T:
     """A value where a coroutine is expected (for gather)."""
     return value
@@ -156,6 +213,11 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
             speaker_name(deps, turn.team_id, turn.user),
             deps.threads.load(turn.thread) if turn.in_slack_thread else _given(None),
         )
+        if (progress or job.attempt > 1) and turn.in_slack_thread and not turn.assistant_thread:
+            recovered = await recover_orphans(deps, turn, progress)
+            if recovered != progress:
+                await lease.save_progress(job, **{k: v for k, v in recovered.items() if progress.get(k) != v})
+            progress = recovered
         writer.resume = progress
         if not turn.text.strip():
             await writer.notice(EMPTY_QUESTION)

@@ -86,6 +86,28 @@ class RawFailure:
 
 
 @dataclass
+class Hold:
+    """One call the fake carries out but does not answer until the test says so (see `FakeSlack.hold`)."""
+
+    method: str
+    nth: int
+    seen: int = 0
+    call: Call | None = None
+    reached: asyncio.Event = field(default_factory=asyncio.Event)  # the call was carried out; no answer yet
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def wait(self, limit_s: float = 30.0) -> Call:
+        """Until the held call has come (and been carried out); the call."""
+        async with asyncio.timeout(limit_s):
+            await self.reached.wait()
+        assert self.call is not None
+        return self.call
+
+
+@dataclass
 class FakeSlack:
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
@@ -104,6 +126,7 @@ class FakeSlack:
     failures: dict[str, list[Failure]] = field(default_factory=lambda: defaultdict(list))
     raw_failures: dict[str, list[RawFailure]] = field(default_factory=lambda: defaultdict(list))
     delay: dict[str, float] = field(default_factory=dict)  # seconds to wait before answering a method
+    holds: list[Hold] = field(default_factory=list)  # calls whose answer waits for the test (`hold`)
     sockets: list[web.WebSocketResponse] = field(default_factory=list)  # Socket Mode connections
     socket_acks: list[dict[str, Any]] = field(default_factory=list)
     revoked: dict[str, str] = field(default_factory=dict)  # token -> the error Slack now answers it with
@@ -147,6 +170,18 @@ class FakeSlack:
         """The next `times` calls of `method` are answered by something in front of Slack (an Envoy
         503, a corporate proxy's HTML 403): `body` as is, with this status and Content-Type."""
         self.raw_failures[method].extend(RawFailure(status, body, content_type) for _ in range(times))
+
+    def hold(self, method: str, nth: int = 1) -> Hold:
+        """The `nth` call of `method` from now on is carried out (Slack did the work: a message is posted,
+        text appended...) but its answer waits until `Hold.release()`: the caller has not heard back yet,
+        so a test can kill it exactly then. Release every hold before the fake stops."""
+        hold = Hold(method, nth)
+        self.holds.append(hold)
+        return hold
+
+    def release_holds(self) -> None:
+        for hold in self.holds:
+            hold.release()
 
     def add_user(self, user_id: str, display_name: str, real_name: str = "") -> None:
         self.users[user_id] = {
@@ -304,6 +339,20 @@ class FakeSlack:
         args = await self._args(request)
         call = Call(method, args, time.monotonic())
         self.calls.append(call)
+        held = None
+        for hold in self.holds:
+            if hold.method == method and not hold.reached.is_set():
+                hold.seen += 1
+                if hold.seen == hold.nth:
+                    held = hold
+        response = await self._answer(method, args, call)
+        if held is not None:
+            held.call = call
+            held.reached.set()
+            await held.released.wait()
+        return response
+
+    async def _answer(self, method: str, args: dict[str, Any], call: Call) -> web.Response:
         if method in self.delay:
             await asyncio.sleep(self.delay[method])
         if self.enforce_limits and not self._allowed(method, args):
@@ -622,11 +671,22 @@ class FakeSlack:
     def _m_conversations_replies(self, args: dict[str, Any]) -> dict[str, Any]:
         channel, thread = args["channel"], str(args["ts"])
         thread_messages = sorted(
-            (m for m in self.messages[channel] if m["ts"] == thread or m.get("thread_ts") == thread),
+            (
+                m
+                for m in self.messages[channel]
+                if (m["ts"] == thread or m.get("thread_ts") == thread) and not m.get("deleted")
+            ),
             key=lambda m: float(m["ts"]),
         )
         if not thread_messages:
             return {"ok": False, "error": "thread_not_found"}
+        if args.get("oldest"):  # like Slack: the parent always comes first, then what is newer than oldest
+            oldest, inclusive = float(args["oldest"]), str(args.get("inclusive")) in ("1", "true", "True")
+            thread_messages = [thread_messages[0]] + [
+                m
+                for m in thread_messages[1:]
+                if float(m["ts"]) > oldest or (inclusive and float(m["ts"]) == oldest)
+            ]
         start = int(args.get("cursor") or 0)
         limit = int(args.get("limit") or 1000)
         page = thread_messages[start : start + limit]
