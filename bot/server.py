@@ -24,10 +24,10 @@ import handlers
 from bot.deps import BotIdentity, Deps
 from bot.errors import new_reference
 from bot.health import Health, readiness
-from bot.queue import Job
+from bot.queue import Job, Lease
 from bot.socket_mode import SocketConnection
 from bot.startup import Rejected, check_bot_token, check_client, check_kimi, until_settled
-from bot.work import run_job
+from bot.work import adopt_legacy_jobs, run_job, tell_not_answered
 from bot.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,11 @@ def build_web_app(
 def build_worker(deps: Deps, block_ms: int = 1_000) -> Worker:
     settings = deps.settings
 
-    async def run(job: Job) -> None:
-        await run_job(job, deps)
+    async def run(job: Job, lease: Lease) -> None:
+        await run_job(job, lease, deps)
+
+    async def report(job: Job, lease: Lease, why: str, reference: str) -> None:
+        await tell_not_answered(deps, job, lease, why, reference)
 
     return Worker(
         deps.queue,
@@ -199,6 +202,9 @@ def build_worker(deps: Deps, block_ms: int = 1_000) -> Worker:
         concurrency=settings.kimi_concurrency,
         visibility_s=settings.job_visibility_timeout,
         block_ms=block_ms,
+        max_attempts=settings.job_max_attempts,
+        report=report,
+        on_start=lambda: adopt_legacy_jobs(deps),
     )
 
 
