@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -121,3 +122,33 @@ async def tell_not_answered(deps: Deps, job: Job, lease: Lease, why: str, refere
         await deps.slack.chat_update(channel=channel, ts=placeholder, text=sentence, blocks=[])
     else:
         await deps.slack.chat_postMessage(channel=channel, thread_ts=thread_ts or None, text=sentence)
+
+
+LEGACY_STREAM = "kimibot:jobs"  # where kimibot before the per-thread inboxes kept its jobs
+
+
+async def adopt_legacy_jobs(deps: Deps) -> int:
+    """An upgrade must not lose the questions the previous version had queued: move each job of its Redis
+    Stream into its thread's inbox (in stream order), then drop it from the stream."""
+    moved = 0
+    entries: Any = await deps.redis.xrange(LEGACY_STREAM, count=10_000)
+    for entry_id, fields in entries:
+        try:
+            kind, data = str(fields.get("kind") or ""), json.loads(fields.get("data") or "{}")
+            if kind == "turn":
+                thread = Turn.from_dict(data["turn"]).thread
+            elif kind == "command":
+                thread = command_thread(data["command"])
+            elif kind == "greet":
+                thread = ThreadKey(str(data["team"]), str(data["channel"]), str(data["thread_ts"]))
+            else:
+                raise ValueError(kind)
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable job of the previous version dropped", extra={"entry": str(entry_id)})
+        else:
+            await deps.queue.put(thread, kind, data)
+            moved += 1
+        await deps.redis.xdel(LEGACY_STREAM, entry_id)
+    if moved:
+        log.warning("jobs of the previous version moved to their threads", extra={"count": moved})
+    return moved

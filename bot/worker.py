@@ -40,10 +40,12 @@ class Worker:
         block_ms: int = 1_000,
         max_attempts: int = 3,
         report: Reporter | None = None,
+        on_start: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.queue = queue
         self.run_job = run
         self.report = report
+        self.on_start = on_start  # once, when Redis first answers (e.g. adopting an older version's jobs)
         self.concurrency = concurrency
         self.max_attempts = max_attempts
         self.renew_s = max(visibility_s / 4, 0.05)
@@ -69,6 +71,9 @@ class Worker:
                 await self._pause(REDIS_RETRY_S)
 
     async def _claim_some(self) -> int:
+        if self.on_start is not None:
+            await self.on_start()
+            self.on_start = None
         free = self.concurrency - len(self.running)
         if free <= 0:
             self._slot_free.clear()

@@ -180,3 +180,38 @@ async def test_a_completed_job_cannot_be_completed_twice_and_a_stale_owner_canno
     assert (await bot.deps.threads.load(thread)).entries == []
     assert await second.release() is True
     assert await queue.length() == 0  # nothing left listed
+
+
+async def test_questions_queued_by_the_previous_version_are_answered_after_an_upgrade(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str
+) -> None:
+    import json
+
+    from bot.redis_client import build_redis
+    from bot.work import LEGACY_STREAM
+
+    root = "1700000007.000800"
+    fake_slack.seed(CHANNEL, user="U04RZ8N2PQM", text="queued before the upgrade", ts=root)
+    turn = {
+        "source": "mention",
+        "team_id": "T05KQ2R7JNB",
+        "channel": CHANNEL,
+        "user": "U04RZ8N2PQM",
+        "text": "queued before the upgrade",
+        "ts": root,
+        "thread_ts": root,
+        "seq": 1,  # the old format carried a sequence number
+    }
+    old = build_redis(redis_url)
+    await old.xadd(
+        LEGACY_STREAM,
+        {"kind": "turn", "data": json.dumps({"job_id": f"{CHANNEL}:{root}", "thread": "x", "turn": turn})},
+    )
+    await old.xadd(LEGACY_STREAM, {"kind": "turn", "data": "{not json"})
+    await old.aclose()
+    bot: BotHarness = await make_bot()
+    await asyncio.sleep(0.2)
+    await bot.settle()
+    [body] = fake_slack.bodies(CHANNEL, root)
+    assert "queued before the upgrade" in body
+    assert await bot.deps.redis.xlen(LEGACY_STREAM) == 0
