@@ -9,15 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import CrossSlotTransactionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bot.redis_client import build_redis, is_cluster
+from bot.redis_client import SOCKET_TIMEOUT_S, build_redis, is_cluster
 from bot.settings import SettingsError
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi
@@ -150,3 +153,33 @@ async def test_a_cluster_transaction_runs_in_one_slot_without_a_thread_per_comma
                 await pipe.execute()
     finally:
         await client.aclose()
+
+
+async def test_a_silent_cluster_node_costs_one_read_timeout_per_call(tmp_path: Path) -> None:
+    cluster = PrivateCluster(tmp_path)
+    cluster.start_sync()
+    client = build_redis(cluster.url)
+    try:
+        key = "{kimibot-test}:k"
+        await client.set(key, "v")
+        node = client.get_node_from_key(key)  # type: ignore[attr-defined]
+        silent = next(n for n in cluster.nodes if n.port == int(node.port))
+        silent.pause()
+        for call in ("get", "transaction"):
+            started = time.monotonic()
+            with pytest.raises(RedisTimeoutError):
+                if call == "get":
+                    await client.get(key)
+                else:
+                    async with client.pipeline(transaction=True) as pipe:
+                        pipe.incr(key)
+                        pipe.expire(key, 60)
+                        await pipe.execute()
+            assert time.monotonic() - started < SOCKET_TIMEOUT_S + 1.0, call
+        silent.resume()
+        assert await client.get(key) == "v"
+    finally:
+        for n in cluster.nodes:
+            n.resume()
+        await client.aclose()
+        cluster.stop_sync()
