@@ -231,6 +231,21 @@ async def _bounded(awaitable: Awaitable[object], seconds: float, what: str) -> N
         log.warning("shutdown step failed", extra={"step": what, "error": f"{type(exc).__name__}: {exc}"})
 
 
+async def _drain(worker: Worker, grace_s: float, hurry: asyncio.Event) -> None:
+    """Let running answers finish within the grace, or until a second stop signal; hand back the rest."""
+    draining = asyncio.create_task(worker.drain(grace_s))
+    hurried = asyncio.create_task(hurry.wait())
+    await asyncio.wait([draining, hurried], timeout=grace_s + 2, return_when=asyncio.FIRST_COMPLETED)
+    hurried.cancel()
+    if draining.done():
+        return
+    if hurry.is_set():
+        log.warning("second stop signal: handing running answers back now")
+    draining.cancel()
+    await asyncio.gather(draining, return_exceptions=True)
+    await _bounded(worker.drain(0), 5.0, "hand back")
+
+
 async def _start_up(
     deps: Deps, health: Health, checks: AsyncWebClient, socket: SocketConnection | None, works: bool
 ) -> None:
@@ -267,10 +282,17 @@ async def serve(deps: Deps) -> None:
     receives = settings.kimibot_role in ("all", "receiver")
     works = settings.kimibot_role in ("all", "worker")
     stop = asyncio.Event()
+    hurry = asyncio.Event()  # a second signal: hand running answers back now instead of waiting
+
+    def on_signal() -> None:
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
 
     health = Health(checks={"SLACK_BOT_TOKEN": "checking"})
     if works:
@@ -336,9 +358,7 @@ async def serve(deps: Deps) -> None:
             await socket.close()
         await _bounded(site.stop(), 3.0, "stop receiving")
         if worker is not None and health.worker_task is not None:
-            await _bounded(
-                worker.drain(settings.shutdown_grace_seconds), settings.shutdown_grace_seconds + 2, "drain"
-            )
+            await _drain(worker, settings.shutdown_grace_seconds, hurry)
             await asyncio.wait([health.worker_task], timeout=3.0)
             health.worker_task.cancel()
         await _bounded(runner.cleanup(), 3.0, "http server")

@@ -280,3 +280,25 @@ async def test_sigterm_stops_socket_mode_while_it_keeps_failing_to_reconnect(
     assert code == 0, output
     assert took < GRACE_S
     assert "Traceback" not in output
+
+
+async def test_a_second_stop_signal_hands_running_answers_back_at_once(
+    fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path, processes: list[ServeProcess]
+) -> None:
+    from tests.fakes.kimi_api import Reply
+
+    fake_kimi.script(Reply(content="slow " * 400, chunk_chars=5, chunk_delay=0.05))  # ~20 s of answer
+    env = serve_env(fake_slack, fake_kimi, redis_url, tmp_path, SHUTDOWN_GRACE_SECONDS="60")
+    bot = start(processes, env, tmp_path)
+    await wait_health(bot, 200)
+    root = fake_slack.seed(CHANNEL, user="U04RZ8N2PQM", text="take your time")
+    async with aiohttp.ClientSession() as session:
+        assert await bot.send(session, mention("take your time", root)) == 200
+    await wait_for(lambda: bool(fake_kimi.requests))
+    bot.process.send_signal(signal.SIGINT)
+    await asyncio.sleep(0.5)
+    bot.process.send_signal(signal.SIGINT)  # Ctrl-C again: don't wait a minute
+    code, output, took = await exit_of(bot, 30)
+    assert code == 0, output
+    assert took < 10
+    assert "second stop signal" in output and "handed back" in output
