@@ -219,6 +219,12 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
                 await lease.save_progress(job, **{k: v for k, v in recovered.items() if progress.get(k) != v})
             progress = recovered
         writer.resume = progress
+        who = await deps.stops.requested_by(turn.channel, turn.ts)
+        if who is not None:  # stopped while it waited for the answer before it
+            writer.start()
+            await writer.fail(f"_:black_square_for_stop: Stopped by <@{who}> before I began._")
+            await lease.complete(job, details=(turn.ts, details))
+            return
         if not turn.text.strip():
             await writer.notice(EMPTY_QUESTION)
             await lease.complete(job)

@@ -20,6 +20,7 @@ One mechanism owns ordering and exactly-once for a thread:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -320,6 +321,7 @@ class Lease:
         self.redis = self.queue.redis
         self.lease_s = self.queue.lease_ms / 1000
         self.valid_until = time.monotonic() + self.lease_s * 0.8
+        self.renewed_at = time.monotonic()
 
     @property
     def token(self) -> int:
@@ -342,6 +344,7 @@ class Lease:
             self.lost = True
             return False
         self.valid_until = sent + self.lease_s * 0.8
+        self.renewed_at = sent
         await self.redis.zadd(READY_KEY, {str(self.thread): now_ms() + self.queue.lease_ms}, xx=True, gt=True)
         return True
 
@@ -367,6 +370,15 @@ class Lease:
             return Job.decode(self.thread, raw, attempt)
         except (ValueError, TypeError):
             return raw
+
+    async def waiting_jobs(self, limit: int = 20) -> list[Job]:
+        """The jobs queued behind the head (the one running), oldest first; unreadable ones skipped."""
+        raw: Any = await self.redis.lrange(self.keys.inbox, 1, limit)  # type: ignore[misc]
+        jobs = []
+        for entry in raw:
+            with contextlib.suppress(ValueError, TypeError):
+                jobs.append(Job.decode(self.thread, str(entry), 0))
+        return jobs
 
     async def progress(self, job: Job) -> dict[str, str]:
         raw = await self.redis.hgetall(self.keys.progress(job.job_id))  # type: ignore[misc]

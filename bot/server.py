@@ -27,7 +27,7 @@ from bot.health import Health, readiness
 from bot.queue import Job, Lease
 from bot.socket_mode import SocketConnection
 from bot.startup import Rejected, check_bot_token, check_client, check_kimi, until_settled
-from bot.work import adopt_legacy_jobs, run_job, tell_not_answered
+from bot.work import adopt_legacy_jobs, run_job, show_waiting, tell_not_answered
 from bot.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,7 @@ def build_worker(deps: Deps, block_ms: int = 1_000) -> Worker:
         max_attempts=settings.job_max_attempts,
         report=report,
         on_start=lambda: adopt_legacy_jobs(deps),
+        show_waiting=lambda lease: show_waiting(deps, lease),
     )
 
 

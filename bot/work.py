@@ -10,8 +10,9 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot.deps import Deps
 from bot.errors import USER_MESSAGES, Reason
-from bot.pipeline import answer
+from bot.pipeline import answer, stop_value
 from bot.queue import Job, Lease
+from bot.slack.blocks import waiting_view
 from bot.slack.reply import announce_question, greet_assistant_thread
 from bot.turn import Source, ThreadKey, Turn
 
@@ -105,8 +106,13 @@ async def tell_not_answered(deps: Deps, job: Job, lease: Lease, why: str, refere
     in the thread (or privately, for /kimi off-channel)."""
     sentence = f":warning: {GAVE_UP.get(why, GAVE_UP['internal'])} (ref `{reference}`)"
     if job.kind == "turn":
-        turn = Turn.from_dict(job.data["turn"])
-        channel, thread_ts, response_url = turn.channel, turn.thread_ts, turn.response_url
+        # Read what is needed without Turn.from_dict: a turn that cannot be read is one reason to be here,
+        # and the thread whose inbox held the job says where to tell.
+        turn_data = job.data.get("turn")
+        data: dict[str, Any] = turn_data if isinstance(turn_data, dict) else {}
+        channel = str(data.get("channel") or job.thread.channel)
+        thread_ts = str(data.get("thread_ts") or job.thread.thread_ts)
+        response_url = str(data.get("response_url") or "")
     elif job.kind == "command":
         command = job.data.get("command") or {}
         channel, thread_ts = str(command.get("channel_id") or ""), ""
@@ -152,3 +158,23 @@ async def adopt_legacy_jobs(deps: Deps) -> int:
     if moved:
         log.warning("jobs of the previous version moved to their threads", extra={"count": moved})
     return moved
+
+
+async def show_waiting(deps: Deps, lease: Lease) -> None:
+    """Questions queued behind the running one in a thread get a placeholder with a Stop button at once
+    (their run reuses it), so nobody wonders whether they were heard, and Stop works while they wait."""
+    for job in await lease.waiting_jobs():
+        if job.kind != "turn":
+            continue
+        turn = Turn.from_dict(job.data["turn"])
+        if not turn.in_slack_thread or turn.assistant_thread:
+            continue  # the assistant panel shows its status instead; response_url has no thread
+        if (await lease.progress(job)).get("placeholder_ts"):
+            continue
+        text, blocks = waiting_view(stop_value(turn))
+        await lease.guard()
+        await deps.pacer.acquire("chat.postMessage", turn.team_id, turn.channel)
+        response = await deps.slack.chat_postMessage(
+            channel=turn.channel, thread_ts=turn.thread_ts, text=text, blocks=blocks
+        )
+        await lease.save_progress(job, placeholder_ts=str(response["ts"]))

@@ -41,11 +41,13 @@ class Worker:
         max_attempts: int = 3,
         report: Reporter | None = None,
         on_start: Callable[[], Awaitable[object]] | None = None,
+        show_waiting: Callable[[Lease], Awaitable[None]] | None = None,
     ) -> None:
         self.queue = queue
         self.run_job = run
         self.report = report
         self.on_start = on_start  # once, when Redis first answers (e.g. adopting an older version's jobs)
+        self.show_waiting = show_waiting  # gives questions queued behind a running one their sign of life
         self.concurrency = concurrency
         self.max_attempts = max_attempts
         self.renew_s = max(visibility_s / 4, 0.05)
@@ -190,15 +192,22 @@ class Worker:
             log.exception("could not tell the user about a failed job", extra={"reference": reference})
 
     async def _keep(self, lease: Lease, task: asyncio.Task[None]) -> None:
-        """Renew the lease; when another worker has taken the thread, stop the job at once."""
+        """Renew the lease (when another worker has taken the thread, stop the job at once), and show the
+        questions queued behind the running one that they are waiting."""
+        waiting_shown = 0.0
         while True:
-            await asyncio.sleep(self.renew_s)
+            await asyncio.sleep(min(self.renew_s, 0.5))
             try:
-                if not await lease.renew():
+                if time.monotonic() - lease.renewed_at >= self.renew_s and not await lease.renew():
                     task.cancel()
                     return
-            except RedisError:
+                if self.show_waiting is not None and time.monotonic() - waiting_shown >= 1.0:
+                    waiting_shown = time.monotonic()
+                    await self.show_waiting(lease)
+            except (RedisError, LeaseLost):
                 pass  # writes wait (Lease.guard) until a renewal gets through or the lease is found lost
+            except Exception:
+                log.exception("showing waiting questions failed", extra={"thread_key": str(lease.thread)})
 
     def stop(self) -> None:
         """Stop taking new threads; running ones finish their current job and hand the rest back."""

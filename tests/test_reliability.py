@@ -215,3 +215,27 @@ async def test_questions_queued_by_the_previous_version_are_answered_after_an_up
     [body] = fake_slack.bodies(CHANNEL, root)
     assert "queued before the upgrade" in body
     assert await bot.deps.redis.xlen(LEGACY_STREAM) == 0
+
+
+async def test_a_question_waiting_behind_another_shows_a_placeholder_and_stop_works_while_it_waits(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    from bot.slack.blocks import ACTION_STOP
+
+    fake_kimi.script(Reply(content="first answer", first_byte_delay=2.5), Reply(content="never asked"))
+    root, follow = "1700000007.000900", "1700000007.000901"
+    await bot.send_event(mention("a slow one", root))
+    await bot.send_event(message("and then this", follow, thread_ts=root, user=BOB))
+
+    def waiting() -> list[dict[str, Any]]:
+        return [m for m in fake_slack.replies(CHANNEL, root) if "Waiting for the answer above" in str(m)]
+
+    async with asyncio.timeout(2.0):  # well before the first answer is done
+        while not waiting():  # noqa: ASYNC110 - effects on the fake server
+            await asyncio.sleep(0.02)
+    assert (await bot.click(waiting()[0], ACTION_STOP, user=BOB))[0] == 200
+    await bot.settle()
+    bodies = fake_slack.bodies(CHANNEL, root)
+    assert bodies[0].startswith("first answer")
+    assert len(bodies) == 2 and "Stopped by <@" in bodies[1] and "before I began" in bodies[1]
+    assert len(fake_kimi.requests) == 1  # the stopped question never reached Kimi

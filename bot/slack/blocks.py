@@ -7,6 +7,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 from bot.slack.render import SECTION_TEXT_LIMIT
 
@@ -32,6 +33,8 @@ ACTION_REGENERATE = "kimi_regenerate"
 ACTION_FEEDBACK_UP = "kimi_feedback_up"
 ACTION_FEEDBACK_DOWN = "kimi_feedback_down"
 ACTION_RETRY = "kimi_retry"
+ACTION_APPROVE = "kimi_tool_approve"
+ACTION_DENY = "kimi_tool_deny"
 
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
 _MARKUP = re.compile(r"[*_~`<>|]")
@@ -67,12 +70,36 @@ def button(action_id: str, label: str, value: str, style: str | None = None) -> 
     return element
 
 
+STEP_ICONS = {
+    "pending": ":white_circle:",
+    "in_progress": ":hourglass_flowing_sand:",
+    "complete": ":white_check_mark:",
+}
+STEPS_SHOWN = 12  # the thinking view lists this many of the latest tool steps
+
+
+def steps_text(steps: list[tuple[str, str]]) -> str:
+    """The agent's tool steps as lines for the thinking view (post-and-update, without task cards)."""
+    lines = [f"{STEP_ICONS.get(status, ':warning:')} {title}" for title, status in steps[-STEPS_SHOWN:]]
+    if len(steps) > STEPS_SHOWN:
+        lines.insert(0, f"_…and {len(steps) - STEPS_SHOWN} earlier steps_")
+    return "\n".join(lines)
+
+
 def thinking_view(
-    elapsed_s: float, thought: str, stop_value: str, *, answering: bool = False
+    elapsed_s: float,
+    thought: str,
+    stop_value: str,
+    *,
+    answering: bool = False,
+    steps: list[tuple[str, str]] | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
-    """The placeholder while Kimi works: what it is doing, for how long, its latest thought, and Stop."""
+    """The placeholder while Kimi works: what it is doing, for how long, its latest thought, the tool
+    steps so far (title, status) when there are no task cards to show them, and Stop."""
     state = "Answering" if answering else "Thinking"
     head = f":thought_balloon: *{state}…* ({elapsed_s:.0f}s)"
+    if steps:
+        head += "\n" + steps_text(steps)
     body = f"{head}\n_{thought}_" if thought else head
     blocks: list[dict[str, Any]] = [
         {"type": "section", "text": {"type": "mrkdwn", "text": body[:SECTION_TEXT_LIMIT]}},
@@ -83,6 +110,65 @@ def thinking_view(
         },
     ]
     return f"{state}…", blocks
+
+
+def waiting_view(stop_value: str) -> tuple[str, list[dict[str, Any]]]:
+    """The placeholder of a question waiting for the answer before it in its thread (with Stop)."""
+    text = ":hourglass_flowing_sand: Waiting for the answer above…"
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": text}},
+        {
+            "type": "actions",
+            "block_id": "kimi_waiting",
+            "elements": [button(ACTION_STOP, "Stop", stop_value, "danger")],
+        },
+    ]
+    return "Waiting…", blocks
+
+
+# Our own caps for task cards (Slack documents none for these fields): short, readable cards.
+CARD_TITLE_LIMIT = 120
+CARD_DETAILS_LIMIT = 500
+CARD_SOURCES_LIMIT = 5
+STATUS_LIMIT = 50
+
+
+def status_line(title: str) -> str:
+    """The assistant panel's status for a tool step: "Searching the web" -> "is searching the web…"."""
+    title = " ".join(title.split()) or "Working"
+    first = title.split(" ", 1)[0]
+    line = f"is {title[0].lower()}{title[1:]}" if first.lower().endswith("ing") else f"is working: {title}"
+    return line[: STATUS_LIMIT - 1] + "…"
+
+
+def source_label(url: str) -> str:
+    """A short label for a source URL: its host and the start of its path."""
+    parsed = urlparse(url)
+    if parsed.hostname and parsed.hostname.endswith("slack.com") and "/archives/" in parsed.path:
+        return "Slack message"
+    label = (parsed.hostname or url) + (parsed.path if parsed.path not in ("", "/") else "")
+    return label if len(label) <= 60 else label[:59] + "…"
+
+
+def task_card(
+    card_id: str, title: str, status: str, *, details: str = "", sources: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """One `task_update` chunk (Slack's task card): pending / in_progress / complete / error."""
+    title = " ".join(title.split()) or "Working"
+    card: dict[str, Any] = {
+        "type": "task_update",
+        "id": card_id,
+        "title": title if len(title) <= CARD_TITLE_LIMIT else title[: CARD_TITLE_LIMIT - 1] + "…",
+        "status": status,
+    }
+    if details:
+        card["details"] = (
+            details if len(details) <= CARD_DETAILS_LIMIT else details[: CARD_DETAILS_LIMIT - 1] + "…"
+        )
+    urls = [u for u in sources if u.startswith(("https://", "http://"))][:CARD_SOURCES_LIMIT]
+    if urls:
+        card["sources"] = [{"type": "url", "url": u, "text": source_label(u)} for u in urls]
+    return card
 
 
 def thought_summary(thinking_s: float) -> tuple[str, list[dict[str, Any]]]:
@@ -157,6 +243,32 @@ def failure_blocks(sentence: str, retry: AnswerRef | None) -> list[dict[str, Any
             }
         )
     return blocks
+
+
+def approval_blocks(
+    asker: str, tool: str, arguments: str, approval_id: str
+) -> tuple[str, list[dict[str, Any]]]:
+    """Ask the asker before a tool that changes things runs: what it is, with what, Approve / Deny."""
+    shown = arguments if len(arguments) <= 1_500 else arguments[:1_499] + "…"
+    text = f"Kimi wants to run `{tool}` for <@{asker}>. Approve?"
+    body = f":raised_hand: {text}\n```{shown}```"
+    return text, [
+        {"type": "section", "text": {"type": "mrkdwn", "text": body[:SECTION_TEXT_LIMIT]}},
+        {
+            "type": "actions",
+            "block_id": "kimi_approval",
+            "elements": [
+                button(ACTION_APPROVE, "Approve", approval_id, "primary"),
+                button(ACTION_DENY, "Deny", approval_id, "danger"),
+            ],
+        },
+    ]
+
+
+def approval_done_blocks(tool: str, outcome: str) -> tuple[str, list[dict[str, Any]]]:
+    """The approval request once decided (or timed out): no buttons left to press."""
+    text = f"`{tool}`: {outcome}"
+    return text, [{"type": "context", "elements": [{"type": "mrkdwn", "text": text[:SECTION_TEXT_LIMIT]}]}]
 
 
 def chunk_text(text: str, size: int) -> list[str]:
