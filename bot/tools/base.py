@@ -35,6 +35,9 @@ class ToolResult:
     ok: bool = True
     title: str = ""  # a short line for the live view, e.g. "Reading #incidents"
     sources: tuple[str, ...] = ()  # URLs (permalinks, web pages) shown with the task card
+    # True: hand `text` to the model unchanged, never cap or page it (web_search's encrypted_output, which
+    # only Moonshot can read, breaks if cut). Added for the built-in tools; default False.
+    verbatim: bool = False
 
 
 class Tool(Protocol):
@@ -48,3 +51,13 @@ class Tool(Protocol):
         ...
 
     async def run(self, args: dict[str, Any], ctx: ToolContext) -> ToolResult: ...
+
+
+class ConditionalTool(Tool, Protocol):
+    """A tool offered only on some turns (added for the built-in tools; optional for every other tool).
+
+    `registry.offered(tools, ctx)` keeps a tool without `usable` always, and one with it when it says so:
+    `slack_search` is usable only when the event carried an `action_token`, which a bot token needs.
+    """
+
+    def usable(self, ctx: ToolContext) -> bool: ...
