@@ -101,6 +101,7 @@ def build_deps(settings: Settings) -> Deps:
         retry_budget=settings.kimi_retry_budget,
         max_attempts=settings.kimi_max_attempts,
         backoff_base=settings.kimi_retry_base_delay,
+        concurrency=settings.kimi_concurrency,
     )
     metrics = Metrics()
     return Deps(

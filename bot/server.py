@@ -33,6 +33,7 @@ from bot.worker import Worker
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 1.0
+THREADS_PER_KIMI_SLOT = 4  # a worker may hold this many threads per Kimi request slot (most wait on Kimi)
 MAX_BODY_BYTES = 1024 * 1024  # Slack's payloads are far smaller; anything bigger is refused (413)
 
 
@@ -199,7 +200,8 @@ def build_worker(deps: Deps, block_ms: int = 1_000) -> Worker:
     return Worker(
         deps.queue,
         run,
-        concurrency=settings.kimi_concurrency,
+        # Threads in hand at once; Kimi requests are limited to KIMI_CONCURRENCY inside the client.
+        concurrency=settings.kimi_concurrency * THREADS_PER_KIMI_SLOT,
         visibility_s=settings.job_visibility_timeout,
         block_ms=block_ms,
         max_attempts=settings.job_max_attempts,

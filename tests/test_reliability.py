@@ -239,3 +239,42 @@ async def test_a_question_waiting_behind_another_shows_a_placeholder_and_stop_wo
     assert bodies[0].startswith("first answer")
     assert len(bodies) == 2 and "Stopped by <@" in bodies[1] and "before I began" in bodies[1]
     assert len(fake_kimi.requests) == 1  # the stopped question never reached Kimi
+
+
+async def test_a_greeting_does_not_wait_for_a_long_answer_holding_the_only_kimi_slot(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    from tests.slack_requests import DM
+
+    bot: BotHarness = await make_bot(kimi_concurrency=1)
+    fake_kimi.script(Reply(content="a long answer", first_byte_delay=3.0), Reply(content="second"))
+    await bot.send_event(mention("a long one", "1700000007.001000"))
+    await bot.send_event(mention("another long one", "1700000007.001100"))  # waits for the Kimi slot
+    thread_ts = fake_slack.seed(DM, user="U07F3N1BOTX", text="(assistant thread)")
+    started = {
+        "type": "assistant_thread_started",
+        "event_ts": "1700000007.001200",
+        "assistant_thread": {
+            "user_id": "U04RZ8N2PQM",
+            "channel_id": DM,
+            "thread_ts": thread_ts,
+            "context": {},
+        },
+    }
+    await bot.send_event(started, seed=False)
+    roots = ("1700000007.001000", "1700000007.001100")
+
+    def greeted_and_both_shown() -> bool:
+        # Both questions show their sign of life, though only one is with Kimi.
+        shown = all(any("Thinking" in b for b in fake_slack.bodies(CHANNEL, root)) for root in roots)
+        return shown and bool(fake_slack.bodies(DM, thread_ts))
+
+    async with asyncio.timeout(2.0):  # long before the first answer frees the slot
+        while not greeted_and_both_shown():  # noqa: ASYNC110 - effects on the fake server
+            await asyncio.sleep(0.02)
+    assert len(fake_kimi.requests) <= 1
+    await bot.settle()
+    answers = sorted(
+        fake_slack.bodies(CHANNEL, root)[0] for root in ("1700000007.001000", "1700000007.001100")
+    )
+    assert answers[0].startswith("a long answer") and answers[1].startswith("second")

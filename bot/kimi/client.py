@@ -140,6 +140,7 @@ class KimiClient:
         retry_budget: float = 120.0,
         max_attempts: int = 4,
         backoff_base: float = 1.0,
+        concurrency: int = 8,
     ) -> None:
         self.model = model
         self.profile = profile
@@ -148,6 +149,10 @@ class KimiClient:
         self.retry_budget = retry_budget
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
+        # KIMI_CONCURRENCY: requests in flight at once in this process. A request waits here, not a whole
+        # job: a thread waiting for Kimi shows its placeholder, and jobs that never call Kimi (greetings,
+        # /kimi announcements, waiting placeholders) never queue behind long answers. Backoff holds no slot.
+        self._slots = asyncio.Semaphore(concurrency)
         self.last_outcome = ""  # "" until the first call; then "ok" or the Reason of the last failure
         self.last_outcome_at = 0.0
         # read= is the idle timeout: the longest wait for the next byte, not for the whole answer.
@@ -162,24 +167,40 @@ class KimiClient:
     def output_budget(self) -> int:
         return self.max_completion_tokens or self.profile.output_budget
 
-    def request_kwargs(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        """Everything sent to chat.completions.create; model rules come from the profile only."""
-        return {
+    def request_kwargs(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | None = None,
+    ) -> dict[str, Any]:
+        """Everything sent to chat.completions.create; model rules come from the profile only. `tools` go
+        out exactly as given (the registry keeps them byte-stable, in a fixed order, for the prefix cache)."""
+        kwargs: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
             **self.profile.request_params(self.reasoning_effort, self.output_budget),
         }
+        if tools:
+            kwargs["tools"] = tools
+            if tool_choice:
+                kwargs["tool_choice"] = tool_choice
+        return kwargs
 
     async def complete(
         self,
         messages: list[dict[str, Any]],
         on_event: OnEvent | None = None,
         on_restart: OnRestart | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | None = None,
     ) -> Accumulator:
         """Stream an answer to the end and return it whole; raise AnswerError when it cannot be had.
 
+        With `tools`, an answer may be tool calls instead of text (`finish_reason` "tool_calls"): that is an
+        answer too, returned like text. `tool_choice` "none" asks for text only (the agent loop's last word).
         `on_restart` is awaited before a retry whose failed attempt had already produced events, so the
         caller can take back what it showed of the abandoned answer.
         """
@@ -188,7 +209,7 @@ class KimiClient:
         while True:
             acc = Accumulator()
             try:
-                await self._stream_once(messages, acc, on_event)
+                await self._stream_once(messages, acc, on_event, tools, tool_choice)
                 finished = self._finished(acc)
                 self._outcome("ok")
                 return finished
@@ -229,12 +250,20 @@ class KimiClient:
         self.last_outcome_at = time.time()
 
     async def _stream_once(
-        self, messages: list[dict[str, Any]], acc: Accumulator, on_event: OnEvent | None
+        self,
+        messages: list[dict[str, Any]],
+        acc: Accumulator,
+        on_event: OnEvent | None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | None = None,
     ) -> None:
         """One streamed request. The SDK builds it and raises HTTP errors; the Server-Sent Events are read
         here as plain JSON, since a typed model per chunk costs more CPU than everything else per answer."""
-        kwargs = self.request_kwargs(messages)
-        async with self.openai.chat.completions.with_streaming_response.create(**kwargs) as response:
+        kwargs = self.request_kwargs(messages, tools, tool_choice)
+        async with (
+            self._slots,
+            self.openai.chat.completions.with_streaming_response.create(**kwargs) as response,
+        ):
             async for line in response.iter_lines():
                 try:
                     chunk = sse_data(line)
