@@ -91,3 +91,32 @@ async def test_two_socket_mode_replicas_answer_each_event_once(
         for replica in replicas:
             if replica.process.poll() is None:
                 replica.process.kill()
+
+
+async def test_a_disconnect_message_from_slack_makes_kimibot_open_a_new_connection(
+    fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path
+) -> None:
+    bot = ServeProcess(socket_mode_env(fake_slack, fake_kimi, redis_url, tmp_path), tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await bot.wait_healthy(session)
+        await wait_for(lambda: len(fake_slack.sockets) == 1)
+        old = fake_slack.sockets[0]
+        # Slack asks for a fresh connection every few hours (and before restarting a server).
+        await old.send_json(
+            {"type": "disconnect", "reason": "refresh_requested", "debug_info": {"host": "fake"}}
+        )
+        await wait_for(lambda: len(fake_slack.calls_of("apps.connections.open")) == 2)
+        await wait_for(lambda: len(fake_slack.sockets) == 1 and fake_slack.sockets[0] is not old)
+        root = fake_slack.seed(CHANNEL, user="U04RZ8N2PQM", text="after the refresh")
+        await fake_slack.send_envelope(
+            "events_api", envelope(mention("after the refresh", root)), "env-refresh"
+        )
+        await wait_for(lambda: answered(fake_slack, CHANNEL, root, 1))
+        code, output = await bot.terminate()
+        assert code == 0, output
+        assert "Traceback" not in output
+    finally:
+        if bot.process.poll() is None:
+            bot.process.kill()
+    assert fake_slack.problems == []
