@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except Rejected as exc:  # Slack or Kimi refused a setting: one line, no traceback
-        print(f"kimibot cannot start: {exc.line()}", file=sys.stderr)
+        print(f"kimibot {'stopped' if exc.after_start else 'cannot start'}: {exc.line()}", file=sys.stderr)
         return 2
     except Stopped as exc:  # logged with its traceback where it happened
         print(f"kimibot stopped: {exc}", file=sys.stderr)

@@ -318,10 +318,13 @@ async def serve(deps: Deps) -> None:
         extra={"role": settings.kimibot_role, "port": settings.port, "model": settings.kimi_model},
     )
 
+    started = asyncio.Event()
+
     async def start_then_work() -> None:
         await _start_up(deps, health, checks, socket, works)
         if worker is not None:
             health.worker_task = asyncio.create_task(worker.run(), name="job-loop")
+        started.set()
         log.info(
             "kimibot running",
             extra={
@@ -367,6 +370,7 @@ async def serve(deps: Deps) -> None:
         await _bounded(runner.cleanup(), 3.0, "http server")
         await _bounded(deps.close(), 3.0, "connections")
     if isinstance(failure, Rejected):
+        failure.after_start = started.is_set()
         raise failure
     if failure is not None:
         log.error("kimibot stopped by an unexpected error", exc_info=failure)

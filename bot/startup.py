@@ -42,6 +42,7 @@ class Rejected(Exception):
         super().__init__(f"{setting} {said}")
         self.setting = setting
         self.said = said
+        self.after_start = False  # refused while running (e.g. a token revoked, seen at a reconnect)
 
     def line(self) -> str:
         """The one line an admin reads: the setting, what the service said, where to get a good value."""

@@ -302,3 +302,20 @@ async def test_a_second_stop_signal_hands_running_answers_back_at_once(
     assert code == 0, output
     assert took < 10
     assert "second stop signal" in output and "handed back" in output
+
+
+async def test_an_app_token_revoked_while_running_stops_kimibot_at_the_next_reconnect(
+    fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path, processes: list[ServeProcess]
+) -> None:
+    env = serve_env(
+        fake_slack, fake_kimi, redis_url, tmp_path, SLACK_APP_TOKEN=APP_TOKEN, SLACK_SIGNING_SECRET=""
+    )
+    bot = start(processes, env, tmp_path)
+    await wait_health(bot, 200)
+    fake_slack.revoked[APP_TOKEN] = "token_revoked"
+    await fake_slack.drop_sockets()
+    code, output, took = await exit_of(bot, EXIT_LIMIT_S + 5)
+    assert code == 2, output
+    assert took < EXIT_LIMIT_S and "Traceback" not in output
+    named = [line for line in lines_naming(output, "SLACK_APP_TOKEN") if line.startswith("kimibot stopped")]
+    assert len(named) == 1 and "token_revoked" in named[0], output
