@@ -8,12 +8,14 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from bot.settings import Settings
 from tests.fakes.kimi_api import API_KEY, FakeKimi
 from tests.fakes.slack_api import APP_TOKEN, TOKEN, FakeSlack
 from tests.slack_requests import CHANNEL, SIGNING_SECRET, envelope, mention
@@ -319,3 +321,38 @@ async def test_an_app_token_revoked_while_running_stops_kimibot_at_the_next_reco
     assert took < EXIT_LIMIT_S and "Traceback" not in output
     named = [line for line in lines_naming(output, "SLACK_APP_TOKEN") if line.startswith("kimibot stopped")]
     assert len(named) == 1 and "token_revoked" in named[0], output
+
+
+async def test_only_slacks_own_refusals_count_as_rejections(
+    fake_slack: FakeSlack, make_settings: Callable[..., Settings]
+) -> None:
+    from bot.startup import NotYet, Rejected, check_bot_token, check_client
+
+    client = check_client(make_settings())
+    fake_slack.fail_raw("auth.test", 403, "<html><body>Forbidden by proxy</body></html>", "text/html")
+    with pytest.raises(NotYet):  # a corporate proxy's page says nothing about the token
+        await check_bot_token(client)
+    fake_slack.fail("auth.test", status=503)
+    with pytest.raises(NotYet):
+        await check_bot_token(client)
+    fake_slack.fail("auth.test", "ratelimited", status=429, retry_after=1)
+    with pytest.raises(NotYet):
+        await check_bot_token(client)
+    assert (await check_bot_token(client))["user_id"]
+    fake_slack.revoked[TOKEN] = "not_authed"
+    with pytest.raises(Rejected) as refused:
+        await check_bot_token(client)
+    assert refused.value.setting == "SLACK_BOT_TOKEN" and "not_authed" in refused.value.line()
+
+
+async def test_a_kimi_host_without_models_is_not_refused_and_a_busy_one_is_retried(
+    fake_kimi: FakeKimi, make_settings: Callable[..., Settings]
+) -> None:
+    from bot.startup import NotYet, check_kimi
+
+    settings = make_settings()
+    fake_kimi.models_status = 404  # some OpenAI-compatible hosts have no GET /models
+    await check_kimi(settings)
+    fake_kimi.models_status = 503
+    with pytest.raises(NotYet):
+        await check_kimi(settings)
