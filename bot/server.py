@@ -373,5 +373,7 @@ async def serve(deps: Deps) -> None:
         failure.after_start = started.is_set()
         raise failure
     if failure is not None:
-        log.error("kimibot stopped by an unexpected error", exc_info=failure)
+        log.error("kimibot stopped by an unexpected error", exc_info=failure.__cause__ or failure)
+        if isinstance(failure, Stopped):
+            raise failure
         raise Stopped(f"{type(failure).__name__}: {failure}") from failure

@@ -356,3 +356,27 @@ async def test_a_kimi_host_without_models_is_not_refused_and_a_busy_one_is_retri
     fake_kimi.models_status = 503
     with pytest.raises(NotYet):
         await check_kimi(settings)
+
+
+async def test_a_job_loop_that_dies_stops_serve_instead_of_idling_as_if_healthy(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bot.server
+    from bot.deps import build_deps
+
+    real = bot.server.build_worker
+
+    def broken_worker(deps: Any, block_ms: int = 1_000) -> Any:
+        worker = real(deps, block_ms)
+
+        async def run() -> None:
+            raise RuntimeError("bug in the job loop")
+
+        worker.run = run
+        return worker
+
+    monkeypatch.setattr(bot.server, "build_worker", broken_worker)
+    deps = build_deps(make_settings(port=free_port()))
+    with pytest.raises(bot.server.Stopped, match="job loop failed"):
+        async with asyncio.timeout(15):
+            await bot.server.serve(deps)
