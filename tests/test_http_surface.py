@@ -252,3 +252,23 @@ async def test_livez_answers_while_redis_is_down(make_bot: Callable[..., Any]) -
     async with down.session.get(down.url("/healthz")) as response:
         assert response.status == 503
         assert "redis" in (await response.json())["failing"]
+
+
+async def test_healthz_names_kimi_while_kimi_refuses_the_key_and_recovers_after_an_answer(
+    bot: BotHarness, fake_kimi: Any
+) -> None:
+    from tests.fakes.kimi_api import Reply
+
+    assert bot.session is not None
+    fake_kimi.script(Reply(status=401, error_type="invalid_authentication_error", error_message="Invalid"))
+    await bot.send_event(mention("hello?", "1700000001.001000"))
+    await bot.settle()
+    async with bot.session.get(bot.url("/healthz")) as response:
+        body = await response.json()
+        assert response.status == 503, body
+        assert body["failing"] == {"kimi": "last call refused: auth"}
+    await bot.send_event(mention("and now?", "1700000001.001100"))  # the key works again (e.g. credit)
+    await bot.settle()
+    async with bot.session.get(bot.url("/healthz")) as response:
+        body = await response.json()
+        assert response.status == 200 and body["kimi_last_outcome"] == "ok", body
