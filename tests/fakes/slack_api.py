@@ -130,6 +130,11 @@ class FakeSlack:
     sockets: list[web.WebSocketResponse] = field(default_factory=list)  # Socket Mode connections
     socket_acks: list[dict[str, Any]] = field(default_factory=list)
     revoked: dict[str, str] = field(default_factory=dict)  # token -> the error Slack now answers it with
+    # For the built-in tools (bot/tools): conversations.info/members/history, chat.getPermalink, search
+    conversations: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> conversations.info object
+    conversation_members: dict[str, list[str]] = field(default_factory=dict)
+    search_results: list[dict[str, Any]] = field(default_factory=list)  # assistant.search.context messages
+    action_tokens: set[str] = field(default_factory=set)  # the action_tokens search accepts
     server: TestServer | None = None
     _clock: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -695,4 +700,123 @@ class FakeSlack:
             "messages": page,
             "has_more": more,
             "response_metadata": {"next_cursor": str(start + limit) if more else ""},
+        }
+
+    # ---- the built-in tools' reads (bot/tools) ------------------------------------------------------
+    def add_conversation(
+        self,
+        channel: str,
+        name: str = "",
+        *,
+        kind: str = "public",
+        members: tuple[str, ...] | list[str] = (),
+        ext_shared: bool = False,
+        im_user: str = "",
+    ) -> None:
+        """A conversation for conversations.info/members/history: kind public, private, im or mpim.
+        The bot is a member unless `members` leaves it out on purpose (then private reads fail)."""
+        info: dict[str, Any] = {
+            "id": channel,
+            "created": 1_700_000_000,
+            "is_channel": kind in ("public", "private"),
+            "is_group": kind == "private",
+            "is_im": kind == "im",
+            "is_mpim": kind == "mpim",
+            "is_private": kind != "public",
+            "is_archived": False,
+            "is_ext_shared": ext_shared,
+            "is_shared": ext_shared,
+            "is_org_shared": False,
+            "context_team_id": TEAM_ID,
+        }
+        if kind == "im":
+            info["user"] = im_user
+        else:
+            info["name"] = name
+            info["name_normalized"] = name
+        self.conversations[channel] = info
+        self.conversation_members[channel] = list(members)
+
+    def _readable(self, channel: str) -> dict[str, Any] | None:
+        """The conversation if the bot can read it (Slack: channel_not_found otherwise for private ones)."""
+        info = self.conversations.get(channel)
+        if info is None:
+            return None
+        if info["is_private"] and BOT_USER_ID not in self.conversation_members.get(channel, []):
+            return None
+        return info
+
+    def _m_conversations_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        info = self._readable(args["channel"])
+        return {"channel": dict(info)} if info else {"ok": False, "error": "channel_not_found"}
+
+    def _m_conversations_members(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self._readable(args["channel"]) is None:
+            return {"ok": False, "error": "channel_not_found"}
+        members = self.conversation_members.get(args["channel"], [])
+        start = int(args.get("cursor") or 0)
+        limit = int(args.get("limit") or 100)
+        more = start + limit < len(members)
+        return {
+            "members": members[start : start + limit],
+            "response_metadata": {"next_cursor": str(start + limit) if more else ""},
+        }
+
+    def _m_conversations_history(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Top-level messages, newest first, with reply_count on thread parents; oldest/latest exclusive
+        unless inclusive; limit and a numeric cursor."""
+        channel = args["channel"]
+        if self._readable(channel) is None:
+            return {"ok": False, "error": "channel_not_found"}
+        inclusive = str(args.get("inclusive")) in ("1", "true", "True")
+        oldest = float(args.get("oldest") or 0)
+        latest = float(args["latest"]) if args.get("latest") else None
+        live = [m for m in self.messages[channel] if not m.get("deleted")]
+        top = []
+        for message in live:
+            if message.get("thread_ts") not in (None, message["ts"]):
+                continue
+            ts = float(message["ts"])
+            if ts < oldest or (ts == oldest and not inclusive and oldest):
+                continue
+            if latest is not None and (ts > latest or (ts == latest and not inclusive)):
+                continue
+            replies = sum(1 for m in live if m.get("thread_ts") == message["ts"] and m["ts"] != message["ts"])
+            thread = {"reply_count": replies, "thread_ts": message["ts"]} if replies else {}
+            top.append({**message, **thread})
+        top.sort(key=lambda m: float(m["ts"]), reverse=True)
+        start = int(args.get("cursor") or 0)
+        limit = int(args.get("limit") or 100)
+        more = start + limit < len(top)
+        return {
+            "messages": top[start : start + limit],
+            "has_more": more,
+            "pin_count": 0,
+            "channel_actions_ts": None,
+            "channel_actions_count": 0,
+            "response_metadata": {"next_cursor": str(start + limit) if more else ""},
+        }
+
+    def _m_chat_getPermalink(self, args: dict[str, Any]) -> dict[str, Any]:
+        channel, ts = args["channel"], str(args["message_ts"])
+        message = self.find(channel, ts)
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        link = f"https://fake.slack.com/archives/{channel}/p{ts.replace('.', '')}"
+        if message.get("thread_ts") and message["thread_ts"] != ts:
+            link += f"?thread_ts={message['thread_ts']}&cid={channel}"
+        return {"channel": channel, "permalink": link}
+
+    def _m_assistant_search_context(self, args: dict[str, Any]) -> dict[str, Any]:
+        """With a bot token: only with a valid action_token, and only public channels."""
+        if args.get("action_token") not in self.action_tokens:
+            return {"ok": False, "error": "invalid_action_token"}
+        channel_types = str(args.get("channel_types") or "public_channel").split(",")
+        if set(channel_types) - {"public_channel"}:
+            self.problems.append(f"assistant.search.context: a bot token asked for {channel_types}")
+            return {"ok": False, "error": "missing_scope"}
+        limit = int(args.get("limit") or 20)
+        return {
+            "results": {"messages": self.search_results[:limit]},
+            "response_metadata": {"next_cursor": ""},
         }
