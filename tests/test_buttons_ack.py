@@ -25,6 +25,8 @@ from tests.test_socket_mode import socket_mode_env
 
 SLOW_S = 2.0  # how long the fake Slack takes to answer the slow method
 FAST_ENOUGH_S = 1.0  # the click's response must come well before the slow call could have finished
+# `kimibot serve` runs as its own process in Socket Mode: wider margins for a loaded machine.
+SOCKET_SLOW_S, SOCKET_FAST_ENOUGH_S = 5.0, 2.5
 
 
 async def until(predicate: Callable[[], bool], limit_s: float = 10.0) -> None:
@@ -140,15 +142,15 @@ async def test_in_socket_mode_the_envelope_is_acked_before_the_slow_calls(
         await wait_for(lambda: bool(fake_slack.replies(CHANNEL, root)[0].get("blocks")))
         message = fake_slack.replies(CHANNEL, root)[-1]
 
-        fake_slack.delay["views.open"] = SLOW_S
-        fake_slack.delay["chat.postEphemeral"] = SLOW_S
+        fake_slack.delay["views.open"] = SOCKET_SLOW_S
+        fake_slack.delay["chat.postEphemeral"] = SOCKET_SLOW_S
         for envelope_id, action_id in (("env-r", ACTION_REASONING), ("env-f", ACTION_FEEDBACK_UP)):
             sent = time.monotonic()
             await fake_slack.send_envelope("interactive", block_actions(message, action_id), envelope_id)
             await until(partial(acked, fake_slack, envelope_id))
             took = time.monotonic() - sent
-            assert took < FAST_ENOUGH_S, f"{action_id} acked after {took:.2f}s"
-        await until(lambda: len(fake_slack.views) == 1 and len(fake_slack.ephemerals) == 1)
+            assert took < SOCKET_FAST_ENOUGH_S, f"{action_id} acked after {took:.2f}s"
+        await until(lambda: len(fake_slack.views) == 1 and len(fake_slack.ephemerals) == 1, 20)
         code, output = await bot.terminate()
         assert code == 0, output
     finally:
