@@ -98,6 +98,14 @@ class Settings(BaseSettings):
     backfill_limit: int = Field(default=200, ge=0)
     slash_command: str = "/kimi"
 
+    # --- Built-in tools (bot/tools) ---
+    tool_call_timeout: float = Field(default=60.0, gt=0)  # seconds one tool call may take
+    tool_result_max_chars: int = Field(default=20_000, ge=1_000)  # longer results are cut or paged
+    fetch_allowed_hosts: str = ""  # comma-separated hosts fetch_url may reach despite private addresses
+    fetch_max_bytes: int = Field(default=5_000_000, ge=10_000)  # a fetched page is read up to this size
+    web_search_enabled: bool = True  # offer web_search (Moonshot's formula; billed per search)
+    slack_access_cache_seconds: int = Field(default=300, ge=0)  # who may read what, cached this long
+
     # --- Jobs and processes ---
     kimibot_role: Literal["all", "receiver", "worker"] = "all"  # receive Slack requests, run answers, or both
     # A killed or cut-off worker's thread is taken over this long after its last lease renewal.

@@ -77,6 +77,10 @@ class FakeKimi:
     models_status: int = 200  # what GET /models answers: 503 while Kimi is "down", 404 on a host without it
     models_requests: int = 0
     tokens_per_char: float = 0.25
+    # Moonshot's formulas ("official tools"): uri -> the `tools` list GET .../tools answers
+    formula_tools: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    fiber_requests: list[dict[str, Any]] = field(default_factory=list)  # {"uri", "body"} per POST .../fibers
+    fiber_replies: deque[tuple[int, dict[str, Any]]] = field(default_factory=deque)  # (status, body) scripted
     server: TestServer | None = None
 
     @property
@@ -95,6 +99,8 @@ class FakeKimi:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/formulas/{uri:.+}/tools", self._formula_tools)
+        app.router.add_post("/v1/formulas/{uri:.+}/fibers", self._fibers)
         self.server = TestServer(app, host="127.0.0.1")
         await self.server.start_server()
 
@@ -145,6 +151,44 @@ class FakeKimi:
             for model in ids
         ]
         return web.json_response({"object": "list", "data": data})
+
+    async def _formula_tools(self, request: web.Request) -> web.Response:
+        """GET /v1/formulas/{uri}/tools: `{"object": "list", "tools": [...]}`; 404 for an unknown formula."""
+        if request.headers.get("Authorization") != f"Bearer {API_KEY}":
+            return self._error(401, "invalid_authentication_error", "Invalid Authentication")
+        uri = request.match_info["uri"]
+        tools = self.formula_tools.get(uri)
+        if tools is None and uri == "moonshot/web-search:latest":
+            tools = WEB_SEARCH_TOOLS
+        if tools is None:
+            return self._error(404, "resource_not_found_error", "formula not found")
+        return web.json_response({"object": "list", "tools": tools})
+
+    async def _fibers(self, request: web.Request) -> web.Response:
+        """POST /v1/formulas/{uri}/fibers with `{"name", "arguments": "<JSON string>"}`: a succeeded fiber
+        whose `context.encrypted_output` encodes the arguments (or the next scripted `fiber_replies`)."""
+        if request.headers.get("Authorization") != f"Bearer {API_KEY}":
+            return self._error(401, "invalid_authentication_error", "Invalid Authentication")
+        uri = request.match_info["uri"]
+        body = await request.json()
+        self.fiber_requests.append({"uri": uri, "body": body})
+        if self.fiber_replies:
+            status, reply = self.fiber_replies.popleft()
+            return web.json_response(reply, status=status)
+        if not isinstance(body.get("name"), str) or not isinstance(body.get("arguments"), str):
+            return self._error(400, "invalid_request_error", "name and arguments (JSON text) are required")
+        try:
+            json.loads(body["arguments"])
+        except json.JSONDecodeError:
+            return self._error(400, "invalid_request_error", "arguments is not valid JSON")
+        return web.json_response(
+            {
+                "id": f"fiber-{len(self.fiber_requests)}",
+                "object": "fiber",
+                "status": "succeeded",
+                "context": {"encrypted_output": encrypted_output(body["arguments"])},
+            }
+        )
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         self.request_times.append(time.monotonic())
@@ -222,3 +266,36 @@ class FakeKimi:
 
 def _pieces(text: str, size: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+# ---- formulas (Moonshot's official tools) --------------------------------------------------------------
+# What GET /formulas/moonshot/web-search:latest/tools answered in 2026 (descriptions as Moonshot wrote them).
+WEB_SEARCH_TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "web_search",
+            "description": "用于信息检索的网络搜索",
+            "parameters": {
+                "properties": {
+                    "classes": {
+                        "description": "要关注的搜索领域。如果未指定，则默认为 'all'。",
+                        "items": {
+                            "enum": ["all", "academic", "social", "library", "finance", "code", "ecommerce"],
+                            "type": "string",
+                        },
+                        "type": "array",
+                    },
+                    "query": {"description": "要搜索的内容", "type": "string"},
+                },
+                "required": ["query"],
+                "type": "object",
+            },
+        },
+    }
+]
+
+
+def encrypted_output(arguments: str) -> str:
+    """What the fake's web-search fiber answers: opaque to the bot, recognisable to tests."""
+    return "ENC:" + arguments.encode().hex()
