@@ -14,6 +14,8 @@ from typing import Any
 MARKDOWN_TEXT_LIMIT = 12_000  # chat.postMessage / startStream markdown_text, and a markdown block
 CHAT_UPDATE_TEXT_LIMIT = 4_000  # chat.update text
 SECTION_TEXT_LIMIT = 3_000  # section block text
+# chat.stopStream: 50 blocks in `chunks` (task cards count) plus 50 in `blocks`
+STREAM_CHUNK_BLOCKS_LIMIT = 50
 FOOTER_RESERVE = 400  # room kept in the last piece for the footer line
 
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
@@ -185,8 +187,10 @@ def footer(
     left_out: int = 0,
     truncated: bool = False,
     thinking_s: float | None = None,
+    extra: tuple[str, ...] = (),
 ) -> str:
-    """The small line under an answer: model, thinking time, tokens, and what the reader should know."""
+    """The small line under an answer: model, thinking time, tokens, and what the reader should know
+    (`extra`: more of that, e.g. the tool calls made and a cap that was hit)."""
     parts = [model]
     if thinking_s is not None:
         parts.append(f"thought {thinking_s:.1f}s")
@@ -198,6 +202,7 @@ def footer(
         )
     if truncated:
         notes.append("answer cut off at the output limit")
+    notes.extend(extra)
     line = " · ".join(parts)
     if notes:
         line += " · " + "; ".join(notes)

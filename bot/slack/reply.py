@@ -28,15 +28,27 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from bot.slack.blocks import GREETING, SUGGESTED_PROMPTS, latest_thought, thinking_view, thought_summary
+from bot.slack.blocks import (
+    GREETING,
+    SUGGESTED_PROMPTS,
+    latest_thought,
+    status_line,
+    task_card,
+    thinking_view,
+    thought_summary,
+)
 from bot.slack.pacing import Pacer
 from bot.slack.render import (
     CHAT_UPDATE_TEXT_LIMIT,
     MARKDOWN_TEXT_LIMIT,
     SECTION_TEXT_LIMIT,
+    STREAM_CHUNK_BLOCKS_LIMIT,
+    BroadcastGuard,
     close_fence,
     cut_point,
     fitting_cut,
+    neutralise_broadcasts,
+    neutralise_fields,
     open_fence,
     split_markdown,
 )
@@ -69,10 +81,23 @@ class Pace:
     stream_message_chars: int = 10_000  # start a new stream message beyond this (markdown limit 12,000)
     stream_max_age_s: float = 240.0  # Slack closes streams at about 5 minutes: roll over before that
     update_message_chars: int = CHAT_UPDATE_TEXT_LIMIT - 100  # post-and-update fallback, per message
+    # Task cards per stream message (each card is a block; room is left for the text's own blocks).
+    cards_per_message: int = STREAM_CHUNK_BLOCKS_LIMIT - 10
 
 
-def slack_error(exc: SlackApiError) -> str:
-    return str(exc.response.get("error", "unknown_error")) if exc.response is not None else "unknown_error"
+def slack_error(exc: BaseException) -> str:
+    """Slack's error code of a failed call, read without trusting the body: what answered may be a
+    proxy or load balancer (an Envoy 503 in text, an HTML 403), which slack_sdk hands over as a str,
+    bytes, {} or the raw aiohttp response. Those give `http_<status>`; nothing readable gives
+    `unknown_error`. Called inside `except` blocks, so it must never raise."""
+    response = getattr(exc, "response", None)
+    data = getattr(response, "data", response)  # SlackResponse.data, or the body itself
+    if isinstance(data, dict) and data.get("error"):
+        return str(data["error"])
+    status = getattr(response, "status_code", None) or getattr(response, "status", None)
+    if isinstance(status, int) and status != 200:
+        return f"http_{status}"
+    return "unknown_error"
 
 
 def describe(exc: BaseException) -> str:
@@ -80,11 +105,46 @@ def describe(exc: BaseException) -> str:
     return slack_error(exc) if isinstance(exc, SlackApiError) else type(exc).__name__
 
 
+# What slack_sdk itself raises on a page that is not Slack's JSON, instead of SlackApiError: an
+# AttributeError for a 200 text/plain body (its validate() calls .get on the str), a ValueError for a
+# binary one (formatting its own error message).
+UNREADABLE_BODY_ERRORS = (AttributeError, ValueError)
+
+
+def unreadable(method: str, cause: str) -> SlackApiError:
+    """The SlackApiError for an answer that is not Slack's JSON; slack_error() reads it as
+    `unreadable_response`."""
+    error: SlackApiError = SlackApiError(  # type: ignore[no-untyped-call]
+        f"{method}: unreadable answer ({cause})", {"ok": False, "error": "unreadable_response"}
+    )
+    return error
+
+
+async def api_call(client: AsyncWebClient, method: str, args: dict[str, Any]) -> Any:
+    """One Web API call with broadcasts neutralised in the text it carries, and every answer that is
+    not Slack's JSON raised as SlackApiError, so callers handle a proxy's page like any Slack error."""
+    try:
+        response = await client.api_call(method, json=neutralise_fields(args))
+    except SlackApiError:
+        raise
+    except UNREADABLE_BODY_ERRORS as exc:
+        raise unreadable(method, type(exc).__name__) from exc
+    if not isinstance(response.data, dict):
+        raise unreadable(method, type(response.data).__name__)
+    return response
+
+
 async def announce_question(client: AsyncWebClient, channel: str, user: str, question: str) -> str | None:
     """Post "@user asked: …" for /kimi; its ts is the thread of the answer. None if we can't post here."""
     try:
-        response = await client.chat_postMessage(
-            channel=channel, text=f"<@{user}> asked: {question}"[:MARKDOWN_TEXT_LIMIT], unfurl_links=False
+        response = await api_call(
+            client,
+            "chat.postMessage",
+            {
+                "channel": channel,
+                "text": f"<@{user}> asked: {question}"[:MARKDOWN_TEXT_LIMIT],
+                "unfurl_links": False,
+            },
         )
     except SlackApiError as exc:
         # not_in_channel and friends are expected; anything else is logged, and both fall back.
@@ -130,6 +190,7 @@ class ReplyWriter:
         on_stop: Callable[[], None] | None = None,
         resume: dict[str, str] | None = None,
         on_progress: Callable[..., Awaitable[None]] | None = None,
+        fence: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.client = client
         self.turn = turn
@@ -140,6 +201,7 @@ class ReplyWriter:
         self.on_stop = on_stop
         self.resume = resume or {}  # what an earlier run of this job put in Slack (placeholder_ts, answer_ts)
         self.on_progress = on_progress
+        self.fence = fence  # awaited before every write: raises once this run no longer owns the thread
         self.started_at = time.monotonic()
         self.placeholder_ts: str | None = None
         self.placeholder_free = False  # still showing "Thinking…", so the answer may replace it
@@ -165,6 +227,18 @@ class ReplyWriter:
         self._begun: asyncio.Task[None] | None = None
         self._side_tasks: list[asyncio.Task[None]] = []
         self._title = ""
+        self._broadcasts = BroadcastGuard()  # the answer never pings a channel, even across chunks
+        # The agent loop's live view: one task card per tool call (task_update chunks, timeline mode).
+        self.timeline = False  # tools are offered: streams start in timeline mode
+        self.cards: dict[str, dict[str, Any]] = {}  # card id -> its latest task_update chunk
+        self._card_ids: dict[str, str] = {}  # tool call id -> card id
+        self._dirty_cards: list[str] = []  # cards whose latest state is not in Slack yet
+        self._message_cards: set[str] = set()  # cards in the current stream message
+        self._status_due = ""  # assistant panel: the status line for the tool now running
+        self._card_marks: dict[str, int] = {}  # card -> how much answer text came before it
+        self._text_limit: int | None = None  # while cards wait: text beyond this waits too
+        self._separator_due = False  # a new model step: its text starts a new paragraph
+        self._step_start = 0  # where the current step's text begins in `answer`
 
     # ---- what the pipeline calls ------------------------------------------------------------
     def start(self) -> None:
@@ -244,11 +318,38 @@ class ReplyWriter:
     def reasoning(self, text: str) -> None:
         self.reasoning_text += text
 
+    def step(self) -> None:
+        """The agent loop asks Kimi again (after tool calls): its text starts a new paragraph."""
+        self._separator_due = bool(self.answer)
+        self._step_start = len(self.answer)
+
+    def task(
+        self, call_id: str, title: str, status: str, *, details: str = "", sources: tuple[str, ...] = ()
+    ) -> None:
+        """A tool call's card: pending, in_progress, complete or error. Only recorded here; the flusher
+        shows it (the latest state of each card, so quick changes cost one call)."""
+        card_id = self._card_ids.setdefault(call_id, f"task_{len(self._card_ids) + 1}")
+        self.cards[card_id] = task_card(card_id, title, status, details=details, sources=sources)
+        if card_id not in self._dirty_cards:
+            self._dirty_cards.append(card_id)
+            self._card_marks[card_id] = len(self.answer)  # text written before the card goes before it
+        if status == "in_progress":
+            self._status_due = status_line(title)
+        self._wake.set()
+
+    def steps(self) -> list[tuple[str, str]]:
+        """(title, status) of every card so far, for the thinking view without task cards."""
+        return [(str(card["title"]), str(card["status"])) for card in self.cards.values()]
+
     def text(self, text: str) -> None:
         if self.first_text_at is None:
             self.first_text_at = time.monotonic()
             self.thinking_s = self.first_text_at - self.started_at
-        self.answer += text
+        if self._separator_due:
+            self._separator_due = False
+            if not self.answer.endswith("\n\n"):
+                text = ("\n" if self.answer.endswith("\n") else "\n\n") + text
+        self.answer += self._broadcasts.feed(text)  # what Kimi wrote, minus a tail that may still ping
         if len(self.answer) - self.sent >= self.pace.flush_chars:
             self._wake.set()
 
@@ -256,7 +357,17 @@ class ReplyWriter:
         """Before Kimi's retry: text already shown is replaced by a note, and the answer starts over."""
         await self._after_begin()
         async with self._lock:
+            if self.cards:
+                # An agent turn: earlier steps (cards, text) stay. The dropped step's unshown text goes;
+                # any of it already shown stays, followed by a note, and the step's new text follows.
+                shown_of_step = self.sent > self._step_start
+                self.answer = self.answer[: max(self.sent, self._step_start)]
+                self._broadcasts = BroadcastGuard()
+                if shown_of_step:
+                    self.answer += "\n\n_(The connection to Kimi dropped; this step starts again.)_\n\n"
+                return
             self.answer = self.answer[: self.sent]  # what was not shown yet is simply dropped
+            self._broadcasts = BroadcastGuard()
             self.reasoning_text = ""
             if not self.sent:
                 return
@@ -276,12 +387,18 @@ class ReplyWriter:
         """Deliver whatever is left, end the answer with its footer and buttons; return the message ts."""
         await self._after_begin()
         await self._stop_flusher()
+        self.answer += self._broadcasts.flush()  # the answer is complete: nothing more is held back
         if not self.turn.in_slack_thread:
             await self._respond(self.answer + (f"\n\n{note}" if note else ""), markdown=True)
             return []
         async with self._lock:
             if note:
                 self.answer += f"\n\n{note}"
+            while self._dirty_cards and self.mode != "update" and not self.stopped:
+                waiting = list(self._dirty_cards)
+                await self._flush_text_and_cards()
+                if self._dirty_cards == waiting:
+                    break
             if (
                 self.mode is None
                 and self.placeholder_free
@@ -348,13 +465,13 @@ class ReplyWriter:
                 title=title if len(title) <= TITLE_LIMIT else title[: TITLE_LIMIT - 1] + "…",
             )
 
-    async def _set_status(self, loading_messages: list[str]) -> bool:
+    async def _set_status(self, loading_messages: list[str], status: str = "is thinking…") -> bool:
         try:
             await self._call(
                 "assistant.threads.setStatus",
                 channel_id=self.turn.channel,
                 thread_ts=self.turn.thread_ts,
-                status="is thinking…",
+                status=status,
                 loading_messages=[m[:STATUS_MESSAGE_LIMIT] for m in loading_messages[:10]],
             )
             return True
@@ -371,6 +488,20 @@ class ReplyWriter:
             "chat.postMessage", channel=self.turn.channel, thread_ts=self.turn.thread_ts, text=text
         )
 
+    async def post_prompt(self, text: str, blocks: list[dict[str, Any]]) -> str:
+        """A message in the thread that asks the asker something (Approve/Deny); its ts."""
+        response = await self._call(
+            "chat.postMessage",
+            channel=self.turn.channel,
+            thread_ts=self.turn.thread_ts,
+            text=text,
+            blocks=blocks,
+        )
+        return str(response["ts"])
+
+    async def update_prompt(self, ts: str, text: str, blocks: list[dict[str, Any]]) -> None:
+        await self._call("chat.update", channel=self.turn.channel, ts=ts, text=text, blocks=blocks)
+
     # ---- the flusher --------------------------------------------------------------------------
     async def _flush_loop(self) -> None:
         try:
@@ -385,7 +516,13 @@ class ReplyWriter:
                 async with self._lock:
                     if self._closed:
                         return
-                    if self.first_text_at is None:
+                    if self._status_due and self.status_mode:
+                        line, self._status_due = self._status_due, ""
+                        await self._set_status([line], status=line)
+                    if self._dirty_cards:  # cards first: text written after them must wait for them
+                        if self._cards_due():
+                            await self._flush_text_and_cards()
+                    elif self.first_text_at is None:
                         await self._update_thinking_view()
                     elif self._flush_due():
                         await self._flush_some()
@@ -447,7 +584,10 @@ class ReplyWriter:
             return  # a nicety; the answer's own edits need the budget more
         self._last_view = now
         text, blocks = thinking_view(
-            now - self.started_at, latest_thought(self.reasoning_text), self.stop_value
+            now - self.started_at,
+            latest_thought(self.reasoning_text),
+            self.stop_value,
+            steps=self.steps() if self.mode == "update" else None,  # no task cards: the steps show here
         )
         with contextlib.suppress(Exception):
             await self._call(
@@ -501,7 +641,7 @@ class ReplyWriter:
 
     async def _stream_some(self) -> None:
         """One stream call: start a stream, append what fits, or roll over to a new stream message."""
-        pending = self.answer[self.sent :]
+        pending = self._pending()
         if self.mode is None:
             await self._start_stream(pending)
             return
@@ -540,10 +680,12 @@ class ReplyWriter:
             recipient_user_id=self.turn.user,
             recipient_team_id=self.turn.team_id,
             markdown_text=prefix + piece,
+            task_display_mode="timeline" if self.timeline else None,
         )
         self.mode = "stream"
         self.message_ts = str(response["ts"])
         self.message_started_at = time.monotonic()
+        self._message_cards = set()
         await self._remember(self.message_ts)
         self.message_text = prefix + piece
         self.sent += len(piece)
@@ -551,7 +693,7 @@ class ReplyWriter:
     async def _roll_over(self) -> None:
         """The stream message is full or old: close it (and an open fence) and continue in a new one."""
         await self._end_stream()
-        await self._start_stream(self.answer[self.sent :])
+        await self._start_stream(self._pending())
 
     def _reopen_prefix(self) -> str:
         """What opens a continuation message: the open code fence of the answer so far, reopened."""
@@ -568,13 +710,120 @@ class ReplyWriter:
                     channel=self.turn.channel,
                     ts=self.message_ts,
                     markdown_text=f"\n{fence.fence}" if fence else None,
+                    chunks=self._closing_cards() or None,
                 )
             self.mode, self.message_ts, self.message_text = None, None, ""
+            self._message_cards = set()
+
+    # ---- task cards -----------------------------------------------------------------------------
+    def _cards_due(self) -> bool:
+        return time.monotonic() - self._last_call >= self.pace.min_call_interval_s
+
+    def _closing_cards(self) -> list[dict[str, Any]]:
+        """Every card of the current stream message still open, closed: a stream never stops with a card
+        spinning (Stop, a failure, or a roll-over to the next message)."""
+        closing = []
+        for card_id in sorted(self._message_cards):
+            card = self.cards[card_id]
+            if card["status"] in ("pending", "in_progress"):
+                card = {**card, "status": "error", "details": "Stopped" if self.stopped else "Not finished"}
+                self.cards[card_id] = card
+                closing.append(card)
+        return closing
+
+    def _pending(self) -> str:
+        """The answer text that may go out now: while cards wait, only what was written before them."""
+        return self.answer[self.sent : self._text_limit]
+
+    async def _flush_text_and_cards(self) -> None:
+        """Cards go out after the text written before them, and before the text written after them (in
+        order, as the timeline shows them)."""
+        limit = min(self._card_marks.get(i, len(self.answer)) for i in self._dirty_cards)
+        if self.mode != "update":
+            self._text_limit = limit
+            try:
+                while self.sent < limit and self.mode != "update" and not self.stopped:
+                    before = self.sent
+                    await self._flush_some()
+                    if self.sent == before:
+                        break
+            finally:
+                self._text_limit = None
+        await self._flush_cards()
+
+    async def _flush_cards(self) -> None:
+        """Send the cards whose state changed: in the stream (starting one, or rolling over to a new
+        message when this one holds as many cards as a message may), or, without streaming, into the
+        thinking view's list of steps."""
+        if self.mode is None and (self._streams_busy() or not self.turn.in_slack_thread):
+            self.mode = "update"
+        if self.mode == "update":
+            self._dirty_cards.clear()
+            self._last_view = 0.0  # the steps show at the next thinking-view update
+            return
+        limit = self.pace.cards_per_message
+        if self.mode == "stream" and len(self._message_cards) >= limit:
+            if any(i not in self._message_cards for i in self._dirty_cards):
+                await self._end_stream()  # this message holds all the cards it may: the next one takes them
+        room = limit - len(self._message_cards)
+        ids = []
+        for card_id in self._dirty_cards:
+            if card_id in self._message_cards:
+                ids.append(card_id)
+            elif room > 0:
+                ids.append(card_id)
+                room -= 1
+        sent = {i: self.cards[i] for i in ids}
+        chunks = list(sent.values())
+        try:
+            if self.mode is None:
+                response = await self._call(
+                    "chat.startStream",
+                    channel=self.turn.channel,
+                    thread_ts=self.turn.thread_ts,
+                    recipient_user_id=self.turn.user,
+                    recipient_team_id=self.turn.team_id,
+                    task_display_mode="timeline",
+                    chunks=chunks,
+                )
+                self.mode = "stream"
+                self.message_ts = str(response["ts"])
+                self.message_started_at = time.monotonic()
+                self.message_text = ""
+                self._message_cards = set()
+                await self._remember(self.message_ts)
+            else:
+                await self._call(
+                    "chat.appendStream", channel=self.turn.channel, ts=self.message_ts, chunks=chunks
+                )
+        except SlackApiError as exc:
+            error = slack_error(exc)
+            if error == STOPPED_BY_USER:
+                self.request_stop()
+                self.mode, self.message_ts, self.message_text = None, None, ""
+                self._dirty_cards.clear()
+                return
+            if error in STREAM_GONE and self.mode == "stream":
+                # Slack closed the stream: the cards go into a new stream message next time.
+                self.mode, self.message_ts, self.message_text = None, None, ""
+                self._message_cards = set()
+                return
+            log.info(
+                "task cards unavailable; the thinking view lists the steps instead",
+                extra={"error": error, "channel": self.turn.channel},
+            )
+            await self._end_stream()
+            self.mode = "update"
+            self._dirty_cards.clear()
+            return
+        self._message_cards.update(ids)
+        # A card that changed again while the call was out stays due.
+        self._dirty_cards = [i for i in self._dirty_cards if self.cards[i] is not sent.get(i)]
 
     async def _update_some(self) -> None:
         """Post-and-update: the answer fills messages of at most ~4,000 characters via chat.update."""
         limit = self.pace.update_message_chars
-        pending = self.answer[self.sent :]
+        pending = self._pending()
         if self.message_ts is not None:
             cut = fitting_cut(pending, limit - len(self.message_text))
             if cut:
@@ -623,7 +872,11 @@ class ReplyWriter:
             self.mode = None
             try:
                 await self._call(
-                    "chat.stopStream", channel=self.turn.channel, ts=self.message_ts, blocks=closing_blocks
+                    "chat.stopStream",
+                    channel=self.turn.channel,
+                    ts=self.message_ts,
+                    blocks=closing_blocks,
+                    chunks=self._closing_cards() or None,
                 )
                 return
             except SlackApiError as exc:
@@ -658,13 +911,18 @@ class ReplyWriter:
 
     # ---- the wire -----------------------------------------------------------------------------
     async def _call(self, method: str, **args: Any) -> Any:
+        if self.fence is not None:
+            await self.fence()
         await self.pacer.acquire(method, self.turn.team_id, self.turn.channel)
         self._last_call = time.monotonic()
-        return await self.client.api_call(method, json={k: v for k, v in args.items() if v is not None})
+        return await api_call(self.client, method, {k: v for k, v in args.items() if v is not None})
 
     async def _respond(self, text: str, *, markdown: bool) -> None:
         """/kimi where the bot is not a member: ephemeral replies through response_url."""
+        if self.fence is not None:
+            await self.fence()
         webhook = AsyncWebhookClient(self.turn.response_url)
+        text = neutralise_broadcasts(text)
         for piece in split_markdown(text) if markdown else [text]:
             blocks = markdown_blocks(piece) if markdown else None
             response = await webhook.send(
