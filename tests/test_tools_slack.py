@@ -267,6 +267,11 @@ async def test_channel_history_oldest_first_with_since_until_and_threads(
     workspace.seed(INCIDENTS, user=BOB, text="old news", ts="1764300000.000100")
     root = seed_incident(workspace)
     workspace.seed(INCIDENTS, user=ALICE, text="later note", ts="1764420000.000100")
+    assert SlackChannelHistory().title({"channel": f"<#{INCIDENTS}|incidents>"}) == "Reading #incidents"
+    assert SlackChannelHistory().title({"channel": INCIDENTS}) == "Reading a channel"
+    assert (
+        SlackReadThread().title({"channel": f"<#{INCIDENTS}|incidents>"}) == "Reading a thread in #incidents"
+    )
     everything = await SlackChannelHistory().run({"channel": f"<#{INCIDENTS}|incidents>"}, ctx_for())
     assert everything.ok and everything.title == "Read #incidents"
     lines = everything.text.splitlines()

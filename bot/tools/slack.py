@@ -83,6 +83,12 @@ def parse_user(value: str) -> str | None:
     return value if _USER_ID.match(value) else None
 
 
+def channel_label(value: str) -> str:
+    """A live-view label before the channel's name is known: `#name` from `<#C…|name>`, else "a channel"."""
+    match = _CHANNEL_MENTION.fullmatch(value.strip())
+    return f"#{match.group(2)}" if match and match.group(2) else "a channel"
+
+
 def zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name) if name else ZoneInfo("UTC")
@@ -321,7 +327,8 @@ class SlackReadThread(_SlackTool):
     }
 
     def title(self, args: dict[str, Any]) -> str:
-        return "Reading a thread"
+        where = channel_label(str(args.get("channel") or ""))
+        return "Reading a thread" if where == "a channel" else f"Reading a thread in {where}"
 
     async def run(self, args: dict[str, Any], ctx: ToolContext) -> ToolResult:
         title = "Reading a thread"
@@ -403,7 +410,7 @@ class SlackChannelHistory(_SlackTool):
     }
 
     def title(self, args: dict[str, Any]) -> str:
-        return "Reading a channel"
+        return f"Reading {channel_label(str(args.get('channel') or ''))}"
 
     async def run(self, args: dict[str, Any], ctx: ToolContext) -> ToolResult:
         title = "Reading a channel"

@@ -135,7 +135,10 @@ class FetchUrl:
         self.parameters: dict[str, Any] = copy.deepcopy(self.PARAMETERS)
 
     def title(self, args: dict[str, Any]) -> str:
-        host = urlsplit(str(args.get("url") or "")).hostname
+        try:
+            host = urlsplit(str(args.get("url") or "")).hostname
+        except ValueError:
+            host = None
         return f"Reading {host}" if host else "Reading a web page"
 
     async def run(self, args: dict[str, Any], ctx: ToolContext) -> ToolResult:
