@@ -163,10 +163,43 @@ def probe_cluster(url: str) -> bool | None:
         client.close()
 
 
-def use_cluster(url: str, setting: ClusterSetting) -> bool:
+class UnprobedRedis(Redis):
+    """The single-Redis client built when `REDIS_CLUSTER=auto` could not ask Redis at start. Once Redis
+    answers, it asks again (once) and, should REDIS_URL be a cluster node after all, says so in an ERROR
+    line naming the setting instead of leaving the admin with MOVED errors."""
+
+    _asked = False
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            result = await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        except ResponseError:  # Redis answered (MOVED among others)
+            await self._ask_once()
+            raise
+        await self._ask_once()
+        return result
+
+    async def _ask_once(self) -> None:
+        if self._asked:
+            return
+        self._asked = True
+        try:
+            info = await super().execute_command("INFO", "cluster")  # type: ignore[no-untyped-call]
+        except RedisError:
+            return
+        if isinstance(info, dict) and int(info.get("cluster_enabled") or 0):
+            log.error(
+                "REDIS_URL is a Redis Cluster node, but it could not be reached when kimibot started, so it "
+                "is being used as a single Redis and commands for other nodes fail: restart kimibot, or set "
+                "REDIS_CLUSTER=true"
+            )
+
+
+def use_cluster(url: str, setting: ClusterSetting) -> bool | None:
+    """Whether to use the cluster client; None when `auto` could not find out."""
     if setting != "auto":
         return setting == "true"
-    return bool(probe_cluster(url))
+    return probe_cluster(url)
 
 
 def database_of(url: str) -> int:
@@ -182,7 +215,10 @@ def database_of(url: str) -> int:
 def build_redis(url: str, setting: ClusterSetting = "auto") -> Redis:
     """The client for REDIS_URL. Typed as `Redis`: a RedisCluster answers the same commands, and kimibot
     keeps every multi-key script, transaction and pipeline within one hash slot (bot/store.py)."""
-    if not use_cluster(url, setting):
+    cluster = use_cluster(url, setting)
+    if cluster is None:
+        return UnprobedRedis.from_url(url, **_common_options())
+    if not cluster:
         return Redis.from_url(url, **_common_options())
     if database_of(url) != 0:
         # Imported here: settings imports nothing from us, and this is the one error it does not catch.
@@ -195,8 +231,7 @@ def build_redis(url: str, setting: ClusterSetting = "auto") -> Redis:
             ]
         )
     log.info("Redis at REDIS_URL is a cluster: using the cluster client")
-    cluster = KimibotRedisCluster.from_url(url, **_common_options())
-    return cast(Redis, cluster)
+    return cast(Redis, KimibotRedisCluster.from_url(url, **_common_options()))
 
 
 def is_cluster(client: Any) -> bool:

@@ -6,6 +6,7 @@ Uses the cluster at KIMIBOT_TEST_CLUSTER_URL (scripts/test starts one; all its d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import CrossSlotTransactionError
+from redis.exceptions import CrossSlotTransactionError, MovedError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot.redis_client import SOCKET_TIMEOUT_S, build_redis, is_cluster
@@ -183,3 +184,26 @@ async def test_a_silent_cluster_node_costs_one_read_timeout_per_call(tmp_path: P
             n.resume()
         await client.aclose()
         cluster.stop_sync()
+
+
+async def test_a_cluster_node_silent_at_start_is_named_plainly_once_it_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = PrivateCluster(tmp_path)
+    cluster.start_sync()
+    try:
+        cluster.nodes[0].pause()
+        try:
+            with caplog.at_level(logging.WARNING, logger="bot.redis_client"):
+                client = build_redis(cluster.url)  # the probe times out: a single Redis is assumed
+        finally:
+            cluster.nodes[0].resume()
+        assert not is_cluster(client)
+        assert "could not ask Redis whether it is a cluster" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="bot.redis_client"), contextlib.suppress(MovedError):
+            await client.set("{a}", "x", ex=60)  # this node's slot, or MOVED
+        await client.aclose()
+    finally:
+        cluster.stop_sync()
+    assert "REDIS_URL is a Redis Cluster node" in caplog.text and "REDIS_CLUSTER=true" in caplog.text
