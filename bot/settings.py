@@ -38,6 +38,7 @@ WHERE_TO_GET: dict[str, str] = {
     "REDIS_CLUSTER": "auto (detect a Redis Cluster node at REDIS_URL), true or false",
     "PORT": "a TCP port number between 1 and 65535",
     "LOG_LEVEL": "one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+    "MCP_CONFIG": 'the path of a JSON file {"mcpServers": {...}} (README "MCP servers"); empty for none',
 }
 
 # Settings that hold secrets: each may instead name a file with `NAME_FILE` (Docker/Kubernetes secrets).
@@ -117,6 +118,9 @@ class Settings(BaseSettings):
     )  # how long running answers may finish on SIGTERM
     log_level: str = "INFO"
 
+    # --- MCP servers (bot/tools/mcp.py) ---
+    mcp_config: str = ""  # path of a JSON file {"mcpServers": {...}}; empty: no MCP servers
+
     @property
     def socket_mode(self) -> bool:
         return bool(self.slack_app_token)
@@ -184,6 +188,11 @@ def problems_with(settings: Settings) -> list[str]:
             )
     if settings.log_level.upper() not in LOG_LEVELS:
         malformed("LOG_LEVEL", f"is not a log level ({settings.log_level!r})")
+    if settings.mcp_config:
+        from bot.tools.mcp import config_problem  # imported only when MCP servers are configured
+
+        if problem := config_problem(settings.mcp_config):
+            problems.append(problem)
     return problems
 
 
