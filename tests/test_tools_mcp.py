@@ -268,6 +268,7 @@ async def test_a_stdio_servers_tools_are_offered_and_called(running: Callable[..
         "mcp__fake__boom",
         "mcp__fake__echo",
         "mcp__fake__env",
+        "mcp__fake__grow",
         "mcp__fake__media",
         "mcp__fake__odd_name_with_spaces",
         "mcp__fake__pid",
@@ -313,8 +314,16 @@ async def test_a_stdio_servers_tools_are_offered_and_called(running: Callable[..
 async def test_a_trusted_server_says_so_on_its_tools(running: Callable[..., Any]) -> None:
     tools: McpTools = await running([stdio("ops", trusted=True)])
     write = by_name(tools)["mcp__ops__write_note"]
-    assert (write.read_only, write.trusted) == (False, True)
+    assert (write.read_only, write.trusted, write.timeout) == (False, True, 60.0)
     assert (await write.run({"note": "x"}, CTX)).text == "noted: x"
+
+
+async def test_a_server_that_says_its_tools_changed_is_listed_again(running: Callable[..., Any]) -> None:
+    tools: McpTools = await running([stdio()], ping_interval=60.0)
+    assert "mcp__fake__fresh_tool" not in by_name(tools)
+    assert (await by_name(tools)["mcp__fake__grow"].run({"name": "fresh.tool"}, CTX)).text == "grown"
+    await until(lambda: "mcp__fake__fresh_tool" in by_name(tools), within=5)
+    assert (await by_name(tools)["mcp__fake__fresh_tool"].run({}, CTX)).text == "new fresh.tool"
 
 
 async def test_parallel_calls_to_one_server_run_at_once(running: Callable[..., Any]) -> None:

@@ -316,6 +316,7 @@ class McpTool:
     server: str
     remote_name: str  # the tool's own name on its server
     display: str
+    timeout: float  # seconds one call may take (the server's "timeout"; default 60)
     link: _ServerLink = field(repr=False)
 
     def title(self, args: dict[str, Any]) -> str:
@@ -608,6 +609,7 @@ class _ServerLink:
                     server=self.config.name,
                     remote_name=tool.name,
                     display=tool.title or (annotations.title if annotations else None) or tool.name,
+                    timeout=self.config.timeout,
                     link=self,
                 )
             )

@@ -5,7 +5,8 @@
 
 Tools: `echo` (read-only), `write_note` (no annotations: a write), `boom` (fails: isError), `media`
 (text, an image, an embedded resource and a resource link), `slow` (sleeps), `pid` (the process id, so a
-test can kill it), `env` (one environment variable), and two names that need mangling. In HTTP mode, when
+test can kill it), `env` (one environment variable), `grow` (adds a tool and sends
+notifications/tools/list_changed), and two names that need mangling. In HTTP mode, when
 FAKE_MCP_TOKEN is set, requests without `Authorization: Bearer <token>` get 401.
 """
 
@@ -16,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.utilities.types import Image
 from mcp.types import EmbeddedResource, ResourceLink, TextResourceContents, ToolAnnotations
@@ -64,6 +65,12 @@ def build() -> MCPServer[Any]:
     @server.tool(annotations=READ_ONLY)
     def env(name: str) -> str:
         return os.environ.get(name, "<unset>")
+
+    @server.tool(description="Add a tool named `name`, and tell the client the tool list changed.")
+    async def grow(name: str, ctx: Context) -> str:
+        server.add_tool(lambda: f"new {name}", name=name, annotations=READ_ONLY)
+        await ctx.session.send_tool_list_changed()
+        return "grown"
 
     def odd() -> str:
         return "odd"
