@@ -230,3 +230,20 @@ def test_the_settings_module_cites_only_files_that_exist() -> None:
     source = Path(bot.settings.__file__).read_text()
     for cited in re.findall(r"\b([A-Za-z_./-]+\.(?:md|txt|yml|yaml))\b", source):
         assert (root / cited).exists(), cited
+
+
+def test_a_malformed_redis_url_is_named_without_its_password(tmp_path: Path) -> None:
+    result = run_cli("serve", env=_base_env(REDIS_URL="redis://:hunter2@h:abc/0"), cwd=tmp_path)
+    assert result.returncode == 2 and "REDIS_URL" in result.stderr
+    assert "hunter2" not in result.stderr
+
+
+def test_name_file_works_from_the_dotenv_file_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MOONSHOT_API_KEY", "MOONSHOT_API_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "key").write_text("sk-from-a-file\n")
+    (tmp_path / ".env").write_text(
+        f"SLACK_BOT_TOKEN=xoxb-1\nSLACK_SIGNING_SECRET=s\nMOONSHOT_API_KEY_FILE={tmp_path / 'key'}\n"
+    )
+    settings = load_settings(_env_file=tmp_path / ".env")
+    assert settings.moonshot_api_key == "sk-from-a-file"
