@@ -36,6 +36,7 @@ from redis.exceptions import (
     ResponseError,
     SlotNotCoveredError,
 )
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as SyncRetry
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,25 @@ class _InlineTransaction(TransactionStrategy):
 class KimibotRedisCluster(RedisCluster):
     """redis-py's async RedisCluster with three changes: a timed-out command or transaction is not repeated
     (it still re-maps and retries once after a dropped connection or during a failover), so a silent node
-    costs one socket timeout, not eleven; the cluster map is loaded before a command's slot is worked out;
-    and MULTI/EXEC is queued in place (`_InlineTransaction`). Pipelines without a transaction still repeat
+    costs one socket timeout, not eleven, and is asked last when the cluster map is loaded again; the map
+    is loaded before a command's slot is worked out; and MULTI/EXEC is queued in place
+    (`_InlineTransaction`). Pipelines without a transaction still repeat
     a timed-out batch once (redis-py hard-codes that)."""
 
     ERRORS_ALLOW_RETRY = CLUSTER_RETRIED  # type: ignore[assignment]
+
+    _last_failed: str | None = None  # the node that last timed out or dropped us: asked last when re-mapping
+
+    async def initialize(
+        self,
+        additional_startup_nodes_info: list[tuple[str, int]] | None = None,
+        last_failed_node_name: str | None = None,
+    ) -> RedisCluster:
+        # redis-py asks the nodes for the cluster map in random order; a silent node asked first would cost
+        # a second timeout right after the first one.
+        return await super().initialize(
+            additional_startup_nodes_info, last_failed_node_name or self._last_failed
+        )
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         # redis-py 8.1 works out a command's slot before it makes sure the cluster map and its command
@@ -108,7 +123,11 @@ class KimibotRedisCluster(RedisCluster):
         # loading them fails with "No way to dispatch this command ... Missing key". Load them first.
         if self._initialize:
             await self.initialize()
-        return await super().execute_command(*args, **kwargs)
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (ConnectionError, RedisTimeoutError) as exc:
+            self._last_failed = getattr(exc, "last_failed_node_name", None) or self._last_failed
+            raise
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
         pipe = super().pipeline(transaction, shard_hint)
