@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
+import yaml
 from redis.asyncio import Redis
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -27,6 +28,7 @@ from bot.tools.slack import (
 )
 from tests.fakes.slack_api import BOT_USER_ID, TEAM_ID, TOKEN, FakeSlack
 from tests.slack_requests import ALICE, BOB
+from tests.test_manifests import ROOT, bot_scopes_for
 
 GENERAL, INCIDENTS, SECRET, HR, DM_ALICE, SHARED = (
     "C0GENERAL1",
@@ -381,3 +383,28 @@ def test_the_slack_tools_pass_the_registry_unchanged() -> None:
     )
     for tool, definition in zip(registry.tools, registry.definitions, strict=True):
         assert definition["function"]["parameters"] == tool.parameters
+
+
+TOOLS_CALL = [
+    "users.info",
+    "conversations.info",
+    "conversations.members",
+    "conversations.replies",
+    "conversations.history",
+    "chat.getPermalink",
+    "assistant.search.context",
+]
+
+
+@pytest.mark.parametrize("name", ["manifest-http.yml", "manifest-socket-mode.yml"])
+def test_both_manifests_grant_what_the_slack_tools_call(name: str) -> None:
+    """Like test_manifests, for the tools' methods: each needs one of its bot scopes, and for the access
+    rule every conversation kind must be readable (public, private, DM, group DM)."""
+    manifest = yaml.safe_load((ROOT / "manifests" / name).read_text())
+    scopes = set(manifest["oauth_config"]["scopes"]["bot"])
+    for method in TOOLS_CALL:
+        needed = bot_scopes_for(method)
+        assert not needed or needed & scopes, f"{name}: {method} needs one of {sorted(needed)}"
+    assert {"channels:read", "groups:read", "im:read", "mpim:read"} <= scopes
+    assert {"channels:history", "groups:history", "im:history", "mpim:history"} <= scopes
+    assert "search:read.public" in scopes
