@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -20,9 +21,13 @@ from bot.redis_client import build_redis
 from bot.settings import Settings
 from bot.slack.pacing import Pacer
 from bot.slack.reply import Pace
-from bot.store import Feedback, Stops, ThreadStore, Usage, UserNames
+from bot.store import Approvals, Feedback, Stops, ThreadStore, Usage, UserNames
+from bot.tools.base import Tool, ToolContext
 
 log = logging.getLogger(__name__)
+
+# The tools offered for one turn (the agent loop runs when there are any): built-ins, MCP servers'.
+ToolSource = Callable[[ToolContext], Awaitable[Sequence[Tool]]]
 
 
 @dataclass
@@ -48,6 +53,8 @@ class Deps:
     pacer: Pacer = field(default_factory=Pacer)
     pace: Pace = field(default_factory=Pace)
     identity: BotIdentity = field(default_factory=BotIdentity)
+    approvals: Approvals | None = None
+    tools: ToolSource | None = None  # None: no tools, every answer is one Kimi request
 
     async def whoami(self) -> BotIdentity:
         """Our bot user and bot ids, from one auth.test call per process."""
@@ -121,4 +128,5 @@ def build_deps(settings: Settings) -> Deps:
         ),
         stops=Stops(redis),
         feedback=Feedback(redis),
+        approvals=Approvals(redis),
     )

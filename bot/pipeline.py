@@ -11,20 +11,24 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
 from bot.admission import strip_mention
-from bot.context import calibrate, fit, user_entry
+from bot.agent.live import WriterView, ask_approval
+from bot.agent.loop import CAP_NOTES, AgentLoop, Caps, Outcome, Planned, Step, definitions_of
+from bot.context import Fit, calibrate, estimate_tokens, fit, user_entry
 from bot.deps import Deps
 from bot.errors import ADMIN_REASONS, RETRYABLE_REASONS, AnswerError, Reason
-from bot.kimi.events import Accumulator, Event, Text
+from bot.kimi.events import Accumulator, Event, Text, Usage
 from bot.queue import Job, Lease, LeaseLost
 from bot.slack.blocks import AnswerRef, answer_blocks, failure_blocks
 from bot.slack.render import footer
 from bot.slack.reply import ReplyWriter, describe
-from bot.store import ThreadState
+from bot.store import Approvals, ThreadState
+from bot.tools.base import Tool, ToolContext
 from bot.turn import Turn
 
 log = logging.getLogger(__name__)
@@ -183,7 +187,7 @@ def stop_value(turn: Turn) -> str:
 async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
     """Answer one turn (the head job of its thread, under the thread's lease). Every outcome is recorded
     with the job's completion: the answer, or one sentence with a reference id telling the user why not."""
-    kimi_task: list[asyncio.Task[Accumulator]] = []
+    kimi_task: list[asyncio.Task[Any]] = []  # the model request (or the agent loop) Stop cancels
 
     async def save_progress(**fields: str) -> None:
         await lease.save_progress(job, **fields)
@@ -267,7 +271,7 @@ async def _think_and_deliver(
     turn: Turn,
     deps: Deps,
     writer: ReplyWriter,
-    kimi_task: list[asyncio.Task[Accumulator]],
+    kimi_task: list[asyncio.Task[Any]],
     lease: Lease,
     job: Job,
     *,
@@ -320,6 +324,13 @@ async def _think_and_deliver(
             writer.reasoning(event.text)
 
     left_out = offset + fitted.start
+    ctx = tool_context(turn, deps)
+    tools = list(await deps.tools(ctx)) if deps.tools is not None else []
+    if tools:
+        await _agent_answer(
+            turn, deps, writer, kimi_task, lease, job, fitted, tools, ctx, on_event, left_out, history
+        )
+        return
     log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=left_out))
     task = asyncio.create_task(kimi.complete(fitted.messages, on_event=on_event, on_restart=writer.restarted))
     kimi_task.append(task)
@@ -380,16 +391,24 @@ async def _record(
     *,
     history: bool,
     thinking_s: float,
+    agent: Outcome | None = None,
 ) -> None:
-    """Usage first (Kimi was paid either way), then the answer and the job's completion in one step."""
+    """Usage first (Kimi was paid either way), then the answer and the job's completion in one step.
+    An agent turn (`agent`) recorded each request's usage as it went; its history entry is the final
+    answer only, with a compact record of the tool calls (not replayed to the model)."""
     usage = acc.usage
     kimi = deps.kimi
-    if usage:
+    if usage and agent is None:
         cost = kimi.profile.cost_usd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
         await deps.usage.record(
             turn.team_id, kimi.model, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, cost
         )
-    details = {"question": turn.text, "reasoning": acc.reasoning_text, "thinking_s": round(thinking_s, 3)}
+    calibration_usage = usage
+    if agent is not None:
+        usage = agent.usage
+        calibration_usage = agent.steps[0].usage if agent.steps else acc.usage  # the prompt `fit` estimated
+    reasoning = agent.reasoning if agent is not None else acc.reasoning_text
+    details = {"question": turn.text, "reasoning": reasoning, "thinking_s": round(thinking_s, 3)}
     entries: list[dict[str, Any]] = []
     meta: dict[str, str | int | float] = {}
     if history:
@@ -407,11 +426,12 @@ async def _record(
                 "usage": usage.__dict__ if usage else None,
                 "thinking_s": round(thinking_s, 3),
                 "elapsed_s": round(elapsed, 3),
+                **({"tools": tool_record(agent)} if agent is not None and agent.steps else {}),
             }
         )
         meta["start"] = start
-        if usage and usage.prompt_tokens:
-            meta["calibration"] = round(calibrate(estimated, usage.prompt_tokens), 4)
+        if calibration_usage and calibration_usage.prompt_tokens:
+            meta["calibration"] = round(calibrate(estimated, calibration_usage.prompt_tokens), 4)
     await lease.complete(job, *entries, details=(turn.ts, details), **meta)
     log.info(
         "answered",
@@ -424,4 +444,197 @@ async def _record(
             cached_tokens=usage.cached_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
         ),
+    )
+
+
+# ---- the agent loop (tools offered) ---------------------------------------------------------------
+def tool_context(turn: Turn, deps: Deps) -> ToolContext:
+    return ToolContext(
+        team_id=turn.team_id,
+        user=turn.user,
+        channel=turn.channel,
+        thread_ts=turn.thread_ts,
+        slack=deps.slack,
+        redis=deps.redis,
+        action_token=str(getattr(turn, "action_token", "") or ""),
+    )
+
+
+def offer(tools: list[Tool]) -> list[dict[str, Any]]:
+    """The definitions sent with every request of the turn, byte-stable and in a fixed order.
+    INTEGRATION POINT: bot/tools/registry.py (build_registry: sanitised schemas, sorted) replaces this
+    once it lands; until then the tools' own definitions, in the order given."""
+    return definitions_of(tools)
+
+
+def resumed_steps(progress: dict[str, str]) -> list[Step]:
+    """The steps an earlier run of this job finished (its checkpoint), in order."""
+    steps = []
+    index = 0
+    while (raw := progress.get(f"step:{index}")) is not None:
+        try:
+            steps.append(Step.load(raw))
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable agent checkpoint; the turn resumes before it", extra={"step": index})
+            break
+        index += 1
+    return steps
+
+
+def tool_record(outcome: Outcome) -> list[dict[str, Any]]:
+    """What the history keeps of a turn's tool calls: names, titles, outcomes and sources, no results."""
+    return [
+        {"name": c.name, "title": c.title, "ok": c.ok, **({"sources": list(c.sources)} if c.sources else {})}
+        for step in outcome.steps
+        for c in step.calls
+    ]
+
+
+def agent_notes(outcome: Outcome) -> tuple[str, ...]:
+    notes = []
+    if outcome.calls:
+        steps = len(outcome.steps)
+        calls = f"{outcome.calls} tool call{'s' if outcome.calls != 1 else ''}"
+        notes.append(f"{calls} in {steps} step{'s' if steps != 1 else ''}")
+    if outcome.cap is not None:
+        notes.append(f"stopped using tools: {CAP_NOTES[outcome.cap]}")
+    return tuple(notes)
+
+
+async def _agent_answer(
+    turn: Turn,
+    deps: Deps,
+    writer: ReplyWriter,
+    kimi_task: list[asyncio.Task[Any]],
+    lease: Lease,
+    job: Job,
+    fitted: Fit,
+    tools: list[Tool],
+    ctx: ToolContext,
+    on_event: Callable[[Event], Awaitable[None]],
+    left_out: int,
+    history: bool,
+) -> None:
+    """The answer with tools: the agent loop asks Kimi, runs the calls it makes and asks again until it
+    answers; each call shows as a task card. Every finished step is checkpointed (fenced) in the job's
+    progress, so a re-run after a crash resumes after it; Stop cancels the loop (the model request and
+    any running call) and what was done so far is delivered."""
+    settings = deps.settings
+    kimi = deps.kimi
+    approvals = deps.approvals or Approvals(deps.redis)
+    caps = Caps(
+        max_steps=settings.kimi_max_tool_steps,
+        call_timeout_s=settings.tool_call_timeout,
+        result_chars=settings.tool_result_max_chars,
+        wall_time_s=settings.agent_max_seconds,
+        approval_timeout_s=settings.tool_approval_timeout,
+    )
+    requests = 0
+
+    async def complete(
+        messages: list[dict[str, Any]], definitions: list[dict[str, Any]], tool_choice: str | None
+    ) -> Accumulator:
+        return await kimi.complete(
+            messages,
+            on_event=on_event,
+            on_restart=writer.restarted,
+            tools=definitions,
+            tool_choice=tool_choice,
+        )
+
+    async def record_usage(usage: Usage) -> None:
+        nonlocal requests
+        requests += 1
+        cost = kimi.profile.cost_usd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+        await deps.usage.record(
+            turn.team_id,
+            kimi.model,
+            usage.prompt_tokens,
+            usage.cached_tokens,
+            usage.completion_tokens,
+            cost,
+            turns=1 if requests == 1 else 0,
+        )
+
+    async def checkpoint(index: int, step: Step) -> None:
+        await lease.save_progress(job, **{f"step:{index}": step.dump()})
+
+    async def approve(call: Planned, tool: Tool) -> bool | None:
+        return await ask_approval(writer, approvals, turn, call, tool, caps.approval_timeout_s)
+
+    loop = AgentLoop(
+        tools,
+        complete=complete,
+        ctx=ctx,
+        caps=caps,
+        definitions=offer(tools),
+        view=WriterView(writer),
+        approve=approve,
+        checkpoint=checkpoint,
+        record_usage=record_usage,
+    )
+    resume = resumed_steps(writer.resume)
+    writer.timeline = True
+    started = time.monotonic()
+    log.info(
+        "asking kimi with tools",
+        extra=turn_log(turn, messages=len(fitted.messages), tools=len(tools), resumed_steps=len(resume)),
+    )
+    task = asyncio.create_task(loop.run(fitted.messages, resume))
+    kimi_task.append(task)
+    writer.start()
+    try:
+        outcome = await task
+    except asyncio.CancelledError:
+        if not writer.stopped:
+            raise
+        if loop.requesting:  # the interrupted request was paid for too: an estimate of it
+            prompt = sum(estimate_tokens(m) for m in loop.messages)
+            shown = len(writer.reasoning_text) - sum(len(r) for r in loop.reasoning)
+            await record_usage(Usage(prompt, max(shown, 0) // 3 + 1))
+        outcome = loop.partial("", writer.answer)
+    elapsed = time.monotonic() - started
+    thinking_s = writer.thinking_s if writer.thinking_s is not None else elapsed
+    usage = outcome.usage
+    prompt_tokens = usage.prompt_tokens if usage else 0
+    completion_tokens = usage.completion_tokens if usage else 0
+    line = footer(
+        kimi.model,
+        elapsed,
+        prompt_tokens,
+        completion_tokens,
+        left_out=left_out,
+        truncated=outcome.final.finish_reason == "length",
+        thinking_s=thinking_s,
+        extra=agent_notes(outcome),
+    )
+    ref = AnswerRef(turn.thread_ts, turn.ts, kimi.model, elapsed, prompt_tokens, completion_tokens)
+    note = ""
+    if writer.stopped:
+        who = await deps.stops.requested_by(turn.channel, turn.ts)
+        note = f"_:black_square_for_stop: Stopped{f' by <@{who}>' if who else ''}._"
+    reply_ts = await writer.finish(answer_blocks(line, ref, has_reasoning=bool(outcome.reasoning)), note=note)
+    log.info(
+        "agent loop done",
+        extra=turn_log(
+            turn,
+            steps=len(outcome.steps),
+            calls=outcome.calls,
+            cap=str(outcome.cap) if outcome.cap else None,
+            stopped=writer.stopped,
+        ),
+    )
+    await _record(
+        turn,
+        deps,
+        lease,
+        job,
+        outcome.final,
+        left_out,
+        fitted.estimated_tokens,
+        reply_ts,
+        elapsed,
+        history=history,
+        thinking_s=thinking_s,
+        agent=outcome,
     )

@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     kimi_concurrency: int = Field(default=8, ge=1)  # answers in flight at once; match the account tier
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
+    # --- The agent loop (bot/agent) ---
+    kimi_max_tool_steps: int = Field(default=100, ge=0)  # model steps with tool calls per answer
+    agent_max_seconds: float = Field(default=600.0, gt=0)  # wall time for tool use per answer
+    tool_approval_timeout: float = Field(default=300.0, gt=0)  # wait for Approve/Deny this long
+
     # --- Threads and Slack ---
     thread_ttl_days: int = Field(default=30, ge=1)
     dedup_ttl_seconds: int = Field(default=86_400, ge=60)

@@ -211,16 +211,27 @@ class Usage:
         return f"{PREFIX}:usage:{team_id}:{day.isoformat()}"
 
     async def record(
-        self, team_id: str, model: str, prompt: int, cached: int, completion: int, cost: float
+        self,
+        team_id: str,
+        model: str,
+        prompt: int,
+        cached: int,
+        completion: int,
+        cost: float,
+        *,
+        turns: int = 1,
     ) -> None:
+        """One answer's usage; an agent turn records each model request as it is paid for (`turns` 1 on
+        the first, 0 on the others), so a turn cut short still counts what it used."""
         key = self.key(team_id, dt.datetime.now(dt.UTC).date())
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(key, "turns", 1)
+            pipe.hincrby(key, "turns", turns)
+            pipe.hincrby(key, "requests", 1)
             pipe.hincrby(key, "prompt_tokens", prompt)
             pipe.hincrby(key, "cached_tokens", cached)
             pipe.hincrby(key, "completion_tokens", completion)
             pipe.hincrbyfloat(key, "cost_usd", cost)
-            pipe.hincrby(key, f"turns:{model}", 1)
+            pipe.hincrby(key, f"turns:{model}", turns)
             pipe.expire(key, USAGE_TTL_S)
             await pipe.execute()
 
@@ -245,6 +256,53 @@ class Stops:
     async def requested_by(self, channel: str, ts: str) -> str | None:
         value = await self.redis.get(self.key(channel, ts))
         return str(value) if value is not None else None
+
+
+# KEYS: approval. ARGV: user, decision ('approved' | 'declined'). The asker alone decides, once.
+_DECIDE = """
+local value = redis.call('GET', KEYS[1])
+if not value then return 'gone' end
+if value ~= 'pending:' .. ARGV[1] then
+  if string.sub(value, 1, 8) == 'pending:' then return 'not_asker' end
+  return 'decided'
+end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+return 'ok'
+"""
+
+
+class Approvals:
+    """Approve/Deny for a tool call that changes things: opened by the answering job, decided by the
+    asker's click (in whichever process receives it), read by the job while it waits."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    @staticmethod
+    def key(approval_id: str) -> str:
+        return f"{PREFIX}:approval:{approval_id}"
+
+    async def open(self, approval_id: str, asker: str, ttl_s: int) -> None:
+        await self.redis.set(self.key(approval_id), f"pending:{asker}", ex=max(ttl_s, 1))
+
+    async def asker(self, approval_id: str) -> str | None:
+        value = await self.redis.get(self.key(approval_id))
+        text = str(value) if value is not None else ""
+        return text.removeprefix("pending:") if text.startswith("pending:") else None
+
+    async def decide(self, approval_id: str, user: str, approved: bool) -> str:
+        """'ok', 'not_asker' (someone else clicked), 'decided' (already) or 'gone' (expired)."""
+        result = await self.redis.eval(  # type: ignore[misc]
+            _DECIDE, 1, self.key(approval_id), user, "approved" if approved else "declined"
+        )
+        return str(result)
+
+    async def decision(self, approval_id: str) -> bool | None:
+        """True approved, False declined, None not yet."""
+        value = await self.redis.get(self.key(approval_id))
+        if value is None or str(value).startswith("pending:"):
+            return None
+        return str(value) == "approved"
 
 
 class Feedback:

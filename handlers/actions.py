@@ -1,4 +1,5 @@
-"""Buttons on kimibot's messages: Stop, Show reasoning, Regenerate (and Retry after a failure), 👍/👎."""
+"""Buttons on kimibot's messages: Stop, Show reasoning, Regenerate (and Retry after a failure), 👍/👎, and
+Approve/Deny for a tool call that changes things."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from slack_bolt.async_app import AsyncAck, AsyncApp
 
 from bot.deps import Deps
 from bot.slack.blocks import (
+    ACTION_APPROVE,
+    ACTION_DENY,
     ACTION_FEEDBACK_DOWN,
     ACTION_FEEDBACK_UP,
     ACTION_REASONING,
@@ -155,7 +158,26 @@ def register(app: AsyncApp, deps: Deps) -> None:
             channel, user, ref.thread_ts, "Thanks for the feedback!" + (" :+1:" if rating == "up" else "")
         )
 
+    async def on_approval(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        """Only the asker decides; the waiting answer (in whichever worker) sees it in Redis."""
+        await ack()
+        _, channel, user, _ = where(body)
+        approval_id = str(action.get("value") or "")
+        approvals = deps.approvals
+        if approvals is None or not approval_id:
+            return
+        approved = action.get("action_id") == ACTION_APPROVE
+        result = await approvals.decide(approval_id, user, approved)
+        if result == "not_asker":
+            asker = await approvals.asker(approval_id)
+            thread_ts = str((body.get("message") or {}).get("thread_ts") or "")
+            await tell(channel, user, thread_ts, f"Only <@{asker}>, who asked, can approve or deny this.")
+        elif result == "gone":
+            thread_ts = str((body.get("message") or {}).get("thread_ts") or "")
+            await tell(channel, user, thread_ts, "This request has expired.")
+
     app.action(ACTION_STOP)(on_stop)
+    app.action(re.compile(f"^({ACTION_APPROVE}|{ACTION_DENY})$"))(on_approval)
     app.action(ACTION_REASONING)(ack=ack_at_once, lazy=[after_ack(on_reasoning)])
     app.action(re.compile(f"^({ACTION_REGENERATE}|{ACTION_RETRY})$"))(on_regenerate)
     app.action(re.compile(f"^({ACTION_FEEDBACK_UP}|{ACTION_FEEDBACK_DOWN})$"))(

@@ -4,12 +4,20 @@ Streams Server-Sent Events the way Kimi does: `delta.reasoning_content` first, t
 then a last chunk with `finish_reason` and the usage inside `choices[0].usage` (with `cached_tokens`),
 then `data: [DONE]`. Replies are scripted per request: HTTP errors with Kimi's error bodies and
 Retry-After, errors inside the stream, streams cut mid-way (clean EOF or a connection reset), slow chunks.
+
+Tool calls stream as Kimi sends them: `delta.tool_calls[i]` with `id`, `type` and `function.name` first,
+then `function.arguments` fragments, and `finish_reason: "tool_calls"`. Like Kimi with thinking on, the fake
+refuses (HTTP 400 invalid_request_error) a request whose assistant tool-call message lacks
+`reasoning_content`, a `role: "tool"` message whose `tool_call_id` no earlier call has, a call left without
+its result, a bad `tool_choice`, and tool definitions Kimi would refuse (bad or duplicated names,
+parameters not an object).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -38,6 +46,19 @@ LISTED_MODELS = (
 )
 
 
+TOOL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_-]{2,63}$")
+TOOL_CHOICES = ("auto", "none", "required")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One tool call a scripted reply makes (`arguments` is sent as is: it may be invalid JSON)."""
+
+    name: str
+    arguments: str = "{}"
+    id: str = ""  # default: "<name>:<n>" like Kimi's ids (unique per fake)
+
+
 def default_answer(request: dict[str, Any]) -> str:
     """Echo what the model was given, so tests can see which context reached it."""
     users = [m for m in request["messages"] if m["role"] == "user"]
@@ -64,6 +85,8 @@ class Reply:
     error_in_stream: dict[str, Any] | None = None  # sent as `data: {"error": ...}` after the reasoning
     garbage_in_stream: bool = False  # a `data:` line that is not JSON, after the reasoning
     cached_tokens: int = 0
+    tool_calls: list[Call] | Callable[[dict[str, Any]], list[Call]] | None = None  # finish: "tool_calls"
+    args_chunk_chars: int = 8  # argument fragments this long, as Kimi streams them
 
 
 @dataclass
@@ -82,6 +105,11 @@ class FakeKimi:
     fiber_requests: list[dict[str, Any]] = field(default_factory=list)  # {"uri", "body"} per POST .../fibers
     fiber_replies: deque[tuple[int, dict[str, Any]]] = field(default_factory=deque)  # (status, body) scripted
     server: TestServer | None = None
+    responder: Callable[[dict[str, Any]], Reply] | None = (
+        None  # replies to requests the script does not cover
+    )
+    rejected: list[str] = field(default_factory=list)  # why requests were refused with a 400
+    _call_ids: int = 0
 
     @property
     def url(self) -> str:
@@ -199,7 +227,14 @@ class FakeKimi:
         index = len(self.requests) - 1
         if self.known_models is not None and body.get("model") not in self.known_models:
             return self._error(404, "resource_not_found_error", f"Not found the model {body.get('model')}")
-        reply = self.replies.popleft() if self.replies else Reply()
+        refused = check_request(body)
+        if refused:
+            self.rejected.append(refused)
+            return self._error(400, "invalid_request_error", refused)
+        if self.replies:
+            reply = self.replies.popleft()
+        else:
+            reply = self.responder(body) if self.responder is not None else Reply()
         if reply.status != 200:
             return self._error(reply.status, reply.error_type, reply.error_message, reply.retry_after)
 
@@ -238,7 +273,8 @@ class FakeKimi:
         if reply.error_in_stream is not None:
             await response.write(f"data: {json.dumps({'error': reply.error_in_stream})}\n\n".encode())
             return response
-        content = reply.content if reply.content is not None else default_answer
+        calls = reply.tool_calls(body) if callable(reply.tool_calls) else reply.tool_calls
+        content = reply.content if reply.content is not None else ("" if calls else default_answer)
         text = content(body) if callable(content) else content
         for n, piece in enumerate(_pieces(text, reply.chunk_chars)):
             if reply.cut_after_chunks is not None and n >= reply.cut_after_chunks:
@@ -248,20 +284,83 @@ class FakeKimi:
                 request.transport.abort()
                 return response
             await send({"content": piece})
+        finish = reply.finish_reason
+        arguments = 0
+        for index, call in enumerate(calls or []):
+            self._call_ids += 1
+            call_id = call.id or f"{call.name}:{self._call_ids}"
+            first = {"index": index, "id": call_id, "type": "function"}
+            await send({"tool_calls": [{**first, "function": {"name": call.name, "arguments": ""}}]})
+            for piece in _pieces(call.arguments, reply.args_chunk_chars):
+                await send({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+            arguments += len(call.arguments)
+            finish = "tool_calls"
         prompt = self.prompt_tokens(body)
-        completion = (len(text) + len(reply.reasoning)) // 4 + 1
+        completion = (len(text) + len(reply.reasoning) + arguments) // 4 + 1
         usage = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "cached_tokens": reply.cached_tokens,
         }
-        await send({}, finish=reply.finish_reason, usage=usage)
+        await send({}, finish=finish, usage=usage)
         self.done_times.append(time.monotonic())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         self.finished[index] = time.monotonic()
         return response
+
+
+def thinking_on(body: dict[str, Any]) -> bool:
+    """Kimi's thinking models think unless the request switches it off (k2.5/k2.6 `thinking.type`)."""
+    thinking = body.get("thinking") or {}
+    return not (isinstance(thinking, dict) and thinking.get("type") == "disabled")
+
+
+def check_request(body: dict[str, Any]) -> str:
+    """Why Kimi would refuse this request with a 400 (empty when it would not): Kimi's own messages."""
+    tools = body.get("tools") or []
+    names: set[str] = set()
+    for tool in tools:
+        function = tool.get("function") or {}
+        name = str(function.get("name") or "")
+        if tool.get("type") != "function" or not TOOL_NAME.match(name):
+            return f"Invalid request: invalid function name {name!r}"
+        if name in names:
+            return f"Invalid request: function name {name} is duplicated"
+        names.add(name)
+        parameters = function.get("parameters")
+        if parameters is not None and (
+            not isinstance(parameters, dict) or parameters.get("type") != "object"
+        ):
+            return f"Invalid request: parameters of function {name} must be of type object"
+    choice = body.get("tool_choice")
+    if choice is not None and (choice not in TOOL_CHOICES or (choice == "required" and not tools)):
+        return f"Invalid request: invalid tool_choice {choice!r}"
+    waiting: set[str] = set()  # calls not yet answered by a role:"tool" message
+    known: set[str] = set()
+    for index, message in enumerate(body.get("messages") or []):
+        role = message.get("role")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if call_id not in known:
+                return f"Invalid request: tool_call_id {call_id} is not found"
+            waiting.discard(call_id)
+            continue
+        if waiting:
+            return f"Invalid request: tool call ids {sorted(waiting)} did not have response messages"
+        if role == "assistant" and message.get("tool_calls"):
+            if thinking_on(body) and "reasoning_content" not in message:
+                return (
+                    "thinking is enabled but reasoning_content is missing in assistant tool call message "
+                    f"at index {index}"
+                )
+            for call in message["tool_calls"]:
+                known.add(call.get("id"))
+                waiting.add(call.get("id"))
+    if waiting:
+        return f"Invalid request: tool call ids {sorted(waiting)} did not have response messages"
+    return ""
 
 
 def _pieces(text: str, size: int) -> list[str]:

@@ -37,6 +37,17 @@ SECTION_TEXT_LIMIT = 3_000
 MESSAGE_BLOCKS_LIMIT = 50
 MODAL_BLOCKS_LIMIT = 100
 BUTTON_VALUE_LIMIT = 2_000
+STREAM_CHUNK_BLOCKS_LIMIT = 50  # chat.stopStream: 50 blocks in chunks (task cards count) plus 50 in blocks
+# Streaming chunks (slack_sdk.models.messages.chunk, the chunks the SDK's ChatStream sends): their types,
+# the fields each may carry, and a task card's states. The method reference only says "array of chunks".
+CHUNK_FIELDS = {
+    "markdown_text": {"type", "text"},
+    "task_update": {"type", "id", "title", "status", "details", "output", "sources"},
+    "plan_update": {"type", "title"},
+    "blocks": {"type", "blocks"},
+}
+TASK_STATUSES = ("pending", "in_progress", "complete", "error")
+TASK_DISPLAY_MODES = ("timeline", "plan")
 
 
 def visible_text(message: dict[str, Any]) -> str:
@@ -425,6 +436,8 @@ class FakeSlack:
         spec = json.loads(path.read_text())["args"]
         known = set(spec.get("properties", {}))
         for name in spec.get("required", []):
+            if name == "markdown_text" and args.get("chunks"):
+                continue  # the reference predates chunks; the SDK's ChatStream appends chunks alone
             if name not in args or args[name] in (None, ""):
                 self.problems.append(f"{method}: missing required argument {name}")
                 return "invalid_arguments"
@@ -564,6 +577,84 @@ class FakeSlack:
             return "message_not_in_streaming_state"
         return message
 
+    def _chunks_error(self, method: str, message: dict[str, Any], chunks: Any) -> str | None:
+        """Check streaming chunks and apply them to the message (text, and each task card's latest
+        state). A card is a block of the message: at most 50 of them."""
+        if isinstance(chunks, str):
+            chunks = json.loads(chunks)
+        if not isinstance(chunks, list) or not chunks:
+            self.problems.append(f"{method}: chunks is not a non-empty array")
+            return "invalid_chunks"
+        tasks = dict(message.get("tasks") or {})
+        text = ""
+        for chunk in chunks:
+            kind = chunk.get("type") if isinstance(chunk, dict) else None
+            if kind not in CHUNK_FIELDS:
+                self.problems.append(f"{method}: unknown chunk {chunk!r}")
+                return "invalid_chunks"
+            extra = set(chunk) - CHUNK_FIELDS[kind]
+            if extra:
+                self.problems.append(f"{method}: {kind} chunk with unknown fields {sorted(extra)}")
+                return "invalid_chunks"
+            if kind == "markdown_text":
+                if not isinstance(chunk.get("text"), str) or len(chunk["text"]) > MARKDOWN_TEXT_LIMIT:
+                    self.problems.append(f"{method}: markdown_text chunk missing or over 12,000 chars")
+                    return "invalid_chunks"
+                text += chunk["text"]
+            if kind == "task_update":
+                problem = self._task_problem(chunk)
+                if problem:
+                    self.problems.append(f"{method}: {problem}")
+                    return "invalid_chunks"
+                tasks[chunk["id"]] = {k: v for k, v in chunk.items() if k != "type"}
+                message.setdefault("task_log", []).append((chunk["id"], chunk["status"]))
+        if len(tasks) > STREAM_CHUNK_BLOCKS_LIMIT:
+            self.problems.append(f"{method}: {len(tasks)} task cards in one message")
+            return "msg_blocks_too_many"
+        message["tasks"] = tasks
+        message["stream_text"] = message.get("stream_text", "") + text
+        return None
+
+    @staticmethod
+    def _task_problem(chunk: dict[str, Any]) -> str:
+        if not isinstance(chunk.get("id"), str) or not chunk["id"]:
+            return "task_update without an id"
+        if not isinstance(chunk.get("title"), str) or not chunk["title"].strip():
+            return "task_update without a title"
+        if chunk.get("status") not in TASK_STATUSES:
+            return f"task_update with status {chunk.get('status')!r}"
+        for key in ("details", "output"):
+            if key in chunk and not isinstance(chunk[key], str):
+                return f"task_update {key} is not a string"
+        for source in chunk.get("sources") or []:
+            url = source.get("url") if isinstance(source, dict) else None
+            if (
+                not isinstance(source, dict)
+                or source.get("type") != "url"
+                or not isinstance(url, str)
+                or not url.startswith(("https://", "http://"))
+                or not source.get("text")
+                or set(source) - {"type", "url", "text"}
+            ):
+                return f"task_update source is not a url element: {source!r}"
+        return ""
+
+    def cards(self, channel: str, thread_ts: str) -> list[dict[str, Any]]:
+        """Every task card in the bot's thread messages (latest state), in the order they appeared."""
+        return [card for m in self.replies(channel, thread_ts) for card in (m.get("tasks") or {}).values()]
+
+    def cards_left_open(self, channel: str) -> list[str]:
+        """Task cards still pending or in progress in a stream that was stopped (or is still streaming)
+        and not deleted: Slack would show them spinning forever."""
+        left = []
+        for message in self.messages[channel]:
+            if message.get("deleted") or not message.get("tasks"):
+                continue
+            if message.get("stream_state") == "streaming":
+                left += [f"{message['ts']}:{i} (stream never stopped)" for i in message["tasks"]]
+            left += [f"{message['ts']}:{i}" for i in message.get("cards_left_open") or []]
+        return left
+
     def _m_chat_startStream(self, args: dict[str, Any]) -> dict[str, Any]:
         channel = args["channel"]
         if not args.get("thread_ts"):
@@ -578,9 +669,19 @@ class FakeSlack:
         if len(markdown) > MARKDOWN_TEXT_LIMIT:
             self.problems.append(f"chat.startStream: markdown_text of {len(markdown)} chars")
             return {"ok": False, "error": "msg_too_long"}
+        mode = args.get("task_display_mode")
+        if mode is not None and mode not in TASK_DISPLAY_MODES:
+            self.problems.append(f"chat.startStream: task_display_mode {mode!r}")
+            return {"ok": False, "error": "invalid_arguments"}
+        started: dict[str, Any] = {"task_display_mode": mode or "timeline"}
+        if args.get("chunks") is not None:
+            error = self._chunks_error("chat.startStream", started, args["chunks"])
+            if error:
+                return {"ok": False, "error": error}
         ts = self.new_ts()
         self.messages[channel].append(
             {
+                **started,
                 "type": "message",
                 "user": BOT_USER_ID,
                 "bot_id": BOT_ID,
@@ -588,7 +689,7 @@ class FakeSlack:
                 "ts": ts,
                 "text": "",
                 "thread_ts": args["thread_ts"],
-                "stream_text": markdown,
+                "stream_text": started.get("stream_text", "") + markdown,
                 "stream_state": "streaming",
                 "stream_started": time.monotonic(),
                 "appends": 0,
@@ -604,6 +705,10 @@ class FakeSlack:
         message = self._stream(args)
         if isinstance(message, str):
             return {"ok": False, "error": message}
+        if args.get("chunks") is not None:
+            error = self._chunks_error("chat.appendStream", message, args["chunks"])
+            if error:
+                return {"ok": False, "error": error}
         message["stream_text"] += markdown
         message["appends"] += 1
         return {"channel": args["channel"], "ts": args["ts"]}
@@ -616,6 +721,13 @@ class FakeSlack:
             error = self._blocks_error("chat.stopStream", args["blocks"], MESSAGE_BLOCKS_LIMIT)
             if error:
                 return {"ok": False, "error": error}
+        if args.get("chunks") is not None:
+            error = self._chunks_error("chat.stopStream", message, args["chunks"])
+            if error:
+                return {"ok": False, "error": error}
+        open_cards = [i for i, c in (message.get("tasks") or {}).items() if c["status"] in TASK_STATUSES[:2]]
+        if open_cards:  # a problem unless the message is taken back (deleted): see `cards_left_open`
+            message["cards_left_open"] = open_cards
         message["stream_text"] += args.get("markdown_text") or ""
         message["blocks"] = _blocks(args.get("blocks"))
         message["stream_state"] = "stopped"

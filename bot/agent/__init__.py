@@ -1,0 +1,1 @@
+"""The agent loop: model step -> tool calls -> results -> next step, within caps."""

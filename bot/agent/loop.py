@@ -1,0 +1,558 @@
+"""The agent loop: ask Kimi with tools offered, run the calls it makes, feed the results back, repeat until
+it answers in text. The rules are pure functions below; all I/O goes through callables handed in (the
+model request, the tools, the live view, approvals, checkpoints, usage), so the loop runs the same in
+the bot, in tests and in the benchmark.
+
+What Kimi's thinking models require, and this loop keeps:
+- every assistant step goes back whole in the next request: `content`, `reasoning_content` and
+  `tool_calls` with their ids unchanged (the Accumulator's message, replayed as is);
+- one `role: "tool"` message per call id, in the order of the calls, right after that step;
+- the same tool definitions, in the same order, on every request of the turn (prefix cache).
+
+Caps: steps per turn, a timeout per call, a size cap per result (longer results are paged: the model
+reads on with `read_more`), total wall time, and a guard against identical repeated calls (the second
+identical call gets a nudge, the third is not run). When a cap is hit, one last request with
+`tool_choice: "none"` makes the model answer from what it gathered, and the outcome says which cap.
+
+What the thread's history keeps (the pipeline stores it): only the final assistant message, not the
+intermediate tool-call steps and their results. Tool results go stale (a channel moves on, a status page
+changes), and replaying them on every later turn would cost tokens forever; a later turn that needs fresh
+facts calls the tools again. The steps are kept, until the turn completes, as the job's checkpoint: a
+re-run after a crash resumes from the last finished step instead of calling tools (and Kimi) again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from bot.kimi.events import Accumulator, Usage
+from bot.tools.base import Tool, ToolContext, ToolResult
+
+log = logging.getLogger(__name__)
+
+READ_MORE = "read_more"
+READ_MORE_DEFINITION: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": READ_MORE,
+        "description": (
+            "Read the next page of a tool result that was too long to return at once. Use the ref and page "
+            "named at the end of the truncated result."
+        ),
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "ref": {"type": "string", "description": "The ref named in the truncated result."},
+                "page": {"type": "integer", "description": "The page to read, from 2."},
+            },
+            "required": ["ref", "page"],
+        },
+    },
+}
+
+
+class Cap(StrEnum):
+    """Why the loop stopped offering tools before the model was done with them."""
+
+    STEPS = "steps"
+    TIME = "time"
+    REPEATS = "repeats"
+
+
+CAP_NOTES = {
+    Cap.STEPS: "the tool step limit of this answer was reached",
+    Cap.TIME: "the time limit of this answer was reached",
+    Cap.REPEATS: "the model kept repeating the same tool call",
+}
+
+
+class Verdict(StrEnum):
+    RUN = "run"
+    NUDGE = "nudge"  # run it, and tell the model it has asked this before
+    REFUSE = "refuse"  # identical call asked too often: not run
+
+
+@dataclass(frozen=True)
+class Caps:
+    max_steps: int = 100
+    call_timeout_s: float = 60.0
+    result_chars: int = 20_000
+    wall_time_s: float = 600.0
+    approval_timeout_s: float = 300.0
+    nudge_at: int = 2  # the Nth identical call gets a nudge
+    refuse_at: int = 3  # from the Nth identical call on, calls are not run
+
+
+@dataclass
+class Planned:
+    """One call the model asked for, and what the loop decided about it (before running anything)."""
+
+    id: str
+    name: str
+    arguments: str  # as the model sent them
+    args: dict[str, Any] | None
+    key: str  # name + canonical arguments: what the repeat guard counts
+    verdict: Verdict
+    error: str = ""  # unknown tool or unreadable arguments: this text is the result
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """What the live view (and a resumed run) needs to show a finished call again."""
+
+    id: str
+    name: str
+    title: str
+    ok: bool
+    sources: tuple[str, ...] = ()
+    key: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Step:
+    """One assistant step that made tool calls, with the results sent back for it."""
+
+    message: dict[str, Any]
+    results: list[dict[str, Any]]
+    calls: list[CallRecord]
+    usage: Usage | None = None
+
+    def dump(self) -> str:
+        return json.dumps(
+            {
+                "message": self.message,
+                "results": self.results,
+                "calls": [c.__dict__ | {"sources": list(c.sources)} for c in self.calls],
+                "usage": self.usage.__dict__ if self.usage else None,
+            },
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+
+    @staticmethod
+    def load(raw: str) -> Step:
+        data = json.loads(raw)
+        calls = [CallRecord(**{**c, "sources": tuple(c.get("sources") or ())}) for c in data["calls"]]
+        usage = Usage(**data["usage"]) if data.get("usage") else None
+        return Step(data["message"], data["results"], calls, usage)
+
+
+@dataclass
+class Outcome:
+    final: Accumulator
+    steps: list[Step]
+    cap: Cap | None = None
+    usage: Usage | None = None  # every request of the turn, summed
+    reasoning: str = ""  # every step's reasoning, in order
+    overheads_s: list[float] = field(
+        default_factory=list
+    )  # the loop's own time per step (not tools, not Kimi)
+
+    @property
+    def calls(self) -> int:
+        return sum(len(s.calls) for s in self.steps)
+
+
+# ---- the rules (pure) ----------------------------------------------------------------------------
+def canonical_key(name: str, args: dict[str, Any] | None, raw: str) -> str:
+    """Same name and same arguments (whatever their key order or spacing) give the same key."""
+    if args is None:
+        return f"{name}\n{raw.strip()}"
+    return f"{name}\n{json.dumps(args, sort_keys=True, separators=(',', ':'), ensure_ascii=False)}"
+
+
+def parse_arguments(raw: str) -> tuple[dict[str, Any] | None, str]:
+    """The model's arguments as a dict, or the reason they cannot be used."""
+    try:
+        value = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError as exc:
+        return None, f"the arguments are not valid JSON ({exc.msg} at character {exc.pos})"
+    if not isinstance(value, dict):
+        return None, f"the arguments must be a JSON object, not {type(value).__name__}"
+    return value, ""
+
+
+def verdict_for(count: int, caps: Caps) -> Verdict:
+    """The repeat guard: `count` is how many times this exact call has been asked, this one included."""
+    if count >= caps.refuse_at:
+        return Verdict.REFUSE
+    if count >= caps.nudge_at:
+        return Verdict.NUDGE
+    return Verdict.RUN
+
+
+def plan_calls(
+    message: dict[str, Any], tools: dict[str, Tool], counts: Counter[str], caps: Caps
+) -> list[Planned]:
+    """Decide about every call of one assistant step (counts are updated: the step has asked them)."""
+    planned = []
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        name = str(function.get("name") or "")
+        raw = str(function.get("arguments") or "")
+        args, error = parse_arguments(raw)
+        key = canonical_key(name, args, raw)
+        counts[key] += 1
+        verdict = verdict_for(counts[key], caps)
+        title = name
+        if name != READ_MORE and name not in tools:
+            error = f"Error: there is no tool named {name!r}. Available tools: {', '.join(sorted(tools))}."
+            title = f"Unknown tool {name}"
+        elif error:
+            error = f"Error: {error}. Call {name} again with a JSON object that matches its parameters."
+        elif name == READ_MORE:
+            title = "Reading on"
+        else:
+            assert args is not None
+            try:
+                title = tools[name].title(args) or name
+            except Exception:  # a title is decoration; it must not cost the call
+                title = name
+        planned.append(Planned(str(call.get("id") or ""), name, raw, args, key, verdict, error, title))
+    return planned
+
+
+def refusal(call: Planned, count: int) -> str:
+    return (
+        f"Not run: {call.name} was already called {count - 1} times with exactly these arguments. Use the "
+        "earlier result, try something different, or answer with what you have."
+    )
+
+
+NUDGE = (
+    "\n\n[Note: you already called {name} with exactly these arguments. The result above is the same; "
+    "use it rather than asking again.]"
+)
+
+
+def page_text(text: str, limit: int) -> list[str]:
+    """A result cut into pages of at most `limit` characters, preferring line ends."""
+    if len(text) <= limit:
+        return [text]
+    pages = []
+    while len(text) > limit:
+        cut = text.rfind("\n", limit // 2, limit)
+        cut = cut if cut > 0 else limit
+        pages.append(text[:cut])
+        text = text[cut:]
+    if text:
+        pages.append(text)
+    return pages
+
+
+def paged_note(ref: str, page: int, pages: int, total: int) -> str:
+    if page >= pages:
+        return f"\n\n[Last page ({page} of {pages}) of a {total:,}-character result.]"
+    return (
+        f"\n\n[Result truncated: page {page} of {pages} ({total:,} characters in all). To read on, call "
+        f'{READ_MORE} with {{"ref": "{ref}", "page": {page + 1}}}.]'
+    )
+
+
+def tool_message(call_id: str, text: str) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": text}
+
+
+def final_note(cap: Cap) -> str:
+    """Appended to the last tool result before the forced final request: answer now, say what is missing."""
+    return (
+        f"\n\n[No more tool calls: {CAP_NOTES[cap]}. Answer the question now from what you have gathered, "
+        "and say plainly what you could not check.]"
+    )
+
+
+def add_usage(total: Usage | None, usage: Usage | None) -> Usage | None:
+    if usage is None:
+        return total
+    if total is None:
+        return usage
+    return Usage(
+        total.prompt_tokens + usage.prompt_tokens,
+        total.completion_tokens + usage.completion_tokens,
+        total.cached_tokens + usage.cached_tokens,
+    )
+
+
+def definitions_of(tools: Sequence[Tool]) -> list[dict[str, Any]]:
+    """Function definitions in the order given (the registry's, when it supplies them, take precedence)."""
+    return [
+        {
+            "type": "function",
+            "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+        }
+        for t in tools
+    ]
+
+
+# ---- the I/O it is handed ------------------------------------------------------------------------
+Complete = Callable[[list[dict[str, Any]], list[dict[str, Any]], str | None], Awaitable[Accumulator]]
+Approve = Callable[[Planned, Tool], Awaitable[bool | None]]  # True approved, False declined, None no answer
+Checkpoint = Callable[[int, Step], Awaitable[None]]
+RecordUsage = Callable[[Usage], Awaitable[None]]
+
+
+class View(Protocol):
+    """The live view of the loop (the ReplyWriter's task cards, or nothing)."""
+
+    def step_started(self, step: int) -> None: ...
+
+    def call_planned(self, call: Planned) -> None: ...
+
+    def call_running(self, call: Planned) -> None: ...
+
+    def call_done(self, record: CallRecord, detail: str) -> None: ...
+
+
+class NoView:
+    def step_started(self, step: int) -> None:
+        pass
+
+    def call_planned(self, call: Planned) -> None:
+        pass
+
+    def call_running(self, call: Planned) -> None:
+        pass
+
+    def call_done(self, record: CallRecord, detail: str) -> None:
+        pass
+
+
+async def _no_checkpoint(index: int, step: Step) -> None:
+    pass
+
+
+async def _no_usage(usage: Usage) -> None:
+    pass
+
+
+class AgentLoop:
+    """One turn's loop. `run` returns the Outcome; after a cancellation (Stop), `partial()` says what was
+    done so far."""
+
+    def __init__(
+        self,
+        tools: Sequence[Tool],
+        *,
+        complete: Complete,
+        ctx: ToolContext,
+        caps: Caps | None = None,
+        definitions: list[dict[str, Any]] | None = None,
+        view: View | None = None,
+        approve: Approve | None = None,
+        checkpoint: Checkpoint = _no_checkpoint,
+        record_usage: RecordUsage = _no_usage,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tools = {t.name: t for t in tools}
+        self.definitions = [*(definitions if definitions is not None else definitions_of(tools))]
+        if READ_MORE not in {d["function"]["name"] for d in self.definitions}:
+            self.definitions.append(READ_MORE_DEFINITION)
+        self.complete = complete
+        self.ctx = ctx
+        self.caps = caps or Caps()
+        self.view: View = view or NoView()
+        self.approve = approve
+        self.checkpoint = checkpoint
+        self.record_usage = record_usage
+        self.clock = clock
+        self.messages: list[dict[str, Any]] = []
+        self.steps: list[Step] = []
+        self.counts: Counter[str] = Counter()
+        self.pages: dict[str, list[str]] = {}
+        self.usage: Usage | None = None
+        self.reasoning: list[str] = []
+        self.overheads: list[float] = []
+        self.requesting = False  # a model request is in flight (what Stop interrupts)
+
+    # ---- running ---------------------------------------------------------------------------------
+    async def run(self, messages: list[dict[str, Any]], resume: Sequence[Step] = ()) -> Outcome:
+        self.messages = list(messages)
+        for step in resume:
+            self._replay(step)
+        started = self.clock()
+        cap: Cap | None = None
+        model_done: float | None = None
+        tools_s = 0.0
+        while True:
+            if len(self.steps) >= self.caps.max_steps:
+                cap = Cap.STEPS
+                break
+            if self.clock() - started >= self.caps.wall_time_s:
+                cap = Cap.TIME
+                break
+            self.view.step_started(len(self.steps))
+            if model_done is not None:
+                self.overheads.append(max(self.clock() - model_done - tools_s, 0.0))
+            acc = await self._ask(None)
+            model_done = self.clock()
+            if not acc.tool_calls:
+                return self._outcome(acc, None)
+            message = acc.message()
+            planned = plan_calls(message, self.tools, self.counts, self.caps)
+            for call in planned:
+                self.view.call_planned(call)
+            deadline = started + self.caps.wall_time_s
+            done = await asyncio.gather(*(self._run_call(call, deadline) for call in planned))
+            tools_s = max((record.seconds for record, _ in done), default=0.0)
+            step = Step(message, [result for _, result in done], [record for record, _ in done], acc.usage)
+            self.messages.append(message)
+            self.messages.extend(step.results)
+            self.steps.append(step)
+            await self.checkpoint(len(self.steps) - 1, step)
+            if all(call.verdict is Verdict.REFUSE for call in planned):
+                cap = Cap.REPEATS
+                break
+        return await self._forced_answer(cap)
+
+    async def _forced_answer(self, cap: Cap) -> Outcome:
+        """The last request, with tool_choice "none": an answer from what was gathered."""
+        log.info("agent loop cap reached", extra={"cap": str(cap), "steps": len(self.steps)})
+        messages = list(self.messages)
+        if messages and messages[-1].get("role") == "tool":
+            last = messages[-1]
+            messages[-1] = {**last, "content": str(last.get("content") or "") + final_note(cap)}
+        self.view.step_started(len(self.steps))
+        acc = await self._ask("none", messages)
+        acc.tool_calls = {}  # tool_choice "none": a call it made anyway cannot be run, nor replayed
+        return self._outcome(acc, cap)
+
+    async def _ask(
+        self, tool_choice: str | None, messages: list[dict[str, Any]] | None = None
+    ) -> Accumulator:
+        self.requesting = True
+        try:
+            acc = await self.complete(
+                messages if messages is not None else self.messages, self.definitions, tool_choice
+            )
+        finally:
+            self.requesting = False
+        if acc.reasoning_text:
+            self.reasoning.append(acc.reasoning_text)
+        if acc.usage is not None:
+            self.usage = add_usage(self.usage, acc.usage)
+            await self.record_usage(acc.usage)
+        return acc
+
+    def _outcome(self, acc: Accumulator, cap: Cap | None) -> Outcome:
+        return Outcome(acc, self.steps, cap, self.usage, "\n\n".join(self.reasoning), self.overheads)
+
+    def partial(self, reasoning: str, text: str) -> Outcome:
+        """What a stopped turn has: its steps, and the text the interrupted step had written so far."""
+        acc = Accumulator(reasoning=[reasoning] if reasoning else [], content=[text], finish_reason="stopped")
+        return Outcome(
+            acc, self.steps, None, self.usage, "\n\n".join([*self.reasoning, reasoning]), self.overheads
+        )
+
+    def _replay(self, step: Step) -> None:
+        """A finished step of an earlier run of this turn: back into the request, and into the view."""
+        self.messages.append(step.message)
+        self.messages.extend(step.results)
+        self.steps.append(step)
+        if step.message.get("reasoning_content"):
+            self.reasoning.append(str(step.message["reasoning_content"]))
+        self.view.step_started(len(self.steps) - 1)
+        for record in step.calls:
+            self.counts[record.key] += 1
+            self.view.call_done(record, "")
+
+    async def _run_call(self, call: Planned, deadline: float) -> tuple[CallRecord, dict[str, Any]]:
+        """Run one call (or don't), and return its record and its tool message. Never raises, except
+        CancelledError (Stop)."""
+        started = self.clock()
+        result, text = await self._result(call, deadline)
+        seconds = self.clock() - started
+        text = text or ("(empty result)" if result.ok else "Error")
+        if call.name != READ_MORE:  # its pages are already within the cap
+            text = self._paged(text)
+        if call.verdict is Verdict.NUDGE:
+            text += NUDGE.format(name=call.name)
+        record = CallRecord(
+            call.id, call.name, result.title or call.title, result.ok, result.sources, call.key, seconds
+        )
+        self.view.call_done(record, "" if result.ok else result.text)
+        return record, tool_message(call.id, text)
+
+    async def _result(self, call: Planned, deadline: float) -> tuple[ToolResult, str]:
+        if call.error:
+            return ToolResult(call.error, ok=False), call.error
+        if call.verdict is Verdict.REFUSE:
+            text = refusal(call, self.counts[call.key])
+            return ToolResult(text, ok=False, title=call.title), text
+        assert call.args is not None
+        if call.name == READ_MORE:
+            text = self._read_more(call.args)
+            return ToolResult(text), text
+        tool = self.tools[call.name]
+        if not tool.read_only:
+            decision = await self._approval(call, tool)
+            if decision is not True:
+                text = (
+                    "The user declined this action; it was not run."
+                    if decision is False
+                    else "No one approved this action in time; it was not run."
+                )
+                return ToolResult(text, ok=False), text
+        self.view.call_running(call)
+        timeout = max(min(self.caps.call_timeout_s, deadline - self.clock()), 1.0)
+        try:
+            async with asyncio.timeout(timeout):
+                result = await tool.run(call.args, self.ctx)
+        except TimeoutError:
+            text = f"Error: {call.name} did not finish within {timeout:.0f} seconds."
+            return ToolResult(text, ok=False), text
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or an outage in the tool: the model hears of it, the turn goes on
+            log.warning(
+                "tool failed",
+                extra={"tool": call.name, "error": f"{type(exc).__name__}: {exc}"},
+                exc_info=True,
+            )
+            text = f"Error: {call.name} failed ({type(exc).__name__})."
+            return ToolResult(text, ok=False), text
+        return result, result.text
+
+    async def _approval(self, call: Planned, tool: Tool) -> bool | None:
+        if self.approve is None:
+            return False
+        self.view.call_running(call)
+        try:
+            async with asyncio.timeout(self.caps.approval_timeout_s):
+                return await self.approve(call, tool)
+        except TimeoutError:
+            return None
+
+    def _paged(self, text: str) -> str:
+        pages = page_text(text, self.caps.result_chars)
+        if len(pages) == 1:
+            return text
+        ref = f"r{len(self.pages) + 1}"
+        self.pages[ref] = pages
+        return pages[0] + paged_note(ref, 1, len(pages), len(text))
+
+    def _read_more(self, args: dict[str, Any]) -> str:
+        ref = str(args.get("ref") or "")
+        pages = self.pages.get(ref)
+        if pages is None:
+            return (
+                f"Error: no result {ref!r} to read on (results are kept for this answer only; after a "
+                "restart, call the original tool again)."
+            )
+        try:
+            page = int(args.get("page") or 2)
+        except (TypeError, ValueError):
+            page = 2
+        if not 1 <= page <= len(pages):
+            return f"Error: result {ref} has pages 1 to {len(pages)}."
+        total = sum(len(p) for p in pages)
+        return pages[page - 1] + paged_note(ref, page, len(pages), total)
