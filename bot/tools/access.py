@@ -290,7 +290,10 @@ class Access:
         conversation = await self.conversation(source)
         person = await self.person(asker)
         needs_membership = conversation.kind != "public" or not is_full_member(person)
-        member = await self.is_member(source, asker) if needs_membership else False
+        if conversation.kind == "im" and conversation.im_user == asker:
+            member = True  # the asker's own DM with the bot: no need to list its members
+        else:
+            member = await self.is_member(source, asker) if needs_membership else False
         why = read_refusal(conversation, person, member)
         if why is not None:
             return why
