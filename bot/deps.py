@@ -68,6 +68,9 @@ class Deps:
         return self.identity
 
     async def close(self) -> None:
+        closer = getattr(self.tools, "close", None)  # a ToolBox: its MCP sessions
+        if closer is not None:
+            await closer()
         await self.kimi.close()
         await self.redis.aclose()
 

@@ -18,17 +18,18 @@ from redis.exceptions import RedisError
 
 from bot.admission import strip_mention
 from bot.agent.live import WriterView, ask_approval
-from bot.agent.loop import CAP_NOTES, AgentLoop, Caps, Outcome, Planned, Step, definitions_of
+from bot.agent.loop import CAP_NOTES, AgentLoop, Caps, Outcome, Planned, Step
 from bot.context import Fit, calibrate, estimate_tokens, fit, user_entry
 from bot.deps import Deps
 from bot.errors import ADMIN_REASONS, RETRYABLE_REASONS, AnswerError, Reason
 from bot.kimi.events import Accumulator, Event, Text, Usage
 from bot.queue import Job, Lease, LeaseLost
-from bot.slack.blocks import AnswerRef, answer_blocks, failure_blocks
+from bot.slack.blocks import ACTION_STOP, AnswerRef, answer_blocks, failure_blocks
 from bot.slack.render import footer
 from bot.slack.reply import ReplyWriter, describe
 from bot.store import Approvals, ThreadState
 from bot.tools.base import Tool, ToolContext
+from bot.tools.registry import build_registry, offered
 from bot.turn import Turn
 
 log = logging.getLogger(__name__)
@@ -135,14 +136,58 @@ def _carries_stop(message: dict[str, Any], value: str) -> bool:
     )
 
 
-async def recover_orphans(deps: Deps, turn: Turn, progress: dict[str, str]) -> dict[str, str]:
+def _stop_of_another(message: dict[str, Any], value: str) -> bool:
+    """The placeholder of another question (one waiting behind us carries its own Stop button)."""
+    return any(
+        element.get("action_id") == ACTION_STOP and element.get("value") != value
+        for block in message.get("blocks") or []
+        if block.get("type") == "actions"
+        for element in block.get("elements") or []
+    )
+
+
+def _last_shown(state: ThreadState | None) -> str:
+    """The ts of the newest message holding a recorded answer of the thread ("" when none)."""
+    shown = [
+        str(ts)
+        for entry in (state.entries if state is not None else [])
+        if entry.get("role") == "assistant"
+        for ts in entry.get("reply_ts") or []
+        if ts
+    ]
+    return max(shown, key=float, default="")
+
+
+async def placeholder_below_answers(
+    deps: Deps, turn: Turn, lease: Lease, job: Job, progress: dict[str, str], state: ThreadState | None
+) -> dict[str, str]:
+    """A placeholder posted while the question waited sits above the answers given since, so its answer
+    would show above theirs: take it back, and the run posts a new one below them."""
+    placeholder = progress.get("placeholder_ts", "")
+    shown = _last_shown(state)
+    if not placeholder or not shown or float(placeholder) > float(shown):
+        return progress
+    await lease.save_progress(job, placeholder_ts="")
+    await lease.guard()
+    try:
+        await deps.slack.chat_delete(channel=turn.channel, ts=placeholder)
+    except Exception as exc:  # a stale "Waiting…" is a blemish; the answer still goes out below
+        log.info("waiting placeholder not removed", extra=turn_log(turn, error=describe(exc)))
+    return {**progress, "placeholder_ts": ""}
+
+
+async def recover_orphans(
+    deps: Deps, turn: Turn, progress: dict[str, str], state: ThreadState | None = None
+) -> dict[str, str]:
     """A re-run of a job whose run died: find what that run put in the thread but had no time to note
     (it died between Slack's answer and the progress write). Its placeholder carries this turn's Stop
     button: adopt it. After its placeholder, nobody else writes in the thread (one job per thread at a
     time), so any later message of ours is that run's partial answer: take it back with the rest."""
     placeholder = progress.get("placeholder_ts", "")
     answer_ts: list[str] = json.loads(progress.get("answer_ts") or "[]")
-    after = placeholder or turn.ts
+    # A waiting question's placeholder comes before the answers to the questions ahead of it: those
+    # (recorded in the history) and other questions' placeholders are not this run's to take back.
+    after = max([placeholder or turn.ts, _last_shown(state)], key=lambda ts: float(ts or 0))
     await deps.whoami()
     try:
         response = await deps.slack.conversations_replies(
@@ -161,6 +206,7 @@ async def recover_orphans(deps: Deps, turn: Turn, progress: dict[str, str]) -> d
             or ts in answer_ts
             or ts == placeholder
             or not _ours(message, deps)
+            or _stop_of_another(message, stop_value(turn))
         ):
             continue
         if not placeholder:
@@ -218,10 +264,12 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
             deps.threads.load(turn.thread) if turn.in_slack_thread else _given(None),
         )
         if (progress or job.attempt > 1) and turn.in_slack_thread and not turn.assistant_thread:
-            recovered = await recover_orphans(deps, turn, progress)
+            recovered = await recover_orphans(deps, turn, progress, state)
             if recovered != progress:
                 await lease.save_progress(job, **{k: v for k, v in recovered.items() if progress.get(k) != v})
             progress = recovered
+        if turn.in_slack_thread and not turn.assistant_thread:
+            progress = await placeholder_below_answers(deps, turn, lease, job, progress, state)
         writer.resume = progress
         who = await deps.stops.requested_by(turn.channel, turn.ts)
         if who is not None:  # stopped while it waited for the answer before it
@@ -325,10 +373,22 @@ async def _think_and_deliver(
 
     left_out = offset + fitted.start
     ctx = tool_context(turn, deps)
-    tools = list(await deps.tools(ctx)) if deps.tools is not None else []
+    tools, definitions = offer(list(await deps.tools(ctx)), ctx) if deps.tools is not None else ([], [])
     if tools:
         await _agent_answer(
-            turn, deps, writer, kimi_task, lease, job, fitted, tools, ctx, on_event, left_out, history
+            turn,
+            deps,
+            writer,
+            kimi_task,
+            lease,
+            job,
+            fitted,
+            tools,
+            definitions,
+            ctx,
+            on_event,
+            left_out,
+            history,
         )
         return
     log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=left_out))
@@ -460,11 +520,12 @@ def tool_context(turn: Turn, deps: Deps) -> ToolContext:
     )
 
 
-def offer(tools: list[Tool]) -> list[dict[str, Any]]:
-    """The definitions sent with every request of the turn, byte-stable and in a fixed order.
-    INTEGRATION POINT: bot/tools/registry.py (build_registry: sanitised schemas, sorted) replaces this
-    once it lands; until then the tools' own definitions, in the order given."""
-    return definitions_of(tools)
+def offer(tools: list[Tool], ctx: ToolContext) -> tuple[list[Tool], list[dict[str, Any]]]:
+    """The tools usable for this turn and their definitions, from the registry: valid names, sanitised
+    schemas (a tool that cannot be fixed is dropped and logged), at most 128, sorted by name, byte-stable
+    on every request of the turn (the prefix cache)."""
+    registry = build_registry(offered(tools, ctx))
+    return list(registry.tools), registry.definitions_list()
 
 
 def resumed_steps(progress: dict[str, str]) -> list[Step]:
@@ -510,6 +571,7 @@ async def _agent_answer(
     job: Job,
     fitted: Fit,
     tools: list[Tool],
+    definitions: list[dict[str, Any]],
     ctx: ToolContext,
     on_event: Callable[[Event], Awaitable[None]],
     left_out: int,
@@ -567,7 +629,7 @@ async def _agent_answer(
         complete=complete,
         ctx=ctx,
         caps=caps,
-        definitions=offer(tools),
+        definitions=definitions,
         view=WriterView(writer),
         approve=approve,
         checkpoint=checkpoint,

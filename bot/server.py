@@ -21,6 +21,7 @@ from slack_bolt.response import BoltResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
 import handlers
+from bot.agent.toolbox import ToolBox
 from bot.deps import BotIdentity, Deps
 from bot.errors import new_reference
 from bot.health import Health, readiness
@@ -322,6 +323,10 @@ async def serve(deps: Deps) -> None:
 
     async def start_then_work() -> None:
         await _start_up(deps, health, checks, socket, works)
+        if worker is not None and deps.tools is None and settings.tools_enabled:
+            toolbox = ToolBox(settings)  # the built-ins, and the MCP servers connected (or retrying)
+            await toolbox.start()
+            deps.tools = toolbox
         if worker is not None:
             health.worker_task = asyncio.create_task(worker.run(), name="job-loop")
         started.set()

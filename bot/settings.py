@@ -94,6 +94,7 @@ class Settings(BaseSettings):
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
     # --- The agent loop (bot/agent) ---
+    tools_enabled: bool = True  # offer tools (built-ins, MCP servers); false: every answer is one request
     kimi_max_tool_steps: int = Field(default=100, ge=0)  # model steps with tool calls per answer
     agent_max_seconds: float = Field(default=600.0, gt=0)  # wall time for tool use per answer
     tool_approval_timeout: float = Field(default=300.0, gt=0)  # wait for Approve/Deny this long

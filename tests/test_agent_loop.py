@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,6 +29,7 @@ from bot.agent.loop import (
     parse_arguments,
     plan_calls,
 )
+from bot.agent.toolbox import ToolBox
 from bot.kimi.events import Accumulator, Usage
 from bot.slack.blocks import ACTION_APPROVE, ACTION_DENY, ACTION_STOP, status_line
 from bot.tools.base import Tool, ToolContext, ToolResult
@@ -310,14 +313,16 @@ async def test_the_fake_kimi_refuses_a_tool_call_message_without_its_reasoning(f
         ],
         "stream": True,
     }
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
             f"{fake_kimi.base_url}/chat/completions",
             json=body,
             headers={"Authorization": f"Bearer {API_KEY}"},
-        ) as response:
-            assert response.status == 400
-            error = (await response.json())["error"]
+        ) as response,
+    ):
+        assert response.status == 400
+        error = (await response.json())["error"]
     assert error["type"] == "invalid_request_error"
     assert error["message"] == (
         "thinking is enabled but reasoning_content is missing in assistant tool call message at index 1"
@@ -565,3 +570,48 @@ async def test_the_assistant_panel_status_says_what_the_tool_is_doing(
     assert status_line("Looking up the web") == "is looking up the web…"
     assert "is looking up the web…" in statuses
     assert fake_slack.problems == []
+
+
+async def test_the_built_in_and_mcp_tools_are_offered_and_run_through_the_loop(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi, tmp_path: Path
+) -> None:
+    config = tmp_path / "mcp.json"
+    server = Path(__file__).parent / "fakes" / "mcp_server.py"
+    config.write_text(
+        json.dumps({"mcpServers": {"fake": {"command": sys.executable, "args": [str(server)]}}})
+    )
+    bot: BotHarness = await make_bot(mcp_config=str(config))
+    toolbox = ToolBox(bot.settings)
+    await toolbox.start()
+    bot.deps.tools = toolbox
+    fake_kimi.script(
+        Reply(tool_calls=[Call("current_time", "{}"), Call("mcp__fake__echo", '{"text": "hi"}')]),
+        Reply(tool_calls=[Call("mcp__fake__write_note", '{"note": "rollback done"}')]),
+        Reply(content="Noted, and it is now later than before."),
+    )
+    ts = "1700000008.001200"
+    await bot.send_event(mention("note the rollback", ts))
+
+    def prompt() -> dict[str, Any] | None:
+        return next((m for m in fake_slack.replies(CHANNEL, ts) if "Approve?" in m.get("text", "")), None)
+
+    await wait_until(prompt, limit_s=20)
+    asked = prompt()
+    assert asked is not None and "mcp__fake__write_note" in asked["text"]
+    await bot.click(asked, ACTION_APPROVE)
+    await bot.settle(limit_s=30)
+
+    offered = [t["function"]["name"] for t in fake_kimi.requests[0]["tools"]]
+    assert {
+        "current_time",
+        "slack_read_thread",
+        "fetch_url",
+        "mcp__fake__echo",
+        "mcp__fake__write_note",
+    } <= set(offered)
+    assert offered[-1] == READ_MORE and offered[:-1] == sorted(offered[:-1])
+    assert len({json.dumps(r["tools"]) for r in fake_kimi.requests}) == 1
+    results = [m["content"] for m in fake_kimi.requests[-1]["messages"] if m["role"] == "tool"]
+    assert "echo: hi" in results[1] and "noted: rollback done" in results[2]
+    assert fake_kimi.rejected == [] and fake_slack.cards_left_open(CHANNEL) == []
+    assert "Noted, and it is now later than before." in "".join(fake_slack.answer_parts(CHANNEL, ts))

@@ -493,7 +493,7 @@ class AgentLoop:
             text = self._read_more(call.args)
             return ToolResult(text), text
         tool = self.tools[call.name]
-        if not tool.read_only:
+        if not tool.read_only and not getattr(tool, "trusted", False):
             decision = await self._approval(call, tool)
             if decision is not True:
                 text = (
@@ -503,7 +503,9 @@ class AgentLoop:
                 )
                 return ToolResult(text, ok=False), text
         self.view.call_running(call)
-        timeout = max(min(self.caps.call_timeout_s, deadline - self.clock()), 1.0)
+        own = getattr(tool, "timeout", None)  # an MCP server's own per-call timeout, when it has one
+        limit = float(own) if isinstance(own, int | float) and own > 0 else self.caps.call_timeout_s
+        timeout = max(min(limit, deadline - self.clock()), 1.0)
         try:
             async with asyncio.timeout(timeout):
                 result = await tool.run(call.args, self.ctx)

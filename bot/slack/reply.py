@@ -762,9 +762,9 @@ class ReplyWriter:
             self._last_view = 0.0  # the steps show at the next thinking-view update
             return
         limit = self.pace.cards_per_message
-        if self.mode == "stream" and len(self._message_cards) >= limit:
-            if any(i not in self._message_cards for i in self._dirty_cards):
-                await self._end_stream()  # this message holds all the cards it may: the next one takes them
+        full = self.mode == "stream" and len(self._message_cards) >= limit
+        if full and any(i not in self._message_cards for i in self._dirty_cards):
+            await self._end_stream()  # this message holds all the cards it may: the next one takes them
         room = limit - len(self._message_cards)
         ids = []
         for card_id in self._dirty_cards:
