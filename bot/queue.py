@@ -93,6 +93,19 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 """
 
+# A waiting question's placeholder, noted only while the question still waits behind another: once it is
+# the head its run may already have read its progress (and posted a placeholder of its own).
+# KEYS: lease, inbox, progress. ARGV: holder, ttl s, job (inbox entry), placeholder ts.
+# -> 1 noted | 0 not waiting (running, or gone) | -1 lost
+_SAVE_WAITING = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local at = redis.call('LPOS', KEYS[2], ARGV[3])
+if not at or at == 0 then return 0 end
+redis.call('HSET', KEYS[3], 'placeholder_ts', ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+return 1
+"""
+
 # KEYS: lease, history, meta. ARGV: holder, thread ttl s, n entries, entries..., meta field, value...
 _APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
@@ -396,6 +409,22 @@ class Lease:
             *args,
         )
         self._check(result)
+
+    async def save_waiting(self, job: Job, placeholder_ts: str) -> bool:
+        """Note a waiting question's placeholder for its run; False when the question no longer waits (it
+        runs now, or is gone): its run does not know this placeholder, so the caller takes it back."""
+        result = await self.redis.eval(  # type: ignore[misc]
+            _SAVE_WAITING,
+            3,
+            self.keys.lease,
+            self.keys.inbox,
+            self.keys.progress(job.job_id),
+            self.holder,
+            PROGRESS_TTL_S,
+            job.raw,
+            placeholder_ts,
+        )
+        return self._check(result) == 1
 
     async def append(self, *entries: dict[str, Any], **meta: str | int | float) -> None:
         """Add history entries and metadata to the thread, if we still own it."""

@@ -177,4 +177,5 @@ async def show_waiting(deps: Deps, lease: Lease) -> None:
         response = await deps.slack.chat_postMessage(
             channel=turn.channel, thread_ts=turn.thread_ts, text=text, blocks=blocks
         )
-        await lease.save_progress(job, placeholder_ts=str(response["ts"]))
+        if not await lease.save_waiting(job, str(response["ts"])):  # it started meanwhile (or is gone)
+            await deps.slack.chat_delete(channel=turn.channel, ts=str(response["ts"]))

@@ -195,19 +195,37 @@ class Worker:
         """Renew the lease (when another worker has taken the thread, stop the job at once), and show the
         questions queued behind the running one that they are waiting."""
         waiting_shown = 0.0
-        while True:
-            await asyncio.sleep(min(self.renew_s, 0.5))
-            try:
-                if time.monotonic() - lease.renewed_at >= self.renew_s and not await lease.renew():
-                    task.cancel()
-                    return
-                if self.show_waiting is not None and time.monotonic() - waiting_shown >= 1.0:
-                    waiting_shown = time.monotonic()
-                    await self.show_waiting(lease)
-            except (RedisError, LeaseLost):
-                pass  # writes wait (Lease.guard) until a renewal gets through or the lease is found lost
-            except Exception:
-                log.exception("showing waiting questions failed", extra={"thread_key": str(lease.thread)})
+        # Showing the waiting questions is paced (and waits on Lease.guard, which only renewals release):
+        # it runs beside the renewals, never in their way.
+        shower: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(min(self.renew_s, 0.5))
+                try:
+                    if time.monotonic() - lease.renewed_at >= self.renew_s and not await lease.renew():
+                        task.cancel()
+                        return
+                    if (
+                        self.show_waiting is not None
+                        and (shower is None or shower.done())
+                        and time.monotonic() - waiting_shown >= 1.0
+                    ):
+                        waiting_shown = time.monotonic()
+                        shower = asyncio.create_task(self._show_waiting(lease))
+                except (RedisError, LeaseLost):
+                    pass  # writes wait (Lease.guard) until a renewal gets through or the lease is found lost
+        finally:
+            if shower is not None:
+                shower.cancel()
+
+    async def _show_waiting(self, lease: Lease) -> None:
+        assert self.show_waiting is not None
+        try:
+            await self.show_waiting(lease)
+        except (RedisError, LeaseLost):
+            pass
+        except Exception:
+            log.exception("showing waiting questions failed", extra={"thread_key": str(lease.thread)})
 
     def stop(self) -> None:
         """Stop taking new threads; running ones finish their current job and hand the rest back."""
