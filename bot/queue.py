@@ -43,7 +43,8 @@ PROGRESS_TTL_S = 2 * 86_400
 LOST = -1  # what the fenced scripts return when the caller no longer holds the lease
 
 # KEYS: seen, meta, inbox (one thread's hash tag, so one slot). ARGV: dedup TTL, thread TTL, the job (JSON),
-# '1' to mark the thread as one the bot answers in, '1' to claim `seen` (deduplicate) first.
+# '1' to mark the thread as one the bot answers in, '1' to claim `seen` (deduplicate) first, the job's order
+# key (the message ts; '' for the end).
 # Claim the message and queue its job in one step: a stall between the two can no longer leave a claimed
 # question that was never queued (its redelivery would be dropped as a duplicate). Returns the inbox length,
 # or -1 when the message was already claimed.
@@ -53,7 +54,20 @@ if ARGV[4] == '1' then
   redis.call('HSET', KEYS[2], 'answered', '1')
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
-local n = redis.call('RPUSH', KEYS[3], ARGV[3])
+local n = 0
+if ARGV[6] ~= '' then
+  -- In the order the messages were sent (a redelivered earlier question goes before a later one), but
+  -- never ahead of the head, which may be running.
+  local waiting = redis.call('LRANGE', KEYS[3], 1, -1)
+  for i = 1, #waiting do
+    local ok, entry = pcall(cjson.decode, waiting[i])
+    if ok and type(entry) == 'table' and type(entry['order']) == 'string' and entry['order'] > ARGV[6] then
+      n = redis.call('LINSERT', KEYS[3], 'BEFORE', waiting[i], ARGV[3])
+      break
+    end
+  end
+end
+if n <= 0 then n = redis.call('RPUSH', KEYS[3], ARGV[3]) end
 redis.call('EXPIRE', KEYS[3], ARGV[2])
 return n
 """
@@ -159,21 +173,33 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
-# Drop a thread from `ready` only if nobody queued a job for it since we looked (a new job lowers the score).
-# KEYS: ready. ARGV: member, the score we saw.
-_FORGET = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) == tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+# The `ready` listing, always against the Redis server's clock (hosts' clocks may differ). KEYS: ready.
+# ARGV: op, member, ms from now, score seen. Ops: 'now' (list for now, or pull forward: a new job), 'later'
+# (push an existing listing to now + ms, never back: a claim or renewal), 'add' (list for now if absent),
+# 'set' (list for now), 'due' (members due now, with scores; ARGV[2] = how many), 'forget' (unlist only if
+# nobody listed it anew since we saw ARGV[4]), 'forget_later' (unlist if it is still ours: in the future).
+_READY = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local op = ARGV[1]
+if op == 'now' then return redis.call('ZADD', KEYS[1], 'LT', now, ARGV[2]) end
+if op == 'later' then return redis.call('ZADD', KEYS[1], 'XX', 'GT', now + tonumber(ARGV[3]), ARGV[2]) end
+if op == 'add' then return redis.call('ZADD', KEYS[1], 'NX', now, ARGV[2]) end
+if op == 'set' then return redis.call('ZADD', KEYS[1], now, ARGV[2]) end
+if op == 'due' then
+  return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+end
+local score = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not score then return 0 end
+local unlist = (op == 'forget' and tonumber(score) == tonumber(ARGV[4]))
+unlist = unlist or (op == 'forget_later' and tonumber(score) > now)
+if unlist then return redis.call('ZREM', KEYS[1], ARGV[2]) end
 return 0
 """
 
 
 class LeaseLost(Exception):
     """This worker no longer owns the thread: another one took it over. Stop, and write nothing more."""
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def consumer_name() -> str:
@@ -195,8 +221,12 @@ class Job:
         return str(self.data.get("job_id") or "")
 
     @staticmethod
-    def encode(kind: str, data: dict[str, Any]) -> str:
-        return json.dumps({"kind": kind, "data": data}, separators=(",", ":"))
+    def encode(kind: str, data: dict[str, Any], order: str = "") -> str:
+        """`order` (a message ts) places the job among its thread's waiting jobs; '' puts it last."""
+        entry: dict[str, Any] = {"kind": kind, "data": data}
+        if order:
+            entry["order"] = order
+        return json.dumps(entry, separators=(",", ":"))
 
     @staticmethod
     def decode(thread: ThreadKey, raw: str, attempt: int) -> Job:
@@ -228,6 +258,7 @@ class JobQueue:
         dedup_ts: str | None = None,
         dedup_ttl_s: int = 86_400,
         engage: bool = False,
+        order: str = "",
     ) -> bool:
         """Queue a job at the end of its thread's inbox; with `dedup_ts`, only if that message was not
         claimed before (False then). Either way the thread is (again) listed as ready, so a redelivery also
@@ -241,24 +272,30 @@ class JobQueue:
             keys.inbox,
             dedup_ttl_s,
             self.thread_ttl_s,
-            Job.encode(kind, data),
+            Job.encode(kind, data, order),
             "1" if engage else "0",
             "1" if dedup_ts else "0",
+            order,
         )
         await self.notify(thread)
         return int(result) >= 0
 
     async def notify(self, thread: ThreadKey) -> None:
         # LT: a thread listed for later (being worked on) is pulled forward to now; a new one is added.
-        await self.redis.zadd(READY_KEY, {str(thread): now_ms()}, lt=True)
+        await self.listing("now", thread)
         self.wakeup.set()
+
+    async def listing(self, op: str, thread: ThreadKey | str, ms: int = 0, seen: float = 0.0) -> Any:
+        """One change to (or look at) the `ready` listing, timed by the Redis server's clock."""
+        return await self.redis.eval(_READY, 1, READY_KEY, op, str(thread), ms, repr(seen))  # type: ignore[misc]
 
     async def due(self, count: int, exclude: Iterable[str] = ()) -> list[tuple[ThreadKey, float]]:
         """Threads whose time to look has come, oldest first."""
         skip = set(exclude)
-        found: Any = await self.redis.zrangebyscore(
-            READY_KEY, "-inf", now_ms(), start=0, num=count + len(skip), withscores=True
+        flat: Any = await self.redis.eval(  # type: ignore[misc]
+            _READY, 1, READY_KEY, "due", str(count + len(skip)), 0, 0
         )
+        found = [(str(flat[i]), float(flat[i + 1])) for i in range(0, len(flat), 2)]
         threads = []
         for member, score in found:
             if str(member) in skip:
@@ -279,17 +316,22 @@ class JobQueue:
         outcome = int(result[0])
         if outcome == 1:
             lease = Lease(self, thread, f"{self.consumer}|{int(result[1])}")
-            await self.redis.zadd(READY_KEY, {str(thread): now_ms() + self.lease_ms}, xx=True, gt=True)
+            await self.listing("later", thread, self.lease_ms)
             return lease
         if outcome == 0:  # another worker has it; look again when its lease would run out
             left = max(int(result[1]), 0) if int(result[1]) >= 0 else self.lease_ms
-            await self.redis.zadd(READY_KEY, {str(thread): now_ms() + left + 50}, xx=True, gt=True)
+            await self.listing("later", thread, left + 50)
             return None
         await self.forget(thread, seen_score)
         return None
 
-    async def forget(self, thread: ThreadKey, seen_score: float) -> None:
-        await self.redis.eval(_FORGET, 1, READY_KEY, str(thread), repr(seen_score))  # type: ignore[misc]
+    async def forget(self, thread: ThreadKey, seen_score: float, *, op: str = "forget") -> None:
+        """Unlist a thread that has no jobs; list it again at once if one came in meanwhile (a job queued
+        while the listing was already due does not change its score, so the score alone cannot tell)."""
+        if int(await self.listing(op, thread, 0, seen_score)) and await self.redis.llen(  # type: ignore[misc]
+            ThreadKeys(thread).inbox
+        ):
+            await self.listing("add", thread)
 
     async def sweep(self) -> int:
         """List every thread that has waiting jobs but no listing (its listing was lost to a failure between
@@ -298,9 +340,7 @@ class JobQueue:
         async for key in self.redis.scan_iter(match=INBOX_PATTERN, count=500):
             name = str(key)
             member = name[name.index("{") + 1 : name.rindex("}")]
-            if await self.redis.llen(name) and await self.redis.zadd(  # type: ignore[misc]
-                READY_KEY, {member: now_ms()}, nx=True
-            ):
+            if await self.redis.llen(name) and int(await self.listing("add", member)):  # type: ignore[misc]
                 listed += 1
         if listed:
             log.warning("threads with waiting jobs listed again", extra={"count": listed})
@@ -358,7 +398,7 @@ class Lease:
             return False
         self.valid_until = sent + self.lease_s * 0.8
         self.renewed_at = sent
-        await self.redis.zadd(READY_KEY, {str(self.thread): now_ms() + self.queue.lease_ms}, xx=True, gt=True)
+        await self.queue.listing("later", self.thread, self.queue.lease_ms)
         return True
 
     async def guard(self) -> None:
@@ -487,7 +527,7 @@ class Lease:
                 "reason": reason,
                 "reference": reference,
                 "attempts": str(job.attempt if isinstance(job, Job) else 0),
-                "at": str(now_ms()),
+                "at": str(int(time.time() * 1000)),
             },
             maxlen=DEAD_LETTER_MAXLEN,
             approximate=True,
@@ -501,10 +541,8 @@ class Lease:
         )
         if self._check(result) == 0:
             return False
-        # Unlist the thread, unless a job was queued since (its listing then says "now", not our time).
-        score = await self.redis.zscore(READY_KEY, str(self.thread))
-        if score is not None and score > now_ms():
-            await self.queue.forget(self.thread, score)
+        # Unlist the thread, unless a job was queued since (its listing then says "now", not our future time).
+        await self.queue.forget(self.thread, 0.0, op="forget_later")
         return True
 
     async def hand_back(self, job: Job | None) -> None:
@@ -513,4 +551,4 @@ class Lease:
             _HAND_BACK, 2, self.keys.lease, self.keys.attempts, self.holder, job.raw if job else ""
         )
         if int(result) != LOST:
-            await self.redis.zadd(READY_KEY, {str(self.thread): now_ms()})
+            await self.queue.listing("set", self.thread)

@@ -37,6 +37,7 @@ async def queue_turn(deps: Deps, turn: Turn, *, dedup: bool = True) -> bool:
         dedup_ts=turn.ts if dedup else None,
         dedup_ttl_s=deps.settings.dedup_ttl_seconds,
         engage=True,
+        order=turn.ts,
     )
 
 

@@ -225,3 +225,46 @@ async def test_a_worker_whose_lease_is_taken_stops_its_job(redis: Redis) -> None
         await task
     assert len(await queue.waiting(THREAD)) == 1  # not completed by the worker that lost it
     assert await redis.get(ThreadKeys(THREAD).lease) == "usurper|999"  # and not handed back either
+
+
+async def test_waiting_questions_keep_the_order_they_were_sent_in_even_when_redelivered_late(
+    redis: Redis,
+) -> None:
+    queue = queue_of(redis, "a")
+    await queue.put(THREAD, "turn", {"job_id": "q1"}, order="1700000000.000100")
+    await queue.put(THREAD, "turn", {"job_id": "q3"}, order="1700000000.000300")
+    await queue.put(THREAD, "turn", {"job_id": "q2"}, order="1700000000.000200")  # Slack's retry, late
+    await queue.put(THREAD, "turn", {"job_id": "q0"}, order="1700000000.000050")  # never ahead of the head
+    lease = await claim(queue)
+    assert lease is not None
+    seen = []
+    while (job := await lease.next_job()) is not None:
+        assert isinstance(job, Job)
+        seen.append(job.job_id)
+        await lease.complete(job)
+    assert seen == ["q1", "q0", "q2", "q3"]
+
+
+async def test_a_job_queued_just_before_an_empty_thread_is_unlisted_keeps_it_listed(redis: Redis) -> None:
+    queue = queue_of(redis, "a")
+    await queue.notify(THREAD)  # listed, due, but nothing in the inbox yet
+    [(thread, score)] = await queue.due(10)
+    await queue.put(THREAD, "turn", {"job_id": "1"})  # due already: its listing's score does not change
+    await queue.forget(thread, score)  # what a claim that found the inbox empty a moment ago does
+    assert [t for t, _ in await queue.due(10)] == [THREAD]
+
+
+async def test_hosts_with_wrong_clocks_neither_hide_nor_strand_a_thread(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time as time_module
+
+    real = time_module.time
+    monkeypatch.setattr(time_module, "time", lambda: real() + 3600)  # this host is an hour fast
+    queue = queue_of(redis, "fast", lease_s=0.3)
+    await queue.put(THREAD, "turn", {"job_id": "1"})
+    lease = await claim(queue)  # listed for "now" by Redis's clock, so it is due at once
+    assert lease is not None
+    monkeypatch.setattr(time_module, "time", lambda: real() - 3600)  # the next host is an hour slow
+    await asyncio.sleep(0.5)  # the fast host died holding the thread; its lease runs out
+    assert await claim(queue_of(redis, "slow")) is not None
