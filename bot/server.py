@@ -207,7 +207,7 @@ def build_worker(deps: Deps, block_ms: int = 1_000) -> Worker:
         block_ms=block_ms,
         max_attempts=settings.job_max_attempts,
         report=report,
-        on_start=lambda: adopt_legacy_jobs(deps),
+        housekeeping=lambda: adopt_legacy_jobs(deps),
         show_waiting=lambda lease: show_waiting(deps, lease),
     )
 

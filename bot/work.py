@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import Any
 
+from redis.exceptions import ResponseError
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot.deps import Deps
@@ -132,33 +134,63 @@ async def tell_not_answered(deps: Deps, job: Job, lease: Lease, why: str, refere
 
 
 LEGACY_STREAM = "kimibot:jobs"  # where kimibot before the per-thread inboxes kept its jobs
+LEGACY_GROUP = "kimibot-workers"
+LEGACY_BUSY_MS = 120_000  # a job an old worker took less than this ago is left to it (rolling upgrade)
 
 
 async def adopt_legacy_jobs(deps: Deps) -> int:
     """An upgrade must not lose the questions the previous version had queued: move each job of its Redis
-    Stream into its thread's inbox (in stream order), then drop it from the stream."""
-    moved = 0
-    entries: Any = await deps.redis.xrange(LEGACY_STREAM, count=10_000)
-    for entry_id, fields in entries:
-        try:
-            kind, data = str(fields.get("kind") or ""), json.loads(fields.get("data") or "{}")
-            if kind == "turn":
-                thread = Turn.from_dict(data["turn"]).thread
-            elif kind == "command":
-                thread = command_thread(data["command"])
-            elif kind == "greet":
-                thread = ThreadKey(str(data["team"]), str(data["channel"]), str(data["thread_ts"]))
-            else:
-                raise ValueError(kind)
-        except (ValueError, KeyError, TypeError):
-            log.warning("unreadable job of the previous version dropped", extra={"entry": str(entry_id)})
-        else:
-            await deps.queue.put(thread, kind, data)
-            moved += 1
-        await deps.redis.xdel(LEGACY_STREAM, entry_id)
+    Stream into its thread's inbox, once (deduplicated by entry id, so two workers adopting at once or a
+    crash between queueing and deleting adopt nothing twice), skipping jobs an old worker is still on and
+    jobs it already delivered. Runs with every sweep until the stream is gone."""
+    if not await deps.redis.exists(LEGACY_STREAM):
+        return 0
+    busy: set[str] = set()
+    with contextlib.suppress(ResponseError):  # no consumer group: nothing in progress
+        pending: Any = await deps.redis.xpending_range(
+            LEGACY_STREAM, LEGACY_GROUP, min="-", max="+", count=10_000
+        )
+        busy = {str(p["message_id"]) for p in pending if int(p["time_since_delivered"]) < LEGACY_BUSY_MS}
+    moved, start = 0, "-"
+    while True:
+        entries: Any = await deps.redis.xrange(LEGACY_STREAM, min=start, count=500)
+        for entry_id, fields in entries:
+            if str(entry_id) in busy:
+                continue
+            moved += await _adopt_one(deps, str(entry_id), fields)
+            with contextlib.suppress(ResponseError):
+                await deps.redis.xack(LEGACY_STREAM, LEGACY_GROUP, entry_id)
+            await deps.redis.xdel(LEGACY_STREAM, entry_id)
+        if len(entries) < 500:
+            break
+        start = f"({entries[-1][0]}"
     if moved:
         log.warning("jobs of the previous version moved to their threads", extra={"count": moved})
+    if not busy and not await deps.redis.xlen(LEGACY_STREAM):
+        await deps.redis.delete(LEGACY_STREAM)
     return moved
+
+
+async def _adopt_one(deps: Deps, entry_id: str, fields: dict[str, Any]) -> int:
+    try:
+        kind, data = str(fields.get("kind") or ""), json.loads(fields.get("data") or "{}")
+        order = ""
+        if kind == "turn":
+            turn = Turn.from_dict(data["turn"])
+            thread, order = turn.thread, turn.ts
+        elif kind == "command":
+            thread = command_thread(data["command"])
+        elif kind == "greet":
+            thread = ThreadKey(str(data["team"]), str(data["channel"]), str(data["thread_ts"]))
+        else:
+            raise ValueError(kind)
+    except (ValueError, KeyError, TypeError):
+        log.warning("unreadable job of the previous version dropped", extra={"entry": entry_id})
+        return 0
+    if await deps.redis.hget(f"kimibot:job:{{{data.get('job_id')}}}", "delivered"):  # type: ignore[misc]
+        return 0  # the old worker answered it and died before acking
+    await deps.queue.put(thread, kind, data, dedup_ts=f"legacy:{entry_id}", order=order)
+    return 1
 
 
 async def show_waiting(deps: Deps, lease: Lease) -> None:

@@ -40,13 +40,13 @@ class Worker:
         block_ms: int = 1_000,
         max_attempts: int = 3,
         report: Reporter | None = None,
-        on_start: Callable[[], Awaitable[object]] | None = None,
+        housekeeping: Callable[[], Awaitable[object]] | None = None,
         show_waiting: Callable[[Lease], Awaitable[None]] | None = None,
     ) -> None:
         self.queue = queue
         self.run_job = run
         self.report = report
-        self.on_start = on_start  # once, when Redis first answers (e.g. adopting an older version's jobs)
+        self.housekeeping = housekeeping  # with every sweep (e.g. adopting an older version's jobs)
         self.show_waiting = show_waiting  # gives questions queued behind a running one their sign of life
         self.concurrency = concurrency
         self.max_attempts = max_attempts
@@ -73,9 +73,6 @@ class Worker:
                 await self._pause(REDIS_RETRY_S)
 
     async def _claim_some(self) -> int:
-        if self.on_start is not None:
-            await self.on_start()
-            self.on_start = None
         free = self.concurrency - len(self.running)
         if free <= 0:
             self._slot_free.clear()
@@ -84,6 +81,8 @@ class Worker:
         if time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + SWEEP_EVERY_S
             await self.queue.sweep()
+            if self.housekeeping is not None:
+                await self.housekeeping()
         self.queue.wakeup.clear()
         claimed = 0
         for thread, score in await self.queue.due(free, exclude=self.running):

@@ -209,8 +209,13 @@ async def test_questions_queued_by_the_previous_version_are_answered_after_an_up
     )
     await old.xadd(LEGACY_STREAM, {"kind": "turn", "data": "{not json"})
     await old.aclose()
-    bot: BotHarness = await make_bot()
-    await asyncio.sleep(0.2)
+    bot: BotHarness = await make_bot(start_worker=False)
+    from bot.work import adopt_legacy_jobs
+
+    # Two workers adopting at once (or one adopting again after a crash) queue each old job once.
+    await asyncio.gather(adopt_legacy_jobs(bot.deps), adopt_legacy_jobs(bot.deps))
+    assert len(await bot.deps.queue.waiting(bot.thread(root))) == 1
+    bot.run_worker()
     await bot.settle()
     [body] = fake_slack.bodies(CHANNEL, root)
     assert "queued before the upgrade" in body
