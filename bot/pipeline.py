@@ -147,14 +147,20 @@ def _stop_of_another(message: dict[str, Any], value: str) -> bool:
 
 
 def _last_shown(state: ThreadState | None) -> str:
-    """The ts of the newest message holding a recorded answer of the thread ("" when none)."""
+    """The ts of the newest message an earlier, finished job of the thread posted ("" when none): its
+    recorded answers, and whatever else it posted (a failure sentence, a notice), which jobs note as
+    `posted_ts` in the thread's metadata when they finish."""
+    if state is None:
+        return ""
     shown = [
         str(ts)
-        for entry in (state.entries if state is not None else [])
+        for entry in state.entries
         if entry.get("role") == "assistant"
         for ts in entry.get("reply_ts") or []
         if ts
     ]
+    if state.meta.get("posted_ts"):
+        shown.append(state.meta["posted_ts"])
     return max(shown, key=float, default="")
 
 
@@ -263,11 +269,14 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
             speaker_name(deps, turn.team_id, turn.user),
             deps.threads.load(turn.thread) if turn.in_slack_thread else _given(None),
         )
-        if (progress or job.attempt > 1) and turn.in_slack_thread and not turn.assistant_thread:
+        ran_before = bool(progress.get("started")) or job.attempt > 1
+        if ran_before and turn.in_slack_thread and not turn.assistant_thread:
             recovered = await recover_orphans(deps, turn, progress, state)
             if recovered != progress:
                 await lease.save_progress(job, **{k: v for k, v in recovered.items() if progress.get(k) != v})
             progress = recovered
+        if not progress.get("started"):  # from here on a run may post: a later re-run must look for it
+            await lease.save_progress(job, started="1")
         if turn.in_slack_thread and not turn.assistant_thread:
             progress = await placeholder_below_answers(deps, turn, lease, job, progress, state)
         writer.resume = progress

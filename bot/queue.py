@@ -132,7 +132,8 @@ return 1
 """
 
 # Record a job's outcome and take it off the inbox in one step, so a crash can never leave an answer
-# recorded but its job still waiting (a re-run would answer again), nor the reverse.
+# recorded but its job still waiting (a re-run would answer again), nor the reverse. The newest message the
+# job posted (progress `posted_ts`) becomes the thread's `posted_ts`: later runs leave everything up to it.
 # KEYS: lease, inbox, attempts, progress, history, meta, turns.
 # ARGV: holder, thread ttl s, job (inbox entry), details field ('' for none), details value,
 #       n entries, entries..., meta field, value...   -> 1 taken off | 0 not the head (already done) | -1 lost
@@ -148,6 +149,14 @@ if ARGV[4] ~= '' then
 end
 if n > 0 then redis.call('EXPIRE', KEYS[5], ARGV[2]) end
 if #ARGV > 6 + n then redis.call('EXPIRE', KEYS[6], ARGV[2]) end
+local posted = redis.call('HGET', KEYS[4], 'posted_ts')
+if posted then
+  local before = redis.call('HGET', KEYS[6], 'posted_ts')
+  if not before or tonumber(posted) > tonumber(before) then
+    redis.call('HSET', KEYS[6], 'posted_ts', posted)
+    redis.call('EXPIRE', KEYS[6], ARGV[2])
+  end
+end
 redis.call('LPOP', KEYS[2])
 redis.call('HDEL', KEYS[3], ARGV[3])
 redis.call('DEL', KEYS[4])

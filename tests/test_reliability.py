@@ -283,3 +283,29 @@ async def test_a_greeting_does_not_wait_for_a_long_answer_holding_the_only_kimi_
         fake_slack.bodies(CHANNEL, root)[0] for root in ("1700000007.001000", "1700000007.001100")
     )
     assert answers[0].startswith("a long answer") and answers[1].startswith("second")
+
+
+async def test_a_waiting_question_leaves_the_failure_sentence_of_the_one_before_it_in_place(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    # Q1's placeholder cannot be posted, and Kimi refuses Q1: its sentence is a message of its own, posted
+    # after Q2's waiting placeholder. Q2's run must not take it for a partial answer of its own.
+    fake_kimi.script(
+        Reply(
+            first_byte_delay=2.0,
+            error_in_stream={"type": "exceeded_current_quota_error", "message": "Your account is suspended"},
+        ),
+        Reply(content="second answer"),
+    )
+    fake_slack.fail("chat.postMessage", "internal_error")
+    root, follow = "1700000007.001300", "1700000007.001301"
+    await bot.send_event(mention("first", root))
+    await bot.send_event(message("second", follow, thread_ts=root, user=BOB))
+    await bot.settle()
+    bodies = fake_slack.bodies(CHANNEL, root)
+    assert any("Waiting for the answer above" in str(p) for p in fake_slack.posts(CHANNEL, root))
+    assert any("run out of credit" in body and "ref `" in body for body in bodies), bodies
+    assert bodies[-1].startswith("second answer")
+    assert not fake_slack.calls_of("chat.delete") or all(
+        "credit" not in str(call.args) for call in fake_slack.calls_of("chat.delete")
+    )

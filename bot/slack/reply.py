@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 CANNOT_POST_HERE = frozenset({"not_in_channel", "channel_not_found", "is_archived", "restricted_action"})
 STREAM_GONE = frozenset({"message_not_in_streaming_state", "message_not_found", "streaming_state_conflict"})
 STOPPED_BY_USER = "stopped_by_user"
+POSTING_METHODS = frozenset({"chat.postMessage", "chat.startStream"})  # the calls that add a message
 OPTIONAL_HEADROOM = 0.5  # below this share of a method's burst, optional calls wait for the final ones
 STATUS_MESSAGE_LIMIT = 50  # assistant.threads.setStatus loading_messages: 1-10 strings of <= 50 characters
 TITLE_LIMIT = 80
@@ -911,11 +912,18 @@ class ReplyWriter:
 
     # ---- the wire -----------------------------------------------------------------------------
     async def _call(self, method: str, **args: Any) -> Any:
+        # Paced first, fenced last: a wait for Slack's budget must not stand between the lease check and
+        # the write (another worker may have taken the thread over meanwhile).
+        await self.pacer.acquire(method, self.turn.team_id, self.turn.channel)
         if self.fence is not None:
             await self.fence()
-        await self.pacer.acquire(method, self.turn.team_id, self.turn.channel)
         self._last_call = time.monotonic()
-        return await api_call(self.client, method, {k: v for k, v in args.items() if v is not None})
+        response = await api_call(self.client, method, {k: v for k, v in args.items() if v is not None})
+        if method in POSTING_METHODS and response.get("ts"):
+            # Noted for the thread once the job ends, so a later question's re-run knows this message is
+            # not its own to take back.
+            await self._report(posted_ts=str(response["ts"]))
+        return response
 
     async def _respond(self, text: str, *, markdown: bool) -> None:
         """/kimi where the bot is not a member: ephemeral replies through response_url."""
