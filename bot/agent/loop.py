@@ -154,9 +154,10 @@ class Outcome:
     cap: Cap | None = None
     usage: Usage | None = None  # every request of the turn, summed
     reasoning: str = ""  # every step's reasoning, in order
-    overheads_s: list[float] = field(
-        default_factory=list
-    )  # the loop's own time per step (not tools, not Kimi)
+    # Per step: the wall time between model requests less the tools' time (waiting for the event loop
+    # included), and the loop's own work in it (planning, the view, the checkpoint's dispatch).
+    overheads_s: list[float] = field(default_factory=list)
+    work_s: list[float] = field(default_factory=list)
 
     @property
     def calls(self) -> int:
@@ -372,7 +373,9 @@ class AgentLoop:
         self.usage: Usage | None = None
         self.reasoning: list[str] = []
         self.overheads: list[float] = []
+        self.work: list[float] = []
         self.requesting = False  # a model request is in flight (what Stop interrupts)
+        self._checkpointing: asyncio.Task[None] | None = None
 
     # ---- running ---------------------------------------------------------------------------------
     async def run(self, messages: list[dict[str, Any]], resume: Sequence[Step] = ()) -> Outcome:
@@ -382,7 +385,7 @@ class AgentLoop:
         started = self.clock()
         cap: Cap | None = None
         model_done: float | None = None
-        tools_s = 0.0
+        tools_s = work = resumed = 0.0
         while True:
             if len(self.steps) >= self.caps.max_steps:
                 cap = Cap.STEPS
@@ -392,27 +395,42 @@ class AgentLoop:
                 break
             self.view.step_started(len(self.steps))
             if model_done is not None:
-                self.overheads.append(max(self.clock() - model_done - tools_s, 0.0))
+                now = self.clock()
+                self.overheads.append(max(now - model_done - tools_s, 0.0))
+                self.work.append(work + now - resumed)
             acc = await self._ask(None)
             model_done = self.clock()
             if not acc.tool_calls:
+                await self._checkpointed()
                 return self._outcome(acc, None)
             message = acc.message()
             planned = plan_calls(message, self.tools, self.counts, self.caps)
             for call in planned:
                 self.view.call_planned(call)
             deadline = started + self.caps.wall_time_s
-            done = await asyncio.gather(*(self._run_call(call, deadline) for call in planned))
+            calls = [self._run_call(call, deadline) for call in planned]
+            work = self.clock() - model_done
+            done = await asyncio.gather(*calls)
+            resumed = self.clock()
             tools_s = max((record.seconds for record, _ in done), default=0.0)
             step = Step(message, [result for _, result in done], [record for record, _ in done], acc.usage)
             self.messages.append(message)
             self.messages.extend(step.results)
             self.steps.append(step)
-            await self.checkpoint(len(self.steps) - 1, step)
+            # Written while Kimi is asked for the next step (one round trip less between requests); the
+            # previous write is awaited first, so they land in order and a lost lease still stops the turn.
+            await self._checkpointed()
+            self._checkpointing = asyncio.ensure_future(self.checkpoint(len(self.steps) - 1, step))
             if all(call.verdict is Verdict.REFUSE for call in planned):
                 cap = Cap.REPEATS
                 break
         return await self._forced_answer(cap)
+
+    async def _checkpointed(self) -> None:
+        """Wait for the last checkpoint write (its errors, e.g. a lost lease, are raised here)."""
+        task, self._checkpointing = self._checkpointing, None
+        if task is not None:
+            await task
 
     async def _forced_answer(self, cap: Cap) -> Outcome:
         """The last request, with tool_choice "none": an answer from what was gathered."""
@@ -423,6 +441,7 @@ class AgentLoop:
             messages[-1] = {**last, "content": str(last.get("content") or "") + final_note(cap)}
         self.view.step_started(len(self.steps))
         acc = await self._ask("none", messages)
+        await self._checkpointed()
         acc.tool_calls = {}  # tool_choice "none": a call it made anyway cannot be run, nor replayed
         return self._outcome(acc, cap)
 
@@ -444,13 +463,21 @@ class AgentLoop:
         return acc
 
     def _outcome(self, acc: Accumulator, cap: Cap | None) -> Outcome:
-        return Outcome(acc, self.steps, cap, self.usage, "\n\n".join(self.reasoning), self.overheads)
+        return Outcome(
+            acc, self.steps, cap, self.usage, "\n\n".join(self.reasoning), self.overheads, self.work
+        )
 
     def partial(self, reasoning: str, text: str) -> Outcome:
         """What a stopped turn has: its steps, and the text the interrupted step had written so far."""
         acc = Accumulator(reasoning=[reasoning] if reasoning else [], content=[text], finish_reason="stopped")
         return Outcome(
-            acc, self.steps, None, self.usage, "\n\n".join([*self.reasoning, reasoning]), self.overheads
+            acc,
+            self.steps,
+            None,
+            self.usage,
+            "\n\n".join([*self.reasoning, reasoning]),
+            self.overheads,
+            self.work,
         )
 
     def _replay(self, step: Step) -> None:

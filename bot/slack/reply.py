@@ -84,6 +84,7 @@ class Pace:
     update_message_chars: int = CHAT_UPDATE_TEXT_LIMIT - 100  # post-and-update fallback, per message
     # Task cards per stream message (each card is a block; room is left for the text's own blocks).
     cards_per_message: int = STREAM_CHUNK_BLOCKS_LIMIT - 10
+    cards_max_wait_s: float = 8.0  # card changes wait at most this long when Slack's budget runs low
 
 
 def slack_error(exc: BaseException) -> str:
@@ -237,6 +238,7 @@ class ReplyWriter:
         self._message_cards: set[str] = set()  # cards in the current stream message
         self._status_due = ""  # assistant panel: the status line for the tool now running
         self._card_marks: dict[str, int] = {}  # card -> how much answer text came before it
+        self._cards_waiting_since = 0.0  # when the oldest card change not yet in Slack was made
         self._text_limit: int | None = None  # while cards wait: text beyond this waits too
         self._separator_due = False  # a new model step: its text starts a new paragraph
         self._step_start = 0  # where the current step's text begins in `answer`
@@ -332,6 +334,8 @@ class ReplyWriter:
         card_id = self._card_ids.setdefault(call_id, f"task_{len(self._card_ids) + 1}")
         self.cards[card_id] = task_card(card_id, title, status, details=details, sources=sources)
         if card_id not in self._dirty_cards:
+            if not self._dirty_cards:
+                self._cards_waiting_since = time.monotonic()
             self._dirty_cards.append(card_id)
             self._card_marks[card_id] = len(self.answer)  # text written before the card goes before it
         if status == "in_progress":
@@ -718,7 +722,17 @@ class ReplyWriter:
 
     # ---- task cards -----------------------------------------------------------------------------
     def _cards_due(self) -> bool:
-        return time.monotonic() - self._last_call >= self.pace.min_call_interval_s
+        now = time.monotonic()
+        if now - self._last_call < self.pace.min_call_interval_s:
+            return False
+        if self.mode == "update":
+            return True  # no call: the thinking view shows them at its own pace
+        method = "chat.appendStream" if self.mode == "stream" else "chat.startStream"
+        if self.pacer.headroom(method, self.turn.team_id, self.turn.channel) >= OPTIONAL_HEADROOM:
+            return True
+        # Slack's budget for this call runs low (many answers at work): the cards wait and gather more
+        # changes per call, up to a limit, rather than queue behind other answers or draw 429s.
+        return now - self._cards_waiting_since >= self.pace.cards_max_wait_s
 
     def _closing_cards(self) -> list[dict[str, Any]]:
         """Every card of the current stream message still open, closed: a stream never stops with a card
