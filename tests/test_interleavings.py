@@ -353,14 +353,17 @@ async def test_kill_9_mid_answer_with_a_follow_up_queued_answers_both_once_in_or
         ("chat.startStream", "the answer's first text is in Slack, its ts not yet recorded"),
         ("chat.appendStream", "the first append of the answer"),
         ("chat.stopStream", "the answer fully delivered but not yet recorded"),
+        ("chat.update", "streams refused: the answer's first text put into the placeholder"),
     ],
-    ids=["placeholder", "stream-start", "first-append", "final-stop"],
+    ids=["placeholder", "stream-start", "first-append", "final-stop", "first-update"],
 )
 async def test_kill_9_at_each_step_of_a_job_leaves_one_complete_answer_per_question_in_order(
     stack: Stack, method: str, what: str
 ) -> None:
     slack, kimi = stack.slack, stack.kimi
     kimi.script(slow(), *(fast() for _ in range(4)))
+    if method == "chat.update":  # post-and-update: the first chat.update is the answer's first text
+        slack.fail("chat.startStream", "not_allowed_token_type", times=50)
     root, follow = "1700000200.000100", "1700000200.000200"
     seed_thread(slack, root, follow)
     hold = slack.hold(method)
