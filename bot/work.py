@@ -199,7 +199,10 @@ async def show_waiting(deps: Deps, lease: Lease) -> None:
     for job in await lease.waiting_jobs():
         if job.kind != "turn":
             continue
-        turn = Turn.from_dict(job.data["turn"])
+        try:
+            turn = Turn.from_dict(job.data["turn"])
+        except (KeyError, TypeError, ValueError):
+            continue  # its own run tells the thread; the questions after it still get their sign of life
         if not turn.in_slack_thread or turn.assistant_thread:
             continue  # the assistant panel shows its status instead; response_url has no thread
         if (await lease.progress(job)).get("placeholder_ts"):

@@ -664,6 +664,38 @@ async def test_a_job_whose_turn_cannot_be_read_tells_the_thread_and_the_next_que
     assert slack.problems == []
 
 
+async def test_an_unreadable_job_waiting_behind_an_answer_holds_up_nothing_after_it(stack: Stack) -> None:
+    slack, kimi = stack.slack, stack.kimi
+    kimi.script(slow(), *(fast() for _ in range(2)))
+    root, broken_ts, third = "1700000705.000100", "1700000705.000200", "1700000705.000300"
+    seed_thread(slack, root, third)
+    bot = await stack.start(**FAST_LEASE)
+    assert await bot.post(stack.session, envelope(mention("question Q0 first", root))) == 200
+    await until(lambda: bool(slack.calls_of("chat.startStream")), 20, "Q0 streaming", stack)
+    broken = json.dumps(
+        {"kind": "turn", "data": {"job_id": f"{CHANNEL}:{broken_ts}", "turn": {"channel": CHANNEL}}}
+    )
+    await stack.redis.rpush(ThreadKeys(thread_key(root)).inbox, broken)  # type: ignore[misc]
+    assert await bot.post(stack.session, envelope(mention("question Q2 next", third, thread_ts=root))) == 200
+    await until(
+        lambda: (
+            shows_once(slack, root, "Q0") and shows_once(slack, root, "Q2") and len(refs(slack, root)) == 1
+        ),
+        30,
+        "Q0, the broken job's notice, Q2",
+        stack,
+    )
+    await quiet(stack)
+    assert settled(slack, root), slack.bodies(CHANNEL, root)
+    text = answer_text(slack, root)
+    assert text.index("BEGIN-Q0") < text.index("BEGIN-Q2")
+    assert [tag_of(r) for r in kimi.requests] == ["Q0", "Q2"]
+    # The questions behind the unreadable one still got their "Waiting…" sign of life, without errors.
+    assert "showing waiting questions failed" not in bot.output()
+    assert any(c.args.get("text") == "Waiting…" for c in slack.calls_of("chat.postMessage"))
+    assert slack.problems == []
+
+
 async def test_a_corrupted_history_entry_gets_one_sentence_with_a_reference_and_the_thread_is_not_stuck(
     stack: Stack,
 ) -> None:
