@@ -396,7 +396,7 @@ async def test_kill_9_at_each_step_of_a_job_leaves_one_complete_answer_per_quest
 # ---- 3. two processes racing for the same threads --------------------------------------------------
 async def test_two_serve_processes_answer_every_question_once_in_thread_order(stack: Stack) -> None:
     slack, kimi = stack.slack, stack.kimi
-    threads, per_thread = 6, 3
+    threads, per_thread = 4, 3
     kimi.script(*(fast() for _ in range(threads * per_thread)))
 
     def ts(t: int, j: int) -> str:
@@ -457,7 +457,7 @@ async def test_a_thread_with_many_questions_queued_keeps_its_lease_and_answers_t
     """One process: whatever the worker does for the questions waiting behind the running answer (their
     placeholders, paced at about one post a second per channel) must not hold up the lease's renewals."""
     slack, kimi = stack.slack, stack.kimi
-    waiting = 8
+    waiting = 6
     kimi.script(slow(), *(fast() for _ in range(waiting)))
     root = "1700000350.000100"
     follow_ups = [f"1700000350.{200 + 100 * i:06d}" for i in range(waiting)]
@@ -569,6 +569,41 @@ async def test_redis_silent_for_6_s_slack_hears_back_within_3_s_and_the_redelive
     assert history_shape(await stack.history(root)) == expected_shape((root, "Q1"))
     assert history_shape(await stack.history(engaged)) == expected_shape((engaged, "Q0"), (follow, "Q2"))
     assert placeholders(slack) == 3
+    assert slack.problems == []
+
+
+async def test_redis_silent_for_6_s_mid_answer_past_the_lease_the_answer_shows_once(stack: Stack) -> None:
+    """The worker cannot renew while Redis is silent: its writes wait, its lease runs out, and once Redis
+    is back it finds the lease lost, stops, and the thread's next claim re-runs the job over the partial
+    answer."""
+    slack, kimi = stack.slack, stack.kimi
+    kimi.script(Reply(content=answer_to, chunk_chars=20, chunk_delay=0.05), *(fast() for _ in range(3)))
+    root, follow = "1700000520.000100", "1700000520.000200"
+    seed_thread(slack, root, follow)
+    bot = await stack.start(**FAST_LEASE)
+    assert await bot.post(stack.session, envelope(mention("question Q1 at length", root))) == 200
+    assert (
+        await bot.post(stack.session, envelope(message("question Q2 after", follow, thread_ts=root))) == 200
+    )
+    await until(lambda: len(slack.calls_of("chat.appendStream")) >= 1, 20, "Q1 streaming", stack)
+    stack.redis_server.pause()
+    try:
+        await asyncio.sleep(6.0)
+    finally:
+        stack.redis_server.resume()
+    await until(
+        lambda: shows_once(slack, root, "Q1") and shows_once(slack, root, "Q2") and settled(slack, root),
+        30,
+        "both answered after the stall",
+        stack,
+    )
+    await quiet(stack)
+    text = answer_text(slack, root)
+    assert text.index("BEGIN-Q1") < text.index("BEGIN-Q2")
+    assert history_shape(await stack.history(root)) == expected_shape((root, "Q1"), (follow, "Q2"))
+    assert [tag_of(r) for r in kimi.requests][-1] == "Q2" and len(kimi.requests) <= 3
+    status, health = await bot.healthz(stack.session)
+    assert status == 200, health
     assert slack.problems == []
 
 
