@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from bot.turn import ThreadKey
+
+log = logging.getLogger(__name__)
 
 PREFIX = "kimibot"
 USER_NAME_TTL_S = 86_400
@@ -100,6 +103,22 @@ def dump_entry(entry: dict[str, Any]) -> str:
     return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
 
 
+UNREADABLE_ENTRY = "(An earlier message of this thread could not be read.)"
+
+
+def _entry(thread: ThreadKey, raw: str) -> dict[str, Any]:
+    """One history entry; an unreadable one (corrupted, or written by something else) stands in as a note,
+    so it costs the thread nothing but itself and the entries keep their places."""
+    try:
+        entry = json.loads(raw)
+        if isinstance(entry, dict) and entry.get("role"):
+            return entry
+    except ValueError:
+        pass
+    log.warning("unreadable history entry skipped", extra={"thread_key": str(thread), "entry": raw[:80]})
+    return {"role": "user", "content": UNREADABLE_ENTRY, "unreadable": True}
+
+
 @dataclass(frozen=True)
 class ThreadState:
     entries: list[dict[str, Any]]  # the history from `offset` on (what the window may still use)
@@ -127,7 +146,7 @@ class ThreadStore:
         keys = ThreadKeys(thread)
         meta_flat, raw, start = await self.redis.eval(_LOAD, 2, keys.meta, keys.history)  # type: ignore[misc]
         meta = {str(meta_flat[i]): str(meta_flat[i + 1]) for i in range(0, len(meta_flat), 2)}
-        return ThreadState([json.loads(item) for item in raw], meta, int(start))
+        return ThreadState([_entry(thread, item) for item in raw], meta, int(start))
 
     async def append(self, thread: ThreadKey, *entries: dict[str, Any], **meta: str | int | float) -> None:
         """Add entries (and set metadata) atomically, and push both keys' expiry out again."""

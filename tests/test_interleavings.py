@@ -731,7 +731,7 @@ async def test_an_unreadable_job_waiting_behind_an_answer_holds_up_nothing_after
     assert slack.problems == []
 
 
-async def test_a_corrupted_history_entry_gets_one_sentence_with_a_reference_and_the_thread_is_not_stuck(
+async def test_corrupted_thread_metadata_gets_one_sentence_with_a_reference_and_the_thread_is_not_stuck(
     stack: Stack,
 ) -> None:
     slack, kimi = stack.slack, stack.kimi
@@ -742,7 +742,8 @@ async def test_a_corrupted_history_entry_gets_one_sentence_with_a_reference_and_
     assert await bot.post(stack.session, envelope(mention("question Q1 first", root))) == 200
     await until(lambda: shows_once(slack, root, "Q1") and settled(slack, root), 20, "Q1", stack)
     await quiet(stack)
-    await stack.redis.rpush(ThreadKeys(thread_key(root)).history, "{half an entry")  # type: ignore[misc]
+    # A failure the pipeline does not expect (the window's start index is not a number).
+    await stack.redis.hset(ThreadKeys(thread_key(root)).meta, "start", "not a number")  # type: ignore[misc]
 
     assert await bot.post(stack.session, envelope(message("question Q2 then", second, thread_ts=root))) == 200
     await until(lambda: len(refs(slack, root)) == 1 and settled(slack, root), 20, "Q2 told why not", stack)
@@ -760,11 +761,6 @@ async def test_a_corrupted_history_entry_gets_one_sentence_with_a_reference_and_
     assert slack.problems == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ThreadStore.load json-decodes every entry: one undecodable entry fails every later question "
-    "of the thread with a reference (skip it with a warning instead)",
-)
 async def test_a_corrupted_history_entry_does_not_cost_the_thread_its_later_answers(stack: Stack) -> None:
     slack, kimi = stack.slack, stack.kimi
     kimi.script(*(fast() for _ in range(4)))
