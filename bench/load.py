@@ -3,7 +3,7 @@
 Starts `kimibot serve` as its own process against the fake Slack (enforcing Slack's rate limits) and the
 fake Kimi (reasoning, then an answer streamed over a few seconds), sends N signed app_mention events at
 once, and prints ack latency, throughput, Slack calls per answer, the bot's peak RSS and its own
-overhead per turn. Redis: KIMIBOT_TEST_REDIS_URL (default redis://127.0.0.1:6379/15, flushed).
+overhead per turn. Redis: its own redis-server (or KIMIBOT_TEST_REDIS_URL, flushed).
 
     .venv/bin/python -m bench.load [--questions 30]
 """
