@@ -284,6 +284,10 @@ async def test_a_chain_of_steps_sends_every_earlier_step_whole_and_shows_each_ca
         "Looking up rollback",
     ]
     assert not [e for e in state.entries if e["role"] == "tool" or e.get("tool_calls")]
+    details = await bot.deps.threads.turn_details(bot.thread(ts), ts)  # what Show reasoning shows
+    assert details is not None and details["reasoning"] == (
+        "First the incidents channel.\n\nNow the vendor status.\n\nAnd the rollback.\n\nI have it all."
+    )
     usage = await bot.deps.usage.day(
         TEAM_ID, __import__("datetime").datetime.now(__import__("datetime").UTC).date()
     )
@@ -615,3 +619,42 @@ async def test_the_built_in_and_mcp_tools_are_offered_and_run_through_the_loop(
     assert "echo: hi" in results[1] and "noted: rollback done" in results[2]
     assert fake_kimi.rejected == [] and fake_slack.cards_left_open(CHANNEL) == []
     assert "Noted, and it is now later than before." in "".join(fake_slack.answer_parts(CHANNEL, ts))
+
+
+async def test_no_approval_in_time_is_a_result_and_the_turn_goes_on() -> None:
+    async def never(call: Any, tool: Any) -> bool | None:
+        await asyncio.sleep(60)
+        return True
+
+    writer = Probe(name="write_note", read_only=False)
+    script = Script(step(("write_note", '{"q": "x"}')), step(text="Not done."))
+    loop = AgentLoop([writer], complete=script, ctx=ctx(), caps=Caps(approval_timeout_s=0.2), approve=never)
+    outcome = await loop.run([{"role": "user", "content": "q"}])
+    assert not writer.runs and outcome.final.text == "Not done."
+    assert script.requests[1][0][-1]["content"] == "No one approved this action in time; it was not run."
+
+
+async def test_stop_while_kimi_streams_a_later_step_cancels_that_request_and_counts_it(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    give(bot, Probe())
+    fake_kimi.script(
+        Reply(tool_calls=[Call("lookup", '{"q": "a"}')]),
+        Reply(reasoning="Thinking slowly. " * 200, chunk_chars=20, chunk_delay=0.05, content="never shown"),
+    )
+    ts = "1700000008.001300"
+    await bot.send_event(mention("stop me", ts))
+    await wait_until(lambda: len(fake_kimi.requests) == 2)
+    await asyncio.sleep(0.3)  # the second request is streaming its reasoning
+    status, _ = await bot.click(fake_slack.replies(CHANNEL, ts)[0], ACTION_STOP)
+    assert status == 200
+    await bot.settle(limit_s=5)
+    assert 1 not in fake_kimi.finished  # the second stream was cut off by the bot, not finished
+    assert "Stopped by <@U04RZ8N2PQM>" in fake_slack.bodies(CHANNEL, ts)[-1]
+    assert [c["status"] for c in fake_slack.cards(CHANNEL, ts)] == ["complete"]
+    today = __import__("datetime").datetime.now(__import__("datetime").UTC).date()
+    usage = await bot.deps.usage.day(TEAM_ID, today)
+    assert usage["requests"] == "2" and usage["turns"] == "1"  # the stopped request counted (estimated)
+    assert fake_slack.cards_left_open(CHANNEL) == [] and "never shown" not in "".join(
+        fake_slack.bodies(CHANNEL, ts)
+    )

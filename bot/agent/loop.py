@@ -448,13 +448,11 @@ class AgentLoop:
     async def _ask(
         self, tool_choice: str | None, messages: list[dict[str, Any]] | None = None
     ) -> Accumulator:
-        self.requesting = True
-        try:
-            acc = await self.complete(
-                messages if messages is not None else self.messages, self.definitions, tool_choice
-            )
-        finally:
-            self.requesting = False
+        self.requesting = True  # stays True when the request is cancelled: Stop cut it, and it is counted
+        acc = await self.complete(
+            messages if messages is not None else self.messages, self.definitions, tool_choice
+        )
+        self.requesting = False
         if acc.reasoning_text:
             self.reasoning.append(acc.reasoning_text)
         if acc.usage is not None:
@@ -521,7 +519,14 @@ class AgentLoop:
             return ToolResult(text), text
         tool = self.tools[call.name]
         if not tool.read_only and not getattr(tool, "trusted", False):
-            decision = await self._approval(call, tool)
+            try:
+                decision = await self._approval(call, tool)
+            except Exception as exc:  # e.g. the prompt could not be posted: no approval, no run
+                log.warning(
+                    "approval not asked", extra={"tool": call.name, "error": f"{type(exc).__name__}: {exc}"}
+                )
+                text = "The user could not be asked to approve this action; it was not run."
+                return ToolResult(text, ok=False), text
             if decision is not True:
                 text = (
                     "The user declined this action; it was not run."
