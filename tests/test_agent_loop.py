@@ -658,3 +658,10 @@ async def test_stop_while_kimi_streams_a_later_step_cancels_that_request_and_cou
     assert fake_slack.cards_left_open(CHANNEL) == [] and "never shown" not in "".join(
         fake_slack.bodies(CHANNEL, ts)
     )
+
+
+def test_read_more_keeps_its_place_within_kimis_128_tools() -> None:
+    tools = [Probe(name=f"tool_{i:03d}") for i in range(128)]
+    loop = AgentLoop(tools, complete=Script(), ctx=ctx())
+    names = [d["function"]["name"] for d in loop.definitions]
+    assert len(names) == 128 and names[-1] == READ_MORE and "tool_127" not in names

@@ -39,6 +39,7 @@ from bot.tools.base import Tool, ToolContext, ToolResult
 log = logging.getLogger(__name__)
 
 READ_MORE = "read_more"
+MAX_TOOLS = 128  # Moonshot's limit on tools per request
 READ_MORE_DEFINITION: dict[str, Any] = {
     "type": "function",
     "function": {
@@ -357,6 +358,11 @@ class AgentLoop:
         self.tools = {t.name: t for t in tools}
         self.definitions = [*(definitions if definitions is not None else definitions_of(tools))]
         if READ_MORE not in {d["function"]["name"] for d in self.definitions}:
+            while len(self.definitions) >= MAX_TOOLS:  # Kimi takes 128 at most: read_more keeps its place
+                dropped = self.definitions.pop()
+                log.warning(
+                    "tool not offered: 128 tools at most", extra={"tool": dropped["function"]["name"]}
+                )
             self.definitions.append(READ_MORE_DEFINITION)
         self.complete = complete
         self.ctx = ctx
