@@ -665,3 +665,24 @@ def test_read_more_keeps_its_place_within_kimis_128_tools() -> None:
     loop = AgentLoop(tools, complete=Script(), ctx=ctx())
     names = [d["function"]["name"] for d in loop.definitions]
     assert len(names) == 128 and names[-1] == READ_MORE and "tool_127" not in names
+
+
+async def test_a_dropped_connection_in_a_later_step_keeps_the_earlier_steps_and_their_cards(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    give(bot, Probe())
+    long_text = "A careful answer. " * 120
+    fake_kimi.script(
+        Reply(tool_calls=[Call("lookup", '{"q": "a"}')]),
+        Reply(content=long_text, chunk_chars=100, chunk_delay=0.02, reset_after_chunks=12),
+        Reply(content=long_text, chunk_chars=400),
+    )
+    ts = "1700000008.001400"
+    await bot.send_event(mention("answer after a hiccup", ts))
+    await bot.settle()
+    assert len(fake_kimi.requests) == 3 and fake_kimi.rejected == []
+    assert fake_kimi.requests[2]["messages"] == fake_kimi.requests[1]["messages"]  # the same step, again
+    text = "".join(fake_slack.answer_parts(CHANNEL, ts))
+    assert text.endswith(long_text.rstrip()) or text.rstrip().endswith(long_text.rstrip())
+    assert [c["status"] for c in fake_slack.cards(CHANNEL, ts)] == ["complete"]
+    assert fake_slack.cards_left_open(CHANNEL) == [] and fake_slack.problems == []
