@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from bot.turn import ThreadKey
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 PREFIX = "kimibot"
 USER_NAME_TTL_S = 86_400
 USAGE_TTL_S = 400 * 86_400
+STOP_TTL_S = 86_400
 
 
 # KEYS: meta, history. Metadata and the history from the first entry still in use (meta `start`), so a
@@ -241,18 +243,25 @@ class Usage:
         turns: int = 1,
     ) -> None:
         """One answer's usage; an agent turn records each model request as it is paid for (`turns` 1 on
-        the first, 0 on the others), so a turn cut short still counts what it used."""
+        the first, 0 on the others), so a turn cut short still counts what it used. Best effort: a Redis
+        blip here must not fail (and so re-run, and re-bill) an answer that was already delivered."""
         key = self.key(team_id, dt.datetime.now(dt.UTC).date())
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(key, "turns", turns)
-            pipe.hincrby(key, "requests", 1)
-            pipe.hincrby(key, "prompt_tokens", prompt)
-            pipe.hincrby(key, "cached_tokens", cached)
-            pipe.hincrby(key, "completion_tokens", completion)
-            pipe.hincrbyfloat(key, "cost_usd", cost)
-            pipe.hincrby(key, f"turns:{model}", turns)
-            pipe.expire(key, USAGE_TTL_S)
-            await pipe.execute()
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hincrby(key, "turns", turns)
+                pipe.hincrby(key, "requests", 1)
+                pipe.hincrby(key, "prompt_tokens", prompt)
+                pipe.hincrby(key, "cached_tokens", cached)
+                pipe.hincrby(key, "completion_tokens", completion)
+                pipe.hincrbyfloat(key, "cost_usd", cost)
+                pipe.hincrby(key, f"turns:{model}", turns)
+                pipe.expire(key, USAGE_TTL_S)
+                await pipe.execute()
+        except RedisError as exc:
+            log.warning(
+                "usage not recorded",
+                extra={"team": team_id, "model": model, "prompt_tokens": prompt, "error": str(exc)},
+            )
 
     async def day(self, team_id: str, day: dt.date) -> dict[str, str]:
         raw = await self.redis.hgetall(self.key(team_id, day))
@@ -270,7 +279,9 @@ class Stops:
         return f"{PREFIX}:stop:{channel}:{ts}"
 
     async def request(self, channel: str, ts: str, user: str) -> None:
-        await self.redis.set(self.key(channel, ts), user, ex=3_600)
+        # As long as a question may wait behind others in its thread (a stop must still hold when its turn
+        # comes), a day.
+        await self.redis.set(self.key(channel, ts), user, ex=STOP_TTL_S)
 
     async def requested_by(self, channel: str, ts: str) -> str | None:
         value = await self.redis.get(self.key(channel, ts))

@@ -15,7 +15,7 @@ from bot.errors import USER_MESSAGES, Reason
 from bot.pipeline import answer, stop_value
 from bot.queue import Job, Lease
 from bot.slack.blocks import waiting_view
-from bot.slack.reply import announce_question, greet_assistant_thread
+from bot.slack.reply import announce_question, find_announcement, greet_assistant_thread
 from bot.turn import Source, ThreadKey, Turn
 
 log = logging.getLogger(__name__)
@@ -71,15 +71,20 @@ async def answer_command(deps: Deps, command: dict[str, Any], lease: Lease, job:
     user = str(command.get("user_id") or "")
     team = str(command.get("team_id") or "")
     question = str(command.get("text") or "").strip()
+    trigger = str(command.get("trigger_id") or job.job_id)
     progress = await lease.progress(job)
-    ts = progress.get("announce_ts") or await announce_question(deps.slack, channel, user, question)
+    ts = progress.get("announce_ts")
+    if not ts and progress.get("announcing"):  # an earlier run may have posted it and died before noting it
+        ts = await find_announcement(deps.slack, channel, trigger)
+    if not ts:
+        await lease.save_progress(job, announcing="1")
+        ts = await announce_question(deps.slack, channel, user, question, trigger)
     if ts is not None:
         await lease.save_progress(job, announce_ts=ts)
         turn = Turn(Source.COMMAND, team, channel, user, question, ts=ts, thread_ts=ts)
         await queue_turn(deps, turn)  # deduplicated by the posted question's ts: once, even on a re-run
         await lease.complete(job)
         return
-    trigger = str(command.get("trigger_id") or job.job_id)
     turn = Turn(
         Source.COMMAND,
         team,

@@ -34,7 +34,8 @@ def register(app: AsyncApp, deps: Deps) -> None:
             return
         fields = {name: str(command.get(name) or "") for name in COMMAND_FIELDS}
         job = {"job_id": f"command:{fields['trigger_id']}", "command": fields}
-        await deps.queue.put(command_thread(fields), "command", job)
+        # Deduplicated by trigger id: a redelivered command is queued once.
+        await deps.queue.put(command_thread(fields), "command", job, dedup_ts=fields["trigger_id"] or None)
         await ack()
 
     app.command(command_name)(on_command)

@@ -95,6 +95,9 @@ def json_body(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload).encode()
 
 
+_TRIGGERS = itertools.count(1)
+
+
 def command_body(
     text: str, *, user: str = ALICE, channel: str = CHANNEL, response_url: str = "", command: str = "/kimi"
 ) -> bytes:
@@ -111,7 +114,7 @@ def command_body(
         "api_app_id": APP_ID,
         "is_enterprise_install": "false",
         "response_url": response_url,
-        "trigger_id": f"{int(time.time())}.123.abc",
+        "trigger_id": f"{int(time.time())}.{next(_TRIGGERS)}.abc",  # unique, as Slack's are
     }
     return urlencode(fields).encode()
 

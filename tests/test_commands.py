@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -67,3 +68,42 @@ async def test_kimi_where_the_bot_is_not_a_member_answers_through_response_url(
     assert response["response_type"] == "ephemeral"
     assert "alice: secret question" in response["blocks"][0]["text"]
     assert fake_slack.problems == []
+
+
+async def test_a_kimi_question_posted_by_a_run_that_died_before_noting_it_is_not_posted_twice(
+    make_bot: Any, fake_slack: FakeSlack
+) -> None:
+    from bot.slack.reply import announce_question
+    from bot.work import command_thread
+
+    fake_slack.add_conversation(CHANNEL, "general")
+    bot: BotHarness = await make_bot(start_worker=False)
+    assert (await bot.command("What is 2+2?"))[0] == 200
+    [(thread, score)] = await bot.deps.queue.due(5)
+    dead = await bot.deps.queue.claim(thread, score)
+    assert dead is not None
+    job = await dead.next_job()
+    assert job is not None and not isinstance(job, str)
+    assert thread == command_thread(job.data["command"])
+    # The dead run: it said it was announcing, posted, and died before noting the message's ts.
+    await dead.save_progress(job, announcing="1")
+    trigger = job.data["command"]["trigger_id"]
+    await announce_question(bot.deps.slack, CHANNEL, ALICE, "What is 2+2?", trigger)
+    await bot.deps.redis.delete(f"kimibot:thread:{{{thread}}}:lease")
+    await bot.deps.queue.notify(thread)
+    bot.run_worker()
+    await bot.settle()
+    asked = [p for p in fake_slack.posts(CHANNEL) if "thread_ts" not in p]
+    assert len(asked) == 1  # found again, not posted twice
+    answers = fake_slack.bodies(CHANNEL, asked[0]["_result"]["ts"])
+    assert len(answers) == 1 and "What is 2+2?" in answers[0]
+
+
+async def test_a_redelivered_kimi_command_is_answered_once(bot: BotHarness, fake_slack: FakeSlack) -> None:
+    from tests.slack_requests import command_body
+
+    body = command_body("once please", response_url=fake_slack.response_url())
+    for _ in range(2):
+        assert (await bot.post(body, "application/x-www-form-urlencoded"))[0] == 200
+    await bot.settle()
+    assert len([p for p in fake_slack.posts(CHANNEL) if "thread_ts" not in p]) == 1

@@ -23,6 +23,11 @@ METHODS_CALLED = [
     "chat.appendStream",
     "chat.stopStream",
     "conversations.replies",
+    "conversations.history",  # finding a /kimi question again after a crash; the channel-history tool
+    "conversations.info",  # the tools' access rule
+    "conversations.members",
+    "chat.getPermalink",
+    "assistant.search.context",
     "users.info",
     "views.open",
     "assistant.threads.setStatus",

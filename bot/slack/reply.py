@@ -136,18 +136,23 @@ async def api_call(client: AsyncWebClient, method: str, args: dict[str, Any]) ->
     return response
 
 
-async def announce_question(client: AsyncWebClient, channel: str, user: str, question: str) -> str | None:
-    """Post "@user asked: …" for /kimi; its ts is the thread of the answer. None if we can't post here."""
+QUESTION_EVENT = "kimibot_question"  # message metadata on a /kimi question, to find it again after a crash
+
+
+async def announce_question(
+    client: AsyncWebClient, channel: str, user: str, question: str, trigger_id: str = ""
+) -> str | None:
+    """Post "@user asked: …" for /kimi; its ts is the thread of the answer. None if we can't post here.
+    The post carries the command's trigger id as message metadata, so a re-run can find it."""
+    args: dict[str, Any] = {
+        "channel": channel,
+        "text": f"<@{user}> asked: {question}"[:MARKDOWN_TEXT_LIMIT],
+        "unfurl_links": False,
+    }
+    if trigger_id:
+        args["metadata"] = {"event_type": QUESTION_EVENT, "event_payload": {"trigger_id": trigger_id}}
     try:
-        response = await api_call(
-            client,
-            "chat.postMessage",
-            {
-                "channel": channel,
-                "text": f"<@{user}> asked: {question}"[:MARKDOWN_TEXT_LIMIT],
-                "unfurl_links": False,
-            },
-        )
+        response = await api_call(client, "chat.postMessage", args)
     except SlackApiError as exc:
         # not_in_channel and friends are expected; anything else is logged, and both fall back.
         level = logging.INFO if slack_error(exc) in CANNOT_POST_HERE else logging.WARNING
@@ -158,6 +163,33 @@ async def announce_question(client: AsyncWebClient, channel: str, user: str, que
         )
         return None
     return str(response["ts"])
+
+
+async def find_announcement(client: AsyncWebClient, channel: str, trigger_id: str) -> str | None:
+    """The ts of a /kimi question posted earlier for this trigger (a run that died before noting it): it
+    is recent, so among the channel's newest messages."""
+    try:
+        response = await api_call(
+            client,
+            "conversations.history",
+            {
+                "channel": channel,
+                "limit": 200,
+                "include_all_metadata": True,
+            },
+        )
+    except SlackApiError as exc:
+        log.info(
+            "could not look for an earlier /kimi question",
+            extra={"channel": channel, "error": slack_error(exc)},
+        )
+        return None
+    for message in response.get("messages") or []:
+        metadata = message.get("metadata") or {} if isinstance(message, dict) else {}
+        payload = metadata.get("event_payload") or {}
+        if metadata.get("event_type") == QUESTION_EVENT and payload.get("trigger_id") == trigger_id:
+            return str(message.get("ts") or "") or None
+    return None
 
 
 async def greet_assistant_thread(client: AsyncWebClient, channel: str, thread_ts: str) -> None:

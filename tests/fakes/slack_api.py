@@ -536,6 +536,8 @@ class FakeSlack:
         }
         if thread_ts:
             message["thread_ts"] = thread_ts
+        if isinstance(args.get("metadata"), dict):
+            message["metadata"] = args["metadata"]
         self.messages[channel].append(message)
         return {"channel": channel, "ts": ts, "message": message}
 
@@ -895,7 +897,8 @@ class FakeSlack:
                 continue
             replies = sum(1 for m in live if m.get("thread_ts") == message["ts"] and m["ts"] != message["ts"])
             thread = {"reply_count": replies, "thread_ts": message["ts"]} if replies else {}
-            top.append({**message, **thread})
+            shown = {k: v for k, v in message.items() if k != "metadata" or args.get("include_all_metadata")}
+            top.append({**shown, **thread})
         top.sort(key=lambda m: float(m["ts"]), reverse=True)
         start = int(args.get("cursor") or 0)
         limit = int(args.get("limit") or 100)
