@@ -114,6 +114,9 @@ def turn_from_event(body: dict[str, Any], event: dict[str, Any], source: Source,
         ts=ts,
         thread_ts=str(event.get("thread_ts") or ts),
         event_id=str(body.get("event_id") or ""),
+        action_token=str(
+            event.get("action_token") or (event.get("assistant_thread") or {}).get("action_token") or ""
+        ),
     )
 
 

@@ -525,7 +525,7 @@ def tool_context(turn: Turn, deps: Deps) -> ToolContext:
         thread_ts=turn.thread_ts,
         slack=deps.slack,
         redis=deps.redis,
-        action_token=str(getattr(turn, "action_token", "") or ""),
+        action_token=turn.action_token,
     )
 
 

@@ -41,6 +41,7 @@ class Turn:
     event_id: str = ""
     response_url: str = ""  # /kimi in a channel the bot is not in: answer through this instead
     assistant_thread: bool = False  # a thread in Slack's assistant panel: status instead of a placeholder
+    action_token: str = ""  # from the message event, when Slack sends one: lets slack_search search
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

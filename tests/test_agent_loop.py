@@ -686,3 +686,26 @@ async def test_a_dropped_connection_in_a_later_step_keeps_the_earlier_steps_and_
     assert text.endswith(long_text.rstrip()) or text.rstrip().endswith(long_text.rstrip())
     assert [c["status"] for c in fake_slack.cards(CHANNEL, ts)] == ["complete"]
     assert fake_slack.cards_left_open(CHANNEL) == [] and fake_slack.problems == []
+
+
+async def test_the_events_action_token_reaches_the_tools(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    seen: list[ToolContext] = []
+
+    async def source(ctx: ToolContext) -> list[Tool]:
+        seen.append(ctx)
+        return [Probe()]
+
+    bot.deps.tools = source
+    fake_kimi.script(Reply(content="Hello."))
+    event = message(
+        "search for me",
+        "1700000008.001500",
+        channel=DM,
+        channel_type="im",
+        assistant_thread={"action_token": "9.8.abc"},
+    )
+    await bot.send_event(event)
+    await bot.settle()
+    assert [c.action_token for c in seen] == ["9.8.abc"] and seen[0].user == ALICE and seen[0].channel == DM
