@@ -587,6 +587,7 @@ async def test_the_built_in_and_mcp_tools_are_offered_and_run_through_the_loop(
     bot: BotHarness = await make_bot(mcp_config=str(config))
     toolbox = ToolBox(bot.settings)
     await toolbox.start()
+    await toolbox.ready()
     bot.deps.tools = toolbox
     fake_kimi.script(
         Reply(tool_calls=[Call("current_time", "{}"), Call("mcp__fake__echo", '{"text": "hi"}')]),

@@ -1,10 +1,13 @@
 """The tools a worker offers: the built-ins (bot/tools/builtin.py) and the MCP servers' tools
-(bot/tools/mcp.py). Started once per process (the web-search formula's definition is read, the MCP
-servers connected), asked per turn (an MCP server that is down is simply not in the list), closed at
-shutdown. `Deps.tools` holds one; without it, answers are single Kimi requests without tools."""
+(bot/tools/mcp.py). Started once per process without holding up the start: the built-ins are offered at
+once (web_search with its built-in definition), while the web-search formula's live definition is read and
+the MCP servers connect in the background; asked per turn (an MCP server that is down is simply not in the
+list), closed at shutdown. `Deps.tools` holds one; without it, answers are single Kimi requests."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -24,14 +27,29 @@ class ToolBox:
         self.builtins: list[Tool] = list(builtins) if builtins is not None else []
         self.mcp = mcp
         self.started = builtins is not None
+        self._warming: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Never raises for a tool family that cannot start: it is logged and left out."""
+        """Offer the built-ins now; read the formula's definition and connect the MCP servers in the
+        background (`ready()` waits for that). Never raises: a family that cannot start is logged."""
         if self.started:
             return
         self.started = True
-        definition = await load_web_search_definition(self.settings)
-        self.builtins = builtin_tools(self.settings, web_search_definition=definition)
+        self.builtins = builtin_tools(self.settings)
+        self._warming = asyncio.create_task(self._warm_up(), name="tools-warm-up")
+
+    async def ready(self) -> None:
+        """Until the background start is done (tests; serve does not wait)."""
+        if self._warming is not None:
+            await asyncio.shield(self._warming)
+
+    async def _warm_up(self) -> None:
+        try:
+            definition = await load_web_search_definition(self.settings)
+            if definition is not None:
+                self.builtins = builtin_tools(self.settings, web_search_definition=definition)
+        except Exception as exc:  # the built-in definition stays
+            log.warning("web_search definition not loaded", extra={"error": f"{type(exc).__name__}: {exc}"})
         if self.settings.mcp_config and self.mcp is None:
             try:
                 self.mcp = McpTools.from_file(self.settings.mcp_config)
@@ -54,5 +72,9 @@ class ToolBox:
         return [*self.builtins, *mcp]
 
     async def close(self) -> None:
+        if self._warming is not None and not self._warming.done():
+            self._warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._warming
         if self.mcp is not None:
             await self.mcp.close()
