@@ -54,7 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level)
     try:
-        asyncio.run(serve(build_deps(settings)))
+        deps = build_deps(settings)  # may find out more about REDIS_URL (a cluster URL with a database)
+    except SettingsError as exc:
+        print("kimibot cannot start:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(deps))
     except KeyboardInterrupt:
         pass
     except Rejected as exc:  # Slack or Kimi refused a setting: one line, no traceback

@@ -207,3 +207,19 @@ async def test_a_cluster_node_silent_at_start_is_named_plainly_once_it_answers(
     finally:
         cluster.stop_sync()
     assert "REDIS_URL is a Redis Cluster node" in caplog.text and "REDIS_CLUSTER=true" in caplog.text
+
+
+def test_kimibot_serve_with_a_cluster_url_selecting_another_database_says_so_in_one_line(
+    cluster_url: str, tmp_path: Path
+) -> None:
+    from tests.test_settings_cli import run_cli
+
+    env = {
+        "SLACK_BOT_TOKEN": "xoxb-111-222-abcdef",
+        "SLACK_SIGNING_SECRET": "a-signing-secret",
+        "MOONSHOT_API_KEY": "sk-a-real-looking-key",
+        "REDIS_URL": cluster_url.removesuffix("/0") + "/3",
+    }
+    result = run_cli("serve", env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "REDIS_URL selects database 3" in result.stderr and "Traceback" not in result.stderr
