@@ -710,3 +710,21 @@ async def test_the_events_action_token_reaches_the_tools(
     await bot.send_event(event)
     await bot.settle()
     assert [c.action_token for c in seen] == ["9.8.abc"] and seen[0].user == ALICE and seen[0].channel == DM
+
+
+async def test_a_call_that_outlives_slacks_stream_goes_on_in_a_new_message_with_no_card_left_open(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    bot.deps.pace = dataclasses.replace(bot.deps.pace, stream_max_age_s=0.3)
+    fake_slack.stream_lifetime_s = 0.6  # Slack's ~5 minutes, shortened
+    give(bot, Probe(delay=1.0))
+    fake_kimi.script(Reply(tool_calls=[Call("lookup", '{"q": "slow"}')]), Reply(content="Done at last."))
+    ts = "1700000008.001600"
+    await bot.send_event(mention("a long call", ts))
+    await bot.settle()
+    cards = fake_slack.cards(CHANNEL, ts)
+    states = [(c["status"], c.get("details")) for c in cards]  # one message per ~0.3 s of the call
+    assert len(states) >= 2 and states[-1] == ("complete", None)
+    assert set(states[:-1]) == {("error", "Continued below")}
+    assert fake_slack.cards_left_open(CHANNEL) == [] and fake_slack.problems == []
+    assert "Done at last." in "".join(fake_slack.answer_parts(CHANNEL, ts))

@@ -556,7 +556,9 @@ class ReplyWriter:
                     if self._status_due and self.status_mode:
                         line, self._status_due = self._status_due, ""
                         await self._set_status([line], status=line)
-                    if self._dirty_cards:  # cards first: text written after them must wait for them
+                    if self._cards_outliving_stream():
+                        await self._continue_cards()
+                    elif self._dirty_cards:  # cards first: text written after them must wait for them
                         if self._cards_due():
                             await self._flush_text_and_cards()
                     elif self.first_text_at is None:
@@ -737,8 +739,9 @@ class ReplyWriter:
         fence = open_fence(self.answer[: self.sent]) if self.sent else None
         return f"{fence.fence}{fence.info}\n" if fence else ""
 
-    async def _end_stream(self) -> None:
-        """Close a live stream quietly (fallbacks and failures), closing an open code fence in it."""
+    async def _end_stream(self, why: str = "") -> None:
+        """Close a live stream quietly (fallbacks and failures), closing an open code fence in it, and its
+        open cards (saying `why`)."""
         if self.mode == "stream" and self.message_ts:
             fence = open_fence(self.message_text)
             with contextlib.suppress(SlackApiError):
@@ -747,12 +750,38 @@ class ReplyWriter:
                     channel=self.turn.channel,
                     ts=self.message_ts,
                     markdown_text=f"\n{fence.fence}" if fence else None,
-                    chunks=self._closing_cards() or None,
+                    chunks=self._closing_cards(why) or None,
                 )
             self.mode, self.message_ts, self.message_text = None, None, ""
             self._message_cards = set()
 
     # ---- task cards -----------------------------------------------------------------------------
+    def _cards_outliving_stream(self) -> bool:
+        """Cards still running in a stream that Slack will soon end (about 5 minutes after its start)."""
+        return (
+            self.mode == "stream"
+            and time.monotonic() - self.message_started_at > self.pace.stream_max_age_s
+            and any(self.cards[i]["status"] in ("pending", "in_progress") for i in self._message_cards)
+        )
+
+    async def _continue_cards(self) -> None:
+        """Before Slack ends the stream under a long call (or a wait for approval), close it — its open
+        cards say "Continued below" — and show them again, still running, in a new stream message."""
+        running = {
+            i: self.cards[i]
+            for i in self._message_cards
+            if self.cards[i]["status"] in ("pending", "in_progress")
+        }
+        await self._end_stream("Continued below")
+        for card_id, card in running.items():
+            self.cards[card_id] = card
+            if card_id not in self._dirty_cards:
+                if not self._dirty_cards:
+                    self._cards_waiting_since = time.monotonic()
+                self._dirty_cards.append(card_id)
+                self._card_marks[card_id] = len(self.answer)
+        await self._flush_cards()
+
     def _cards_due(self) -> bool:
         now = time.monotonic()
         if now - self._last_call < self.pace.min_call_interval_s:
@@ -766,14 +795,15 @@ class ReplyWriter:
         # changes per call, up to a limit, rather than queue behind other answers or draw 429s.
         return now - self._cards_waiting_since >= self.pace.cards_max_wait_s
 
-    def _closing_cards(self) -> list[dict[str, Any]]:
+    def _closing_cards(self, why: str = "") -> list[dict[str, Any]]:
         """Every card of the current stream message still open, closed: a stream never stops with a card
         spinning (Stop, a failure, or a roll-over to the next message)."""
         closing = []
+        why = why or ("Stopped" if self.stopped else "Not finished")
         for card_id in sorted(self._message_cards):
             card = self.cards[card_id]
             if card["status"] in ("pending", "in_progress"):
-                card = {**card, "status": "error", "details": "Stopped" if self.stopped else "Not finished"}
+                card = {**card, "status": "error", "details": why}
                 self.cards[card_id] = card
                 closing.append(card)
         return closing
