@@ -728,3 +728,20 @@ async def test_a_call_that_outlives_slacks_stream_goes_on_in_a_new_message_with_
     assert set(states[:-1]) == {("error", "Continued below")}
     assert fake_slack.cards_left_open(CHANNEL) == [] and fake_slack.problems == []
     assert "Done at last." in "".join(fake_slack.answer_parts(CHANNEL, ts))
+
+
+async def test_stop_while_waiting_for_approval_runs_nothing_and_settles_the_prompt(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    writer = Probe(name="mcp__tickets__create", read_only=False)
+    give(bot, writer)
+    fake_kimi.script(Reply(tool_calls=[Call("mcp__tickets__create", '{"q": "x"}')]), Reply(content="never"))
+    ts = "1700000008.001700"
+    await bot.send_event(mention("file it", ts))
+    await wait_until(lambda: any("Approve?" in m.get("text", "") for m in fake_slack.replies(CHANNEL, ts)))
+    await bot.click(fake_slack.replies(CHANNEL, ts)[0], ACTION_STOP)
+    await bot.settle(limit_s=5)
+    assert not writer.runs and len(fake_kimi.requests) == 1
+    prompt = next(m for m in fake_slack.replies(CHANNEL, ts) if "mcp__tickets__create" in m.get("text", ""))
+    assert "stopped; not run" in prompt["text"] and not any(b["type"] == "actions" for b in prompt["blocks"])
+    assert fake_slack.cards_left_open(CHANNEL) == [] and fake_slack.problems == []
