@@ -745,3 +745,31 @@ async def test_stop_while_waiting_for_approval_runs_nothing_and_settles_the_prom
     prompt = next(m for m in fake_slack.replies(CHANNEL, ts) if "mcp__tickets__create" in m.get("text", ""))
     assert "stopped; not run" in prompt["text"] and not any(b["type"] == "actions" for b in prompt["blocks"])
     assert fake_slack.cards_left_open(CHANNEL) == [] and fake_slack.problems == []
+
+
+async def test_the_fake_slack_checks_task_cards_as_slack_would(fake_slack: FakeSlack) -> None:
+    thread = fake_slack.seed(CHANNEL, user=ALICE, text="q")
+    base = {"channel": CHANNEL, "thread_ts": thread, "recipient_user_id": ALICE, "recipient_team_id": TEAM_ID}
+    headers = {"Authorization": "Bearer xoxb-test-token"}
+
+    async def call(session: aiohttp.ClientSession, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with session.post(f"{fake_slack.api_url}{method}", json=body, headers=headers) as response:
+            result: dict[str, Any] = await response.json()
+            return result
+
+    card = {"type": "task_update", "id": "t1", "title": "Reading #incidents", "status": "in_progress"}
+    async with aiohttp.ClientSession() as session:
+        bad = await call(session, "chat.startStream", {**base, "chunks": [{**card, "status": "done"}]})
+        assert bad == {"ok": False, "error": "invalid_chunks"}
+        started = await call(
+            session, "chat.startStream", {**base, "task_display_mode": "timeline", "chunks": [card]}
+        )
+        ts = started["ts"]
+        source = {"type": "url", "url": "https://status.example.com/", "text": "status"}
+        done = {**card, "status": "complete", "sources": [source]}
+        appended = await call(session, "chat.appendStream", {"channel": CHANNEL, "ts": ts, "chunks": [done]})
+        assert appended["ok"]  # chunks alone, without markdown_text, as the SDK's ChatStream sends them
+        await call(session, "chat.stopStream", {"channel": CHANNEL, "ts": ts})
+    assert fake_slack.cards(CHANNEL, thread) == [{k: v for k, v in done.items() if k != "type"}]
+    assert fake_slack.cards_left_open(CHANNEL) == []
+    assert fake_slack.problems == ["chat.startStream: task_update with status 'done'"]
