@@ -1,6 +1,6 @@
 """Agent-loop figures: 20 concurrent tool-using answers of 10 tool steps each, against the fake Kimi (tool
-calls streamed like Kimi's) and the fake Slack (enforcing Slack's rate limits), with production pacing and
-Redis at KIMIBOT_TEST_REDIS_URL (DB 15 by default; the benchmark empties it).
+calls streamed like Kimi's) and the fake Slack (enforcing Slack's rate limits), with production pacing and a
+Redis of its own (or KIMIBOT_TEST_REDIS_URL, which it flushes).
 
 The fakes run in a child process, so their work does not queue in the bot's event loop. It prints the
 bot's own overhead per step: the time from the end of one model request to the start of the next, less the
