@@ -270,6 +270,13 @@ async def test_a_chain_of_steps_sends_every_earlier_step_whole_and_shows_each_ca
     assert (
         text.startswith("Checking the vendor.") and "The rollback was decided; the vendor is green." in text
     )
+    assert fake_slack.timeline(CHANNEL, ts) == [  # text written between steps shows between their cards
+        "[Looking up incidents]",
+        "Checking the vendor.",
+        "[Looking up vendor]",
+        "[Looking up rollback]",
+        "\n\nThe rollback was decided; the vendor is green.",
+    ]
     footer = fake_slack.bodies(CHANNEL, ts)[-1]
     assert "3 tool calls in 3 steps" in footer
 

@@ -815,23 +815,30 @@ class ReplyWriter:
     async def _flush_text_and_cards(self) -> None:
         """Cards go out after the text written before them, and before the text written after them (in
         order, as the timeline shows them)."""
-        limit = min(self._card_marks.get(i, len(self.answer)) for i in self._dirty_cards)
-        if self.mode != "update":
-            self._text_limit = limit
-            try:
-                while self.sent < limit and self.mode != "update" and not self.stopped:
-                    before = self.sent
-                    await self._flush_some()
-                    if self.sent == before:
-                        break
-            finally:
-                self._text_limit = None
-        await self._flush_cards()
+        while self._dirty_cards and not self.stopped:
+            waiting = list(self._dirty_cards)
+            limit = min(self._card_marks.get(i, len(self.answer)) for i in waiting)
+            if self.mode != "update":
+                self._text_limit = limit
+                try:
+                    while self.sent < limit and self.mode != "update" and not self.stopped:
+                        before = self.sent
+                        await self._flush_some()
+                        if self.sent == before:
+                            break
+                finally:
+                    self._text_limit = None
+                if self.sent < limit and self.mode != "update":
+                    return  # the text before these cards could not go yet: both wait
+            # Only the cards whose earlier text is out; cards written after more text wait for it.
+            await self._flush_cards(lambda card_id: self._card_marks.get(card_id, 0) <= self.sent)
+            if self._dirty_cards == waiting:
+                return
 
-    async def _flush_cards(self) -> None:
-        """Send the cards whose state changed: in the stream (starting one, or rolling over to a new
-        message when this one holds as many cards as a message may), or, without streaming, into the
-        thinking view's list of steps."""
+    async def _flush_cards(self, ready: Callable[[str], bool] | None = None) -> None:
+        """Send the cards whose state changed (those `ready` says may go): in the stream (starting one, or
+        rolling over to a new message when this one holds as many cards as a message may), or, without
+        streaming, into the thinking view's list of steps."""
         if self.mode is None and (self._streams_busy() or not self.turn.in_slack_thread):
             self.mode = "update"
         if self.mode == "update":
@@ -845,11 +852,15 @@ class ReplyWriter:
         room = limit - len(self._message_cards)
         ids = []
         for card_id in self._dirty_cards:
+            if ready is not None and not ready(card_id):
+                continue
             if card_id in self._message_cards:
                 ids.append(card_id)
             elif room > 0:
                 ids.append(card_id)
                 room -= 1
+        if not ids:
+            return
         sent = {i: self.cards[i] for i in ids}
         chunks = list(sent.values())
         try:

@@ -146,6 +146,7 @@ class FakeSlack:
     conversation_members: dict[str, list[str]] = field(default_factory=dict)
     search_results: list[dict[str, Any]] = field(default_factory=list)  # assistant.search.context messages
     action_tokens: set[str] = field(default_factory=set)  # the action_tokens search accepts
+    usergroups: dict[str, list[str]] = field(default_factory=dict)  # user group id -> member ids
     server: TestServer | None = None
     _clock: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -589,6 +590,7 @@ class FakeSlack:
             return "invalid_chunks"
         tasks = dict(message.get("tasks") or {})
         text = ""
+        timeline = list(message.get("timeline") or [])
         for chunk in chunks:
             kind = chunk.get("type") if isinstance(chunk, dict) else None
             if kind not in CHUNK_FIELDS:
@@ -603,17 +605,21 @@ class FakeSlack:
                     self.problems.append(f"{method}: markdown_text chunk missing or over 12,000 chars")
                     return "invalid_chunks"
                 text += chunk["text"]
+                timeline.append(("text", chunk["text"]))
             if kind == "task_update":
                 problem = self._task_problem(chunk)
                 if problem:
                     self.problems.append(f"{method}: {problem}")
                     return "invalid_chunks"
+                if chunk["id"] not in tasks:
+                    timeline.append(("card", chunk["id"]))
                 tasks[chunk["id"]] = {k: v for k, v in chunk.items() if k != "type"}
                 message.setdefault("task_log", []).append((chunk["id"], chunk["status"]))
         if len(tasks) > STREAM_CHUNK_BLOCKS_LIMIT:
             self.problems.append(f"{method}: {len(tasks)} task cards in one message")
             return "msg_blocks_too_many"
         message["tasks"] = tasks
+        message["timeline"] = timeline  # text and cards in the order they appeared (timeline mode)
         message["stream_text"] = message.get("stream_text", "") + text
         return None
 
@@ -640,6 +646,20 @@ class FakeSlack:
             ):
                 return f"task_update source is not a url element: {source!r}"
         return ""
+
+    def timeline(self, channel: str, thread_ts: str) -> list[str]:
+        """The bot's streamed thread messages as a person reads them: text pieces joined, each card as
+        `[card title]`, in the order they appeared."""
+        shown: list[str] = []
+        for message in self.replies(channel, thread_ts):
+            for kind, value in message.get("timeline") or []:
+                if kind == "card":
+                    shown.append(f"[{message['tasks'][value]['title']}]")
+                elif shown and not shown[-1].startswith("["):
+                    shown[-1] += value
+                else:
+                    shown.append(value)
+        return shown
 
     def cards(self, channel: str, thread_ts: str) -> list[dict[str, Any]]:
         """Every task card in the bot's thread messages (latest state), in the order they appeared."""
@@ -692,6 +712,7 @@ class FakeSlack:
                 "text": "",
                 "thread_ts": args["thread_ts"],
                 "stream_text": started.get("stream_text", "") + markdown,
+                "timeline": [*started.get("timeline", []), *([("text", markdown)] if markdown else [])],
                 "stream_state": "streaming",
                 "stream_started": time.monotonic(),
                 "appends": 0,
@@ -712,6 +733,8 @@ class FakeSlack:
             if error:
                 return {"ok": False, "error": error}
         message["stream_text"] += markdown
+        if markdown:
+            message.setdefault("timeline", []).append(("text", markdown))
         message["appends"] += 1
         return {"channel": args["channel"], "ts": args["ts"]}
 
@@ -786,6 +809,10 @@ class FakeSlack:
     def _m_users_info(self, args: dict[str, Any]) -> dict[str, Any]:
         user = self.users.get(args["user"])
         return {"user": user} if user else {"ok": False, "error": "user_not_found"}
+
+    def _m_usergroups_users_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        members = self.usergroups.get(str(args["usergroup"]))
+        return {"users": list(members)} if members is not None else {"ok": False, "error": "no_such_subteam"}
 
     def _m_conversations_replies(self, args: dict[str, Any]) -> dict[str, Any]:
         channel, thread = args["channel"], str(args["ts"])
