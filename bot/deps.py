@@ -15,7 +15,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.kimi.client import KimiClient
 from bot.kimi.profiles import profile_for
-from bot.metrics import CountingRateLimitHandler, Metrics
+from bot.metrics import CountingRateLimitHandler, CountingWebClient, Metrics
 from bot.queue import JobQueue, consumer_name
 from bot.redis_client import build_redis
 from bot.settings import Settings
@@ -80,7 +80,8 @@ def slack_client(settings: Settings, metrics: Metrics) -> AsyncWebClient:
     base_url = (
         settings.slack_api_url if settings.slack_api_url.endswith("/") else settings.slack_api_url + "/"
     )
-    return AsyncWebClient(
+    return CountingWebClient(
+        metrics=metrics,
         token=settings.slack_bot_token,
         base_url=base_url,
         timeout=30,
@@ -100,6 +101,8 @@ def build_deps(settings: Settings) -> Deps:
             extra={"model": settings.kimi_model},
         )
     redis = build_redis(settings.redis_url, settings.redis_cluster)
+    metrics = Metrics()
+    metrics.watch_redis(redis)
     kimi = KimiClient(
         api_key=settings.moonshot_api_key,
         base_url=settings.kimi_base_url,
@@ -113,7 +116,7 @@ def build_deps(settings: Settings) -> Deps:
         backoff_base=settings.kimi_retry_base_delay,
         concurrency=settings.kimi_concurrency,
     )
-    metrics = Metrics()
+    kimi.metrics = metrics
     return Deps(
         settings=settings,
         slack=slack_client(settings, metrics),

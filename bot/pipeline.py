@@ -285,15 +285,18 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
             writer.start()
             await writer.fail(f"_:black_square_for_stop: Stopped by <@{who}> before I began._")
             await lease.complete(job, details=(turn.ts, details))
+            deps.metrics.answer("stopped")
             return
         if not turn.text.strip():
             await writer.notice(EMPTY_QUESTION)
             await lease.complete(job)
             return
         await _think_and_deliver(turn, deps, writer, kimi_task, lease, job, name=name, state=state)
+        deps.metrics.answer("stopped" if writer.stopped else "answered")
     except AnswerError as exc:
         await _report(turn, writer, exc)
         await lease.complete(job, details=(turn.ts, details))
+        deps.metrics.answer(str(exc.reason))
     except (asyncio.CancelledError, LeaseLost, RedisError):
         raise  # the job goes back on the queue (or to its new owner); a re-run replaces what was shown
     except Exception as exc:  # a bug or an outage: the user still hears back, with a reference
@@ -301,6 +304,7 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
         log.exception("answer failed", extra=turn_log(turn, reference=error.reference))
         await _report(turn, writer, error, logged=True)
         await lease.complete(job, details=(turn.ts, details))
+        deps.metrics.answer(str(error.reason))
     finally:
         await writer.close()
 
@@ -472,6 +476,7 @@ async def _record(
         await deps.usage.record(
             turn.team_id, kimi.model, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, cost
         )
+        deps.metrics.used(kimi.model, usage, cost)
     calibration_usage = usage
     if agent is not None:
         usage = agent.usage
@@ -626,8 +631,10 @@ async def _agent_answer(
             cost,
             turns=1 if requests == 1 else 0,
         )
+        deps.metrics.used(kimi.model, usage, cost)
 
     async def checkpoint(index: int, step: Step) -> None:
+        deps.metrics.tools_ran(step.calls)  # each finished step once (a resumed run replays, not reruns)
         await lease.save_progress(job, **{f"step:{index}": step.dump()})
 
     async def approve(call: Planned, tool: Tool) -> bool | None:

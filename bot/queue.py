@@ -232,7 +232,7 @@ class Job:
     @staticmethod
     def encode(kind: str, data: dict[str, Any], order: str = "") -> str:
         """`order` (a message ts) places the job among its thread's waiting jobs; '' puts it last."""
-        entry: dict[str, Any] = {"kind": kind, "data": data}
+        entry: dict[str, Any] = {"kind": kind, "data": data, "at": round(time.time(), 3)}  # when queued
         if order:
             entry["order"] = order
         return json.dumps(entry, separators=(",", ":"))
@@ -358,6 +358,24 @@ class JobQueue:
     async def length(self) -> int:
         """Threads with jobs waiting or running."""
         return int(await self.redis.zcard(READY_KEY))
+
+    async def oldest_age_s(self, limit: int = 1_000) -> float:
+        """Seconds since the oldest job at the head of a listed thread's inbox was queued (0 when none),
+        looking at up to `limit` threads. A job queued before jobs carried their time counts from its
+        message's ts."""
+        members: Any = await self.redis.zrange(READY_KEY, 0, limit - 1)
+        oldest = 0.0
+        now = time.time()
+        for member in members:
+            try:
+                head = await self.redis.lindex(ThreadKeys(thread_from_member(str(member))).inbox, 0)  # type: ignore[misc]
+                entry = json.loads(head) if head else {}
+                queued = float(entry.get("at") or entry.get("order") or 0)
+            except (ValueError, TypeError, AttributeError):
+                continue
+            if queued:
+                oldest = max(oldest, now - queued)
+        return oldest
 
     async def waiting(self, thread: ThreadKey) -> list[str]:
         return [str(x) for x in await self.redis.lrange(ThreadKeys(thread).inbox, 0, -1)]  # type: ignore[misc]

@@ -25,6 +25,7 @@ from bot.agent.toolbox import ToolBox
 from bot.deps import BotIdentity, Deps
 from bot.errors import new_reference
 from bot.health import Health, readiness
+from bot.metrics import CONTENT_TYPE
 from bot.queue import Job, Lease
 from bot.socket_mode import SocketConnection
 from bot.startup import Rejected, check_bot_token, check_client, check_kimi, until_settled
@@ -124,8 +125,8 @@ def _bad_request(why: str, status: int = 400) -> web.Response:
 def build_web_app(
     deps: Deps, bolt: AsyncApp | None, worker: Worker | None = None, health: Health | None = None
 ) -> web.Application:
-    """/healthz (ready: can answer) and /livez (alive: responsive) always; /slack/events when this process
-    receives Slack's requests over HTTP."""
+    """/healthz (ready: can answer), /livez (alive: responsive) and /metrics (Prometheus) always;
+    /slack/events when this process receives Slack's requests over HTTP."""
     state = health if health is not None else Health()
 
     async def healthz(_: web.Request) -> web.Response:
@@ -149,6 +150,10 @@ def build_web_app(
 
     async def livez(_: web.Request) -> web.Response:
         return web.json_response({"ok": True})
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = await deps.metrics.exposition(deps.queue, HEALTH_TIMEOUT_S)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def slack_events(request: web.Request) -> web.Response:
         assert bolt is not None
@@ -184,6 +189,7 @@ def build_web_app(
     web_app = web.Application(client_max_size=MAX_BODY_BYTES)
     web_app.router.add_get("/healthz", healthz)
     web_app.router.add_get("/livez", livez)
+    web_app.router.add_get("/metrics", metrics)
     if bolt is not None:
         web_app.router.add_post("/slack/events", slack_events)
     return web_app

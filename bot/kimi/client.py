@@ -20,6 +20,7 @@ from openai import AsyncOpenAI
 from bot.errors import AnswerError, Reason
 from bot.kimi.events import Accumulator, Event
 from bot.kimi.profiles import ModelProfile
+from bot.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class KimiClient:
         self._slots = asyncio.Semaphore(concurrency)
         self.last_outcome = ""  # "" until the first call; then "ok" or the Reason of the last failure
         self.last_outcome_at = 0.0
+        self.metrics = Metrics()  # build_deps hands in the app's: latency and time to first token
         # read= is the idle timeout: the longest wait for the next byte, not for the whole answer.
         self.openai = AsyncOpenAI(
             api_key=api_key,
@@ -224,16 +226,20 @@ class KimiClient:
         attempt = 0
         while True:
             acc = Accumulator()
+            timing = self.metrics.kimi_request(self.model, on_event)
             try:
-                await self._stream_once(messages, acc, on_event, tools, tool_choice)
+                await self._stream_once(messages, acc, timing.on_event, tools, tool_choice)
                 finished = self._finished(acc)
                 self._outcome("ok")
+                timing.done("ok")
                 return finished
             except AnswerError as exc:
                 self._outcome(str(exc.reason))
+                timing.done(str(exc.reason))
                 raise
             except Exception as exc:  # sorted below; nothing raw reaches the user
                 verdict = verdict_for(exc)
+                timing.done(str(verdict.reason))
                 delay = backoff_delay(attempt, self.backoff_base, _retry_after(exc))
                 give_up = (
                     not verdict.retryable
