@@ -1,7 +1,8 @@
 """Live-answer figures with Slack's real pace: time to first sign, Slack calls per answer, 429s.
 
 Runs the real Bolt app over loopback HTTP against the fake Slack (enforcing Slack's rate limits) and the
-fake Kimi (streaming reasoning, then the answer), with a Redis of its own (or KIMIBOT_TEST_REDIS_URL, flushed).
+fake Kimi (streaming reasoning, then the answer), with a Redis of its own (or KIMIBOT_TEST_REDIS_URL,
+flushed).
 
     .venv/bin/python -m bench.live_answers [--questions 20]
 """
