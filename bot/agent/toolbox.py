@@ -1,8 +1,10 @@
 """The tools a worker offers: the built-ins (bot/tools/builtin.py) and the MCP servers' tools
-(bot/tools/mcp.py). Started once per process without holding up the start: the built-ins are offered at
-once (web_search with its built-in definition), while the web-search formula's live definition is read and
-the MCP servers connect in the background; asked per turn (an MCP server that is down is simply not in the
-list), closed at shutdown. `Deps.tools` holds one; without it, answers are single Kimi requests."""
+(bot/tools/mcp.py). Started once per process without holding up the start: the web-search formula's live
+definition is read and the MCP servers connect in the background, while greetings and other jobs go on; the
+first turns that ask for tools wait for that (bounded: a server that is down has had its first try by then),
+so a turn resumed right after a restart is offered the same tools as before. Asked per turn (an MCP server
+that is down is simply not in the list), closed at shutdown. `Deps.tools` holds one; without it, answers are
+single Kimi requests."""
 
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ from bot.tools.builtin import builtin_tools, load_web_search_definition
 from bot.tools.mcp import McpTools
 
 log = logging.getLogger(__name__)
+
+WARM_UP_WAIT_S = (
+    20.0  # the longest a turn waits for the tools' start (MCP connect ~12 s, formula 15 s at most)
+)
 
 
 class ToolBox:
@@ -35,7 +41,7 @@ class ToolBox:
         if self.started:
             return
         self.started = True
-        self.builtins = builtin_tools(self.settings)
+        self.builtins = builtin_tools(self.settings)  # web_search with its built-in definition, for now
         self._warming = asyncio.create_task(self._warm_up(), name="tools-warm-up")
 
     async def ready(self) -> None:
@@ -44,12 +50,24 @@ class ToolBox:
             await asyncio.shield(self._warming)
 
     async def _warm_up(self) -> None:
+        await asyncio.gather(self._load_web_search(), self._connect_mcp())
+        log.info(
+            "tools ready",
+            extra={
+                "builtin": [t.name for t in self.builtins],
+                "mcp_servers": self.mcp.status() if self.mcp is not None else {},
+            },
+        )
+
+    async def _load_web_search(self) -> None:
         try:
             definition = await load_web_search_definition(self.settings)
             if definition is not None:
                 self.builtins = builtin_tools(self.settings, web_search_definition=definition)
         except Exception as exc:  # the built-in definition stays
             log.warning("web_search definition not loaded", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+    async def _connect_mcp(self) -> None:
         if self.settings.mcp_config and self.mcp is None:
             try:
                 self.mcp = McpTools.from_file(self.settings.mcp_config)
@@ -59,15 +77,12 @@ class ToolBox:
                 )
         if self.mcp is not None:
             await self.mcp.start()
-        log.info(
-            "tools ready",
-            extra={
-                "builtin": [t.name for t in self.builtins],
-                "mcp_servers": self.mcp.status() if self.mcp is not None else {},
-            },
-        )
 
     async def __call__(self, ctx: ToolContext) -> list[Tool]:
+        if self._warming is not None and not self._warming.done():
+            with contextlib.suppress(Exception):  # bounded; a turn never waits past this, nor fails for it
+                async with asyncio.timeout(WARM_UP_WAIT_S):
+                    await asyncio.shield(self._warming)
         mcp = self.mcp.tools() if self.mcp is not None else []
         return [*self.builtins, *mcp]
 

@@ -286,13 +286,13 @@ class FakeKimi:
             await send({"content": piece})
         finish = reply.finish_reason
         arguments = 0
-        for index, call in enumerate(calls or []):
+        for position, call in enumerate(calls or []):
             self._call_ids += 1
             call_id = call.id or f"{call.name}:{self._call_ids}"
-            first = {"index": index, "id": call_id, "type": "function"}
+            first = {"index": position, "id": call_id, "type": "function"}
             await send({"tool_calls": [{**first, "function": {"name": call.name, "arguments": ""}}]})
             for piece in _pieces(call.arguments, reply.args_chunk_chars):
-                await send({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+                await send({"tool_calls": [{"index": position, "function": {"arguments": piece}}]})
             arguments += len(call.arguments)
             finish = "tool_calls"
         prompt = self.prompt_tokens(body)
