@@ -1,4 +1,4 @@
-"""The `kimibot` command: `kimibot serve` runs the bot."""
+"""The `kimibot` command: `kimibot serve` runs the bot; `kimibot doctor` checks its settings and services."""
 
 from __future__ import annotations
 
@@ -21,21 +21,33 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="run the bot",
         description="Run the bot: Socket Mode when SLACK_APP_TOKEN is set, otherwise HTTP on PORT "
-        "(POST /slack/events for events, commands and interactivity; GET /healthz, GET /livez). First checks "
-        "SLACK_BOT_TOKEN, SLACK_APP_TOKEN and MOONSHOT_API_KEY with Slack and Kimi. Receives Slack's "
-        "requests and answers them; KIMIBOT_ROLE=receiver or worker runs one half only.",
+        "(POST /slack/events for events, commands and interactivity; GET /healthz, GET /livez, "
+        "GET /metrics). First checks SLACK_BOT_TOKEN, SLACK_APP_TOKEN and MOONSHOT_API_KEY with Slack and "
+        "Kimi. Receives Slack's requests and answers them; KIMIBOT_ROLE=receiver or worker runs one half "
+        "only.",
     )
     sub.add_parser(
         "worker",
         help="run only the workers that answer queued questions (same as KIMIBOT_ROLE=worker)",
-        description="Take questions off the Redis job queue and answer them; serves GET /healthz and "
-        "GET /livez on PORT. Needs no SLACK_SIGNING_SECRET or SLACK_APP_TOKEN.",
+        description="Take questions off the Redis job queue and answer them; serves GET /healthz, "
+        "GET /livez and GET /metrics on PORT. Needs no SLACK_SIGNING_SECRET or SLACK_APP_TOKEN.",
+    )
+    sub.add_parser(
+        "doctor",
+        help="check every setting, Redis, Slack and Kimi, and the MCP servers; one line per check",
+        description="Check every setting; Redis at REDIS_URL (and whether it is a cluster); "
+        "SLACK_BOT_TOKEN (auth.test) and its scopes against the manifest's; SLACK_APP_TOKEN when set "
+        "(apps.connections.open); MOONSHOT_API_KEY and KIMI_MODEL (GET /models); each MCP server of "
+        "MCP_CONFIG. Prints one line per check (✓ or ✗) and exits with 1 when any fails. Changes nothing; "
+        "works before the first serve.",
     )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "doctor":
+        return doctor()
     if args.command not in ("serve", "worker"):
         _parser().print_help()
         return 2
@@ -74,6 +86,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kimibot stopped: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def doctor() -> int:
+    import logging
+
+    from bot.doctor import run
+    from bot.settings import SettingsError, load_settings
+
+    logging.getLogger().addHandler(logging.NullHandler())  # the checks' own log lines stay out of the report
+    try:
+        settings, problems = load_settings(), []
+    except SettingsError as exc:
+        if exc.settings is None:
+            for problem in exc.problems:
+                print(f"✗ {problem}", flush=True)
+            return 1
+        settings, problems = exc.settings, exc.problems
+    ok = asyncio.run(run(settings, problems, lambda check: print(check.line(), flush=True)))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -61,9 +61,10 @@ def is_placeholder(value: str) -> bool:
 class SettingsError(Exception):
     """Start-up cannot go on: one line per bad or missing variable."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], settings: Settings | None = None) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.settings = settings  # as far as they could be read (bad values replaced by defaults)
 
 
 class Settings(BaseSettings):
@@ -265,5 +266,5 @@ def load_settings(**overrides: object) -> Settings:
         settings = Settings(**{**overrides, **bad_fields})  # type: ignore[arg-type]
     found = malformed + problems_with(settings)
     if found:
-        raise SettingsError(found)
+        raise SettingsError(found, settings)
     return settings

@@ -106,10 +106,11 @@ async def open_socket_url(settings: Settings, client: AsyncWebClient) -> str:
     return url
 
 
-async def check_kimi(settings: Settings) -> None:
+async def check_kimi(settings: Settings) -> bool:
     """GET /models with MOONSHOT_API_KEY: the key is accepted and KIMI_MODEL is offered.
 
-    A host without /models (some OpenAI-compatible ones) cannot be asked; that is logged, not refused.
+    A host without /models (some OpenAI-compatible ones) cannot be asked; that is logged, not refused
+    (False: nothing was checked).
     """
     url = settings.kimi_base_url.rstrip("/") + "/models"
     headers = {"Authorization": f"Bearer {settings.moonshot_api_key}"}
@@ -138,7 +139,7 @@ async def check_kimi(settings: Settings) -> None:
             "cannot check KIMI_MODEL: the Kimi host does not list its models",
             extra={"url": url, "status": status},
         )
-        return
+        return False
     offered = [str(m.get("id")) for m in body["data"] if isinstance(m, dict) and m.get("id")]
     if settings.kimi_model not in offered:
         shown = ", ".join(offered[:MODELS_SHOWN]) + (", ..." if len(offered) > MODELS_SHOWN else "")
@@ -147,6 +148,7 @@ async def check_kimi(settings: Settings) -> None:
             f"{settings.kimi_model!r} is not offered by {settings.kimi_base_url} "
             f"(GET /models lists: {shown or 'nothing'})",
         )
+    return True
 
 
 def _kimi_message(body: Any) -> str:

@@ -118,6 +118,16 @@ class Hold:
         return self.call
 
 
+def manifest_scopes() -> set[str]:
+    """Every bot scope the app's manifests ask for: what a token of an installed kimibot has."""
+    import yaml
+
+    found: set[str] = set()
+    for path in (Path(__file__).resolve().parents[2] / "manifests").glob("manifest-*.yml"):
+        found |= set(yaml.safe_load(path.read_text())["oauth_config"]["scopes"]["bot"])
+    return found
+
+
 @dataclass
 class FakeSlack:
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -147,6 +157,8 @@ class FakeSlack:
     search_results: list[dict[str, Any]] = field(default_factory=list)  # assistant.search.context messages
     action_tokens: set[str] = field(default_factory=set)  # the action_tokens search accepts
     usergroups: dict[str, list[str]] = field(default_factory=dict)  # user group id -> member ids
+    # The bot token's scopes, sent in every answer's x-oauth-scopes header as Slack does (kimibot doctor)
+    scopes: set[str] = field(default_factory=lambda: manifest_scopes())
     server: TestServer | None = None
     _clock: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -409,7 +421,7 @@ class FakeSlack:
             return self._error(call, str(result["error"]))
         result = {"ok": True, **result}
         args["_result"] = result
-        return web.json_response(result)
+        return web.json_response(result, headers={"x-oauth-scopes": ",".join(sorted(self.scopes))})
 
     def _error(self, call: Call, error: str) -> web.Response:
         call.args["_result"] = {"ok": False, "error": error}
