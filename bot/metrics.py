@@ -121,6 +121,11 @@ class Metrics:
             registry=r,
         )
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Metrics:
+        # One per app, shared: Bolt deep-copies a request (and its client's retry handlers, which hold this)
+        # for lazy listeners, and the registry's locks cannot be copied.
+        return self
+
     def snapshot(self) -> dict[str, Any]:
         return {"slack_429s": sum(self.slack_429s.values()), "slack_429s_by_method": dict(self.slack_429s)}
 

@@ -184,3 +184,10 @@ async def test_metrics_are_served_when_redis_is_down(make_bot: Any) -> None:
         text = await response.text()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert sum(s.value for s in families["kimibot_redis_errors"].samples if s.name.endswith("_total")) >= 1
+
+
+def test_a_deep_copy_shares_the_metrics() -> None:
+    import copy
+
+    metrics = Metrics()  # Bolt deep-copies requests for lazy listeners, the client's retry handlers included
+    assert copy.deepcopy({"m": metrics})["m"] is metrics
