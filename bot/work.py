@@ -100,9 +100,10 @@ async def answer_command(deps: Deps, command: dict[str, Any], lease: Lease, job:
 
 async def greet(deps: Deps, lease: Lease, job: Job) -> None:
     channel, thread_ts = str(job.data["channel"]), str(job.data["thread_ts"])
-    await lease.append(answered=1, assistant=1)
+    if thread_ts:  # an assistant-panel thread; the Messages tab (no thread_ts) is greeted in the DM itself
+        await lease.append(answered=1, assistant=1)
     try:
-        await greet_assistant_thread(deps.slack, channel, thread_ts)
+        await greet_assistant_thread(deps.slack, channel, thread_ts or None)
     except Exception as exc:
         log.warning(
             "assistant thread greeting failed", extra={"error": type(exc).__name__, "channel": channel}

@@ -40,6 +40,7 @@ EVENTS_HANDLED = [
     "message.groups",
     "message.im",
     "message.mpim",
+    "app_home_opened",  # agent_view: the Messages tab
     "assistant_thread_started",
     "assistant_thread_context_changed",
 ]
@@ -64,6 +65,7 @@ def test_manifest_covers_every_method_and_event(name: str) -> None:
     assert set(EVENTS_HANDLED) <= set(manifest["settings"]["event_subscriptions"]["bot_events"])
     assert manifest["settings"]["interactivity"]["is_enabled"] is True
     assert manifest["features"]["app_home"]["messages_tab_enabled"] is True
-    assert "assistant_view" in manifest["features"]
+    assert "agent_view" in manifest["features"] and "assistant_view" not in manifest["features"]
+    assert manifest["features"]["agent_view"]["agent_description"]
     assert [c["command"] for c in manifest["features"]["slash_commands"]] == ["/kimi"]
     assert manifest["settings"]["socket_mode_enabled"] is (name == "manifest-socket-mode.yml")

@@ -192,8 +192,9 @@ async def find_announcement(client: AsyncWebClient, channel: str, trigger_id: st
     return None
 
 
-async def greet_assistant_thread(client: AsyncWebClient, channel: str, thread_ts: str) -> None:
-    """A new thread in Slack's assistant panel: say hello and offer a few prompts."""
+async def greet_assistant_thread(client: AsyncWebClient, channel: str, thread_ts: str | None) -> None:
+    """A new thread in Slack's assistant panel, or (no thread_ts) the Messages tab: say hello and offer a
+    few prompts."""
     await client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=GREETING)
     await client.assistant_threads_setSuggestedPrompts(
         channel_id=channel, thread_ts=thread_ts, prompts=list(SUGGESTED_PROMPTS)
