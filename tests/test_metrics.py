@@ -191,3 +191,17 @@ def test_a_deep_copy_shares_the_metrics() -> None:
 
     metrics = Metrics()  # Bolt deep-copies requests for lazy listeners, the client's retry handlers included
     assert copy.deepcopy({"m": metrics})["m"] is metrics
+
+
+async def test_each_attempt_of_a_retried_kimi_request_is_timed(bot: BotHarness, fake_kimi: FakeKimi) -> None:
+    fake_kimi.script(
+        Reply(status=503, error_type="server_error", error_message="busy"),
+        Reply(content="Second time lucky."),
+    )
+    await bot.send_event(mention("hello", "1700000000.000500"))
+    await bot.settle()
+    after, _ = await scrape(bot)
+    model = {"model": "kimi-k2.6"}
+    assert value(after, "kimibot_kimi_request_seconds_count", outcome="unavailable", **model) == 1
+    assert value(after, "kimibot_kimi_request_seconds_count", outcome="ok", **model) == 1
+    assert value(after, "kimibot_answers_total", outcome="answered") == 1
