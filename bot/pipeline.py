@@ -350,7 +350,8 @@ async def _think_and_deliver(
     if state is not None:
         entries, meta, offset = state.entries, state.meta, state.offset
         new_entries: list[dict[str, Any]] = []
-        if not entries and not offset and not turn.opens_thread:
+        # A thread that was forgotten (`@kimibot forget`) is not read back from Slack.
+        if not entries and not offset and not turn.opens_thread and "forgotten" not in meta:
             new_entries = await backfill(deps, turn)
         if turn.assistant_thread and not offset and not any(e.get("role") == "user" for e in entries):
             writer.title(turn.text)

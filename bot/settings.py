@@ -8,6 +8,7 @@ secret also comes from a file named by `NAME_FILE` (the Docker and Kubernetes se
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
@@ -39,6 +40,9 @@ WHERE_TO_GET: dict[str, str] = {
     "PORT": "a TCP port number between 1 and 65535",
     "LOG_LEVEL": "one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
     "MCP_CONFIG": 'the path of a JSON file {"mcpServers": {...}} (README "MCP servers"); empty for none',
+    "ALLOWED_USERS": "comma-separated Slack user ids (U…, W…) and user-group ids (S…); empty for everyone",
+    "ALLOWED_CHANNELS": "comma-separated Slack channel ids (C…, G…, D…) or dm (DMs with kimibot); empty for "
+    "everywhere",
 }
 
 # Settings that hold secrets: each may instead name a file with `NAME_FILE` (Docker/Kubernetes secrets).
@@ -51,6 +55,13 @@ SECRET_SETTINGS = (
 )
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ALLOWED_USER_ID = re.compile(r"[UWS][A-Z0-9]{2,}")  # a user (U…, W… on Enterprise Grid) or a user group (S…)
+ALLOWED_CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{2,}|dm")  # a channel, private channel, DM; `dm`: every DM
+
+
+def split_ids(value: str) -> list[str]:
+    """`ALLOWED_USERS` / `ALLOWED_CHANNELS`: comma-separated (spaces allowed), empty items skipped."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def is_placeholder(value: str) -> bool:
@@ -128,6 +139,11 @@ class Settings(BaseSettings):
     # --- MCP servers (bot/tools/mcp.py) ---
     mcp_config: str = ""  # path of a JSON file {"mcpServers": {...}}; empty: no MCP servers
 
+    # --- Access control (bot/admission.py) ---
+    allowed_users: str = ""  # comma-separated user ids (U…/W…) and user-group ids (S…); empty: everyone
+    allowed_channels: str = ""  # comma-separated channel ids (C…/G…/D…, or `dm`); empty: everywhere
+    allow_guests: bool = False  # may guests (restricted / ultra-restricted accounts) use kimibot?
+
     @property
     def socket_mode(self) -> bool:
         return bool(self.slack_app_token)
@@ -195,6 +211,12 @@ def problems_with(settings: Settings) -> list[str]:
             )
     if settings.log_level.upper() not in LOG_LEVELS:
         malformed("LOG_LEVEL", f"is not a log level ({settings.log_level!r})")
+    for name, value, pattern in (
+        ("ALLOWED_USERS", settings.allowed_users, ALLOWED_USER_ID),
+        ("ALLOWED_CHANNELS", settings.allowed_channels, ALLOWED_CHANNEL_ID),
+    ):
+        if bad := [item for item in split_ids(value) if not pattern.fullmatch(item)]:
+            malformed(name, f"holds {', '.join(repr(b) for b in bad[:3])}, not ids")
     if settings.mcp_config:
         from bot.tools.mcp import config_problem  # imported only when MCP servers are configured
 

@@ -220,6 +220,10 @@ class UserNames:
         self._remember(team_id, user, name)
         await self.redis.set(self.key(team_id, user), name, ex=USER_NAME_TTL_S)
 
+    def drop_local(self, team_id: str, user: str) -> None:
+        """Forget this process's copy (`/kimi forget-me`; forget_user deletes the Redis one)."""
+        self._local.pop((team_id, user), None)
+
 
 class Usage:
     """Token counts per team and day, for the admin (and later quotas)."""
@@ -379,3 +383,141 @@ class Feedback:
     async def ratings(self, team_id: str, channel: str, message_ts: str) -> dict[str, dict[str, Any]]:
         raw = await self.redis.hgetall(self.key(team_id, channel, message_ts))
         return {str(k): json.loads(v) for k, v in raw.items()}
+
+
+# --- Access control and forgetting (bot/admission.py, handlers/shortcuts.py, /kimi forget-me) ---
+
+ACCESS_FACT_TTL_S = 3_600  # how long a user's guest flag and a user group's members are trusted
+REFUSAL_NOTICE_TTL_S = 3_600  # "kimibot isn't enabled for you here" at most once per user per hour
+
+
+class AccessFacts:
+    """What the access rule needs to know about people (is a user a guest; who is in a user group), from
+    users.info and usergroups.users.list, cached in Redis for an hour and in the process for minutes; and
+    the once-an-hour mark of the refusal notice."""
+
+    LOCAL_TTL_S = 300
+    LOCAL_MAX = 10_000
+
+    def __init__(self, redis: Redis, ttl_s: int = ACCESS_FACT_TTL_S) -> None:
+        self.redis = redis
+        self.ttl_s = ttl_s
+        self._local: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    @staticmethod
+    def guest_key(team_id: str, user: str) -> str:
+        return f"{PREFIX}:guest:{team_id}:{user}"
+
+    @staticmethod
+    def group_key(team_id: str, group: str) -> str:
+        return f"{PREFIX}:usergroup:{team_id}:{group}"
+
+    @staticmethod
+    def notice_key(team_id: str, user: str) -> str:
+        return f"{PREFIX}:refused:{team_id}:{user}"
+
+    async def _get(self, key: str) -> str | None:
+        local = self._local.get(key)
+        if local is not None:
+            if local[1] > time.monotonic():
+                return local[0]
+            del self._local[key]
+        value = await self.redis.get(key)
+        if value is not None:
+            self._remember(key, str(value))
+        return None if value is None else str(value)
+
+    def _remember(self, key: str, value: str) -> None:
+        self._local[key] = (value, time.monotonic() + min(self.LOCAL_TTL_S, self.ttl_s))
+        self._local.move_to_end(key)
+        while len(self._local) > self.LOCAL_MAX:
+            self._local.popitem(last=False)
+
+    async def _put(self, key: str, value: str) -> None:
+        self._remember(key, value)
+        await self.redis.set(key, value, ex=max(self.ttl_s, 1))
+
+    async def guest(self, team_id: str, user: str) -> bool | None:
+        """Is the user a guest (None: not known yet)?"""
+        value = await self._get(self.guest_key(team_id, user))
+        return None if value is None else value == "1"
+
+    async def put_guest(self, team_id: str, user: str, guest: bool) -> None:
+        await self._put(self.guest_key(team_id, user), "1" if guest else "0")
+
+    async def group(self, team_id: str, group: str) -> frozenset[str] | None:
+        """A user group's members (None: not known yet)."""
+        value = await self._get(self.group_key(team_id, group))
+        return None if value is None else frozenset(json.loads(value))
+
+    async def put_group(self, team_id: str, group: str, members: list[str]) -> None:
+        await self._put(self.group_key(team_id, group), json.dumps(sorted(set(members))))
+
+    async def first_refusal(self, team_id: str, user: str) -> bool:
+        """True once per user per hour: the refusal notice is due."""
+        return bool(
+            await self.redis.set(self.notice_key(team_id, user), "1", nx=True, ex=REFUSAL_NOTICE_TTL_S)
+        )
+
+    def drop_local(self, team_id: str, user: str) -> None:
+        """Forget this process's copy of the user's facts (`/kimi forget-me`; forget_user deletes Redis's)."""
+        self._local.pop(self.guest_key(team_id, user), None)
+
+
+# KEYS: lease, meta, history, turns (one thread's tag). ARGV: holder, the forget message's ts, thread ttl s.
+# Run by the worker holding the thread, so no answer of the thread is running meanwhile and none is
+# half-recorded. Deletes the history, the answers' details and the metadata, keeping only whether the bot
+# answers in the thread (`answered`, `assistant`) and the newest message it posted there (`posted_ts`, which
+# re-runs rely on), none of them content; `forgotten` then marks the thread so that the next question does
+# not read the forgotten messages back from Slack (the backfill of a thread the bot is new to).
+# -> keys deleted | -1 lost
+_FORGET_THREAD = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local names = {'answered', 'assistant', 'posted_ts'}
+local keep = redis.call('HMGET', KEYS[2], unpack(names))
+local n = redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+for i = 1, #names do if keep[i] then redis.call('HSET', KEYS[2], names[i], keep[i]) end end
+redis.call('HSET', KEYS[2], 'forgotten', ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return n
+"""
+
+
+async def forget_thread(redis: Redis, thread: ThreadKey, holder: str, forget_ts: str, ttl_s: int) -> int:
+    """Delete a thread's stored context (history, metadata, answers' details) as the holder of its lease.
+    Left alone: the inbox, lease, fencing token, attempts and progress of jobs (the questions still waiting,
+    and what answering them needs) and the dedup claims (a message timestamp each, no content, expiring after
+    DEDUP_TTL_SECONDS: without them a redelivered message would be answered, and stored, again). Returns
+    how many keys were deleted; -1 when the lease was lost."""
+    keys = ThreadKeys(thread)
+    result = await redis.eval(  # type: ignore[misc]
+        _FORGET_THREAD, 4, keys.lease, keys.meta, keys.history, keys.turns, holder, forget_ts, ttl_s
+    )
+    return int(result)
+
+
+async def forget_user(redis: Redis, team_id: str, user: str) -> dict[str, int]:
+    """Delete what kimibot keeps about one person outside threads: their cached display name, access facts
+    and refusal mark, their 👍/👎 votes (and their entries in the team's vote log), their Stop requests.
+    Their messages inside threads' histories stay (they are part of other people's conversations; `forget`
+    in a thread deletes one). Returns counts per kind."""
+    done = {"name": 0, "access": 0, "votes": 0, "stops": 0}
+    done["name"] = int(await redis.delete(UserNames.key(team_id, user)))
+    done["access"] = int(
+        await redis.delete(AccessFacts.guest_key(team_id, user), AccessFacts.notice_key(team_id, user))
+    )
+    pattern = f"{PREFIX}:feedback:{Feedback._tag(team_id)}:*"
+    async for key in redis.scan_iter(match=pattern, count=500):
+        done["votes"] += int(await redis.hdel(str(key), user))  # type: ignore[misc]
+    log_key = Feedback.log_key(team_id)
+    for raw in await redis.lrange(log_key, 0, -1):  # type: ignore[misc]
+        try:
+            voter = json.loads(raw).get("user")
+        except (ValueError, AttributeError):
+            continue
+        if voter == user:
+            await redis.lrem(log_key, 0, str(raw))  # type: ignore[misc]
+    async for key in redis.scan_iter(match=f"{PREFIX}:stop:*", count=500):
+        if str(await redis.get(key) or "") == user:
+            done["stops"] += int(await redis.delete(key))
+    return done

@@ -13,9 +13,10 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 from bot.deps import Deps
 from bot.errors import USER_MESSAGES, Reason
 from bot.pipeline import answer, stop_value
-from bot.queue import Job, Lease
+from bot.queue import Job, Lease, LeaseLost
 from bot.slack.blocks import waiting_view
 from bot.slack.reply import announce_question, find_announcement, greet_assistant_thread
+from bot.store import forget_thread, forget_user
 from bot.turn import Source, ThreadKey, Turn
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ async def run_job(job: Job, lease: Lease, deps: Deps) -> None:
         await answer_command(deps, job.data["command"], lease, job)
     elif job.kind == "greet":
         await greet(deps, lease, job)
+    elif job.kind == "forget":
+        await forget(deps, lease, job)
+    elif job.kind == "forget_me":
+        await forget_me(deps, lease, job)
     else:
         log.warning("unknown job kind dropped", extra={"kind": job.kind, "job": job.job_id})
         await lease.dead_letter(job, "unknown kind")
@@ -96,6 +101,78 @@ async def answer_command(deps: Deps, command: dict[str, Any], lease: Lease, job:
         response_url=str(command.get("response_url") or ""),
     )
     await answer(turn, deps, lease, job)
+
+
+FORGOTTEN = (
+    "Done: I have forgotten this thread. Its earlier messages and my answers are deleted from what I keep, "
+    "and I won't read them back; ask me something here and I start afresh."
+)
+
+
+def forget_job(thread: ThreadKey, user: str, ts: str, *, ephemeral: bool) -> dict[str, Any]:
+    """`@kimibot forget` (ts: that message; confirmed in the thread) or the Forget shortcut (ts: the
+    shortcut's action, confirmed privately)."""
+    return {
+        "job_id": f"forget:{ts}",
+        "user": user,
+        "ts": ts,
+        "ephemeral": ephemeral,
+        "thread_ts": thread.thread_ts,
+    }
+
+
+async def forget(deps: Deps, lease: Lease, job: Job) -> None:
+    """Delete a thread's stored context. It runs as a job of the thread, so after an answer in progress
+    there (whose exchange it deletes too), never in the middle of one."""
+    thread, user = job.thread, str(job.data.get("user") or "")
+    ts = str(job.data.get("ts") or "")
+    if await forget_thread(deps.redis, thread, lease.holder, ts, deps.settings.thread_ttl_seconds) < 0:
+        raise LeaseLost(str(thread))
+    await lease.complete(job)
+    log.info("thread forgotten", extra={"thread_key": str(thread), "user": user})
+    try:
+        await lease.guard()
+        if job.data.get("ephemeral"):
+            await deps.slack.chat_postEphemeral(
+                channel=thread.channel, user=user, thread_ts=thread.thread_ts, text=FORGOTTEN
+            )
+        else:
+            await deps.slack.chat_postMessage(
+                channel=thread.channel, thread_ts=thread.thread_ts, text=FORGOTTEN
+            )
+    except LeaseLost:
+        raise
+    except Exception as exc:  # forgotten all the same; only the confirmation is missing
+        log.warning(
+            "forget confirmation failed", extra={"error": type(exc).__name__, "channel": thread.channel}
+        )
+
+
+def forgotten_text(done: dict[str, int]) -> str:
+    return (
+        "Done. I deleted what I keep about you outside threads: your cached display name and access checks, "
+        f"{done.get('votes', 0)} 👍/👎 vote(s) and {done.get('stops', 0)} Stop request(s). Your messages "
+        "inside threads stay, as part of those conversations, until the thread expires; say `@Kimi forget` "
+        "in a thread to delete that thread."
+    )
+
+
+async def forget_me(deps: Deps, lease: Lease, job: Job) -> None:
+    """/kimi forget-me: delete what kimibot keeps about the asker, and tell them privately."""
+    command = job.data.get("command") or {}
+    team, user = str(command.get("team_id") or ""), str(command.get("user_id") or "")
+    deps.names.drop_local(team, user)
+    done = await forget_user(deps.redis, team, user)
+    await lease.complete(job)
+    log.info("user forgotten", extra={"team": team, "user": user, **done})
+    response_url = str(command.get("response_url") or "")
+    if response_url:
+        try:
+            await AsyncWebhookClient(response_url).send(
+                text=forgotten_text(done), response_type="ephemeral", replace_original=False
+            )
+        except Exception as exc:  # deleted all the same; only the confirmation is missing
+            log.warning("forget-me confirmation failed", extra={"error": type(exc).__name__})
 
 
 async def greet(deps: Deps, lease: Lease, job: Job) -> None:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from slack_bolt.async_app import AsyncApp
 
+from bot.admission import Access, AccessPolicy
 from bot.deps import Deps
-from handlers import actions, assistant, commands, events, fallback
+from bot.store import AccessFacts
+from handlers import actions, assistant, commands, events, fallback, shortcuts
 
 
 def register(app: AsyncApp, deps: Deps) -> None:
+    # ALLOWED_USERS / ALLOWED_CHANNELS / ALLOW_GUESTS, with one cache of the facts they need per app
+    access = Access(AccessPolicy.from_settings(deps.settings), AccessFacts(deps.redis), deps.slack)
     assistant.register(app, deps)
-    events.register(app, deps)
-    commands.register(app, deps)
-    actions.register(app, deps)
+    events.register(app, deps, access)
+    commands.register(app, deps, access)
+    actions.register(app, deps, access)
+    shortcuts.register(app, deps)
     fallback.register(app)  # last: only what nothing above took

@@ -11,6 +11,7 @@ from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp
 
+from bot.admission import NOT_ENABLED, Access
 from bot.deps import Deps
 from bot.slack.blocks import (
     ACTION_APPROVE,
@@ -51,7 +52,7 @@ def where(body: dict[str, Any]) -> tuple[str, str, str, str]:
     return team, channel, str((body.get("user") or {}).get("id") or ""), message_ts
 
 
-def register(app: AsyncApp, deps: Deps) -> None:
+def register(app: AsyncApp, deps: Deps, access: Access | None = None) -> None:
     async def tell(channel: str, user: str, thread_ts: str, text: str) -> None:
         try:
             await deps.slack.chat_postEphemeral(channel=channel, user=user, thread_ts=thread_ts, text=text)
@@ -121,9 +122,13 @@ def register(app: AsyncApp, deps: Deps) -> None:
         if found is None:
             return
         clicked, question, _ = found
+        thread = clicked.thread
+        if access is not None and await access.refusal(thread.team_id, clicked.user, thread.channel):
+            if await access.facts.first_refusal(thread.team_id, clicked.user):
+                await tell(thread.channel, clicked.user, thread.thread_ts, NOT_ENABLED)
+            return
         clicked_at = str(action.get("action_ts") or "")
         text = str(question.get("text") or "")
-        thread = clicked.thread
         turn = Turn(
             Source.REGENERATE,
             thread.team_id,

@@ -7,18 +7,67 @@ from typing import Any
 
 from slack_bolt.async_app import AsyncApp
 
-from bot.admission import admit
+from bot.admission import NOT_ENABLED, Access, Refused, admit
 from bot.deps import Deps
-from bot.work import queue_turn
+from bot.turn import Source, Turn
+from bot.work import forget_job, queue_turn
 
 log = logging.getLogger(__name__)
+FORGET_WORDS = frozenset({"forget"})
+FORGET_WHERE = "Say `forget` to me inside a thread to make me forget that thread."
 
 
-def register(app: AsyncApp, deps: Deps) -> None:
+def is_forget(turn: Turn) -> bool:
+    """`@kimibot forget` (or `forget` in a DM): the text exactly "forget", any case."""
+    return turn.source in (Source.MENTION, Source.DM) and turn.text.strip().lower() in FORGET_WORDS
+
+
+async def tell_refused(deps: Deps, access: Access, refused: Refused) -> None:
+    """ "kimibot isn't enabled for you here", privately, at most once per user per hour."""
+    if await access.facts.first_refusal(refused.team_id, refused.user):
+        await tell(deps, refused.channel, refused.user, NOT_ENABLED, refused.thread_ts)
+
+
+async def tell(deps: Deps, channel: str, user: str, text: str, thread_ts: str = "") -> None:
+    try:
+        await deps.slack.chat_postEphemeral(
+            channel=channel, user=user, thread_ts=thread_ts or None, text=text
+        )
+    except Exception as exc:  # the bot may not be in the channel; nothing else to do
+        log.info("ephemeral reply failed", extra={"error": type(exc).__name__, "channel": channel})
+
+
+async def queue_forget(deps: Deps, turn: Turn) -> bool:
+    """Queue `forget` as a job of the thread (after any answer in progress); False when already queued."""
+    return await deps.queue.put(
+        turn.thread,
+        "forget",
+        forget_job(turn.thread, turn.user, turn.ts, ephemeral=False),
+        dedup_ts=turn.ts,
+        dedup_ttl_s=deps.settings.dedup_ttl_seconds,
+        order=turn.ts,
+    )
+
+
+def register(app: AsyncApp, deps: Deps, access: Access | None = None) -> None:
     async def on_message_event(body: dict[str, Any], event: dict[str, Any]) -> None:
         # Bolt acks once this returns: decide, and queue the answer so an acked question is never lost.
         me = await deps.whoami()
-        turn = await admit(body, event, threads=deps.threads, bot_user_id=me.user_id, bot_id=me.bot_id)
+        admitted = await admit(
+            body, event, threads=deps.threads, bot_user_id=me.user_id, bot_id=me.bot_id, access=access
+        )
+        if isinstance(admitted, Refused):
+            if access is not None:
+                await tell_refused(deps, access, admitted)
+            return
+        turn = admitted
+        if turn is not None and is_forget(turn):
+            if turn.opens_thread:  # nothing to forget yet; hinted once (not again for a mention's twin)
+                if event.get("type") == "app_mention" or turn.source is Source.DM:
+                    await tell(deps, turn.channel, turn.user, FORGET_WHERE)
+            elif not await queue_forget(deps, turn):
+                log.info("duplicate forget ignored", extra={"channel": turn.channel, "ts": turn.ts})
+            return
         if turn is not None and not await queue_turn(deps, turn):
             log.info(
                 "duplicate delivery ignored",

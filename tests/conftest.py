@@ -77,6 +77,10 @@ def make_settings(fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str) ->
             "kimi_model": "kimi-k2.6",
             "redis_url": redis_url,
             "kimi_retry_base_delay": 0.01,
+            # The guest rule (ALLOW_GUESTS=false, the default) asks users.info when a person first speaks;
+            # tests about other things leave it out so their Slack calls stay theirs. tests/test_access.py
+            # runs with the real default.
+            "allow_guests": True,
             **overrides,
         }
         return load_settings(**values)

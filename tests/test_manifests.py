@@ -29,6 +29,7 @@ METHODS_CALLED = [
     "chat.getPermalink",
     "assistant.search.context",
     "users.info",
+    "usergroups.users.list",  # ALLOWED_USERS' user groups
     "views.open",
     "assistant.threads.setStatus",
     "assistant.threads.setSuggestedPrompts",
