@@ -205,6 +205,7 @@ async def tell_not_answered(deps: Deps, job: Job, lease: Lease, why: str, refere
         response_url = str(command.get("response_url") or "")
     else:
         return  # a greeting nobody asked for: nobody to tell
+    deps.metrics.answer("gave_up" if why == "attempts" else "internal")
     await lease.guard()
     if (response_url and job.kind == "command") or (job.kind == "turn" and response_url):
         await AsyncWebhookClient(response_url).send(text=sentence, response_type="ephemeral")

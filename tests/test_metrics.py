@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot.metrics import Metrics
+from bot.store import ThreadKeys
 from bot.tools.base import ToolContext, ToolResult
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import Call, FakeKimi, Reply
@@ -205,3 +206,25 @@ async def test_each_attempt_of_a_retried_kimi_request_is_timed(bot: BotHarness, 
     assert value(after, "kimibot_kimi_request_seconds_count", outcome="unavailable", **model) == 1
     assert value(after, "kimibot_kimi_request_seconds_count", outcome="ok", **model) == 1
     assert value(after, "kimibot_answers_total", outcome="answered") == 1
+
+
+async def test_a_question_given_up_after_its_attempts_counts_as_gave_up(
+    make_bot: Any, fake_slack: FakeSlack
+) -> None:
+    bot: BotHarness = await make_bot(start_worker=False)
+    ts = "1700000000.000600"
+    await bot.send_event(mention("poison", ts))
+    thread = bot.thread(ts)
+    for _ in range(3):  # three runs that die mid-answer: their leases simply lapse
+        [(found, score)] = await bot.deps.queue.due(10)
+        lease = await bot.deps.queue.claim(found, score)
+        assert lease is not None and found == thread
+        await lease.next_job()
+        await bot.deps.redis.delete(ThreadKeys(thread).lease)
+        await bot.deps.queue.notify(thread)
+    bot.run_worker()
+    await bot.settle()
+    after, _ = await scrape(bot)
+    assert value(after, "kimibot_answers_total", outcome="gave_up") == 1
+    assert value(after, "kimibot_answers_total", outcome="answered") == 0
+    assert any("given up" in body for body in fake_slack.bodies("C06H4T2MZ8R", ts))
