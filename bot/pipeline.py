@@ -403,6 +403,7 @@ async def _think_and_deliver(
             on_event,
             left_out,
             history,
+            calibration,
         )
         return
     log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=left_out))
@@ -591,6 +592,7 @@ async def _agent_answer(
     on_event: Callable[[Event], Awaitable[None]],
     left_out: int,
     history: bool,
+    calibration: float = 1.0,
 ) -> None:
     """The answer with tools: the agent loop asks Kimi, runs the calls it makes and asks again until it
     answers; each call shows as a task card. Every finished step is checkpointed (fenced) in the job's
@@ -605,6 +607,11 @@ async def _agent_answer(
         result_chars=settings.tool_result_max_chars,
         wall_time_s=settings.agent_max_seconds,
         approval_timeout_s=settings.tool_approval_timeout,
+        context_tokens=kimi.profile.context_window - kimi.output_budget,
+        context_margin_tokens=min(
+            max(settings.tool_result_max_chars // 2, 4_000),
+            (kimi.profile.context_window - kimi.output_budget) // 4,
+        ),
     )
     requests = 0
 
@@ -651,6 +658,8 @@ async def _agent_answer(
         approve=approve,
         checkpoint=checkpoint,
         record_usage=record_usage,
+        guard=lease.guard,  # before any tool that changes things: only while the turn is still ours
+        calibration=calibration,
     )
     resume = resumed_steps(writer.resume)
     writer.timeline = True

@@ -167,7 +167,7 @@ async def test_a_result_over_the_cap_is_paged_and_read_on_with_read_more() -> No
     text = "\n".join(f"row {i:05d} of the report" for i in range(2_000))  # ~48,000 characters
     script = Script(
         step(("lookup", '{"q": "report"}')),
-        step((READ_MORE, '{"ref": "r1", "page": 2}')),
+        step((READ_MORE, '{"ref": "s1c1", "page": 2}')),
         step(text="Done."),
     )
     outcome = await AgentLoop(
@@ -175,7 +175,7 @@ async def test_a_result_over_the_cap_is_paged_and_read_on_with_read_more() -> No
     ).run([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}])
     first = script.requests[1][0][-1]["content"]
     second = script.requests[2][0][-1]["content"]
-    assert len(first) < 20_500 and 'call read_more with {"ref": "r1", "page": 2}' in first
+    assert len(first) < 20_500 and 'call read_more with {"ref": "s1c1", "page": 2}' in first
     assert "page 2 of 3" in second and second.startswith(text[len(first.split("\n\n[Result")[0]) :][:20])
     assert outcome.final.text == "Done." and outcome.cap is None
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from bot.context import estimate_tokens
+from bot.errors import AnswerError, Reason
 from bot.kimi.events import Accumulator, Usage
 from bot.tools.base import Tool, ToolContext, ToolResult
 
@@ -66,12 +68,14 @@ class Cap(StrEnum):
     STEPS = "steps"
     TIME = "time"
     REPEATS = "repeats"
+    CONTEXT = "context"
 
 
 CAP_NOTES = {
     Cap.STEPS: "the tool step limit of this answer was reached",
     Cap.TIME: "the time limit of this answer was reached",
     Cap.REPEATS: "the model kept repeating the same tool call",
+    Cap.CONTEXT: "the gathered results filled the model's context window",
 }
 
 
@@ -90,6 +94,12 @@ class Caps:
     approval_timeout_s: float = 300.0
     nudge_at: int = 2  # the Nth identical call gets a nudge
     refuse_at: int = 3  # from the Nth identical call on, calls are not run
+    max_parallel: int = 8  # calls of one step running at once
+    keep_pages: int = 10  # a result is cut at this many times `result_chars` before it is paged
+    # The model's window less its output budget, in tokens (0: no limit). Tools stop being offered when the
+    # request would pass it less `context_margin_tokens`; the forced last request is shortened to fit it.
+    context_tokens: int = 0
+    context_margin_tokens: int = 8_000
 
 
 @dataclass
@@ -301,6 +311,7 @@ Complete = Callable[[list[dict[str, Any]], list[dict[str, Any]], str | None], Aw
 Approve = Callable[[Planned, Tool], Awaitable[bool | None]]  # True approved, False declined, None no answer
 Checkpoint = Callable[[int, Step], Awaitable[None]]
 RecordUsage = Callable[[Usage], Awaitable[None]]
+Guard = Callable[[], Awaitable[None]]  # raises (e.g. LeaseLost) when the turn may no longer change things
 
 
 class View(Protocol):
@@ -337,6 +348,20 @@ async def _no_usage(usage: Usage) -> None:
     pass
 
 
+async def _no_guard() -> None:
+    pass
+
+
+LEFT_OUT = "[This result was left out: the gathered results no longer fit the model's context window.]"
+
+
+def shorten(text: str, limit: int) -> str:
+    """A result cut to about `limit` characters, saying so (for the forced last request only)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n\n[Cut to fit the context window: {len(text):,} characters in all.]"
+
+
 class AgentLoop:
     """One turn's loop. `run` returns the Outcome; after a cancellation (Stop), `partial()` says what was
     done so far."""
@@ -353,6 +378,8 @@ class AgentLoop:
         approve: Approve | None = None,
         checkpoint: Checkpoint = _no_checkpoint,
         record_usage: RecordUsage = _no_usage,
+        guard: Guard = _no_guard,
+        calibration: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tools = {t.name: t for t in tools}
@@ -360,10 +387,12 @@ class AgentLoop:
         if READ_MORE not in {d["function"]["name"] for d in self.definitions}:
             while len(self.definitions) >= MAX_TOOLS:  # Kimi takes 128 at most: read_more keeps its place
                 dropped = self.definitions.pop()
-                log.warning(
-                    "tool not offered: 128 tools at most", extra={"tool": dropped["function"]["name"]}
-                )
+                name = dropped["function"]["name"]
+                self.tools.pop(name, None)  # not offered, so not run either
+                log.warning("tool not offered: 128 tools at most", extra={"tool": name})
             self.definitions.append(READ_MORE_DEFINITION)
+        offered_names = {d["function"]["name"] for d in self.definitions}
+        self.tools = {name: tool for name, tool in self.tools.items() if name in offered_names}
         self.complete = complete
         self.ctx = ctx
         self.caps = caps or Caps()
@@ -371,7 +400,14 @@ class AgentLoop:
         self.approve = approve
         self.checkpoint = checkpoint
         self.record_usage = record_usage
+        self.guard = guard
+        self.calibration = calibration
         self.clock = clock
+        self.slots = asyncio.Semaphore(max(self.caps.max_parallel, 1))
+        self.verbatim: set[str] = set()  # call ids whose result goes to the model unchanged
+        self._definitions_tokens = int(
+            len(json.dumps(self.definitions, ensure_ascii=False)) / 3.0 * calibration
+        )
         self.messages: list[dict[str, Any]] = []
         self.steps: list[Step] = []
         self.counts: Counter[str] = Counter()
@@ -404,17 +440,32 @@ class AgentLoop:
                 now = self.clock()
                 self.overheads.append(max(now - model_done - tools_s, 0.0))
                 self.work.append(work + now - resumed)
-            acc = await self._ask(None)
-            model_done = self.clock()
-            if not acc.tool_calls:
+            if self._over_context():
+                cap = Cap.CONTEXT
+                break
+            try:
+                acc = await self._ask(None)
+            except AnswerError as exc:
+                if exc.reason is not Reason.TOO_LONG or not self.steps:
+                    raise
+                # Kimi counted more than the estimate: answer from what was gathered, shortened further.
+                log.warning("context window full mid-loop", extra={"steps": len(self.steps)})
                 await self._checkpointed()
+                return await self._forced_answer(Cap.CONTEXT, shrink=0.6)
+            model_done = self.clock()
+            # The last step's checkpoint (a lost lease raises here) lands before this step runs anything.
+            await self._checkpointed()
+            if not acc.tool_calls:
                 return self._outcome(acc, None)
             message = acc.message()
             planned = plan_calls(message, self.tools, self.counts, self.caps)
             for call in planned:
                 self.view.call_planned(call)
             deadline = started + self.caps.wall_time_s
-            calls = [self._run_call(call, deadline) for call in planned]
+            index = len(self.steps)
+            calls = [
+                self._run_call(call, deadline, f"s{index + 1}c{n + 1}") for n, call in enumerate(planned)
+            ]
             work = self.clock() - model_done
             done = await asyncio.gather(*calls)
             resumed = self.clock()
@@ -438,13 +489,54 @@ class AgentLoop:
         if task is not None:
             await task
 
-    async def _forced_answer(self, cap: Cap) -> Outcome:
+    def _estimate(self, messages: Sequence[dict[str, Any]]) -> int:
+        return self._definitions_tokens + sum(estimate_tokens(m, self.calibration) for m in messages)
+
+    def _over_context(self) -> bool:
+        """Would the next request (with room left for one more step's results) pass the window?"""
+        if self.caps.context_tokens <= 0 or not self.steps:
+            return False
+        limit = self.caps.context_tokens - self.caps.context_margin_tokens
+        return self._estimate(self.messages) > limit
+
+    def _fit(self, messages: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+        """The forced request within `budget` tokens: the largest tool results of the turn are shortened
+        (a verbatim one is left out whole, never cut) until it fits, or nothing is left to shorten."""
+        first = len(messages) - sum(len(s.results) + 1 for s in self.steps)  # this turn's steps start here
+        messages = list(messages)
+        while self._estimate(messages) > budget:
+            tools = [i for i in range(max(first, 0), len(messages)) if messages[i].get("role") == "tool"]
+            sizes = {i: len(str(messages[i].get("content") or "")) for i in tools}
+            shortenable = [i for i in tools if sizes[i] > len(LEFT_OUT) + 200]
+            if not shortenable:
+                break
+            i = max(shortenable, key=lambda j: sizes[j])
+            excess_chars = int((self._estimate(messages) - budget) * 3.0 / max(self.calibration, 0.25)) + 200
+            content = str(messages[i].get("content") or "")
+            if messages[i].get("tool_call_id") in self.verbatim:
+                text = LEFT_OUT
+            else:
+                text = shorten(content, max(sizes[i] - excess_chars, sizes[i] // 2, 200))
+                if len(text) >= sizes[i]:
+                    text = LEFT_OUT
+            messages[i] = {**messages[i], "content": text}
+        return messages
+
+    async def _forced_answer(self, cap: Cap, shrink: float = 1.0) -> Outcome:
         """The last request, with tool_choice "none": an answer from what was gathered."""
         log.info("agent loop cap reached", extra={"cap": str(cap), "steps": len(self.steps)})
         messages = list(self.messages)
+        if self.caps.context_tokens > 0 or shrink < 1.0:
+            budget = self.caps.context_tokens or self._estimate(messages)
+            if shrink < 1.0:
+                budget = min(budget, int(self._estimate(messages) * shrink))
+            messages = self._fit(messages, budget)
         if messages and messages[-1].get("role") == "tool":
             last = messages[-1]
-            messages[-1] = {**last, "content": str(last.get("content") or "") + final_note(cap)}
+            if last.get("tool_call_id") in self.verbatim:  # never annotated: the note goes on its own
+                messages.append({"role": "user", "content": final_note(cap).strip()})
+            else:
+                messages[-1] = {**last, "content": str(last.get("content") or "") + final_note(cap)}
         self.view.step_started(len(self.steps))
         acc = await self._ask("none", messages)
         await self._checkpointed()
@@ -496,17 +588,20 @@ class AgentLoop:
             self.counts[record.key] += 1
             self.view.call_done(record, "")
 
-    async def _run_call(self, call: Planned, deadline: float) -> tuple[CallRecord, dict[str, Any]]:
+    async def _run_call(self, call: Planned, deadline: float, ref: str) -> tuple[CallRecord, dict[str, Any]]:
         """Run one call (or don't), and return its record and its tool message. Never raises, except
-        CancelledError (Stop)."""
+        CancelledError (Stop) and the guard's error (the turn is no longer ours)."""
         started = self.clock()
         result, text = await self._result(call, deadline)
         seconds = self.clock() - started
-        text = text or ("(empty result)" if result.ok else "Error")
-        if call.name != READ_MORE:  # its pages are already within the cap
-            text = self._paged(text)
-        if call.verdict is Verdict.NUDGE:
-            text += NUDGE.format(name=call.name)
+        if result.verbatim and text:  # web_search's encrypted envelope: handed back exactly as it came
+            self.verbatim.add(call.id)
+        else:
+            text = text or ("(empty result)" if result.ok else "Error")
+            if call.name != READ_MORE:  # its pages are already within the cap
+                text = self._paged(text, ref)
+            if call.verdict is Verdict.NUDGE:
+                text += NUDGE.format(name=call.name)
         record = CallRecord(
             call.id, call.name, result.title or call.title, result.ok, result.sources, call.key, seconds
         )
@@ -540,12 +635,14 @@ class AgentLoop:
                     else "No one approved this action in time; it was not run."
                 )
                 return ToolResult(text, ok=False), text
+        if not tool.read_only:
+            await self.guard()  # a lost lease: another worker owns the turn now, nothing is changed
         self.view.call_running(call)
         own = getattr(tool, "timeout", None)  # an MCP server's own per-call timeout, when it has one
         limit = float(own) if isinstance(own, int | float) and own > 0 else self.caps.call_timeout_s
         timeout = max(min(limit, deadline - self.clock()), 1.0)
         try:
-            async with asyncio.timeout(timeout):
+            async with self.slots, asyncio.timeout(timeout):
                 result = await tool.run(call.args, self.ctx)
         except TimeoutError:
             text = f"Error: {call.name} did not finish within {timeout:.0f} seconds."
@@ -572,13 +669,20 @@ class AgentLoop:
         except TimeoutError:
             return None
 
-    def _paged(self, text: str) -> str:
+    def _paged(self, text: str, ref: str) -> str:
+        """`ref` names the step and the call (s3c2), so it stays unique when a resumed run goes on."""
+        limit = self.caps.result_chars * max(self.caps.keep_pages, 1)
+        total = len(text)
+        if total > limit:  # a huge result is not kept whole: the first pages are
+            text = text[:limit]
         pages = page_text(text, self.caps.result_chars)
-        if len(pages) == 1:
+        if len(pages) == 1 and total <= limit:
             return text
-        ref = f"r{len(self.pages) + 1}"
         self.pages[ref] = pages
-        return pages[0] + paged_note(ref, 1, len(pages), len(text))
+        note = paged_note(ref, 1, len(pages), total)
+        if total > limit and len(pages) == 1:
+            note = f"\n\n[Result truncated: the first {limit:,} of {total:,} characters are shown.]"
+        return pages[0] + note
 
     def _read_more(self, args: dict[str, Any]) -> str:
         ref = str(args.get("ref") or "")

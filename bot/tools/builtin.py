@@ -53,6 +53,13 @@ async def load_web_search_definition(settings: Settings) -> dict[str, Any] | Non
     return functions[0]
 
 
+PAGE_NOTE_ROOM = 1_000  # characters left under the loop's cap for a built-in tool's own paging note
+
+
+def builtin_cap(loop_cap: int) -> int:
+    return max(loop_cap - PAGE_NOTE_ROOM, loop_cap // 2)
+
+
 def builtin_tools(
     settings: Settings,
     *,
@@ -61,7 +68,9 @@ def builtin_tools(
 ) -> list[Tool]:
     """current_time, the Slack readers, web_search (when WEB_SEARCH_ENABLED) and fetch_url."""
     cache_s = settings.slack_access_cache_seconds
-    cap = settings.tool_result_max_chars
+    # A few hundred characters below the loop's cap: a tool's own page and its note fit within it, so the
+    # loop never pages a page again.
+    cap = builtin_cap(settings.tool_result_max_chars)
     tools: list[Tool] = [
         CurrentTime(cache_s=cache_s, max_chars=cap),
         SlackUserInfo(cache_s=cache_s, max_chars=cap),

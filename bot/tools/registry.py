@@ -1,6 +1,7 @@
 """The tool registry: which tools are offered, in which order, with which definitions (all pure).
 
-- Names must match Moonshot's `^[a-zA-Z_][a-zA-Z0-9_-]{2,63}$`; duplicates and tools past 128 are dropped.
+- Names must match Moonshot's `^[a-zA-Z_][a-zA-Z0-9_-]{2,63}$`; duplicates and tools past 127 are dropped
+  (the agent loop adds `read_more`: 128 in all).
 - Definitions are byte-stable for the prefix cache: tools sorted by name, every dict rebuilt with its keys
   in sorted order, so the same tools give a byte-identical list however they were registered and whichever
   JSON encoder (key order preserved) sends them.
@@ -317,7 +318,7 @@ def definitions_json(definitions: Iterable[Mapping[str, Any]]) -> str:
 
 
 def build_registry(tools: Iterable[Tool]) -> Registry:
-    """Offerable tools: valid names, sanitisable schemas, no duplicates (the first wins), at most 128
+    """Offerable tools: valid names, sanitisable schemas, no duplicates (the first wins), at most 127
     (the first ones given win, so list built-ins first), sorted by name. Each drop is logged."""
     accepted: list[tuple[Tool, dict[str, Any]]] = []
     seen: set[str] = set()
@@ -331,8 +332,8 @@ def build_registry(tools: Iterable[Tool]) -> Registry:
         except SchemaError as exc:
             log.warning("tool dropped: %s", exc, extra={"tool": name})
             continue
-        if len(accepted) >= MAX_TOOLS:
-            log.warning("tool dropped: more than %d tools", MAX_TOOLS, extra={"tool": name})
+        if len(accepted) >= MAX_TOOLS - 1:  # the loop adds read_more: 128 in all, web_search kept
+            log.warning("tool dropped: more than %d tools", MAX_TOOLS - 1, extra={"tool": name})
             continue
         seen.add(name)
         accepted.append((tool, definition))
