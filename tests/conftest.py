@@ -50,6 +50,8 @@ async def fake_slack() -> AsyncIterator[FakeSlack]:
     slack = FakeSlack()
     slack.add_user(ALICE, "alice")
     slack.add_user(BOB, "bob")
+    slack.add_user(BOT_USER_ID, "kimibot")  # as in Slack, users.info knows the bot's own user
+    slack.users[BOT_USER_ID]["is_bot"] = True
     await slack.start()
     yield slack
     await slack.stop()

@@ -96,11 +96,19 @@ def test_private_content_stays_with_people_who_can_read_it() -> None:
 
 
 def test_public_content_goes_anywhere_in_the_workspace_but_not_to_another_organisation() -> None:
-    assert audience_refusal(PUBLIC, SECRET, None, None) is None
-    assert audience_refusal(PUBLIC, DM_ALICE, None, None) is None
-    refused = audience_refusal(PUBLIC, SHARED, None, None)
+    assert audience_refusal(PUBLIC, SECRET, None, None, outsiders_in_destination=False) is None
+    assert audience_refusal(PUBLIC, DM_ALICE, None, None, outsiders_in_destination=False) is None
+    refused = audience_refusal(PUBLIC, SHARED, None, None, outsiders_in_destination=False)
     assert refused is not None and "shared with another organisation" in refused
     assert audience_refusal(SHARED, SHARED, None, None) is None
+
+
+def test_public_content_never_reaches_a_guest_in_another_conversation() -> None:
+    refused = audience_refusal(PUBLIC, SECRET, None, None, outsiders_in_destination=True)
+    assert refused is not None and refused.startswith("not allowed:") and "guests" in refused
+    unknown = audience_refusal(PUBLIC, GROUP, None, None, outsiders_in_destination=None)
+    assert unknown is not None and "too many members" in unknown
+    assert audience_refusal(PUBLIC, PUBLIC, None, None, outsiders_in_destination=True) is None
 
 
 # ---- the cached I/O part -------------------------------------------------------------------------
@@ -151,7 +159,36 @@ async def test_guests_read_only_public_channels_they_are_in(workspace: FakeSlack
     assert await access.refusal(source=PUBLIC.id, asker=CAROL, destination=PUBLIC.id) is None
     why = await access.refusal(source="C0INCIDENT", asker=CAROL, destination=PUBLIC.id)
     assert why is not None and "guest" in why
+    # Carol is in #general now: #incidents content read for Alice must not be shown to her there.
+    why = await access.refusal(source="C0INCIDENT", asker=ALICE, destination=PUBLIC.id)
+    assert why is not None and "guests" in why
+
+
+async def test_public_content_goes_to_a_conversation_only_if_no_guest_is_in_it(
+    workspace: FakeSlack, redis: Redis
+) -> None:
+    access = access_for(workspace, redis)
     assert await access.refusal(source="C0INCIDENT", asker=ALICE, destination=PUBLIC.id) is None
+    workspace.add_conversation(
+        "G0CONTRACT", "with-contractor", kind="private", members=[ALICE, CAROL, BOT_USER_ID]
+    )
+    why = await access.refusal(source="C0INCIDENT", asker=ALICE, destination="G0CONTRACT")
+    assert why is not None and why.startswith("not allowed:") and "#with-contractor" in why
+    workspace.add_conversation("G0GROUPDM2", kind="mpim", members=[ALICE, CAROL, BOT_USER_ID])
+    assert await access.refusal(source="C0INCIDENT", asker=ALICE, destination="G0GROUPDM2") is not None
+    assert await access.refusal(source="C0INCIDENT", asker=ALICE, destination=DM_ALICE.id) is None
+    assert not workspace.problems
+
+
+async def test_public_content_is_refused_where_the_members_are_too_many_to_check(
+    workspace: FakeSlack, redis: Redis
+) -> None:
+    many = [f"U{n:09d}" for n in range(5_100)] + [ALICE, BOT_USER_ID]
+    workspace.add_conversation("C0HUGE0001", "everyone", members=many)
+    why = await access_for(workspace, redis).refusal(
+        source="C0INCIDENT", asker=ALICE, destination="C0HUGE0001"
+    )
+    assert why is not None and "too many members" in why
 
 
 async def test_facts_are_cached_in_redis_with_a_ttl(workspace: FakeSlack, redis: Redis) -> None:

@@ -249,7 +249,10 @@ async def test_public_content_is_not_carried_to_another_organisation(
     seed_incident(workspace)
     result = await SlackChannelHistory().run({"channel": INCIDENTS}, ctx_for(channel=SHARED))
     assert not result.ok and "shared with another organisation" in result.text
-    assert (await SlackChannelHistory().run({"channel": INCIDENTS}, ctx_for(channel=GENERAL))).ok
+    assert (await SlackChannelHistory().run({"channel": INCIDENTS}, ctx_for(channel=DM_ALICE))).ok
+    # #general has a guest (Carol) among its members: #incidents content read for Alice stays out of it.
+    guest_there = await SlackChannelHistory().run({"channel": INCIDENTS}, ctx_for(channel=GENERAL))
+    assert not guest_there.ok and guest_there.text.startswith("not allowed:") and "guests" in guest_there.text
 
 
 async def test_a_guest_reads_only_public_channels_they_are_in(

@@ -7,7 +7,10 @@ The rule has two halves.
    organisation) or is in it; a private channel, DM or group DM only when the asker is a member.
 2. **Audience.** Content never moves to a wider audience. The answer goes to `ctx.channel` (the
    destination). Content of the destination itself is always fine. Public-channel content may go to any
-   conversation of the workspace that is not shared with another organisation. Private-channel, DM and
+   conversation of the workspace that is not shared with another organisation and whose every member is a
+   full member of the workspace (a guest reads only the channels they were invited to, so a guest in the
+   destination would see what they could not read; with more than MAX_MEMBERS members it is refused).
+   Private-channel, DM and
    group-DM content may go only to a conversation that is not public and whose every member is a member
    of the source: in practice the same conversation, or a DM with the asker.
 
@@ -18,6 +21,7 @@ Refusals are plain sentences starting with "not allowed:", for a `ToolResult(ok=
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 Kind = Literal["public", "private", "im", "mpim"]
 MAX_MEMBERS = 5_000  # beyond this, a conversation's members are not listed (the audience check refuses)
 _MEMBERS_PAGE = 1_000
+_LOOKUPS_AT_ONCE = 16  # users.info calls in flight when a destination's members are checked
 
 
 @dataclass(frozen=True)
@@ -145,8 +150,12 @@ def audience_refusal(
     destination: Conversation,
     source_members: frozenset[str] | None,
     destination_members: frozenset[str] | None,
+    *,
+    outsiders_in_destination: bool | None = None,
 ) -> str | None:
-    """Why content of `source` may not be used in an answer posted in `destination`, or None."""
+    """Why content of `source` may not be used in an answer posted in `destination`, or None.
+    `outsiders_in_destination`: whether a guest or someone from another organisation is among the
+    destination's members (None: not known, e.g. too many members); it matters for public content."""
     if source.id == destination.id:
         return None
     if source.kind == "public":
@@ -155,6 +164,16 @@ def audience_refusal(
                 f"not allowed: content of {source.label} cannot be used in an answer in {destination.label}, "
                 "which is shared with another organisation; ask in #"
                 f"{source.name or source.id} or in a DM with the bot"
+            )
+        if outsiders_in_destination is not False:
+            why = (
+                "has guests or people from another organisation among its members"
+                if outsiders_in_destination
+                else "has too many members to check that all of them may read it"
+            )
+            return (
+                f"not allowed: content of {source.label} cannot be used in an answer in {destination.label}, "
+                f"which {why}; ask in #{source.name or source.id} or in a DM with the bot"
             )
         return None
     # A public channel's audience is the whole workspace, whoever its members are today.
@@ -280,6 +299,26 @@ class Access:
         await self._store("user", user, asdict(person))
         return person
 
+    async def has_outsiders(self, channel: str) -> bool | None:
+        """Whether a guest or someone from another organisation is a member of `channel` (users.info,
+        through the cached person lookups); None when it has more than MAX_MEMBERS members."""
+        cached = await self._cached("outsiders", channel)
+        if cached is not None:
+            return bool(cached)
+        members = await self.members(channel)
+        if members is None:
+            return None
+        slots = asyncio.Semaphore(_LOOKUPS_AT_ONCE)
+
+        async def outsider(user: str) -> bool:
+            async with slots:
+                person = await self.person(user)
+            return person.guest or person.external
+
+        found = any(await asyncio.gather(*(outsider(user) for user in sorted(members))))
+        await self._store("outsiders", channel, found)
+        return found
+
     async def is_member(self, channel: str, user: str) -> bool:
         members = await self.members(channel)
         return members is not None and user in members
@@ -301,7 +340,10 @@ class Access:
             return None
         target = await self.conversation(destination)
         if conversation.kind == "public":
-            return audience_refusal(conversation, target, None, None)
+            if target.ext_shared:
+                return audience_refusal(conversation, target, None, None)
+            outsiders = await self.has_outsiders(destination)
+            return audience_refusal(conversation, target, None, None, outsiders_in_destination=outsiders)
         return audience_refusal(
             conversation, target, await self.members(source), await self.members(destination)
         )
