@@ -4,6 +4,7 @@ the lease, read_more refs, double paging, the 128-tool cap, parallel calls and h
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -13,11 +14,16 @@ from bot.agent.loop import READ_MORE, AgentLoop, Cap, Caps, Step
 from bot.errors import AnswerError, Reason
 from bot.kimi.events import Accumulator
 from bot.settings import Settings
+from bot.slack.blocks import approval_blocks, approval_fits
 from bot.tools.base import Tool, ToolContext, ToolResult
 from bot.tools.builtin import builtin_tools
 from bot.tools.registry import build_registry
 from bot.tools.registry import page_text as tool_page
-from tests.test_agent_loop import Probe, Script, ctx, step
+from tests.conftest import BotHarness
+from tests.fakes.kimi_api import Call, FakeKimi, Reply
+from tests.fakes.slack_api import FakeSlack
+from tests.slack_requests import ALICE, CHANNEL, mention
+from tests.test_agent_loop import Probe, Script, ctx, give, step
 
 QUESTION = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
 
@@ -240,3 +246,31 @@ async def test_a_huge_result_is_cut_at_a_multiple_of_the_cap_before_it_is_paged(
     kept = sum(len(p) for pages in loop.pages.values() for p in pages)
     assert kept <= 50_000
     assert "4,999,999 characters" in tool_messages(script.requests[1][0])[0]["content"]
+
+
+# ---- 5. nobody approves what the prompt cannot show ----------------------------------------------
+def test_the_approval_prompt_shows_the_arguments_whole_or_says_they_do_not_fit() -> None:
+    arguments = json.dumps({"body": "b" * 2_000})
+    assert approval_fits(ALICE, "mcp__tickets__create", arguments)
+    _, blocks = approval_blocks(ALICE, "mcp__tickets__create", arguments, "id1")
+    assert arguments in blocks[0]["text"]["text"]
+    assert not approval_fits(ALICE, "mcp__tickets__create", json.dumps({"body": "b" * 3_000}))
+
+
+async def test_a_write_call_too_long_to_show_is_not_asked_nor_run(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    writer = Probe(name="mcp__tickets__create", read_only=False, text="done: wrote it")
+    give(bot, writer)
+    long_call = json.dumps({"q": "x" * 4_000})
+    fake_kimi.script(Reply(tool_calls=[Call("mcp__tickets__create", long_call)]), Reply(content="Too long."))
+    ts = "1700000008.000900"
+    await bot.send_event(mention("file a long ticket", ts))
+    await bot.settle()
+    assert not writer.runs
+    assert not any("Approve?" in m.get("text", "") for m in fake_slack.replies(CHANNEL, ts))
+    results = [m["content"] for m in fake_kimi.requests[1]["messages"] if m["role"] == "tool"]
+    assert len(results) == 1 and results[0].startswith(
+        "Not run: its arguments are too long to show for approval"
+    )
+    assert fake_slack.problems == []

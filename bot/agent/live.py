@@ -7,8 +7,8 @@ import asyncio
 import contextlib
 import secrets
 
-from bot.agent.loop import CallRecord, Planned
-from bot.slack.blocks import approval_blocks, approval_done_blocks
+from bot.agent.loop import ArgumentsTooLong, CallRecord, Planned
+from bot.slack.blocks import approval_blocks, approval_done_blocks, approval_fits
 from bot.slack.reply import ReplyWriter
 from bot.store import Approvals
 from bot.tools.base import Tool
@@ -52,9 +52,12 @@ async def ask_approval(
 ) -> bool | None:
     """Post Approve/Deny for the asker and wait for the click (the loop bounds the wait with its own
     timeout). True approved, False declined; the prompt is updated to say how it ended."""
+    arguments = call.arguments or "{}"
+    if not approval_fits(turn.user, call.name, arguments):
+        raise ArgumentsTooLong(call.name)  # not asked, not run: the model may retry with less
     approval_id = secrets.token_urlsafe(12)
     await approvals.open(approval_id, turn.user, int(timeout_s) + 60)
-    text, blocks = approval_blocks(turn.user, call.name, call.arguments or "{}", approval_id)
+    text, blocks = approval_blocks(turn.user, call.name, arguments, approval_id)
     ts = await writer.post_prompt(text, blocks)
     outcome = "not approved in time; not run"
     try:

@@ -79,6 +79,16 @@ CAP_NOTES = {
 }
 
 
+class ArgumentsTooLong(Exception):
+    """Raised by an Approve callable when the call's arguments cannot be shown whole for approval."""
+
+
+TOO_LONG_TO_APPROVE = (
+    "Not run: its arguments are too long to show for approval. Call it again with shorter arguments "
+    "(or split the work into smaller calls)."
+)
+
+
 class Verdict(StrEnum):
     RUN = "run"
     NUDGE = "nudge"  # run it, and tell the model it has asked this before
@@ -622,6 +632,8 @@ class AgentLoop:
         if not tool.read_only and not getattr(tool, "trusted", False):
             try:
                 decision = await self._approval(call, tool)
+            except ArgumentsTooLong:
+                return ToolResult(TOO_LONG_TO_APPROVE, ok=False), TOO_LONG_TO_APPROVE
             except Exception as exc:  # e.g. the prompt could not be posted: no approval, no run
                 log.warning(
                     "approval not asked", extra={"tool": call.name, "error": f"{type(exc).__name__}: {exc}"}

@@ -245,13 +245,22 @@ def failure_blocks(sentence: str, retry: AnswerRef | None) -> list[dict[str, Any
     return blocks
 
 
+def _approval_body(asker: str, tool: str, arguments: str) -> tuple[str, str]:
+    text = f"Kimi wants to run `{tool}` for <@{asker}>. Approve?"
+    return text, f":raised_hand: {text}\n```{arguments}```"
+
+
+def approval_fits(asker: str, tool: str, arguments: str) -> bool:
+    """Whether the prompt can show the call's arguments whole: nobody approves what they cannot see."""
+    return len(_approval_body(asker, tool, arguments)[1]) <= SECTION_TEXT_LIMIT
+
+
 def approval_blocks(
     asker: str, tool: str, arguments: str, approval_id: str
 ) -> tuple[str, list[dict[str, Any]]]:
-    """Ask the asker before a tool that changes things runs: what it is, with what, Approve / Deny."""
-    shown = arguments if len(arguments) <= 1_500 else arguments[:1_499] + "…"
-    text = f"Kimi wants to run `{tool}` for <@{asker}>. Approve?"
-    body = f":raised_hand: {text}\n```{shown}```"
+    """Ask the asker before a tool that changes things runs: what it is, with what (whole: check
+    `approval_fits` first), Approve / Deny."""
+    text, body = _approval_body(asker, tool, arguments)
     return text, [
         {"type": "section", "text": {"type": "mrkdwn", "text": body[:SECTION_TEXT_LIMIT]}},
         {
