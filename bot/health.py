@@ -30,10 +30,15 @@ def job_loop_state(health: Health, heartbeat: float | None, now: float) -> str:
     task = health.worker_task
     if task is not None and task.done():
         return "ended"
+    if task is None:  # not started yet: its heartbeat says nothing until it runs
+        if any(state != "ok" for state in health.checks.values()) or health.slack_connection not in (
+            "",
+            "connected",
+        ):
+            return "waiting for start-up checks"
+        return "ok"
     if heartbeat is not None and now - heartbeat > LOOP_STALE_S:
         return f"stuck: no turn for {now - heartbeat:.0f}s"
-    if task is None and any(state != "ok" for state in health.checks.values()):
-        return "waiting for start-up checks"
     return "ok"
 
 

@@ -117,7 +117,7 @@ async def check_kimi(settings: Settings) -> bool:
     timeout = aiohttp.ClientTimeout(total=CHECK_TIMEOUT_S)
     try:
         async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
+            aiohttp.ClientSession(timeout=timeout, trust_env=True) as session,  # HTTPS_PROXY, like the SDKs
             session.get(url, headers=headers) as response,
         ):
             status = response.status
@@ -128,12 +128,16 @@ async def check_kimi(settings: Settings) -> bool:
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise NotYet(f"Kimi is unreachable ({type(exc).__name__}: {exc})") from None
     said = _kimi_message(body)
-    if status in (401, 403):
+    from_kimi = isinstance(body, dict)  # Kimi answers JSON; a proxy, WAF or captive portal answers a page
+    if status in (401, 403) and from_kimi:
         raise Rejected(
             "MOONSHOT_API_KEY", f"was rejected by Kimi (HTTP {status}: {said or 'no reason given'})"
         )
-    if status == 429 or status >= 500:
-        raise NotYet(f"Kimi answered HTTP {status}" + (f": {said}" if said else ""))
+    if status in (401, 403, 407, 429) or status >= 500 or (status == 200 and not from_kimi):
+        raise NotYet(
+            f"Kimi answered HTTP {status}"
+            + (f": {said}" if said else "" if from_kimi else " (a page, not Kimi's JSON)")
+        )
     if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"), list):
         log.warning(
             "cannot check KIMI_MODEL: the Kimi host does not list its models",

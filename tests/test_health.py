@@ -34,9 +34,25 @@ def test_each_failing_part_is_named() -> None:
     assert {"SLACK_BOT_TOKEN", "slack_connection", "redis", "kimi"} <= set(body["failing"])  # type: ignore[arg-type]
 
 
-def test_a_stuck_job_loop_is_not_ready() -> None:
-    ok, body = ready(Health(), heartbeat=100.0, now=100.0 + LOOP_STALE_S + 1)
-    assert not ok and str(body["failing"]["job_loop"]).startswith("stuck")  # type: ignore[index]
+async def test_a_stuck_job_loop_is_not_ready() -> None:
+    running = asyncio.create_task(asyncio.Event().wait())
+    try:
+        ok, body = ready(Health(worker_task=running), heartbeat=100.0, now=100.0 + LOOP_STALE_S + 1)
+        assert not ok and str(body["failing"]["job_loop"]).startswith("stuck")  # type: ignore[index]
+    finally:
+        running.cancel()
+
+
+def test_a_job_loop_not_started_yet_is_not_called_stuck() -> None:
+    # Before the start-up checks pass, the loop has not run: its heartbeat says nothing.
+    health = Health(checks={"MOONSHOT_API_KEY": "not ready: Kimi is unreachable"})
+    ok, body = ready(health, heartbeat=100.0, now=100.0 + LOOP_STALE_S + 5)
+    assert not ok and body["failing"]["job_loop"] == "waiting for start-up checks"  # type: ignore[index]
+    connecting = Health(slack_connection="connecting")
+    assert (
+        ready(connecting, heartbeat=100.0, now=200.0)[1]["failing"]["job_loop"]
+        == "waiting for start-up checks"
+    )  # type: ignore[index]
 
 
 async def test_an_ended_job_loop_is_not_ready() -> None:

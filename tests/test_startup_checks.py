@@ -380,3 +380,16 @@ async def test_a_job_loop_that_dies_stops_serve_instead_of_idling_as_if_healthy(
     with pytest.raises(bot.server.Stopped, match="job loop failed"):
         async with asyncio.timeout(15):
             await bot.server.serve(deps)
+
+
+@pytest.mark.parametrize("status", [200, 401, 403, 407])
+async def test_a_page_from_something_in_front_of_kimi_is_retried_not_taken_for_kimis_word(
+    fake_kimi: FakeKimi, make_settings: Callable[..., Settings], status: int
+) -> None:
+    from bot.startup import NotYet, check_kimi
+
+    fake_kimi.models_page = (status, "<html><body><h1>Access denied by the proxy</h1></body></html>")
+    with pytest.raises(NotYet):
+        await check_kimi(make_settings())
+    fake_kimi.models_page = None
+    assert await check_kimi(make_settings()) is True

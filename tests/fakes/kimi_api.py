@@ -98,6 +98,7 @@ class FakeKimi:
     finished: dict[int, float] = field(default_factory=dict)  # request index -> when its last byte was sent
     known_models: set[str] | None = None
     models_status: int = 200  # what GET /models answers: 503 while Kimi is "down", 404 on a host without it
+    models_page: tuple[int, str] | None = None  # GET /models answered by a proxy's HTML page (status, body)
     models_requests: int = 0
     tokens_per_char: float = 0.25
     # Moonshot's formulas ("official tools"): uri -> the `tools` list GET .../tools answers
@@ -155,6 +156,10 @@ class FakeKimi:
         """GET /models as Kimi answers it: `{"object": "list", "data": [{"id", "object", "created",
         "owned_by", "context_length", ...}]}`; 401 with Kimi's error body for a wrong key."""
         self.models_requests += 1
+        if self.models_page is not None:
+            return web.Response(
+                status=self.models_page[0], text=self.models_page[1], content_type="text/html"
+            )
         if request.headers.get("Authorization") != f"Bearer {API_KEY}":
             return self._error(401, "invalid_authentication_error", "Invalid Authentication")
         if self.models_status == 404:
