@@ -184,7 +184,22 @@ def build_web_app(
             reference = new_reference()
             log.exception("request failed", extra={"reference": reference})
             return web.json_response({"ok": False, "error": "internal error", "ref": reference}, status=500)
+        if bolt_response.status == 401:
+            signature_refused()
         return await to_aiohttp_response(bolt_response)
+
+    last_signature_warning = [0.0]
+
+    def signature_refused() -> None:
+        """A request whose signature does not check out: a forgery, or (when it keeps happening) a wrong
+        SLACK_SIGNING_SECRET or a skewed clock. Say so, at most once a minute."""
+        now = time.monotonic()
+        if now - last_signature_warning[0] >= 60:
+            last_signature_warning[0] = now
+            log.warning(
+                "request refused: its signature does not match SLACK_SIGNING_SECRET (a forgery; or, if "
+                "Slack's own requests are refused, a wrong SLACK_SIGNING_SECRET or this host's clock is off)"
+            )
 
     web_app = web.Application(client_max_size=MAX_BODY_BYTES)
     web_app.router.add_get("/healthz", healthz)

@@ -181,6 +181,8 @@ def problems_with(settings: Settings) -> list[str]:
         placeholder("SLACK_BOT_TOKEN")
     elif not settings.slack_bot_token.startswith("xox"):
         malformed("SLACK_BOT_TOKEN", "does not look like a Slack token")
+    if settings.slack_signing_secret and is_placeholder(settings.slack_signing_secret):
+        placeholder("SLACK_SIGNING_SECRET")
     if receives and not settings.socket_mode and not settings.slack_signing_secret:
         problems.append(
             "SLACK_SIGNING_SECRET is not set (HTTP mode), nor SLACK_APP_TOKEN (Socket Mode): set one. "

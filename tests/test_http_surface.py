@@ -20,10 +20,17 @@ from tests.fakes.slack_api import FakeSlack
 from tests.slack_requests import CHANNEL, envelope, json_body, mention, sign
 
 
-async def test_forged_signature_is_refused_with_401(bot: BotHarness, fake_slack: FakeSlack) -> None:
+async def test_forged_signature_is_refused_with_401(
+    bot: BotHarness, fake_slack: FakeSlack, caplog: pytest.LogCaptureFixture
+) -> None:
     body = json_body(envelope(mention("hi", "1700000001.000100")))
-    status, _ = await bot.post(body, "application/json", sign(body, secret="not-the-secret"), signed=False)
+    with caplog.at_level("WARNING"):
+        status, _ = await bot.post(
+            body, "application/json", sign(body, secret="not-the-secret"), signed=False
+        )
     assert status == 401
+    # An admin with a wrong secret sees why nothing is answered (once a minute, not once a request).
+    assert sum("SLACK_SIGNING_SECRET" in r.getMessage() for r in caplog.records) == 1
     status, _ = await bot.post(
         body,
         "application/json",

@@ -153,10 +153,10 @@ def test_a_malformed_log_level_or_redis_port_is_one_line_naming_it_and_exit_2(
 
 
 def test_the_env_example_placeholders_are_refused_as_placeholders(tmp_path: Path) -> None:
-    env = _base_env(SLACK_BOT_TOKEN="xoxb-...", MOONSHOT_API_KEY="sk-...")
+    env = _base_env(SLACK_BOT_TOKEN="xoxb-...", MOONSHOT_API_KEY="sk-...", SLACK_SIGNING_SECRET="...")
     result = run_cli("serve", env=env, cwd=tmp_path)
     assert result.returncode == 2
-    for name in ("SLACK_BOT_TOKEN", "MOONSHOT_API_KEY"):
+    for name in ("SLACK_BOT_TOKEN", "MOONSHOT_API_KEY", "SLACK_SIGNING_SECRET"):
         assert f"{name} still holds the placeholder from .env.example" in result.stderr
 
 
