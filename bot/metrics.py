@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
 from redis.exceptions import ClusterDownError, RedisError, ResponseError
+from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.http_retry.request import HttpRequest
 from slack_sdk.http_retry.response import HttpResponse
@@ -53,6 +54,7 @@ class _Usage(Protocol):
 @dataclass
 class Metrics:
     slack_429s: Counter[str] = field(default_factory=Counter)  # per Web API method, also on /healthz
+    slack_token_rejected: str = ""  # Slack's error while it refuses SLACK_BOT_TOKEN at run time
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -218,6 +220,12 @@ class KimiRequest:
         self.metrics.kimi_seconds.labels(self.model, outcome).observe(time.monotonic() - self.started)
 
 
+# What Slack answers to a token it no longer accepts (revoked, app uninstalled, account deactivated).
+TOKEN_REJECTED = frozenset(
+    {"invalid_auth", "not_authed", "token_revoked", "token_expired", "account_inactive"}
+)
+
+
 class CountingWebClient(AsyncWebClient):  # type: ignore[misc]
     """slack_sdk's client, counting every Web API call by method (every method goes through api_call)."""
 
@@ -227,7 +235,21 @@ class CountingWebClient(AsyncWebClient):  # type: ignore[misc]
 
     async def api_call(self, api_method: str, *args: Any, **kwargs: Any) -> Any:
         self.metrics.slack_calls.labels(api_method).inc()
-        return await super().api_call(api_method, *args, **kwargs)
+        try:
+            response = await super().api_call(api_method, *args, **kwargs)
+        except SlackApiError as exc:
+            data = getattr(exc.response, "data", None)
+            error = str(data.get("error") or "") if isinstance(data, dict) else ""
+            if error in TOKEN_REJECTED and self.metrics.slack_token_rejected != error:
+                # Revoked or uninstalled while running: /healthz turns 503 naming the setting.
+                self.metrics.slack_token_rejected = error
+                log.error(
+                    "Slack no longer accepts SLACK_BOT_TOKEN; nothing can be answered until it is replaced",
+                    extra={"error": error, "method": api_method},
+                )
+            raise
+        self.metrics.slack_token_rejected = ""
+        return response
 
 
 class CountingRateLimitHandler(AsyncRateLimitErrorRetryHandler):

@@ -136,6 +136,10 @@ def build_web_app(
         except Exception as exc:  # any failure to answer a PING is "not ready", named by its type
             redis = f"unavailable: {type(exc).__name__}"
         heartbeat = getattr(worker, "loop_heartbeat", None) if worker is not None else None
+        if deps.metrics.slack_token_rejected:
+            state.checks["SLACK_BOT_TOKEN"] = f"rejected by Slack ({deps.metrics.slack_token_rejected})"
+        elif state.checks.get("SLACK_BOT_TOKEN", "").startswith("rejected by Slack"):
+            state.checks["SLACK_BOT_TOKEN"] = "ok"  # a later call got through: the token works again
         ok, body = readiness(
             state,
             redis=redis,

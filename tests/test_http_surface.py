@@ -279,3 +279,25 @@ async def test_healthz_names_kimi_while_kimi_refuses_the_key_and_recovers_after_
     async with bot.session.get(bot.url("/healthz")) as response:
         body = await response.json()
         assert response.status == 200 and body["kimi_last_outcome"] == "ok", body
+
+
+async def test_a_bot_token_revoked_while_running_turns_healthz_503_naming_it(
+    bot: BotHarness, fake_slack: FakeSlack, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.fakes.slack_api import TOKEN
+
+    assert bot.session is not None
+    fake_slack.revoked[TOKEN] = "token_revoked"
+    with caplog.at_level("ERROR"):
+        await bot.send_event(mention("anyone there?", "1700000001.000900"))
+        await bot.settle()
+    async with bot.session.get(bot.url("/healthz")) as response:
+        body = await response.json()
+        assert response.status == 503
+    assert "token_revoked" in body["failing"]["SLACK_BOT_TOKEN"]
+    assert any("SLACK_BOT_TOKEN" in r.getMessage() for r in caplog.records)
+    del fake_slack.revoked[TOKEN]  # a new token installed (and the process restarted, or Slack relents)
+    await bot.send_event(mention("and now?", "1700000001.001000"))
+    await bot.settle()
+    async with bot.session.get(bot.url("/healthz")) as response:
+        assert response.status == 200
