@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import sys
 
 from bot import __version__
@@ -83,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kimibot stopped: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. the port is taken
+        if exc.errno == errno.EADDRINUSE:
+            print(
+                f"kimibot cannot start: PORT {settings.port} is already in use; set PORT to a free port",
+                file=sys.stderr,
+            )
+            return 2
         print(f"kimibot stopped: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0

@@ -68,11 +68,13 @@ class Deps:
         return self.identity
 
     async def close(self) -> None:
+        # Connections first (quick), then the tools: an MCP server slow to exit must not keep Kimi's and
+        # Redis's connections open past the shutdown budget.
+        await self.kimi.close()
+        await self.redis.aclose()
         closer = getattr(self.tools, "close", None)  # a ToolBox: its MCP sessions
         if closer is not None:
             await closer()
-        await self.kimi.close()
-        await self.redis.aclose()
 
 
 def slack_client(settings: Settings, metrics: Metrics) -> AsyncWebClient:

@@ -181,6 +181,8 @@ def problems_with(settings: Settings) -> list[str]:
         placeholder("SLACK_BOT_TOKEN")
     elif not settings.slack_bot_token.startswith("xox"):
         malformed("SLACK_BOT_TOKEN", "does not look like a Slack token")
+    elif not settings.slack_bot_token.startswith(("xoxb-", "xoxe.xoxb-")):  # a bot token, plain or rotating
+        malformed("SLACK_BOT_TOKEN", "is not a bot token (a user or other token: the bot needs its own)")
     if settings.slack_signing_secret and is_placeholder(settings.slack_signing_secret):
         placeholder("SLACK_SIGNING_SECRET")
     if receives and not settings.socket_mode and not settings.slack_signing_secret:
@@ -205,11 +207,19 @@ def problems_with(settings: Settings) -> list[str]:
     if not _check_url(settings.redis_url, ("redis", "rediss", "unix")):
         malformed("REDIS_URL", f"is not a Redis URL ({_without_password(settings.redis_url)!r})")
     else:
+        parsed_redis = urlparse(settings.redis_url)
         try:
-            urlparse(settings.redis_url).port  # noqa: B018 - parsing it is the check
+            parsed_redis.port  # noqa: B018 - parsing it is the check
         except ValueError:
             malformed(
                 "REDIS_URL", f"has a port that is not a number ({_without_password(settings.redis_url)!r})"
+            )
+        database = parsed_redis.path.strip("/")
+        if parsed_redis.scheme != "unix" and database and not database.isdigit():
+            # redis-py would quietly use database 0 (someone else's data, perhaps) instead.
+            malformed(
+                "REDIS_URL",
+                f"names a database that is not a number ({_without_password(settings.redis_url)!r})",
             )
     if settings.log_level.upper() not in LOG_LEVELS:
         malformed("LOG_LEVEL", f"is not a log level ({settings.log_level!r})")

@@ -247,3 +247,31 @@ def test_name_file_works_from_the_dotenv_file_too(tmp_path: Path, monkeypatch: p
     )
     settings = load_settings(_env_file=tmp_path / ".env")
     assert settings.moonshot_api_key == "sk-from-a-file"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        ("REDIS_URL", "redis://localhost:6379/abc", "names a database that is not a number"),
+        ("SLACK_BOT_TOKEN", "xoxp-1234-5678-user-token", "is not a bot token"),
+    ],
+)
+def test_settings_that_would_quietly_misbehave_are_refused_in_one_line(
+    tmp_path: Path, name: str, value: str, said: str
+) -> None:
+    result = run_cli("serve", env=_base_env(**{name: value}), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if name in line]
+    assert said in line
+
+
+def test_a_port_already_in_use_is_named(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = _base_env(PORT=str(port), REDIS_URL="redis://127.0.0.1:1/0", KIMIBOT_ROLE="worker")
+        result = run_cli("serve", env=env, cwd=tmp_path)
+    assert result.returncode == 2 and f"PORT {port} is already in use" in result.stderr, result.stderr
