@@ -613,7 +613,9 @@ async def _agent_answer(
             (kimi.profile.context_window - kimi.output_budget) // 4,
         ),
     )
-    requests = 0
+    resume = resumed_steps(writer.resume)
+    # A re-run of a turn whose earlier run finished steps: that run's first request counted the turn.
+    requests = 1 if resume else 0
 
     async def complete(
         messages: list[dict[str, Any]], definitions: list[dict[str, Any]], tool_choice: str | None
@@ -661,7 +663,6 @@ async def _agent_answer(
         guard=lease.guard,  # before any tool that changes things: only while the turn is still ours
         calibration=calibration,
     )
-    resume = resumed_steps(writer.resume)
     writer.timeline = True
     started = time.monotonic()
     log.info(

@@ -4,6 +4,8 @@ the lease, read_more refs, double paging, the 128-tool cap, parallel calls and h
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime as dt
 import json
 from collections.abc import Callable
 from typing import Any
@@ -21,9 +23,9 @@ from bot.tools.registry import build_registry
 from bot.tools.registry import page_text as tool_page
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import Call, FakeKimi, Reply
-from tests.fakes.slack_api import FakeSlack
+from tests.fakes.slack_api import TEAM_ID, FakeSlack
 from tests.slack_requests import ALICE, CHANNEL, mention
-from tests.test_agent_loop import Probe, Script, ctx, give, step
+from tests.test_agent_loop import Probe, Script, ctx, give, step, tool_results, wait_until
 
 QUESTION = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
 
@@ -274,3 +276,65 @@ async def test_a_write_call_too_long_to_show_is_not_asked_nor_run(
         "Not run: its arguments are too long to show for approval"
     )
     assert fake_slack.problems == []
+
+
+# ---- 10. a running card carries on in the next message when one fills up --------------------------
+async def test_a_card_still_running_when_its_message_fills_up_carries_on_in_the_next_message(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    bot.deps.pace = dataclasses.replace(bot.deps.pace, cards_per_message=3)
+    slow = Probe(name="slow_lookup", delay=1.0)
+    give(bot, Probe(), slow)
+    fake_kimi.script(
+        Reply(
+            tool_calls=[
+                Call("slow_lookup", json.dumps({"q": "s"})),
+                *(Call("lookup", json.dumps({"q": f"n{i}"})) for i in range(3)),
+            ]
+        ),
+        Reply(content="Four lookups later."),
+    )
+    ts = "1700000008.001100"
+    await bot.send_event(mention("many", ts))
+    await bot.settle()
+    cards = fake_slack.cards(CHANNEL, ts)
+    assert not any(c.get("details") == "Not finished" for c in cards), cards
+    slow_cards = [c for c in cards if "Looking up s" in str(c.get("title"))]
+    assert [c["status"] for c in slow_cards] == ["error", "complete"]  # "Continued below", then done
+    assert slow_cards[0].get("details") == "Continued below"
+    assert fake_slack.cards_left_open(CHANNEL) == [] and fake_slack.problems == []
+
+
+# ---- 11. usage after a resume ------------------------------------------------------------------
+async def test_a_resumed_turns_usage_includes_the_replayed_steps() -> None:
+    first = Script(step(("lookup", '{"q": "a"}')), step(text="x"))
+    earlier = (await AgentLoop([Probe()], complete=first, ctx=ctx()).run(QUESTION)).steps
+    again = Script(step(text="Done."))
+    outcome = await AgentLoop([Probe()], complete=again, ctx=ctx()).run(QUESTION, earlier)
+    assert outcome.usage is not None and outcome.usage.prompt_tokens == 200  # step 1's and the answer's
+
+
+async def test_a_re_run_after_a_crash_counts_the_turn_once(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    quick, slow = Probe(name="quick"), Probe(name="slow", delay=1.0)
+
+    def script(request: dict[str, Any]) -> Reply:
+        done = tool_results(request)
+        if done == 0:
+            return Reply(reasoning="Quick first.", tool_calls=[Call("quick", '{"q": "one"}')])
+        if done == 1:
+            return Reply(reasoning="Then the slow one.", tool_calls=[Call("slow", '{"q": "two"}')])
+        return Reply(reasoning="Done.", content="Both looked up.")
+
+    fake_kimi.responder = script
+    first: BotHarness = await make_bot()
+    give(first, quick, slow)
+    await first.send_event(mention("two lookups", "1700000008.001200"))
+    await wait_until(lambda: bool(slow.started))
+    await first.worker.drain(grace_s=0)
+    second: BotHarness = await make_bot()
+    give(second, quick, slow)
+    await second.settle()
+    day = await second.deps.usage.day(TEAM_ID, dt.datetime.now(dt.UTC).date())
+    assert day["turns"] == "1" and int(day["requests"]) == 4

@@ -10,8 +10,9 @@ What Kimi's thinking models require, and this loop keeps:
 - the same tool definitions, in the same order, on every request of the turn (prefix cache).
 
 Caps: steps per turn, a timeout per call, a size cap per result (longer results are paged: the model
-reads on with `read_more`), total wall time, and a guard against identical repeated calls (the second
-identical call gets a nudge, the third is not run). When a cap is hit, one last request with
+reads on with `read_more`; a `verbatim` result is never touched), total wall time, the context window
+(estimated before each request), and a guard against identical repeated calls (the second identical call
+gets a nudge, the third is not run). When a cap is hit, one last request with
 `tool_choice: "none"` makes the model answer from what it gathered, and the outcome says which cap.
 
 What the thread's history keeps (the pipeline stores it): only the final assistant message, not the
@@ -445,14 +446,14 @@ class AgentLoop:
             if self.clock() - started >= self.caps.wall_time_s:
                 cap = Cap.TIME
                 break
+            if self._over_context():
+                cap = Cap.CONTEXT
+                break
             self.view.step_started(len(self.steps))
             if model_done is not None:
                 now = self.clock()
                 self.overheads.append(max(now - model_done - tools_s, 0.0))
                 self.work.append(work + now - resumed)
-            if self._over_context():
-                cap = Cap.CONTEXT
-                break
             try:
                 acc = await self._ask(None)
             except AnswerError as exc:
@@ -591,6 +592,7 @@ class AgentLoop:
         self.messages.append(step.message)
         self.messages.extend(step.results)
         self.steps.append(step)
+        self.usage = add_usage(self.usage, step.usage)  # the turn's total (recorded by the earlier run)
         if step.message.get("reasoning_content"):
             self.reasoning.append(str(step.message["reasoning_content"]))
         self.view.step_started(len(self.steps) - 1)

@@ -768,20 +768,27 @@ class ReplyWriter:
     async def _continue_cards(self) -> None:
         """Before Slack ends the stream under a long call (or a wait for approval), close it — its open
         cards say "Continued below" — and show them again, still running, in a new stream message."""
+        await self._carry_running_cards(len(self.answer))
+        await self._flush_cards()
+
+    async def _carry_running_cards(self, mark: int | None) -> None:
+        """End this stream message, its running cards saying "Continued below", and queue them (first,
+        in their order) for the next message. `mark`: the text they follow (None: keep their own)."""
         running = {
-            i: self.cards[i]
-            for i in self._message_cards
-            if self.cards[i]["status"] in ("pending", "in_progress")
+            i: card
+            for i, card in self.cards.items()
+            if i in self._message_cards and card["status"] in ("pending", "in_progress")
         }
         await self._end_stream("Continued below")
-        for card_id, card in running.items():
-            self.cards[card_id] = card
-            if card_id not in self._dirty_cards:
-                if not self._dirty_cards:
-                    self._cards_waiting_since = time.monotonic()
-                self._dirty_cards.append(card_id)
-                self._card_marks[card_id] = len(self.answer)
-        await self._flush_cards()
+        if running and not self._dirty_cards:
+            self._cards_waiting_since = time.monotonic()
+        for card_id in reversed(running):
+            self.cards[card_id] = running[card_id]
+            if card_id in self._dirty_cards:
+                self._dirty_cards.remove(card_id)
+            self._dirty_cards.insert(0, card_id)
+            if mark is not None or card_id not in self._card_marks:
+                self._card_marks[card_id] = len(self.answer) if mark is None else mark
 
     def _cards_due(self) -> bool:
         now = time.monotonic()
@@ -849,7 +856,15 @@ class ReplyWriter:
         limit = self.pace.cards_per_message
         full = self.mode == "stream" and len(self._message_cards) >= limit
         if full and any(i not in self._message_cards for i in self._dirty_cards):
-            await self._end_stream()  # this message holds all the cards it may: the next one takes them
+            # This message holds all the cards it may: the next one takes the new cards, and the running
+            # ones carry on there (here they say "Continued below"), unless they alone would fill it.
+            running = sum(
+                1 for i in self._message_cards if self.cards[i]["status"] in ("pending", "in_progress")
+            )
+            if running < limit:
+                await self._carry_running_cards(None)
+            else:
+                await self._end_stream()
         room = limit - len(self._message_cards)
         ids = []
         for card_id in self._dirty_cards:
