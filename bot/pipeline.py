@@ -416,27 +416,8 @@ async def _think_and_deliver(
         if not writer.stopped:
             raise
         acc = Accumulator(reasoning=[writer.reasoning_text], content=[writer.answer], finish_reason="stopped")
-    elapsed = time.monotonic() - started
-    thinking_s = writer.thinking_s if writer.thinking_s is not None else elapsed
-    usage = acc.usage
-    prompt_tokens = usage.prompt_tokens if usage else 0
-    completion_tokens = usage.completion_tokens if usage else 0
-    line = footer(
-        kimi.model,
-        elapsed,
-        prompt_tokens,
-        completion_tokens,
-        left_out=left_out,
-        truncated=acc.finish_reason == "length",
-        thinking_s=thinking_s,
-    )
-    ref = AnswerRef(turn.thread_ts, turn.ts, kimi.model, elapsed, prompt_tokens, completion_tokens)
-    note = ""
-    if writer.stopped:
-        who = await deps.stops.requested_by(turn.channel, turn.ts)
-        note = f"_:black_square_for_stop: Stopped{f' by <@{who}>' if who else ''}._"
-    reply_ts = await writer.finish(
-        answer_blocks(line, ref, has_reasoning=bool(acc.reasoning_text)), note=note
+    elapsed, thinking_s, reply_ts = await _deliver_final(
+        turn, deps, writer, started, acc.usage, left_out, acc.finish_reason, bool(acc.reasoning_text)
     )
     await _record(
         turn,
@@ -451,6 +432,44 @@ async def _think_and_deliver(
         history=history,
         thinking_s=thinking_s,
     )
+
+
+async def _deliver_final(
+    turn: Turn,
+    deps: Deps,
+    writer: ReplyWriter,
+    started: float,
+    usage: Usage | None,
+    left_out: int,
+    finish_reason: str | None,
+    has_reasoning: bool,
+    *,
+    extra: tuple[str, ...] = (),
+) -> tuple[float, float, list[str]]:
+    """The rest of the answer with its footer and buttons (and who stopped it); returns the elapsed and
+    thinking seconds and the answer's messages."""
+    elapsed = time.monotonic() - started
+    thinking_s = writer.thinking_s if writer.thinking_s is not None else elapsed
+    prompt_tokens = usage.prompt_tokens if usage else 0
+    completion_tokens = usage.completion_tokens if usage else 0
+    model = deps.kimi.model
+    line = footer(
+        model,
+        elapsed,
+        prompt_tokens,
+        completion_tokens,
+        left_out=left_out,
+        truncated=finish_reason == "length",
+        thinking_s=thinking_s,
+        extra=extra,
+    )
+    ref = AnswerRef(turn.thread_ts, turn.ts, model, elapsed, prompt_tokens, completion_tokens)
+    note = ""
+    if writer.stopped:
+        who = await deps.stops.requested_by(turn.channel, turn.ts)
+        note = f"_:black_square_for_stop: Stopped{f' by <@{who}>' if who else ''}._"
+    reply_ts = await writer.finish(answer_blocks(line, ref, has_reasoning=has_reasoning), note=note)
+    return elapsed, thinking_s, reply_ts
 
 
 async def _record(
@@ -682,27 +701,17 @@ async def _agent_answer(
             shown = len(writer.reasoning_text) - sum(len(r) for r in loop.reasoning)
             await record_usage(Usage(prompt, max(shown, 0) // 3 + 1))
         outcome = loop.partial("", writer.answer)
-    elapsed = time.monotonic() - started
-    thinking_s = writer.thinking_s if writer.thinking_s is not None else elapsed
-    usage = outcome.usage
-    prompt_tokens = usage.prompt_tokens if usage else 0
-    completion_tokens = usage.completion_tokens if usage else 0
-    line = footer(
-        kimi.model,
-        elapsed,
-        prompt_tokens,
-        completion_tokens,
-        left_out=left_out,
-        truncated=outcome.final.finish_reason == "length",
-        thinking_s=thinking_s,
+    elapsed, thinking_s, reply_ts = await _deliver_final(
+        turn,
+        deps,
+        writer,
+        started,
+        outcome.usage,
+        left_out,
+        outcome.final.finish_reason,
+        bool(outcome.reasoning),
         extra=agent_notes(outcome),
     )
-    ref = AnswerRef(turn.thread_ts, turn.ts, kimi.model, elapsed, prompt_tokens, completion_tokens)
-    note = ""
-    if writer.stopped:
-        who = await deps.stops.requested_by(turn.channel, turn.ts)
-        note = f"_:black_square_for_stop: Stopped{f' by <@{who}>' if who else ''}._"
-    reply_ts = await writer.finish(answer_blocks(line, ref, has_reasoning=bool(outcome.reasoning)), note=note)
     log.info(
         "agent loop done",
         extra=turn_log(
