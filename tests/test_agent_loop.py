@@ -728,7 +728,7 @@ async def test_a_call_that_outlives_slacks_stream_goes_on_in_a_new_message_with_
     bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
 ) -> None:
     bot.deps.pace = dataclasses.replace(bot.deps.pace, stream_max_age_s=0.3)
-    fake_slack.stream_lifetime_s = 0.6  # Slack's ~5 minutes, shortened
+    fake_slack.stream_lifetime_s = 1.5  # Slack's ~5 minutes, shortened (well past the 0.3 s roll-over)
     give(bot, Probe(delay=1.0))
     fake_kimi.script(Reply(tool_calls=[Call("lookup", '{"q": "slow"}')]), Reply(content="Done at last."))
     ts = "1700000008.001600"
