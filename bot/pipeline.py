@@ -127,23 +127,15 @@ def _ours(message: dict[str, Any], deps: Deps) -> bool:
     )
 
 
-def _carries_stop(message: dict[str, Any], value: str) -> bool:
-    return any(
-        element.get("value") == value
+def _stop_values(message: dict[str, Any]) -> set[str]:
+    """The turns whose Stop button the message carries (a placeholder carries its own question's)."""
+    return {
+        str(element.get("value"))
         for block in message.get("blocks") or []
         if block.get("type") == "actions"
         for element in block.get("elements") or []
-    )
-
-
-def _stop_of_another(message: dict[str, Any], value: str) -> bool:
-    """The placeholder of another question (one waiting behind us carries its own Stop button)."""
-    return any(
-        element.get("action_id") == ACTION_STOP and element.get("value") != value
-        for block in message.get("blocks") or []
-        if block.get("type") == "actions"
-        for element in block.get("elements") or []
-    )
+        if element.get("action_id") == ACTION_STOP
+    }
 
 
 def _last_shown(state: ThreadState | None) -> str:
@@ -212,11 +204,11 @@ async def recover_orphans(
             or ts in answer_ts
             or ts == placeholder
             or not _ours(message, deps)
-            or _stop_of_another(message, stop_value(turn))
+            or bool(_stop_values(message) - {stop_value(turn)})  # another question's placeholder
         ):
             continue
         if not placeholder:
-            if _carries_stop(message, stop_value(turn)):
+            if stop_value(turn) in _stop_values(message):
                 placeholder = found["placeholder_ts"] = ts
             continue
         answer_ts.append(ts)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 DEAD_LETTER_MAXLEN = 10_000
 PROGRESS_TTL_S = 2 * 86_400
 LOST = -1  # what the fenced scripts return when the caller no longer holds the lease
+TRUSTED_SHARE = 0.8  # of the lease time after a renewal was sent: writes go ahead without asking Redis
 
 # KEYS: seen, meta, inbox (one thread's hash tag, so one slot). ARGV: dedup TTL, thread TTL, the job (JSON),
 # '1' to mark the thread as one the bot answers in, '1' to claim `seen` (deduplicate) first, the job's order
@@ -392,16 +393,20 @@ class Lease:
     queue: JobQueue
     thread: ThreadKey
     holder: str  # "consumer|token": the fencing token every write checks
-    valid_until: float = field(default_factory=lambda: 0.0)  # monotonic; Slack writes wait past it
     lost: bool = False
-    seen_score: float = 0.0
+    renewed_at: float = field(init=False)  # monotonic, when the last successful renewal (or claim) was sent
+    valid_until: float = field(init=False)  # monotonic; Slack writes wait past it
 
     def __post_init__(self) -> None:
         self.keys = ThreadKeys(self.thread)
         self.redis = self.queue.redis
         self.lease_s = self.queue.lease_ms / 1000
-        self.valid_until = time.monotonic() + self.lease_s * 0.8
-        self.renewed_at = time.monotonic()
+        self._confirmed(time.monotonic())
+
+    def _confirmed(self, sent: float) -> None:
+        """The lease was ours when `sent`: trust it for a safe share of its time from then."""
+        self.renewed_at = sent
+        self.valid_until = sent + self.lease_s * TRUSTED_SHARE
 
     @property
     def token(self) -> int:
@@ -423,8 +428,7 @@ class Lease:
         if int(result) == LOST:
             self.lost = True
             return False
-        self.valid_until = sent + self.lease_s * 0.8
-        self.renewed_at = sent
+        self._confirmed(sent)
         await self.queue.listing("later", self.thread, self.queue.lease_ms)
         return True
 

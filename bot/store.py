@@ -166,10 +166,6 @@ class ThreadStore:
         raw = await self.redis.hget(ThreadKeys(thread).turns, question_ts)  # type: ignore[misc]
         return json.loads(raw) if raw else None
 
-    async def engage(self, thread: ThreadKey) -> None:
-        """Mark the thread as one the bot answers in, so follow-ups sent before the answer count too."""
-        await self.append(thread, answered=1)
-
     async def is_engaged(self, thread: ThreadKey) -> bool:
         """Has the bot answered in this thread (within the TTL)?"""
         return bool(await self.redis.hexists(self.meta_key(thread), "answered"))  # type: ignore[misc]
