@@ -268,3 +268,24 @@ async def test_hosts_with_wrong_clocks_neither_hide_nor_strand_a_thread(
     monkeypatch.setattr(time_module, "time", lambda: real() - 3600)  # the next host is an hour slow
     await asyncio.sleep(0.5)  # the fast host died holding the thread; its lease runs out
     assert await claim(queue_of(redis, "slow")) is not None
+
+
+async def test_shutdown_hands_back_the_running_job_and_the_ones_queued_behind_it_at_once(
+    redis: Redis,
+) -> None:
+    queue = queue_of(redis, "w", lease_s=30)  # a long lease: only a hand-back makes the thread due now
+    recorder = Recorder()
+    worker = Worker(queue, recorder.run, concurrency=1, visibility_s=30, block_ms=20)
+    await queue.put(THREAD, "turn", {"job_id": "slow", "hang": True})
+    await queue.put(THREAD, "turn", {"job_id": "queued"})
+    task = asyncio.create_task(worker.run())
+    async with asyncio.timeout(5):
+        while recorder.ran != ["slow"]:  # noqa: ASYNC110 - waiting for the worker to start the first job
+            await asyncio.sleep(0.01)
+    await worker.drain(0)  # SIGTERM with no grace left
+    await task
+    assert len(await queue.waiting(THREAD)) == 2  # nothing lost, nothing marked done
+    other = await claim(queue_of(redis, "other"))  # due at once for another worker
+    assert other is not None
+    job = await other.next_job()
+    assert isinstance(job, Job) and job.job_id == "slow" and job.attempt == 1  # not counted as an attempt
