@@ -549,8 +549,8 @@ def tool_context(turn: Turn, deps: Deps) -> ToolContext:
 
 def offer(tools: list[Tool], ctx: ToolContext) -> tuple[list[Tool], list[dict[str, Any]]]:
     """The tools usable for this turn and their definitions, from the registry: valid names, sanitised
-    schemas (a tool that cannot be fixed is dropped and logged), at most 128, sorted by name, byte-stable
-    on every request of the turn (the prefix cache)."""
+    schemas (a tool that cannot be fixed is dropped and logged), at most 127 (read_more is the 128th),
+    sorted by name, byte-stable on every request of the turn (the prefix cache)."""
     registry = build_registry(offered(tools, ctx))
     return list(registry.tools), registry.definitions_list()
 
