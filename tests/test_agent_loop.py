@@ -785,3 +785,89 @@ async def test_the_fake_slack_checks_task_cards_as_slack_would(fake_slack: FakeS
     assert fake_slack.cards(CHANNEL, thread) == [{k: v for k, v in done.items() if k != "type"}]
     assert fake_slack.cards_left_open(CHANNEL) == []
     assert fake_slack.problems == ["chat.startStream: task_update with status 'done'"]
+
+
+async def test_a_call_finishing_while_its_message_is_being_closed_shows_complete_below(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """The roll-over's chat.stopStream is still out when the tool finishes: the card carried into the
+    next message shows the call's newest state (complete), not the running state from before the close."""
+    bot.deps.pace = dataclasses.replace(bot.deps.pace, stream_max_age_s=0.3)
+    probe = Probe(delay=1.0)  # well past the 0.3 s roll-over, so the first chat.stopStream is the roll-over's
+    give(bot, probe)
+    fake_kimi.script(Reply(tool_calls=[Call("lookup", '{"q": "slow"}')]), Reply(content="Done at last."))
+    closing = fake_slack.hold("chat.stopStream")
+    ts = "1700000008.001650"
+    await bot.send_event(mention("a call ending mid roll-over", ts))
+    await closing.wait()
+    await wait_until(lambda: bool(probe.ended))  # the call finished while the close was out
+    closing.release()
+    await bot.settle()
+    states = [(c["status"], c.get("details")) for c in fake_slack.cards(CHANNEL, ts)]
+    assert states == [("error", "Continued below"), ("complete", None)], states
+    assert fake_slack.cards_left_open(CHANNEL) == [] and fake_slack.problems == []
+    assert "Done at last." in "".join(fake_slack.answer_parts(CHANNEL, ts))
+
+
+@dataclass
+class Gated(Probe):
+    """A lookup that ends only when the test opens its query's gate."""
+
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    async def run(self, args: dict[str, Any], ctx: ToolContext) -> ToolResult:
+        await self.gates.setdefault(str(args.get("q")), asyncio.Event()).wait()
+        return await super().run(args, ctx)
+
+
+def carries_card(title: str) -> Callable[[dict[str, Any]], bool]:
+    """A Slack call that shows the card with this title (in any state)."""
+
+    def check(args: dict[str, Any]) -> bool:
+        chunks = args.get("chunks") or []
+        chunks = json.loads(chunks) if isinstance(chunks, str) else chunks
+        return any(c.get("title") == title for c in chunks)
+
+    return check
+
+
+async def test_a_full_message_closed_while_its_last_card_finished_unseen_shows_that_card_complete(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """The call shown last in a full message finishes while the Slack call first showing its card
+    (pending or running) is still out; the next card needs a new message. The full message is closed
+    showing the call complete (it is not left spinning there, nor shown twice)."""
+    bot.deps.pace = dataclasses.replace(bot.deps.pace, cards_per_message=3)
+    tool = Gated()
+    for query in ("a", "b"):
+        tool.gates[query] = asyncio.Event()
+        tool.gates[query].set()
+    give(bot, tool)
+    fake_kimi.script(
+        Reply(tool_calls=[Call("lookup", '{"q": "a"}'), Call("lookup", '{"q": "b"}')]),
+        Reply(tool_calls=[Call("lookup", '{"q": "c"}'), Call("lookup", '{"q": "d"}')]),
+        Reply(content="Four lookups later."),
+    )
+    # c's card goes out in the message's first call or in an append, whichever comes first.
+    holds = [
+        fake_slack.hold(method, when=carries_card("Looking up c"))
+        for method in ("chat.startStream", "chat.appendStream")
+    ]
+    ts = "1700000008.001660"
+    await bot.send_event(mention("four lookups", ts))
+    await wait_until(lambda: any(hold.reached.is_set() for hold in holds))
+    tool.gates.setdefault("c", asyncio.Event()).set()
+    await wait_until(lambda: len(tool.ended) == 3)  # c finished while the call showing it was out
+    fake_slack.release_holds()
+    await asyncio.sleep(0.3)
+    tool.gates.setdefault("d", asyncio.Event()).set()
+    await bot.settle()
+    shown = [(c["title"], c["status"]) for c in fake_slack.cards(CHANNEL, ts)]
+    assert sorted(shown) == [
+        ("Looking up a", "complete"),
+        ("Looking up b", "complete"),
+        ("Looking up c", "complete"),
+        ("Looking up d", "complete"),
+    ], shown
+    assert fake_slack.cards_left_open(CHANNEL) == [] and fake_slack.problems == []
+    assert "Four lookups later." in "".join(fake_slack.answer_parts(CHANNEL, ts))

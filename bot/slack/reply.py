@@ -740,21 +740,29 @@ class ReplyWriter:
         fence = open_fence(self.answer[: self.sent]) if self.sent else None
         return f"{fence.fence}{fence.info}\n" if fence else ""
 
-    async def _end_stream(self, why: str = "") -> None:
+    async def _end_stream(self, why: str = "") -> dict[str, dict[str, Any]]:
         """Close a live stream quietly (fallbacks and failures), closing an open code fence in it, and its
-        open cards (saying `why`)."""
+        open cards (saying `why`). The cards it closed, by id, as it left them in `self.cards`."""
+        closed: dict[str, dict[str, Any]] = {}
         if self.mode == "stream" and self.message_ts:
             fence = open_fence(self.message_text)
-            with contextlib.suppress(SlackApiError):
+            closed = {str(card["id"]): card for card in self._closing_cards(why)}
+            try:
                 await self._call(
                     "chat.stopStream",
                     channel=self.turn.channel,
                     ts=self.message_ts,
                     markdown_text=f"\n{fence.fence}" if fence else None,
-                    chunks=self._closing_cards(why) or None,
+                    chunks=list(closed.values()) or None,
                 )
+            except SlackApiError:
+                pass  # the stream is gone: cards still due go into the next message
+            else:
+                # Shown as they are now: no longer due (a card that changed again since stays due).
+                self._dirty_cards = [i for i in self._dirty_cards if self.cards[i] is not closed.get(i)]
             self.mode, self.message_ts, self.message_text = None, None, ""
             self._message_cards = set()
+        return closed
 
     # ---- task cards -----------------------------------------------------------------------------
     def _cards_outliving_stream(self) -> bool:
@@ -779,11 +787,14 @@ class ReplyWriter:
             for i, card in self.cards.items()
             if i in self._message_cards and card["status"] in ("pending", "in_progress")
         }
-        await self._end_stream("Continued below")
+        closed = await self._end_stream("Continued below")
         if running and not self._dirty_cards:
             self._cards_waiting_since = time.monotonic()
         for card_id in reversed(running):
-            self.cards[card_id] = running[card_id]
+            if self.cards[card_id] is closed.get(card_id):
+                # Still as the close left it. (A call that changed state while chat.stopStream was out —
+                # finished, failed — keeps that newer state: the next message shows it.)
+                self.cards[card_id] = running[card_id]
             if card_id in self._dirty_cards:
                 self._dirty_cards.remove(card_id)
             self._dirty_cards.insert(0, card_id)
@@ -804,8 +815,9 @@ class ReplyWriter:
         return now - self._cards_waiting_since >= self.pace.cards_max_wait_s
 
     def _closing_cards(self, why: str = "") -> list[dict[str, Any]]:
-        """Every card of the current stream message still open, closed: a stream never stops with a card
-        spinning (Stop, a failure, or a roll-over to the next message)."""
+        """Every card of the current stream message still open, closed, and every one whose newest state
+        (a call that finished while its last change was out) has not gone out yet, as it is: a stream
+        never stops with a card spinning (Stop, a failure, or a roll-over to the next message)."""
         closing = []
         why = why or ("Stopped" if self.stopped else "Not finished")
         for card_id in sorted(self._message_cards):
@@ -813,6 +825,8 @@ class ReplyWriter:
             if card["status"] in ("pending", "in_progress"):
                 card = {**card, "status": "error", "details": why}
                 self.cards[card_id] = card
+                closing.append(card)
+            elif card_id in self._dirty_cards:
                 closing.append(card)
         return closing
 

@@ -13,6 +13,7 @@ import itertools
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,7 @@ class Hold:
 
     method: str
     nth: int
+    when: Callable[[dict[str, Any]], bool] | None = None  # only calls whose arguments pass this count
     seen: int = 0
     call: Call | None = None
     reached: asyncio.Event = field(default_factory=asyncio.Event)  # the call was carried out; no answer yet
@@ -200,11 +202,14 @@ class FakeSlack:
         503, a corporate proxy's HTML 403): `body` as is, with this status and Content-Type."""
         self.raw_failures[method].extend(RawFailure(status, body, content_type) for _ in range(times))
 
-    def hold(self, method: str, nth: int = 1) -> Hold:
-        """The `nth` call of `method` from now on is carried out (Slack did the work: a message is posted,
-        text appended...) but its answer waits until `Hold.release()`: the caller has not heard back yet,
-        so a test can kill it exactly then. Release every hold before the fake stops."""
-        hold = Hold(method, nth)
+    def hold(
+        self, method: str, nth: int = 1, *, when: Callable[[dict[str, Any]], bool] | None = None
+    ) -> Hold:
+        """The `nth` call of `method` from now on (of those whose arguments pass `when`) is carried out
+        (Slack did the work: a message is posted, text appended...) but its answer waits until
+        `Hold.release()`: the caller has not heard back yet, so a test can kill it exactly then. Release
+        every hold before the fake stops."""
+        hold = Hold(method, nth, when)
         self.holds.append(hold)
         return hold
 
@@ -370,7 +375,7 @@ class FakeSlack:
         self.calls.append(call)
         held = None
         for hold in self.holds:
-            if hold.method == method and not hold.reached.is_set():
+            if hold.method == method and not hold.reached.is_set() and (hold.when is None or hold.when(args)):
                 hold.seen += 1
                 if hold.seen == hold.nth:
                     held = hold
