@@ -13,12 +13,13 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.admins import Admins
 from bot.kimi.client import KimiClient
 from bot.kimi.profiles import profile_for
 from bot.metrics import CountingRateLimitHandler, CountingWebClient, Metrics
 from bot.queue import JobQueue, consumer_name
 from bot.redis_client import build_redis
-from bot.settings import Settings
+from bot.settings import Settings, split_ids
 from bot.slack.pacing import Pacer
 from bot.slack.reply import Pace
 from bot.store import Approvals, Feedback, Stops, ThreadStore, Usage, UserNames
@@ -49,6 +50,7 @@ class Deps:
     queue: JobQueue
     stops: Stops
     feedback: Feedback
+    admins: Admins
     metrics: Metrics = field(default_factory=Metrics)
     pacer: Pacer = field(default_factory=Pacer)
     pace: Pace = field(default_factory=Pace)
@@ -119,9 +121,10 @@ def build_deps(settings: Settings) -> Deps:
         concurrency=settings.kimi_concurrency,
     )
     kimi.metrics = metrics
+    slack = slack_client(settings, metrics)
     return Deps(
         settings=settings,
-        slack=slack_client(settings, metrics),
+        slack=slack,
         metrics=metrics,
         redis=redis,
         kimi=kimi,
@@ -136,5 +139,6 @@ def build_deps(settings: Settings) -> Deps:
         ),
         stops=Stops(redis),
         feedback=Feedback(redis),
+        admins=Admins(slack, frozenset(split_ids(settings.admin_users))),
         approvals=Approvals(redis),
     )

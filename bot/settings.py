@@ -41,6 +41,8 @@ WHERE_TO_GET: dict[str, str] = {
     "LOG_LEVEL": "one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
     "MCP_CONFIG": 'the path of a JSON file {"mcpServers": {...}} (README "MCP servers"); empty for none',
     "ALLOWED_USERS": "comma-separated Slack user ids (U…, W…) and user-group ids (S…); empty for everyone",
+    "ADMIN_USERS": "comma-separated Slack user ids (U…, W…) of people who may change kimibot's settings; "
+    "empty for workspace admins and owners only",
     "ALLOWED_CHANNELS": "comma-separated Slack channel ids (C…, G…, D…) or dm (DMs with kimibot); empty for "
     "everywhere",
 }
@@ -56,6 +58,7 @@ SECRET_SETTINGS = (
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ALLOWED_USER_ID = re.compile(r"[UWS][A-Z0-9]{2,}")  # a user (U…, W… on Enterprise Grid) or a user group (S…)
+ADMIN_USER_ID = re.compile(r"[UW][A-Z0-9]{2,}")  # people only: no groups
 ALLOWED_CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{2,}|dm")  # a channel, private channel, DM; `dm`: every DM
 
 
@@ -143,6 +146,7 @@ class Settings(BaseSettings):
     allowed_users: str = ""  # comma-separated user ids (U…/W…) and user-group ids (S…); empty: everyone
     allowed_channels: str = ""  # comma-separated channel ids (C…/G…/D…, or `dm`); empty: everywhere
     allow_guests: bool = False  # may guests (restricted / ultra-restricted accounts) use kimibot?
+    admin_users: str = ""  # comma-separated user ids who may change settings and see all usage (and admins)
 
     @property
     def socket_mode(self) -> bool:
@@ -226,6 +230,7 @@ def problems_with(settings: Settings) -> list[str]:
     for name, value, pattern in (
         ("ALLOWED_USERS", settings.allowed_users, ALLOWED_USER_ID),
         ("ALLOWED_CHANNELS", settings.allowed_channels, ALLOWED_CHANNEL_ID),
+        ("ADMIN_USERS", settings.admin_users, ADMIN_USER_ID),
     ):
         if bad := [item for item in split_ids(value) if not pattern.fullmatch(item)]:
             malformed(name, f"holds {', '.join(repr(b) for b in bad[:3])}, not ids")
