@@ -871,3 +871,39 @@ async def test_a_full_message_closed_while_its_last_card_finished_unseen_shows_t
     ], shown
     assert fake_slack.cards_left_open(CHANNEL) == [] and fake_slack.problems == []
     assert "Four lookups later." in "".join(fake_slack.answer_parts(CHANNEL, ts))
+
+
+async def test_a_closing_card_slack_refuses_does_not_keep_the_stream_open(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slack refuses a finished card (here: its sources) in an append and again in the stop that follows:
+    the stop goes again with the cards bare, so the stream ends and no card is left spinning."""
+    checked = FakeSlack._task_problem
+
+    def refuse_sources(chunk: dict[str, Any]) -> str:
+        return "sources refused (test)" if chunk.get("sources") else checked(chunk)
+
+    monkeypatch.setattr(FakeSlack, "_task_problem", staticmethod(refuse_sources))
+    tool = Gated(sources=("https://example.com/found",))
+    give(bot, tool)
+    fake_kimi.script(
+        Reply(tool_calls=[Call("lookup", '{"q": "x"}'), Call("lookup", '{"q": "y"}')]),
+        Reply(content="Both looked up."),
+    )
+    ts = "1700000008.001670"
+    await bot.send_event(mention("two lookups", ts))
+    await wait_until(
+        lambda: len([c for c in fake_slack.cards(CHANNEL, ts) if c["status"] == "in_progress"]) == 2
+    )
+    tool.gates.setdefault("x", asyncio.Event()).set()
+    await wait_until(lambda: bool(fake_slack.calls_of("chat.stopStream")))
+    tool.gates.setdefault("y", asyncio.Event()).set()
+    await bot.settle()
+    assert fake_slack.cards_left_open(CHANNEL) == []
+    first = next(c for c in fake_slack.replies(CHANNEL, ts) if c.get("tasks"))
+    assert {c["title"]: c["status"] for c in first["tasks"].values()} == {
+        "Looking up x": "complete",
+        "Looking up y": "error",
+    }
+    assert fake_slack.problems and all("sources refused (test)" in p for p in fake_slack.problems)
+    assert "Both looked up." in "".join(fake_slack.bodies(CHANNEL, ts))

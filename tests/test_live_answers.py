@@ -280,3 +280,19 @@ async def test_assistant_panel_threads_are_greeted_then_answered_with_status_and
     assert not [c for c in fake_slack.calls_of("chat.postMessage") if c.args.get("text") == "Thinking…"]
     assert "Use a queue." in "".join(fake_slack.answer_parts(DM, thread_ts))
     assert fake_slack.problems == []
+
+
+async def test_slacks_own_stop_on_the_stream_keeps_what_was_shown_once(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """The user stops the stream with Slack's own control (appendStream: stopped_by_user): the text the
+    stream showed stays once — it is not written again into the placeholder above it."""
+    fake_slack.fail("chat.appendStream", "stopped_by_user")
+    fake_kimi.script(Reply(content=LONG, chunk_chars=150, chunk_delay=0.02))
+    ts = "1700000005.002100"
+    await ask(bot, ts)
+    await bot.settle()
+    shown = "".join(fake_slack.answer_parts(CHANNEL, ts))
+    assert shown.count("Paragraph 0:") == 1, fake_slack.bodies(CHANNEL, ts)
+    assert 0 < len(numbered(shown)) < len(numbered(LONG))
+    assert fake_slack.bodies(CHANNEL, ts)[0].startswith(":thought_balloon: Thought for")

@@ -171,6 +171,11 @@ def task_card(
     return card
 
 
+def bare_card(card: dict[str, Any]) -> dict[str, Any]:
+    """A card reduced to what Slack cannot refuse once it took the card before: id, title, state."""
+    return {key: card[key] for key in ("type", "id", "title", "status") if key in card}
+
+
 def thought_summary(thinking_s: float) -> tuple[str, list[dict[str, Any]]]:
     """What the placeholder becomes once the answer streams below it."""
     text = f":thought_balloon: Thought for {thinking_s:.0f}s"

@@ -31,6 +31,7 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 from bot.slack.blocks import (
     GREETING,
     SUGGESTED_PROMPTS,
+    bare_card,
     latest_thought,
     status_line,
     task_card,
@@ -440,6 +441,7 @@ class ReplyWriter:
             if (
                 self.mode is None
                 and self.placeholder_free
+                and not self.answer_ts  # nothing shown below it yet (a stream Slack's stop ended, cards)
                 and len(self.answer) <= self.pace.update_message_chars
             ):
                 # A short answer that came at once: it simply replaces the placeholder.
@@ -740,29 +742,53 @@ class ReplyWriter:
         fence = open_fence(self.answer[: self.sent]) if self.sent else None
         return f"{fence.fence}{fence.info}\n" if fence else ""
 
-    async def _end_stream(self, why: str = "") -> dict[str, dict[str, Any]]:
+    async def _end_stream(self, why: str = "", *, carried: bool = False) -> None:
         """Close a live stream quietly (fallbacks and failures), closing an open code fence in it, and its
-        open cards (saying `why`). The cards it closed, by id, as it left them in `self.cards`."""
-        closed: dict[str, dict[str, Any]] = {}
+        open cards (saying `why`). `carried`: the running cards go on in the next message, so only this
+        message's copy of them is closed; here they keep running."""
         if self.mode == "stream" and self.message_ts:
             fence = open_fence(self.message_text)
-            closed = {str(card["id"]): card for card in self._closing_cards(why)}
-            try:
-                await self._call(
-                    "chat.stopStream",
-                    channel=self.turn.channel,
-                    ts=self.message_ts,
-                    markdown_text=f"\n{fence.fence}" if fence else None,
-                    chunks=list(closed.values()) or None,
-                )
-            except SlackApiError:
-                pass  # the stream is gone: cards still due go into the next message
-            else:
-                # Shown as they are now: no longer due (a card that changed again since stays due).
-                self._dirty_cards = [i for i in self._dirty_cards if self.cards[i] is not closed.get(i)]
+            before = {i: self.cards[i] for i in self._message_cards}
+            closing = self._closing_cards(why)
+            if await self._stop_stream(
+                self.message_ts, closing, markdown_text=f"\n{fence.fence}" if fence else None
+            ):
+                self._settle_cards(before, closing, keep_running=carried)
             self.mode, self.message_ts, self.message_text = None, None, ""
             self._message_cards = set()
-        return closed
+
+    async def _stop_stream(self, ts: str, closing: list[dict[str, Any]], **args: Any) -> bool:
+        """chat.stopStream with the closing cards; whether Slack took it. A card Slack refuses (its
+        details, its sources) must not keep the stream open: once refused, the cards go again bare (id,
+        title, state). A stream Slack already ended counts as stopped."""
+        for chunks in (closing, [bare_card(card) for card in closing]):
+            try:
+                await self._call(
+                    "chat.stopStream", channel=self.turn.channel, ts=ts, chunks=chunks or None, **args
+                )
+                return True
+            except SlackApiError as exc:
+                error = slack_error(exc)
+                if not chunks or error in STREAM_GONE:
+                    log.info("stream not stopped", extra={"error": error, "channel": self.turn.channel})
+                    return False
+                log.info("closing cards refused; sent bare", extra={"error": error})
+        return False
+
+    def _settle_cards(
+        self, before: dict[str, dict[str, Any]], closing: list[dict[str, Any]], *, keep_running: bool
+    ) -> None:
+        """After a stop Slack took: each card it showed as it still is here is settled — a closed one
+        keeps its closed state (unless `keep_running`), a shown one is no longer due. A card that changed
+        while the call was out keeps its newer state, still due."""
+        for card in closing:
+            card_id = str(card["id"])
+            if self.cards.get(card_id) is not before.get(card_id):
+                continue
+            if card is not before[card_id] and not keep_running:
+                self.cards[card_id] = card
+            if card_id in self._dirty_cards and not (keep_running and card is not before[card_id]):
+                self._dirty_cards.remove(card_id)
 
     # ---- task cards -----------------------------------------------------------------------------
     def _cards_outliving_stream(self) -> bool:
@@ -782,19 +808,15 @@ class ReplyWriter:
     async def _carry_running_cards(self, mark: int | None) -> None:
         """End this stream message, its running cards saying "Continued below", and queue them (first,
         in their order) for the next message. `mark`: the text they follow (None: keep their own)."""
-        running = {
-            i: card
+        running = [
+            i
             for i, card in self.cards.items()
             if i in self._message_cards and card["status"] in ("pending", "in_progress")
-        }
-        closed = await self._end_stream("Continued below")
+        ]
+        await self._end_stream("Continued below", carried=True)
         if running and not self._dirty_cards:
             self._cards_waiting_since = time.monotonic()
-        for card_id in reversed(running):
-            if self.cards[card_id] is closed.get(card_id):
-                # Still as the close left it. (A call that changed state while chat.stopStream was out —
-                # finished, failed — keeps that newer state: the next message shows it.)
-                self.cards[card_id] = running[card_id]
+        for card_id in reversed(running):  # running still, or changed since: its newest state goes first
             if card_id in self._dirty_cards:
                 self._dirty_cards.remove(card_id)
             self._dirty_cards.insert(0, card_id)
@@ -815,17 +837,16 @@ class ReplyWriter:
         return now - self._cards_waiting_since >= self.pace.cards_max_wait_s
 
     def _closing_cards(self, why: str = "") -> list[dict[str, Any]]:
-        """Every card of the current stream message still open, closed, and every one whose newest state
-        (a call that finished while its last change was out) has not gone out yet, as it is: a stream
-        never stops with a card spinning (Stop, a failure, or a roll-over to the next message)."""
+        """What a stop of the current stream message shows of its cards: each one still open, closed
+        (saying `why`), and each one whose newest state (a call that finished while its last change was
+        out) has not gone out yet, as it is. A stream never stops with a card spinning (Stop, a failure,
+        a roll-over). Changes nothing: `_settle_cards` does, once Slack took the stop."""
         closing = []
         why = why or ("Stopped" if self.stopped else "Not finished")
         for card_id in sorted(self._message_cards):
             card = self.cards[card_id]
             if card["status"] in ("pending", "in_progress"):
-                card = {**card, "status": "error", "details": why}
-                self.cards[card_id] = card
-                closing.append(card)
+                closing.append({**card, "status": "error", "details": why})
             elif card_id in self._dirty_cards:
                 closing.append(card)
         return closing
@@ -988,17 +1009,9 @@ class ReplyWriter:
         """Put the footer and buttons under the last piece of the answer."""
         if self.mode == "stream" and self.message_ts:
             self.mode = None
-            try:
-                await self._call(
-                    "chat.stopStream",
-                    channel=self.turn.channel,
-                    ts=self.message_ts,
-                    blocks=closing_blocks,
-                    chunks=self._closing_cards() or None,
-                )
+            if await self._stop_stream(self.message_ts, self._closing_cards(), blocks=closing_blocks):
                 return
-            except SlackApiError as exc:
-                log.info("stream could not be closed with its footer", extra={"error": slack_error(exc)})
+            log.info("stream could not be closed with its footer", extra={"channel": self.turn.channel})
         elif self.mode == "update" and self.message_ts:
             await self._set_message(self.message_ts, self.message_text, closing_blocks)
             return
