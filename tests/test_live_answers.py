@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -296,3 +297,46 @@ async def test_slacks_own_stop_on_the_stream_keeps_what_was_shown_once(
     assert shown.count("Paragraph 0:") == 1, fake_slack.bodies(CHANNEL, ts)
     assert 0 < len(numbered(shown)) < len(numbered(LONG))
     assert fake_slack.bodies(CHANNEL, ts)[0].startswith(":thought_balloon: Thought for")
+
+
+SENTENCE = (
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et. "
+)
+PARAGRAPH = SENTENCE * 485  # about 50,000 characters without a line end (sentences do not divide 10,000)
+WORDS = set(SENTENCE.split())
+
+
+def boundaries(parts: list[str]) -> list[tuple[str, str]]:
+    """(last word of a message, first word of the next) for each message boundary of the answer."""
+    return [(a.rstrip().split()[-1], b.lstrip().split()[0]) for a, b in itertools.pairwise(parts)]
+
+
+async def test_a_long_unbroken_paragraph_is_split_between_words_at_sentence_ends(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """Kimi's chunks end mid-word; a 50,000-character paragraph still breaks between messages only
+    where a sentence ends, and the whole text arrives once."""
+    fake_kimi.script(Reply(content=PARAGRAPH, chunk_chars=997, chunk_delay=0.02))
+    ts = "1700000005.002200"
+    await ask(bot, ts)
+    await bot.settle(limit_s=60)
+    parts = fake_slack.answer_parts(CHANNEL, ts)
+    assert len(parts) >= 5
+    assert "".join(parts).split() == PARAGRAPH.split()
+    for last, first in boundaries(parts):
+        assert last == "et." and first == "Lorem", (last, first)
+
+
+async def test_the_post_and_update_fallback_splits_a_long_paragraph_between_words_too(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_slack.fail("chat.startStream", "not_allowed_token_type", times=50)  # streaming unavailable
+    fake_kimi.script(Reply(content=PARAGRAPH[:20_000], chunk_chars=997, chunk_delay=0.02))
+    ts = "1700000005.002300"
+    await ask(bot, ts)
+    await bot.settle(limit_s=60)
+    parts = fake_slack.answer_parts(CHANNEL, ts)
+    assert len(parts) >= 5
+    assert "".join(parts).split() == PARAGRAPH[:20_000].split()
+    for last, first in boundaries(parts):
+        assert last in WORDS and first in WORDS, (last, first)

@@ -176,3 +176,30 @@ def test_payload_fields_people_read_are_neutralised_and_ids_are_not() -> None:
     assert clean["blocks"][1]["elements"][0]["text"] == f"@{WORD_JOINER}ops"
     assert clean["blocks"][2]["elements"][0]["value"] == "<!here>"  # a button's value is data, not text
     assert clean["channel"] == "C06H4T2MZ8R"
+
+
+def test_cuts_prefer_sentence_ends_then_word_ends_never_mid_word() -> None:
+    from bot.slack.render import cut_point, fitting_cut, sentence_cut, whole_words
+
+    text = "One sentence here. Another one follows, and it runs on for a while without any end"
+    assert text[: fitting_cut(text, 40)] == "One sentence here. "  # no line end: the last sentence end
+    assert fitting_cut("no sentence ends here at all", 10) == 0  # else the next message
+    assert text[: cut_point(text, 30)] == "One sentence here. "  # a sentence end in the second half
+    assert text[: cut_point(text, 40)] == "One sentence here. Another one follows, "  # else a word end
+    assert text[: cut_point(text, 70)].endswith("a while ")  # no sentence end in the second half: a word end
+    assert sentence_cut("Done! “Quoted.” Next", 0, 20) == len("Done! “Quoted.” ")  # closing quotes stay
+    assert cut_point("a" * 50, 20) == 20  # one "word" longer than half a message: a hard cut
+    assert whole_words("streaming text stops mid-wo", 200) == len("streaming text stops ")
+    assert whole_words("partword", 200) == 0  # nothing whole yet
+    assert whole_words("x" * 300, 200) == 300  # a part-word too long to hold back
+    assert whole_words("line\n" + "y" * 250, 200) == len("line\n") + 250
+
+
+def test_a_paragraph_longer_than_a_message_is_packed_at_sentence_ends() -> None:
+    from bot.slack.render import split_markdown
+
+    sentence = "Sed ut perspiciatis unde omnis iste natus error sit voluptatem accusantium doloremque. "
+    pieces = split_markdown(sentence * 400, limit=3_000)
+    assert len(pieces) > 5 and all(len(p) <= 3_000 for p in pieces)
+    assert all(p.endswith("doloremque.") for p in pieces[:-1])
+    assert " ".join(pieces).split() == (sentence * 400).split()

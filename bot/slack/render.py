@@ -79,10 +79,13 @@ def units(markdown: str) -> list[Unit]:
 
 
 def _hard_split(text: str, limit: int) -> list[str]:
-    """Split text with no better boundary: at line ends, then spaces, then anywhere."""
+    """Split text with no better boundary: at line ends, then sentence ends (in the second half), then
+    spaces, then anywhere."""
     pieces: list[str] = []
     while len(text) > limit:
         cut = text.rfind("\n", 0, limit + 1)
+        if cut <= 0:
+            cut = _last_end(_SENTENCE_END, text, limit // 2, limit + 1)
         if cut <= 0:
             cut = text.rfind(" ", 0, limit + 1)
         if cut <= 0:
@@ -154,9 +157,27 @@ def close_fence(text: str, marker: str) -> str:
     return marker if text.endswith("\n") else f"\n{marker}"
 
 
+_SENTENCE_END = re.compile(r"[.!?…。！？][\"'”’)\]]*\s+")
+_SPACE = re.compile(r"\s+")
+
+
+def _last_end(pattern: re.Pattern[str], text: str, low: int, high: int) -> int:
+    """The end of the last match of `pattern` lying within text[low:high] (0: none)."""
+    end = 0
+    for match in pattern.finditer(text, low, high):
+        end = match.end()
+    return end
+
+
+def sentence_cut(text: str, low: int, high: int) -> int:
+    """The last place in text[low:high] to break between sentences, else between words (0: none)."""
+    return _last_end(_SENTENCE_END, text, low, high) or _last_end(_SPACE, text, low, high)
+
+
 def fitting_cut(text: str, room: int) -> int:
     """How much of `text` to add to a message with `room` left: all of it if it fits, else up to the
-    last paragraph or line end that fits, else 0 (better to start the next message)."""
+    last paragraph or line end that fits, else the last sentence end, else 0 (better to start the next
+    message: what it holds already ends between words)."""
     if len(text) <= room:
         return len(text)
     if room <= 0:
@@ -165,18 +186,32 @@ def fitting_cut(text: str, room: int) -> int:
         cut = text.rfind(separator, 0, room)
         if cut > 0:
             return cut + len(separator)
-    return 0
+    return _last_end(_SENTENCE_END, text, 0, room)
 
 
 def cut_point(text: str, room: int) -> int:
-    """Where to end a message holding at most `room` characters: a paragraph end, else a line end."""
+    """Where to end a message holding at most `room` characters: a paragraph end, else a line end, else
+    a sentence end, else a word end (in the second half of the room); a hard cut only inside a "word"
+    longer than half a message."""
     if len(text) <= room:
         return len(text)
-    for separator in ("\n\n", "\n", " "):
+    for separator in ("\n\n", "\n"):
         cut = text.rfind(separator, room // 2, room)
         if cut > 0:
             return cut + len(separator)
-    return room
+    return sentence_cut(text, room // 2, room) or room
+
+
+def whole_words(text: str, hold_max: int) -> int:
+    """How much of text still being written may go out now: up to its last whitespace, so a message
+    never ends inside a word that is still arriving; all of it once the tail is a "word" longer than
+    `hold_max` (a long URL, a base64 blob)."""
+    end = max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"))
+    if end < 0:
+        return len(text) if len(text) > hold_max else 0
+    if len(text) - (end + 1) > hold_max:
+        return len(text)
+    return end + 1
 
 
 def footer(

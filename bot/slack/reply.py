@@ -52,6 +52,7 @@ from bot.slack.render import (
     neutralise_fields,
     open_fence,
     split_markdown,
+    whole_words,
 )
 from bot.turn import Turn
 
@@ -66,6 +67,9 @@ OPTIONAL_HEADROOM = 0.5  # below this share of a method's burst, optional calls 
 STATUS_MESSAGE_LIMIT = 50  # assistant.threads.setStatus loading_messages: 1-10 strings of <= 50 characters
 TITLE_LIMIT = 80
 LOADING_MESSAGES = ("Reading the thread…", "Thinking it through…", "Checking the details…")
+
+
+WORD_HOLD_MAX = 200  # a part-word longer than this (a URL, a blob) goes out without waiting for its end
 
 
 @dataclass(frozen=True)
@@ -274,6 +278,7 @@ class ReplyWriter:
         self._card_marks: dict[str, int] = {}  # card -> how much answer text came before it
         self._cards_waiting_since = 0.0  # when the oldest card change not yet in Slack was made
         self._text_limit: int | None = None  # while cards wait: text beyond this waits too
+        self._final = False  # Kimi is done: the last part-word may go out too
         self._separator_due = False  # a new model step: its text starts a new paragraph
         self._step_start = 0  # where the current step's text begins in `answer`
 
@@ -427,6 +432,7 @@ class ReplyWriter:
         await self._after_begin()
         await self._stop_flusher()
         self.answer += self._broadcasts.flush()  # the answer is complete: nothing more is held back
+        self._final = True
         if not self.turn.in_slack_thread:
             await self._respond(self.answer + (f"\n\n{note}" if note else ""), markdown=True)
             return []
@@ -660,6 +666,8 @@ class ReplyWriter:
 
     async def _flush_some(self) -> None:
         """Move the waiting text (or as much as the current message takes) into Slack."""
+        if not self._pending():
+            return  # only a part-word waits: it goes out with the rest of the word
         if self.mode is None and self._streams_busy():
             self.mode = "update"
         if self.mode != "update":
@@ -852,8 +860,12 @@ class ReplyWriter:
         return closing
 
     def _pending(self) -> str:
-        """The answer text that may go out now: while cards wait, only what was written before them."""
-        return self.answer[self.sent : self._text_limit]
+        """The answer text that may go out now: while cards wait, only what was written before them;
+        while Kimi is still writing, only whole words (a message boundary never splits one)."""
+        text = self.answer[self.sent : self._text_limit]
+        if self._final or self._text_limit is not None:
+            return text
+        return text[: whole_words(text, WORD_HOLD_MAX)]
 
     async def _flush_text_and_cards(self) -> None:
         """Cards go out after the text written before them, and before the text written after them (in
