@@ -20,7 +20,7 @@ from bot.metrics import CountingRateLimitHandler, CountingWebClient, Metrics
 from bot.queue import JobQueue, consumer_name
 from bot.redis_client import build_redis
 from bot.settings import Settings, split_ids
-from bot.slack.pacing import Pacer
+from bot.slack.pacing import Pacer, SharedPacer
 from bot.slack.reply import Pace
 from bot.store import Approvals, Feedback, Stops, ThreadStore, Usage, UserNames
 from bot.tools.base import Tool, ToolContext
@@ -141,4 +141,5 @@ def build_deps(settings: Settings) -> Deps:
         feedback=Feedback(redis),
         admins=Admins(slack, frozenset(split_ids(settings.admin_users))),
         approvals=Approvals(redis),
+        pacer=SharedPacer(redis),  # Slack's limits are per app and workspace: one budget for all replicas
     )

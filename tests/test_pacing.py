@@ -7,7 +7,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bot.slack.pacing import Pacer, TokenBucket
+from redis.asyncio import Redis
+
+from bot.slack.pacing import Pacer, SharedPacer, TokenBucket
 from tests.conftest import FAST_PACE, BotHarness
 from tests.fakes.kimi_api import FakeKimi, Reply
 from tests.fakes.slack_api import FakeSlack
@@ -73,3 +75,54 @@ async def test_without_pacing_the_same_burst_is_rate_limited(
     await asyncio.sleep(0)
     assert fake_slack.limit_hits  # what pacing saves us from
     assert bot.deps.metrics.snapshot()["slack_429s"] >= 1
+
+
+async def test_two_replicas_draw_on_one_shared_budget(redis_url: str) -> None:
+    """Slack's limits are per app and workspace: two processes' pacers reserve slots of one bucket in
+    Redis (chat.postMessage: bursts of 3, then about one a second per channel)."""
+    first, second = Redis.from_url(redis_url), Redis.from_url(redis_url)
+    try:
+        pacers = [SharedPacer(first), SharedPacer(second)]
+        waits = [await pacers[i % 2].reserve("chat.postMessage", "T1", "C1") for i in range(6)]
+        assert waits[:3] == [0.0, 0.0, 0.0]  # the burst, whichever process asks
+        interval = 1 / (1.0 * 0.9)  # one a second, 10% margin
+        for n, wait in enumerate(waits[3:], start=1):
+            assert wait is not None and abs(wait - n * interval) < 0.2, waits
+        # Another channel, another workspace's stream budget: their own buckets.
+        assert await pacers[1].reserve("chat.postMessage", "T1", "C2") == 0.0
+        assert await pacers[0].reserve("chat.startStream", "T2") == 0.0
+        assert await pacers[0].reserve("auth.test", "T1") is None  # not paced
+        # Each process's mirror knows the shared bucket is spent once it has asked.
+        assert pacers[0].headroom("chat.postMessage", "T1", "C1") < 0.5
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_without_redis_the_shared_pacer_paces_per_process() -> None:
+    silent = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.2)  # nothing listens there
+    pacer = SharedPacer(silent)
+    try:
+        assert await pacer.reserve("chat.postMessage", "T1", "C1") is None
+        for _ in range(3):
+            await pacer.acquire("chat.postMessage", "T1", "C1")  # the local burst: no wait, no error
+        assert pacer.wait_estimate("chat.postMessage", "T1", "C1") > 0  # the local bucket paces now
+    finally:
+        await silent.aclose()
+
+
+async def test_two_replicas_answering_one_channels_burst_draw_no_429s(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_slack.enforce_limits = True
+    bots: list[BotHarness] = [await make_bot(), await make_bot()]
+    for each in bots:
+        each.deps.pacer = SharedPacer(each.deps.redis)  # Slack's documented pace, shared through Redis
+    fake_kimi.script(*[Reply(content=f"answer {i}") for i in range(8)])
+    for i in range(8):
+        await bots[i % 2].send_event(mention(f"question {i}", f"1700000006.{i:06d}"))
+    for _ in range(3):  # each worker may pick up jobs the other listed: settle both until quiet
+        for each in bots:
+            await each.settle(limit_s=40)
+    assert fake_slack.limit_hits == []
+    assert sum(len(fake_slack.bodies(CHANNEL, f"1700000006.{i:06d}")) for i in range(8)) == 8

@@ -2,13 +2,18 @@
 
 A token bucket per (workspace, method) for tiered methods, and per channel for chat.postMessage.
 Callers that wait longer simply flush more text per call: under load, buffers grow by themselves.
+`SharedPacer` keeps the buckets in Redis (GCRA), so every replica draws on the app's one budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Calls per minute Slack documents as the floor of each tier ("20+", "50+", "100+"), used as both the
 # refill rate and the burst size. (SLACK_ANCHORS.md section 6; slack-api-ref rate_limits.)
@@ -113,5 +118,75 @@ class Pacer:
                 if wait <= 0:
                     bucket.take()
                     return
+            self.waited_s += wait
+            await asyncio.sleep(wait)
+
+
+# GCRA over Redis's clock: one key per (workspace, method) — per channel for chat.postMessage — holding the
+# theoretical arrival time (ms). Each call reserves the next slot and learns how long to wait for it, in one
+# round trip, so every replica spends one shared budget. ARGV: interval (ms per call), burst (calls).
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval = tonumber(ARGV[1])
+local tolerance = interval * (tonumber(ARGV[2]) - 1)
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local delay = tat - tolerance - now
+if delay < 0 then delay = 0 end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+return {string.format('%.3f', delay), string.format('%.3f', new_tat - now)}
+"""
+SHARED_FALLBACK_LOG_S = 60.0  # "pacing per process" is logged at most this often while Redis fails
+
+
+class SharedPacer(Pacer):
+    """The same tiers, with the buckets in Redis: Slack's limits are per app and workspace, so all
+    replicas draw on one budget. One Lua call per paced Slack call. The local buckets stay as a mirror
+    (refreshed by each reservation) for the cheap, optional questions (`headroom`, `wait_estimate`),
+    and as the fallback while Redis does not answer: answers keep flowing, paced per process."""
+
+    def __init__(self, redis: Any, scale: float = 1.0, prefix: str = "kimibot:pace") -> None:
+        super().__init__(scale)
+        self.redis = redis
+        self.prefix = prefix
+        self._failed_logged_at = -SHARED_FALLBACK_LOG_S
+
+    def key(self, method: str, team: str, channel: str) -> str | None:
+        if method == "chat.postMessage":
+            return f"{self.prefix}:{{{team}}}:post:{channel}"
+        if method in METHOD_TIER:
+            return f"{self.prefix}:{{{team}}}:{method}"
+        return None
+
+    async def reserve(self, method: str, team: str = "", channel: str = "") -> float | None:
+        """Take the next shared slot for this call; seconds to wait for it. None: not paced, or Redis
+        failed (the caller falls back to the local bucket)."""
+        key = self.key(method, team, channel)
+        bucket = self._bucket(method, team, channel)
+        if key is None or bucket is None:
+            return None
+        interval_ms = 1000.0 / bucket.rate_per_s
+        try:
+            delay_ms, backlog_ms = await self.redis.eval(_RESERVE, 1, key, interval_ms, bucket.capacity)
+        except Exception as exc:  # RedisError, a timeout: pace locally rather than stop answering
+            now = time.monotonic()
+            if now - self._failed_logged_at >= SHARED_FALLBACK_LOG_S:
+                self._failed_logged_at = now
+                log.warning("shared pacing unavailable; pacing per process", extra={"error": str(exc)})
+            return None
+        # The mirror: as many calls left as the shared backlog leaves room for.
+        bucket.updated = time.monotonic()
+        bucket.tokens = bucket.capacity - float(backlog_ms) / interval_ms
+        return float(delay_ms) / 1000.0
+
+    async def acquire(self, method: str, team: str = "", channel: str = "") -> None:
+        wait = await self.reserve(method, team, channel)
+        if wait is None:
+            if self.key(method, team, channel) is not None:
+                await super().acquire(method, team, channel)
+            return
+        if wait > 0:
             self.waited_s += wait
             await asyncio.sleep(wait)
