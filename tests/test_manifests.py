@@ -30,6 +30,8 @@ METHODS_CALLED = [
     "assistant.search.context",
     "users.info",
     "usergroups.users.list",  # ALLOWED_USERS' user groups
+    "reactions.add",  # the sign of life while a burst waits for the channel's posting budget
+    "reactions.remove",
     "views.open",
     "assistant.threads.setStatus",
     "assistant.threads.setSuggestedPrompts",

@@ -83,15 +83,15 @@ async def test_two_replicas_draw_on_one_shared_budget(redis_url: str) -> None:
     first, second = Redis.from_url(redis_url), Redis.from_url(redis_url)
     try:
         pacers = [SharedPacer(first), SharedPacer(second)]
-        waits = [await pacers[i % 2].reserve("chat.postMessage", "T1", "C1") for i in range(6)]
+        waits = [await pacers[i % 2].reserve_shared("chat.postMessage", "T1", "C1") for i in range(6)]
         assert waits[:3] == [0.0, 0.0, 0.0]  # the burst, whichever process asks
         interval = 1 / (1.0 * 0.9)  # one a second, 10% margin
         for n, wait in enumerate(waits[3:], start=1):
             assert wait is not None and abs(wait - n * interval) < 0.2, waits
         # Another channel, another workspace's stream budget: their own buckets.
-        assert await pacers[1].reserve("chat.postMessage", "T1", "C2") == 0.0
-        assert await pacers[0].reserve("chat.startStream", "T2") == 0.0
-        assert await pacers[0].reserve("auth.test", "T1") is None  # not paced
+        assert await pacers[1].reserve_shared("chat.postMessage", "T1", "C2") == 0.0
+        assert await pacers[0].reserve_shared("chat.startStream", "T2") == 0.0
+        assert await pacers[0].reserve_shared("auth.test", "T1") is None  # not paced
         # Each process's mirror knows the shared bucket is spent once it has asked.
         assert pacers[0].headroom("chat.postMessage", "T1", "C1") < 0.5
     finally:
@@ -103,7 +103,7 @@ async def test_without_redis_the_shared_pacer_paces_per_process() -> None:
     silent = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.2)  # nothing listens there
     pacer = SharedPacer(silent)
     try:
-        assert await pacer.reserve("chat.postMessage", "T1", "C1") is None
+        assert await pacer.reserve_shared("chat.postMessage", "T1", "C1") is None
         for _ in range(3):
             await pacer.acquire("chat.postMessage", "T1", "C1")  # the local burst: no wait, no error
         assert pacer.wait_estimate("chat.postMessage", "T1", "C1") > 0  # the local bucket paces now
@@ -126,3 +126,30 @@ async def test_two_replicas_answering_one_channels_burst_draw_no_429s(
             await each.settle(limit_s=40)
     assert fake_slack.limit_hits == []
     assert sum(len(fake_slack.bodies(CHANNEL, f"1700000006.{i:06d}")) for i in range(8)) == 8
+
+
+async def test_a_burst_in_one_channel_gets_a_reaction_at_once_where_the_placeholder_must_wait(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """Slack posts about one message a second per channel: questions past the burst are shown heard with
+    a 👀 reaction (paced per workspace) before their placeholder can be posted; it goes once answered."""
+    fake_slack.enforce_limits = True
+    bot: BotHarness = await make_bot()
+    bot.deps.pacer = Pacer()  # Slack's documented pace
+    fake_kimi.script(*[Reply(content=f"answer {i}") for i in range(8)])
+    asked = [f"1700000006.{i:06d}" for i in range(8)]
+    for i, ts in enumerate(asked):
+        await bot.send_event(mention(f"question {i}", ts))
+    await bot.settle(limit_s=40)
+    assert fake_slack.limit_hits == []
+    reacted = [c.args["timestamp"] for c in fake_slack.calls_of("reactions.add")]
+    assert len(reacted) >= 3 and set(reacted) <= set(asked) and len(set(reacted)) == len(reacted)
+    for ts in reacted:
+        added = next(c for c in fake_slack.calls_of("reactions.add") if c.args["timestamp"] == ts)
+        placeholder = next(
+            c for c in fake_slack.calls_of("chat.postMessage") if c.args.get("thread_ts") == ts
+        )
+        assert added.at < placeholder.at  # the sign of life came first
+        assert added.args["name"] == "eyes"
+    assert not any(fake_slack.reactions.values())  # every reaction removed once its answer landed
+    assert all(len(fake_slack.bodies(CHANNEL, ts)) == 1 for ts in asked)  # one answer each

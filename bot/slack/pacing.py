@@ -29,6 +29,8 @@ METHOD_TIER = {
     "chat.postEphemeral": "t4",
     "assistant.threads.setSuggestedPrompts": "t4",
     "assistant.threads.setTitle": "t4",
+    "reactions.add": "t3",
+    "reactions.remove": "t3",
 }
 POST_PER_CHANNEL_PER_S = 1.0  # chat.postMessage: about one message per second per channel, short bursts ok
 POST_BURST = 3
@@ -68,7 +70,6 @@ class Pacer:
         self.scale = scale  # tests and benchmarks may loosen the pace; 1.0 is Slack's documented floor
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         self._prune_at = PRUNE_FLOOR  # doubles with the buckets still busy, so pruning stays amortised O(1)
-        self._lock = asyncio.Lock()
         self.waited_s = 0.0
 
     def _bucket(self, method: str, team: str, channel: str) -> TokenBucket | None:
@@ -107,17 +108,19 @@ class Pacer:
         bucket = self._bucket(method, team, channel)
         return bucket.delay(time.monotonic()) if bucket else 0.0
 
+    async def reserve(self, method: str, team: str = "", channel: str = "") -> float:
+        """Take the next slot for this call now; seconds until it comes (0: go at once). A caller that
+        will wait can show a sign of life another way meanwhile (see ReplyWriter.begin)."""
+        bucket = self._bucket(method, team, channel)
+        if bucket is None:
+            return 0.0
+        wait = bucket.delay(time.monotonic())
+        bucket.take()  # below zero while calls are queued: each later one waits one interval more
+        return wait
+
     async def acquire(self, method: str, team: str = "", channel: str = "") -> None:
-        while True:
-            # Looked up again after each wait: an idle bucket may have been pruned and made afresh.
-            bucket = self._bucket(method, team, channel)
-            if bucket is None:
-                return
-            async with self._lock:
-                wait = bucket.delay(time.monotonic())
-                if wait <= 0:
-                    bucket.take()
-                    return
+        wait = await self.reserve(method, team, channel)
+        if wait > 0:
             self.waited_s += wait
             await asyncio.sleep(wait)
 
@@ -160,9 +163,13 @@ class SharedPacer(Pacer):
             return f"{self.prefix}:{{{team}}}:{method}"
         return None
 
-    async def reserve(self, method: str, team: str = "", channel: str = "") -> float | None:
+    async def reserve(self, method: str, team: str = "", channel: str = "") -> float:
+        shared = await self.reserve_shared(method, team, channel)
+        return await super().reserve(method, team, channel) if shared is None else shared
+
+    async def reserve_shared(self, method: str, team: str = "", channel: str = "") -> float | None:
         """Take the next shared slot for this call; seconds to wait for it. None: not paced, or Redis
-        failed (the caller falls back to the local bucket)."""
+        failed (then the local bucket paces this call)."""
         key = self.key(method, team, channel)
         bucket = self._bucket(method, team, channel)
         if key is None or bucket is None:
@@ -180,13 +187,3 @@ class SharedPacer(Pacer):
         bucket.updated = time.monotonic()
         bucket.tokens = bucket.capacity - float(backlog_ms) / interval_ms
         return float(delay_ms) / 1000.0
-
-    async def acquire(self, method: str, team: str = "", channel: str = "") -> None:
-        wait = await self.reserve(method, team, channel)
-        if wait is None:
-            if self.key(method, team, channel) is not None:
-                await super().acquire(method, team, channel)
-            return
-        if wait > 0:
-            self.waited_s += wait
-            await asyncio.sleep(wait)

@@ -69,6 +69,8 @@ TITLE_LIMIT = 80
 LOADING_MESSAGES = ("Reading the thread…", "Thinking it through…", "Checking the details…")
 
 
+SIGN_OF_LIFE_WAIT_S = 1.0  # a placeholder further off than this: react to the question first
+HEARD_REACTION = "eyes"
 WORD_HOLD_MAX = 200  # a part-word longer than this (a URL, a blob) goes out without waiting for its end
 
 
@@ -240,6 +242,7 @@ class ReplyWriter:
         self.should_stop = should_stop
         self.on_stop = on_stop
         self.resume = resume or {}  # what an earlier run of this job put in Slack (placeholder_ts, answer_ts)
+        self.reaction = self.resume.get("reaction", "")  # on the question while its placeholder waited
         self.on_progress = on_progress
         self.fence = fence  # awaited before every write: raises once this run no longer owns the thread
         self.started_at = time.monotonic()
@@ -315,8 +318,10 @@ class ReplyWriter:
                     )
                     self.placeholder_ts = earlier
                 else:
+                    await self._wait_to_post()
                     response = await self._call(
                         "chat.postMessage",
+                        paced=False,
                         channel=self.turn.channel,
                         thread_ts=self.turn.thread_ts,
                         text=text,
@@ -331,6 +336,35 @@ class ReplyWriter:
                 )
         self._last_view = time.monotonic()
         self._flusher = asyncio.create_task(self._flush_loop())
+
+    async def _wait_to_post(self) -> None:
+        """Take the channel's next posting slot (about one message a second per channel). When it is
+        more than a moment away (a burst of questions in one channel), a reaction on the question shows
+        it was heard meanwhile (reactions are paced per workspace, not per channel); it goes when the
+        answer lands."""
+        wait = await self.pacer.reserve("chat.postMessage", self.turn.team_id, self.turn.channel)
+        if wait > SIGN_OF_LIFE_WAIT_S and not self.reaction:
+            started = time.monotonic()
+            with contextlib.suppress(Exception):
+                await self._call(
+                    "reactions.add", channel=self.turn.channel, timestamp=self.turn.ts, name=HEARD_REACTION
+                )
+                self.reaction = HEARD_REACTION
+                await self._report(reaction=HEARD_REACTION)
+            wait = max(0.0, wait - (time.monotonic() - started))
+        if wait > 0:
+            self.pacer.waited_s += wait
+            await asyncio.sleep(wait)
+
+    async def _remove_reaction(self) -> None:
+        """The answer (or the failure's sentence) landed: the "heard you" reaction goes."""
+        if not self.reaction:
+            return
+        with contextlib.suppress(Exception):
+            await self._call(
+                "reactions.remove", channel=self.turn.channel, timestamp=self.turn.ts, name=self.reaction
+            )
+        self.reaction = ""
 
     async def _take_back(self, placeholder: str | None, answer_ts: list[str]) -> None:
         """A re-run after a crash: remove the partial answer the earlier run left (not its placeholder)."""
@@ -429,6 +463,12 @@ class ReplyWriter:
 
     async def finish(self, closing_blocks: list[dict[str, Any]], *, note: str = "") -> list[str]:
         """Deliver whatever is left, end the answer with its footer and buttons; return the message ts."""
+        try:
+            return await self._finish(closing_blocks, note=note)
+        finally:
+            await self._remove_reaction()
+
+    async def _finish(self, closing_blocks: list[dict[str, Any]], *, note: str) -> list[str]:
         await self._after_begin()
         await self._stop_flusher()
         self.answer += self._broadcasts.flush()  # the answer is complete: nothing more is held back
@@ -465,6 +505,12 @@ class ReplyWriter:
 
     async def fail(self, sentence: str, blocks: list[dict[str, Any]] | None = None) -> None:
         """End the turn with one sentence: it replaces the placeholder, or follows the partial answer."""
+        try:
+            await self._fail(sentence, blocks)
+        finally:
+            await self._remove_reaction()
+
+    async def _fail(self, sentence: str, blocks: list[dict[str, Any]] | None) -> None:
         await self._after_begin()
         await self._stop_flusher()
         if not self.turn.in_slack_thread:
@@ -1053,10 +1099,12 @@ class ReplyWriter:
         self.placeholder_free = False
 
     # ---- the wire -----------------------------------------------------------------------------
-    async def _call(self, method: str, **args: Any) -> Any:
+    async def _call(self, method: str, *, paced: bool = True, **args: Any) -> Any:
         # Paced first, fenced last: a wait for Slack's budget must not stand between the lease check and
-        # the write (another worker may have taken the thread over meanwhile).
-        await self.pacer.acquire(method, self.turn.team_id, self.turn.channel)
+        # the write (another worker may have taken the thread over meanwhile). `paced=False`: the
+        # caller reserved the call's slot and waited for it already.
+        if paced:
+            await self.pacer.acquire(method, self.turn.team_id, self.turn.channel)
         if self.fence is not None:
             await self.fence()
         self._last_call = time.monotonic()
