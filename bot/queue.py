@@ -33,6 +33,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from bot.redis_client import is_cluster
 from bot.store import DEAD_LETTER_KEY, INBOX_PATTERN, READY_KEY, ThreadKeys, dump_entry, thread_from_member
 from bot.turn import ThreadKey
 
@@ -274,7 +275,7 @@ class JobQueue:
         claimed before (False then). Either way the thread is (again) listed as ready, so a redelivery also
         repairs a listing that an earlier failure left out."""
         keys = ThreadKeys(thread)
-        result = await self.redis.eval(  # type: ignore[misc]
+        enqueue = (
             _ENQUEUE,
             3,
             keys.seen(dedup_ts or "-"),
@@ -287,7 +288,16 @@ class JobQueue:
             "1" if dedup_ts else "0",
             order,
         )
-        await self.notify(thread)
+        if is_cluster(self.redis):  # the listing lives in another slot: two calls
+            result = await self.redis.eval(*enqueue)  # type: ignore[misc]
+            await self.notify(thread)
+            return int(result) >= 0
+        # One round trip on the intake path: queue (deduplicated) and list, both sent at once, in order.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.eval(*enqueue)
+            pipe.eval(_READY, 1, READY_KEY, "now", str(thread), 0, repr(0.0))
+            result, _ = await pipe.execute()
+        self.wakeup.set()
         return int(result) >= 0
 
     async def notify(self, thread: ThreadKey) -> None:
