@@ -151,7 +151,8 @@ async def forget(deps: Deps, lease: Lease, job: Job) -> None:
 def forgotten_text(done: dict[str, int]) -> str:
     return (
         "Done. I deleted what I keep about you outside threads: your cached display name and access checks, "
-        f"{done.get('votes', 0)} 👍/👎 vote(s) and {done.get('stops', 0)} Stop request(s). Your messages "
+        f"{done.get('votes', 0)} 👍/👎 vote(s), {done.get('stops', 0)} Stop request(s) and your usage "
+        "records (the workspace's and channels' totals keep their numbers, without your name). Your messages "
         "inside threads stay, as part of those conversations, until the thread expires; say `@Kimi forget` "
         "in a thread to delete that thread."
     )
