@@ -26,9 +26,8 @@ def usd_to_nusd(usd: float) -> int:
 def format_usd(nusd: int) -> str:
     """$1,234.56 for sums that matter; four decimals for the small ones (a single answer is cents)."""
     usd = nusd / NANO
-    if usd == 0:
-        return "$0.00"
-    return f"${usd:,.2f}" if usd >= 1 else f"${usd:.4f}"
+    whole_cents = nusd % (NANO // 100) == 0
+    return f"${usd:,.2f}" if usd >= 1 or whole_cents else f"${usd:.4f}"
 
 
 def day_of(now: dt.datetime) -> str:
