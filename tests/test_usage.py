@@ -282,3 +282,49 @@ async def test_forget_me_deletes_the_persons_usage_and_keeps_the_totals(
     assert not [f for f in month if f.startswith(f"u:{ALICE}:")] and f"u:{BOB}:turns" in month
     assert await redis.hget(keys().day(day_of(now)), "cost_nusd") == team_before  # type: ignore[misc]
     assert "usage records" in fake_slack.responses[-1]["text"]
+
+
+async def test_retried_and_failed_attempts_are_recorded_when_kimi_reported_usage(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    bot: BotHarness = await make_bot()
+    # An answer with no text (retried), then a good one: both billed, one answer.
+    fake_kimi.script(Reply(content="", reasoning="hmm"), Reply(content="fine"))
+    await bot.send_event(mention("retry me", "1700000800.000100"))
+    await bot.settle()
+    assert len(fake_kimi.requests) == 2
+    mine = await bot.deps.redis.hgetall(keys().user_day(ALICE, day_of(bot.deps.usage.now())))  # type: ignore[misc]
+    assert mine["requests"] == "2" and mine["turns"] == "1"
+    # Output budget used up while thinking: not answered, still billed and recorded.
+    fake_kimi.script(Reply(content="", reasoning="long thoughts", finish_reason="length"))
+    await bot.send_event(mention("think forever", "1700000800.000200", user=BOB))
+    await bot.settle()
+    assert "whole output budget thinking" in fake_slack.bodies(CHANNEL, "1700000800.000200")[-1]
+    bob = await bot.deps.redis.hgetall(keys().user_day(BOB, day_of(bot.deps.usage.now())))  # type: ignore[misc]
+    assert bob["requests"] == "1" and int(bob["completion_tokens"]) > 0
+    assert await bot.deps.usage.reserved(TEAM_ID) == {}
+
+
+async def test_each_agent_step_is_reserved_before_it_is_asked(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    from tests.fakes.kimi_api import Call
+    from tests.test_agent_loop import Probe, give
+
+    bot: BotHarness = await make_bot(**ONE_CENT_A_REQUEST, budget_user_daily_usd=0.0101)
+    probe = Probe()
+    give(bot, probe)
+    fake_kimi.script(
+        Reply(tool_calls=[Call("lookup", '{"q": "x"}')], content=""), Reply(content="never asked")
+    )
+    await bot.send_event(mention("look it up", "1700000900.000100"))
+    await bot.settle()
+    assert len(fake_kimi.requests) == 1 and len(probe.runs) == 1  # the first step ran; the second was refused
+    # The sentence takes the placeholder's place; the first step's card stays as it ended.
+    bodies = fake_slack.bodies(CHANNEL, "1700000900.000100")
+    assert [b for b in bodies if "budget" in b] == [
+        ":money_with_wings: You have reached your daily Kimi budget ($0.0101 a day), so I can't answer "
+        "this now; it resets at midnight UTC (00:00 UTC)."
+    ]
+    assert fake_slack.cards_left_open(CHANNEL) == [] and fake_slack.problems == []
+    assert await bot.deps.queue.length() == 0 and await bot.deps.redis.xlen(DEAD_LETTER_KEY) == 0
