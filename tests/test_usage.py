@@ -19,6 +19,7 @@ from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi, Reply
 from tests.fakes.slack_api import TEAM_ID, FakeSlack
 from tests.slack_requests import ALICE, BOB, CHANNEL, mention
+from tests.test_cluster import cluster_nodes, cluster_url  # noqa: F401 - fixtures
 
 CENT = usd_to_nusd(0.01)
 # Input free, output $10 per 1M: with KIMI_MAX_COMPLETION_TOKENS=1000 every request reserves exactly one cent,
@@ -328,3 +329,27 @@ async def test_each_agent_step_is_reserved_before_it_is_asked(
     ]
     assert fake_slack.cards_left_open(CHANNEL) == [] and fake_slack.problems == []
     assert await bot.deps.queue.length() == 0 and await bot.deps.redis.xlen(DEAD_LETTER_KEY) == 0
+
+
+async def test_on_redis_cluster_budgets_usage_and_forget_me_stay_in_the_teams_slot(
+    make_bot: Callable[..., Any],
+    fake_slack: FakeSlack,
+    fake_kimi: FakeKimi,
+    cluster_url: str,  # noqa: F811
+) -> None:
+    bot: BotHarness = await make_bot(
+        redis_url=cluster_url, **ONE_CENT_A_REQUEST, budget_user_daily_usd=0.0101
+    )
+    await bot.deps.redis.hset(keys().channel_settings(CHANNEL), "budget_usd", "1")  # type: ignore[misc]
+    await bot.send_event(mention("one", "1700001000.000100"))
+    await bot.settle()
+    await bot.send_event(mention("two", "1700001000.000200"))
+    await bot.settle()
+    assert len(fake_kimi.requests) == 1
+    assert "daily Kimi budget" in fake_slack.bodies(CHANNEL, "1700001000.000200")[-1]
+    await bot.command("usage")
+    await bot.settle()
+    assert "*Today:* 1 answer ·" in fake_slack.responses[-1]["text"]
+    await bot.command("forget-me")
+    await bot.settle()
+    assert not await bot.deps.redis.exists(keys().user_day(ALICE, day_of(bot.deps.usage.now())))
