@@ -353,3 +353,49 @@ async def test_on_redis_cluster_budgets_usage_and_forget_me_stay_in_the_teams_sl
     await bot.command("forget-me")
     await bot.settle()
     assert not await bot.deps.redis.exists(keys().user_day(ALICE, day_of(bot.deps.usage.now())))
+
+
+def test_the_readme_price_table_is_the_profile_table() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Usage, cost and budgets", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`kimi-"):
+            rows[cells[0].strip("`")] = tuple(float(c) for c in cells[1:])
+    assert rows == {m: (p.price_in, p.price_cached, p.price_out) for m, p in PROFILES.items()}
+
+
+async def test_reservations_last_an_hour_at_most_and_redis_failures_fail_closed_before_not_after(
+    bot: BotHarness,
+) -> None:
+    from redis.exceptions import RedisError
+
+    from bot.kimi.events import Accumulator
+    from bot.metrics import Metrics
+    from bot.redis_client import build_redis
+    from bot.usage import Meter
+
+    await bot.deps.usage.reserve(TEAM_ID, "r:0", CENT, user=ALICE, channel=CHANNEL, limits=Limits())
+    assert 3_500_000 < await bot.deps.redis.pttl(keys().reservations) <= 3_600_000
+
+    unreachable = UsageLedger(build_redis("redis://127.0.0.1:1/0", "false"))
+    meter = Meter(
+        unreachable,
+        Metrics(),
+        TEAM_ID,
+        CHANNEL,
+        ALICE,
+        "job",
+        "kimi-k2.6",
+        PROFILES["kimi-k2.6"],
+        100,
+        Limits(),
+    )
+    with pytest.raises(RedisError):  # no reservation, no request: the job is tried again later
+        await meter.before([{"role": "user", "content": "hi"}], None)
+    await meter.after(Accumulator(usage=Usage(10, 5)), cancelled=False)  # a delivered answer stands
+    assert meter.metrics.cost.labels("kimi-k2.6")._value.get() > 0
+    await unreachable.redis.aclose()
