@@ -20,6 +20,8 @@ direct.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -94,19 +96,20 @@ class UsageKeys:
 
 
 # KEYS: reservations, user-day, month, channel settings.
-# ARGV: now_ms, id, amount, user, channel, day, month, user limit, team limit, expires_ms (limits -1: none).
-# Expired reservations are dropped; the id's own earlier reservation (a re-run of a crashed request) is
-# replaced. Spent + reserved + amount must stay within each budget. -> {'ok'} | {scope, limit, used}
+# ARGV: now_ms, id, amount, user, channel, day, month, user limit, team limit, expires_ms (limits -1: none),
+# the answer's prefix ("<job id>:"). Expired reservations are dropped, and so are the answer's others: its
+# requests go one at a time, so another of its reservations is left by a run that died (this is the re-run).
+# Spent + reserved + amount must stay within each budget. -> {'ok'} | {scope, limit, used}
 _RESERVE = """
 local now = tonumber(ARGV[1])
 local amount = tonumber(ARGV[3])
 local user, channel, day, month = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-redis.call('HDEL', KEYS[1], ARGV[2])
+local prefix = ARGV[11]
 local r_user, r_channel, r_team = 0, 0, 0
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
   local exp, amt, u, c, d, m = string.match(all[i + 1], '^(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
-  if (not exp) or tonumber(exp) <= now then
+  if (not exp) or tonumber(exp) <= now or all[i] == ARGV[2] or string.sub(all[i], 1, #prefix) == prefix then
     redis.call('HDEL', KEYS[1], all[i])
   else
     amt = tonumber(amt)
@@ -234,6 +237,7 @@ class UsageLedger:
             -1 if limits.user_daily_nusd is None else limits.user_daily_nusd,
             -1 if limits.team_monthly_nusd is None else limits.team_monthly_nusd,
             int((now_s + ttl_s) * 1000),
+            reservation_id.rpartition(":")[0] + ":" if ":" in reservation_id else reservation_id,
         )
         if str(result[0]) != "ok":
             raise OverBudget(Scope(str(result[0])), int(result[1]), int(result[2]), now)
@@ -278,6 +282,10 @@ class UsageLedger:
             "1" if answer_id else "0",
         )
         return bool(int(result))
+
+    async def release(self, team_id: str, reservation_id: str) -> None:
+        """Drop a reservation without recording anything (its request was never sent)."""
+        await self.redis.hdel(UsageKeys(team_id).reservations, reservation_id)  # type: ignore[misc]
 
     async def reserved(self, team_id: str) -> dict[str, int]:
         """Live reservations: id -> nano-USD (expired ones are dropped by the next reserve)."""
@@ -419,13 +427,18 @@ class Meter:
     async def before(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
         self._prompt = prompt_bound(messages, tools, self.calibration, self.profile.context_window)
         amount = estimate_nusd(self.profile, self._prompt, self.output_budget)
-        # Numbered per request of this run; a re-run of the job numbers from 0 again and so replaces (does
-        # not add to) what a crashed run left reserved.
+        # "<job id>:<n>": a request reserves for its answer alone, so a re-run replaces (does not add to)
+        # what a crashed run of the job left reserved.
         reservation = f"{self.answer_id}:{self._n}"
         self._n += 1
-        await self.ledger.reserve(
-            self.team_id, reservation, amount, user=self.user, channel=self.channel, limits=self.limits
-        )
+        try:
+            await self.ledger.reserve(
+                self.team_id, reservation, amount, user=self.user, channel=self.channel, limits=self.limits
+            )
+        except asyncio.CancelledError:  # Stop while reserving: the request will not be sent
+            with contextlib.suppress(RedisError):
+                await self.ledger.release(self.team_id, reservation)
+            raise
         self._current = reservation
         self.reserved_nusd.append(amount)
 

@@ -52,8 +52,7 @@ async def test_twenty_concurrent_reservations_never_overshoot(bot: BotHarness) -
 async def test_settling_releases_the_reservation_and_records_the_actual_cost(bot: BotHarness) -> None:
     ledger, redis = bot.deps.usage, bot.deps.redis
     limits = Limits(user_daily_nusd=2 * CENT)
-    await ledger.reserve(TEAM_ID, "j:0", CENT, user=ALICE, channel=CHANNEL, limits=limits)
-    await ledger.reserve(TEAM_ID, "j:1", CENT, user=ALICE, channel=CHANNEL, limits=limits)
+    await ledger.reserve(TEAM_ID, "j:0", 2 * CENT, user=ALICE, channel=CHANNEL, limits=limits)
     with pytest.raises(OverBudget) as caught:  # the user's day is fully reserved
         await ledger.reserve(TEAM_ID, "k:0", 1, user=ALICE, channel=CHANNEL, limits=limits)
     assert caught.value.scope is Scope.USER
@@ -62,11 +61,14 @@ async def test_settling_releases_the_reservation_and_records_the_actual_cost(bot
     assert await ledger.settle(
         TEAM_ID, "j:0", Usage(100, 40, 5), cost, user=ALICE, channel=CHANNEL, model="kimi-k2.6", answer_id="j"
     )
+    await ledger.reserve(TEAM_ID, "j:1", CENT, user=ALICE, channel=CHANNEL, limits=limits)  # room again
     assert not await ledger.settle(  # the same turn's next request: not a second answer
         TEAM_ID, "j:1", Usage(10, 1, 0), cost, user=ALICE, channel=CHANNEL, model="kimi-k2.6", answer_id="j"
     )
     assert set(await ledger.reserved(TEAM_ID)) == {"k:0"}
-    await ledger.reserve(TEAM_ID, "m:0", CENT, user=ALICE, channel=CHANNEL, limits=limits)  # room again
+    with pytest.raises(OverBudget):  # 0.2 cents spent: 1.9 cents would pass the 2
+        await ledger.reserve(TEAM_ID, "m:0", 19 * CENT // 10, user=ALICE, channel=CHANNEL, limits=limits)
+    await ledger.reserve(TEAM_ID, "m:0", 18 * CENT // 10, user=ALICE, channel=CHANNEL, limits=limits)
     now = ledger.now()
     day = await redis.hgetall(keys().user_day(ALICE, day_of(now)))  # type: ignore[misc]
     assert day == {
@@ -91,8 +93,10 @@ async def test_a_crashed_requests_reservation_expires_or_is_replaced_by_the_reru
     ledger = UsageLedger(bot.deps.redis, clock=lambda: clock[0])
     limits = Limits(team_monthly_nusd=2 * CENT)
     await ledger.reserve(TEAM_ID, "crashed:0", CENT, user=ALICE, channel=CHANNEL, limits=limits, ttl_s=60)
-    # The re-run of the same job numbers its first request the same: it replaces, not adds.
+    # The re-run of the same job replaces what the crashed run had reserved (its requests go one at a time).
+    await ledger.reserve(TEAM_ID, "crashed:3", CENT, user=ALICE, channel=CHANNEL, limits=limits, ttl_s=60)
     await ledger.reserve(TEAM_ID, "crashed:0", CENT, user=ALICE, channel=CHANNEL, limits=limits, ttl_s=60)
+    assert set(await ledger.reserved(TEAM_ID)) == {"crashed:0"}
     await ledger.reserve(TEAM_ID, "other:0", CENT, user=BOB, channel=CHANNEL, limits=limits, ttl_s=600)
     with pytest.raises(OverBudget):
         await ledger.reserve(TEAM_ID, "third:0", CENT, user=BOB, channel=CHANNEL, limits=limits)
