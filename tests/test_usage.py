@@ -234,7 +234,8 @@ async def test_a_channels_budget_from_its_settings_hash(
 async def test_usage_command_shows_your_own_and_admins_the_channel_and_workspace(
     make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
 ) -> None:
-    bot: BotHarness = await make_bot(admin_users=BOB, budget_user_daily_usd=3)
+    bot: BotHarness = await make_bot(admin_users=BOB, budget_user_daily_usd=3, budget_team_monthly_usd=100)
+    await bot.deps.redis.hset(keys().channel_settings(CHANNEL), "budget_usd", "20")  # type: ignore[misc]
     await bot.send_event(mention("hello", "1700000500.000100"))
     await bot.send_event(mention("hello too", "1700000500.000200", user=BOB))
     await bot.settle()
@@ -245,11 +246,14 @@ async def test_usage_command_shows_your_own_and_admins_the_channel_and_workspace
     assert mine["response_type"] == "ephemeral" and "*Your Kimi usage*" in mine["text"]
     assert "*Today:* 1 answer ·" in mine["text"] and "Your daily budget:" in mine["text"]
     assert "This workspace" not in mine["text"] and BOB not in mine["text"]
+    assert "monthly budget" not in mine["text"]
     status, _ = await bot.command("usage", user=BOB)
     await bot.settle()
     full = fake_slack.responses[-1]["text"]
     assert f"This channel (<#{CHANNEL}>)" in full and "*This workspace*" in full
     assert "*Today:* 2 answers" in full and f"<@{ALICE}>" in full and f"<@{BOB}>" in full
+    assert " of $20.00 used (resets " in full.split("This channel's monthly budget: ")[1]
+    assert " of $100.00 used (resets " in full.split("The workspace's monthly budget: ")[1]
     assert fake_kimi.requests and len(fake_kimi.requests) == 2  # /kimi usage asks Kimi nothing
 
 
