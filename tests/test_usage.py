@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from collections.abc import Callable
 from typing import Any
@@ -155,34 +156,48 @@ async def test_twenty_concurrent_questions_against_a_budget_for_five(
 ) -> None:
     bot: BotHarness = await make_bot(**ONE_CENT_A_REQUEST, budget_team_monthly_usd=0.055, kimi_concurrency=20)
     limit = usd_to_nusd(0.055)
-    # Every admitted request is held a moment, so all twenty questions reserve before any settles.
-    fake_kimi.responder = lambda request: Reply(first_byte_delay=1.5, content="ok")
+    fake_kimi.responder = lambda request: Reply(content="ok")
+    # Requests settle only once every question has been admitted or refused (or after 10 s): otherwise an
+    # early settlement (an answer costs a fraction of its reservation) would make room for a sixth.
+    gate = asyncio.Event()
+    settle = bot.deps.usage.settle
+
+    async def held_settle(*args: Any, **kwargs: Any) -> bool:
+        await gate.wait()
+        return await settle(*args, **kwargs)
+
+    bot.deps.usage.settle = held_settle  # type: ignore[method-assign]
+
+    async def open_gate() -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                while len(await bot.deps.usage.reserved(TEAM_ID)) + over_budget() < 20:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+        gate.set()
+
+    def over_budget() -> int:
+        return int(bot.deps.metrics.answers.labels("over_budget")._value.get())
+
+    opener = asyncio.create_task(open_gate())
     roots = [f"1700000200.{i:06d}" for i in range(1, 21)]
     await asyncio.gather(*(bot.send_event(mention(f"question {i}", ts)) for i, ts in enumerate(roots)))
     peak = 0
 
     async def watch() -> None:
         nonlocal peak
-        ledger, today = bot.deps.usage, day_of(bot.deps.usage.now())
+        ledger = bot.deps.usage
         while True:
             month = await bot.deps.redis.hget(keys().month(month_of(ledger.now())), "cost_nusd")  # type: ignore[misc]
             peak = max(peak, int(month or 0) + sum((await ledger.reserved(TEAM_ID)).values()))
-            assert today
             await asyncio.sleep(0.02)
 
     watcher = asyncio.create_task(watch())
     await bot.settle(limit_s=30)
     watcher.cancel()
+    await opener
     assert 0 < peak <= limit  # spent + reserved never past the limit
     assert len(fake_kimi.requests) == 5
-    told = [
-        ts
-        for ts in roots
-        if any(
-            "monthly Kimi budget ($0.055" in b or "monthly Kimi budget" in b
-            for b in fake_slack.bodies(CHANNEL, ts)
-        )
-    ]
+    told = [ts for ts in roots if any("monthly Kimi budget" in b for b in fake_slack.bodies(CHANNEL, ts))]
     answered = [ts for ts in roots if any(b.startswith("ok") for b in fake_slack.bodies(CHANNEL, ts))]
     assert len(answered) == 5 and len(told) == 15 and not set(told) & set(answered)
     sentence = next(b for b in fake_slack.bodies(CHANNEL, told[0]) if "budget" in b)
