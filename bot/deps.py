@@ -15,15 +15,16 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.admins import Admins
 from bot.kimi.client import KimiClient
-from bot.kimi.profiles import profile_for
+from bot.kimi.profiles import parse_prices, profile_for
 from bot.metrics import CountingRateLimitHandler, CountingWebClient, Metrics
 from bot.queue import JobQueue, consumer_name
 from bot.redis_client import build_redis
 from bot.settings import Settings, split_ids
 from bot.slack.pacing import Pacer, SharedPacer
 from bot.slack.reply import Pace
-from bot.store import Approvals, Feedback, Stops, ThreadStore, Usage, UserNames
+from bot.store import Approvals, Feedback, Stops, ThreadStore, UserNames
 from bot.tools.base import Tool, ToolContext
+from bot.usage import UsageLedger
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Deps:
     kimi: KimiClient
     threads: ThreadStore
     names: UserNames
-    usage: Usage
+    usage: UsageLedger
     queue: JobQueue
     stops: Stops
     feedback: Feedback
@@ -98,7 +99,7 @@ def slack_client(settings: Settings, metrics: Metrics) -> AsyncWebClient:
 
 
 def build_deps(settings: Settings) -> Deps:
-    profile = profile_for(settings.kimi_model)
+    profile = profile_for(settings.kimi_model, parse_prices(settings.kimi_prices))
     if not profile.known:
         log.warning(
             "unknown model id: using a conservative profile (128k window, 16k output, no extra parameters)",
@@ -130,7 +131,7 @@ def build_deps(settings: Settings) -> Deps:
         kimi=kimi,
         threads=ThreadStore(redis, settings.thread_ttl_seconds),
         names=UserNames(redis),
-        usage=Usage(redis),
+        usage=UsageLedger(redis),
         queue=JobQueue(
             redis,
             consumer=consumer_name(),

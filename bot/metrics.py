@@ -89,7 +89,7 @@ class Metrics:
         )
         self.cost = PromCounter(
             "kimibot_kimi_cost_usd",
-            "Cost of Kimi requests in USD (list prices), by model",
+            "Cost of Kimi requests in USD (the model table's list prices, or KIMI_PRICES), by model",
             ["model"],
             registry=r,
         )

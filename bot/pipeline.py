@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from bot.admission import strip_mention
 from bot.agent.live import WriterView, ask_approval
 from bot.agent.loop import CAP_NOTES, AgentLoop, Caps, Outcome, Planned, Step
-from bot.context import Fit, calibrate, estimate_tokens, fit, user_entry
+from bot.context import Fit, calibrate, fit, user_entry
 from bot.deps import Deps
 from bot.errors import ADMIN_REASONS, RETRYABLE_REASONS, AnswerError, Reason
 from bot.kimi.events import Accumulator, Event, Text, Usage
@@ -31,6 +31,7 @@ from bot.store import Approvals, ThreadState
 from bot.tools.base import Tool, ToolContext
 from bot.tools.registry import build_registry, offered
 from bot.turn import Turn
+from bot.usage import Limits, Meter, OverBudget
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -285,6 +286,11 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
             return
         await _think_and_deliver(turn, deps, writer, kimi_task, lease, job, name=name, state=state)
         deps.metrics.answer("stopped" if writer.stopped else "answered")
+    except OverBudget as exc:  # no Kimi request was made for it; the job is done (no retry)
+        log.info("over budget", extra=turn_log(turn, scope=str(exc.scope), limit_nusd=exc.limit_nusd))
+        await writer.fail(exc.sentence)
+        await lease.complete(job, details=(turn.ts, details))
+        deps.metrics.answer("over_budget")
     except AnswerError as exc:
         await _report(turn, writer, exc)
         await lease.complete(job, details=(turn.ts, details))
@@ -378,6 +384,19 @@ async def _think_and_deliver(
             writer.reasoning(event.text)
 
     left_out = offset + fitted.start
+    meter = Meter(
+        deps.usage,
+        deps.metrics,
+        turn.team_id,
+        turn.channel,
+        turn.user,
+        job.job_id,
+        kimi.model,
+        kimi.profile,
+        kimi.output_budget,
+        Limits.from_settings(settings),
+        calibration,
+    )
     ctx = tool_context(turn, deps)
     tools, definitions = offer(list(await deps.tools(ctx)), ctx) if deps.tools is not None else ([], [])
     if tools:
@@ -395,11 +414,14 @@ async def _think_and_deliver(
             on_event,
             left_out,
             history,
+            meter,
             calibration,
         )
         return
     log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=left_out))
-    task = asyncio.create_task(kimi.complete(fitted.messages, on_event=on_event, on_restart=writer.restarted))
+    task = asyncio.create_task(
+        kimi.complete(fitted.messages, on_event=on_event, on_restart=writer.restarted, meter=meter)
+    )
     kimi_task.append(task)
     writer.start()  # the sign of life goes out right behind the request to Kimi (a no-op if already shown)
     try:
@@ -479,17 +501,11 @@ async def _record(
     thinking_s: float,
     agent: Outcome | None = None,
 ) -> None:
-    """Usage first (Kimi was paid either way), then the answer and the job's completion in one step.
-    An agent turn (`agent`) recorded each request's usage as it went; its history entry is the final
-    answer only, with a compact record of the tool calls (not replayed to the model)."""
+    """The answer and the job's completion in one step. Usage was recorded per request as it was paid for
+    (the Meter); an agent turn's history entry is the final answer only, with a compact record of the tool
+    calls (not replayed to the model)."""
     usage = acc.usage
     kimi = deps.kimi
-    if usage and agent is None:
-        cost = kimi.profile.cost_usd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
-        await deps.usage.record(
-            turn.team_id, kimi.model, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, cost
-        )
-        deps.metrics.used(kimi.model, usage, cost)
     calibration_usage = usage
     if agent is not None:
         usage = agent.usage
@@ -603,6 +619,7 @@ async def _agent_answer(
     on_event: Callable[[Event], Awaitable[None]],
     left_out: int,
     history: bool,
+    meter: Meter,
     calibration: float = 1.0,
 ) -> None:
     """The answer with tools: the agent loop asks Kimi, runs the calls it makes and asks again until it
@@ -625,8 +642,6 @@ async def _agent_answer(
         ),
     )
     resume = resumed_steps(writer.resume)
-    # A re-run of a turn whose earlier run finished steps: that run's first request counted the turn.
-    requests = 1 if resume else 0
 
     async def complete(
         messages: list[dict[str, Any]], definitions: list[dict[str, Any]], tool_choice: str | None
@@ -637,22 +652,8 @@ async def _agent_answer(
             on_restart=writer.restarted,
             tools=definitions,
             tool_choice=tool_choice,
+            meter=meter,  # each step reserved before it is asked and recorded after (Stop's cut one too)
         )
-
-    async def record_usage(usage: Usage) -> None:
-        nonlocal requests
-        requests += 1
-        cost = kimi.profile.cost_usd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
-        await deps.usage.record(
-            turn.team_id,
-            kimi.model,
-            usage.prompt_tokens,
-            usage.cached_tokens,
-            usage.completion_tokens,
-            cost,
-            turns=1 if requests == 1 else 0,
-        )
-        deps.metrics.used(kimi.model, usage, cost)
 
     async def checkpoint(index: int, step: Step) -> None:
         deps.metrics.tools_ran(step.calls)  # each finished step once (a resumed run replays, not reruns)
@@ -670,7 +671,6 @@ async def _agent_answer(
         view=WriterView(writer),
         approve=approve,
         checkpoint=checkpoint,
-        record_usage=record_usage,
         guard=lease.guard,  # before any tool that changes things: only while the turn is still ours
         calibration=calibration,
     )
@@ -688,10 +688,6 @@ async def _agent_answer(
     except asyncio.CancelledError:
         if not writer.stopped:
             raise
-        if loop.requesting:  # the interrupted request was paid for too: an estimate of it
-            prompt = sum(estimate_tokens(m) for m in loop.messages)
-            shown = len(writer.reasoning_text) - sum(len(r) for r in loop.reasoning)
-            await record_usage(Usage(prompt, max(shown, 0) // 3 + 1))
         outcome = loop.partial("", writer.answer)
     elapsed, thinking_s, reply_ts = await _deliver_final(
         turn,

@@ -14,7 +14,7 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from dotenv import dotenv_values
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -43,6 +43,11 @@ WHERE_TO_GET: dict[str, str] = {
     "ALLOWED_USERS": "comma-separated Slack user ids (U…, W…) and user-group ids (S…); empty for everyone",
     "ADMIN_USERS": "comma-separated Slack user ids (U…, W…) of people who may change kimibot's settings; "
     "empty for workspace admins and owners only",
+    "KIMI_PRICES": 'JSON {"model id": [input miss, input cache hit, output]} in USD per 1M tokens, e.g. '
+    '{"kimi-k2.6": [0.95, 0.16, 4.0]}; empty for the list prices',
+    "BUDGET_USER_DAILY_USD": "a number of USD (e.g. 2.50) each person may spend per UTC day; empty for none",
+    "BUDGET_TEAM_MONTHLY_USD": "a number of USD (e.g. 500) a workspace may spend per UTC month; empty for "
+    "none",
     "ALLOWED_CHANNELS": "comma-separated Slack channel ids (C…, G…, D…) or dm (DMs with kimibot); empty for "
     "everywhere",
 }
@@ -148,6 +153,17 @@ class Settings(BaseSettings):
     allow_guests: bool = False  # may guests (restricted / ultra-restricted accounts) use kimibot?
     admin_users: str = ""  # comma-separated user ids who may change settings and see all usage (and admins)
 
+    # --- Usage, cost and budgets (bot/usage.py) ---
+    kimi_prices: str = ""  # JSON {"model": [miss, hit, out]} USD per 1M tokens; overrides the profile table
+    budget_user_daily_usd: float | None = Field(default=None, ge=0)  # per person per UTC day; None: no cap
+    budget_team_monthly_usd: float | None = Field(default=None, ge=0)  # per workspace per UTC month
+
+    @field_validator("budget_user_daily_usd", "budget_team_monthly_usd", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        """An empty variable (as .env.example leaves it) means no budget."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @property
     def socket_mode(self) -> bool:
         return bool(self.slack_app_token)
@@ -234,6 +250,13 @@ def problems_with(settings: Settings) -> list[str]:
     ):
         if bad := [item for item in split_ids(value) if not pattern.fullmatch(item)]:
             malformed(name, f"holds {', '.join(repr(b) for b in bad[:3])}, not ids")
+    if settings.kimi_prices:
+        from bot.kimi.profiles import parse_prices
+
+        try:
+            parse_prices(settings.kimi_prices)
+        except ValueError as exc:
+            malformed("KIMI_PRICES", str(exc))
     if settings.mcp_config:
         from bot.tools.mcp import config_problem  # imported only when MCP servers are configured
 

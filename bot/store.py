@@ -7,7 +7,6 @@ them all). The few global keys (the `ready` index, the dead-letter stream) are t
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import time
@@ -16,15 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from bot.turn import ThreadKey
+from bot.usage import forget_user_usage
 
 log = logging.getLogger(__name__)
 
 PREFIX = "kimibot"
 USER_NAME_TTL_S = 86_400
-USAGE_TTL_S = 400 * 86_400
+USAGE_TTL_S = 400 * 86_400  # votes (and, in bot/usage.py, usage records) are kept this long
 STOP_TTL_S = 86_400
 
 
@@ -219,53 +218,6 @@ class UserNames:
     def drop_local(self, team_id: str, user: str) -> None:
         """Forget this process's copy (`/kimi forget-me`; forget_user deletes the Redis one)."""
         self._local.pop((team_id, user), None)
-
-
-class Usage:
-    """Token counts per team and day, for the admin (and later quotas)."""
-
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-
-    @staticmethod
-    def key(team_id: str, day: dt.date) -> str:
-        return f"{PREFIX}:usage:{team_id}:{day.isoformat()}"
-
-    async def record(
-        self,
-        team_id: str,
-        model: str,
-        prompt: int,
-        cached: int,
-        completion: int,
-        cost: float,
-        *,
-        turns: int = 1,
-    ) -> None:
-        """One answer's usage; an agent turn records each model request as it is paid for (`turns` 1 on
-        the first, 0 on the others), so a turn cut short still counts what it used. Best effort: a Redis
-        blip here must not fail (and so re-run, and re-bill) an answer that was already delivered."""
-        key = self.key(team_id, dt.datetime.now(dt.UTC).date())
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hincrby(key, "turns", turns)
-                pipe.hincrby(key, "requests", 1)
-                pipe.hincrby(key, "prompt_tokens", prompt)
-                pipe.hincrby(key, "cached_tokens", cached)
-                pipe.hincrby(key, "completion_tokens", completion)
-                pipe.hincrbyfloat(key, "cost_usd", cost)
-                pipe.hincrby(key, f"turns:{model}", turns)
-                pipe.expire(key, USAGE_TTL_S)
-                await pipe.execute()
-        except RedisError as exc:
-            log.warning(
-                "usage not recorded",
-                extra={"team": team_id, "model": model, "prompt_tokens": prompt, "error": str(exc)},
-            )
-
-    async def day(self, team_id: str, day: dt.date) -> dict[str, str]:
-        raw = await self.redis.hgetall(self.key(team_id, day))
-        return {str(k): str(v) for k, v in raw.items()}
 
 
 class Stops:
@@ -494,10 +446,11 @@ async def forget_thread(redis: Redis, thread: ThreadKey, holder: str, forget_ts:
 
 async def forget_user(redis: Redis, team_id: str, user: str) -> dict[str, int]:
     """Delete what kimibot keeps about one person outside threads: their cached display name, access facts
-    and refusal mark, their 👍/👎 votes (and their entries in the team's vote log), their Stop requests.
+    and refusal mark, their 👍/👎 votes (and their entries in the team's vote log), their Stop requests,
+    their usage records (bot/usage.py; team and channel totals keep the numbers, without the user id).
     Their messages inside threads' histories stay (they are part of other people's conversations; `forget`
     in a thread deletes one). Returns counts per kind."""
-    done = {"name": 0, "access": 0, "votes": 0, "stops": 0}
+    done = {"name": 0, "access": 0, "votes": 0, "stops": 0, "usage": 0}
     done["name"] = int(await redis.delete(UserNames.key(team_id, user)))
     done["access"] = int(
         await redis.delete(AccessFacts.guest_key(team_id, user), AccessFacts.notice_key(team_id, user))
@@ -516,4 +469,5 @@ async def forget_user(redis: Redis, team_id: str, user: str) -> dict[str, int]:
     async for key in redis.scan_iter(match=f"{PREFIX}:stop:*", count=500):
         if str(await redis.get(key) or "") == user:
             done["stops"] += int(await redis.delete(key))
+    done["usage"] = await forget_user_usage(redis, team_id, user)
     return done

@@ -10,6 +10,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
+from bot.budgets import report_text
 from bot.deps import Deps
 from bot.errors import USER_MESSAGES, Reason
 from bot.pipeline import answer, stop_value
@@ -18,6 +19,7 @@ from bot.slack.blocks import waiting_view
 from bot.slack.reply import announce_question, find_announcement, greet_assistant_thread
 from bot.store import forget_thread, forget_user
 from bot.turn import Source, ThreadKey, Turn
+from bot.usage import usage_report
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ async def run_job(job: Job, lease: Lease, deps: Deps) -> None:
         await forget(deps, lease, job)
     elif job.kind == "forget_me":
         await forget_me(deps, lease, job)
+    elif job.kind == "usage":
+        await show_usage(deps, lease, job)
     else:
         log.warning("unknown job kind dropped", extra={"kind": job.kind, "job": job.job_id})
         await lease.dead_letter(job, "unknown kind")
@@ -151,7 +155,8 @@ async def forget(deps: Deps, lease: Lease, job: Job) -> None:
 def forgotten_text(done: dict[str, int]) -> str:
     return (
         "Done. I deleted what I keep about you outside threads: your cached display name and access checks, "
-        f"{done.get('votes', 0)} 👍/👎 vote(s) and {done.get('stops', 0)} Stop request(s). Your messages "
+        f"{done.get('votes', 0)} 👍/👎 vote(s), {done.get('stops', 0)} Stop request(s) and your usage "
+        "records (the workspace's and channels' totals keep their numbers, without your name). Your messages "
         "inside threads stay, as part of those conversations, until the thread expires; say `@Kimi forget` "
         "in a thread to delete that thread."
     )
@@ -173,6 +178,22 @@ async def forget_me(deps: Deps, lease: Lease, job: Job) -> None:
             )
         except Exception as exc:  # deleted all the same; only the confirmation is missing
             log.warning("forget-me confirmation failed", extra={"error": type(exc).__name__})
+
+
+async def show_usage(deps: Deps, lease: Lease, job: Job) -> None:
+    """/kimi usage: the asker's usage (an admin's: the channel's and the workspace's too), privately."""
+    command = job.data.get("command") or {}
+    team, user = str(command.get("team_id") or ""), str(command.get("user_id") or "")
+    snapshot = await usage_report(deps, team, user, str(command.get("channel_id") or ""))
+    await lease.complete(job)
+    response_url = str(command.get("response_url") or "")
+    if response_url:
+        try:
+            await AsyncWebhookClient(response_url).send(
+                text=report_text(snapshot), response_type="ephemeral", replace_original=False
+            )
+        except Exception as exc:  # nothing lost: asking again shows it
+            log.warning("usage report not delivered", extra={"error": type(exc).__name__})
 
 
 async def greet(deps: Deps, lease: Lease, job: Job) -> None:

@@ -14,6 +14,7 @@ from bot.work import command_thread
 log = logging.getLogger(__name__)
 FORGET_ME_WORDS = frozenset({"forget-me", "forget me"})
 FORGETTING = "Deleting what I keep about you…"
+USAGE_WORDS = frozenset({"usage", "cost", "costs"})
 
 HELP_WORDS = frozenset({"", "help", "-h", "--help", "?"})
 COMMAND_FIELDS = ("team_id", "channel_id", "user_id", "text", "response_url", "trigger_id")
@@ -27,6 +28,8 @@ def usage_text(command: str) -> str:
         "to mention me again.\n"
         "• DM me for a private conversation; each DM thread is its own conversation.\n"
         f"• `{command} help`: this message.\n"
+        f"• `{command} usage`: what you used today and this month (tokens, cost, answers); admins also see "
+        "this channel and the workspace.\n"
         "• `@Kimi forget` in a thread (or the message shortcut *Forget this thread*): I delete what I keep "
         f"of that thread. `{command} forget-me`: I delete what I keep about you (your messages inside "
         "threads stay until the thread expires or is forgotten)."
@@ -52,6 +55,13 @@ def register(app: AsyncApp, deps: Deps, access: Access | None = None) -> None:
                 command_thread(fields), "forget_me", job, dedup_ts=fields["trigger_id"] or None
             )
             await ack(response_type="ephemeral", text=FORGETTING)
+            return
+        if question.lower() in USAGE_WORDS:  # anyone may see their own usage
+            # A job (the admin check may ask users.info): it answers privately through response_url, so the
+            # ack goes out at once, well within Slack's 3 seconds.
+            job = {"job_id": f"usage:{fields['trigger_id']}", "command": fields}
+            await deps.queue.put(command_thread(fields), "usage", job, dedup_ts=fields["trigger_id"] or None)
+            await ack()
             return
         if access is not None:
             team, user = str(command.get("team_id") or ""), str(command.get("user_id") or "")

@@ -413,7 +413,10 @@ async def test_forget_me_deletes_the_askers_data_and_no_one_elses(
     assert len(fake_slack.responses) == 1
     reply = fake_slack.responses[0]
     assert reply["response_type"] == "ephemeral"
-    assert "2 👍/👎 vote(s) and 1 Stop request(s)" in reply["text"] and "inside threads stay" in reply["text"]
+    assert (
+        "2 👍/👎 vote(s), 1 Stop request(s) and your usage records" in reply["text"]
+        and "inside threads stay" in reply["text"]
+    )
     assert len(fake_kimi.requests) == 1
 
 

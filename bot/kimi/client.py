@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import openai
 from openai import AsyncOpenAI
@@ -141,6 +141,15 @@ OnEvent = Callable[[Event], Awaitable[None]]
 OnRestart = Callable[[], Awaitable[None]]
 
 
+class RequestMeter(Protocol):
+    """Budgets and usage per request (bot/usage.py Meter): `before` each attempt may refuse it (raising),
+    `after` each attempt that was sent hears what it used (`acc.usage`, None when Kimi did not say)."""
+
+    async def before(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None: ...
+
+    async def after(self, acc: Accumulator, *, cancelled: bool) -> None: ...
+
+
 class KimiClient:
     """Streams one completion from Kimi, retrying what is worth retrying within a time budget."""
 
@@ -214,22 +223,25 @@ class KimiClient:
         *,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | None = None,
+        meter: RequestMeter | None = None,
     ) -> Accumulator:
         """Stream an answer to the end and return it whole; raise AnswerError when it cannot be had.
 
         With `tools`, an answer may be tool calls instead of text (`finish_reason` "tool_calls"): that is an
         answer too, returned like text. `tool_choice` "none" asks for text only (the agent loop's last word).
         `on_restart` is awaited before a retry whose failed attempt had already produced events, so the
-        caller can take back what it showed of the abandoned answer.
+        caller can take back what it showed of the abandoned answer. `meter` is asked before every attempt
+        (a refusal, e.g. OverBudget, is raised as is: nothing was sent) and told after each what it used.
         """
         slept = 0.0  # the budget counts backoff only: a long stream that stalls must still get its retry
         attempt = 0
         while True:
             acc = Accumulator()
+            if meter is not None:
+                await meter.before(messages, tools)
             timing = self.metrics.kimi_request(self.model, on_event)
             try:
-                await self._stream_once(messages, acc, timing.on_event, tools, tool_choice)
-                finished = self._finished(acc)
+                finished = await self._metered(acc, meter, messages, timing.on_event, tools, tool_choice)
                 self._outcome("ok")
                 timing.done("ok")
                 return finished
@@ -265,6 +277,32 @@ class KimiClient:
                 await asyncio.sleep(delay)
                 slept += delay
                 attempt += 1
+
+    async def _metered(
+        self,
+        acc: Accumulator,
+        meter: RequestMeter | None,
+        messages: list[dict[str, Any]],
+        on_event: OnEvent | None,
+        tools: list[dict[str, Any]] | None,
+        tool_choice: str | None,
+    ) -> Accumulator:
+        """One attempt, and the meter told what it used however it ended (an answer, a failure that
+        reported usage, Stop's cancellation)."""
+        try:
+            await self._stream_once(messages, acc, on_event, tools, tool_choice)
+            finished = self._finished(acc)
+        except asyncio.CancelledError:
+            if meter is not None:
+                await meter.after(acc, cancelled=True)
+            raise
+        except BaseException:
+            if meter is not None:
+                await meter.after(acc, cancelled=False)
+            raise
+        if meter is not None:
+            await meter.after(acc, cancelled=False)
+        return finished
 
     def _outcome(self, outcome: str) -> None:
         """The last call's outcome ("ok" or a Reason), for /healthz."""

@@ -1,11 +1,15 @@
-"""One row per Kimi model: window, output budget, how thinking is switched on, what may be sent.
+"""One row per Kimi model: window, output budget, how thinking is switched on, what may be sent, and its
+list prices.
 
-A model quirk is a field here, never an `if model == ...` elsewhere. Sources: shared/docs/KIMI_API.md.
+A model quirk is a field here, never an `if model == ...` elsewhere. Sources: shared/docs/KIMI_API.md
+(section 6 "Pricing" for the prices: Moonshot's list prices in USD per 1M tokens, before tax).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import math
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -47,11 +51,27 @@ class ModelProfile:
             params["reasoning_effort"] = reasoning_effort
         return params
 
+    def cost_nusd(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> int:
+        """Cost in nano-USD (1e-9 USD), an integer: budgets add and compare these exactly in Redis.
+        `prompt_tokens` counts all input, cached included (Kimi's usage, like OpenAI's); the cached part is
+        priced at the cache-hit price, the rest at the miss price; reasoning is billed as output."""
+        prompt = max(prompt_tokens, 0)
+        cached = min(max(cached_tokens, 0), prompt)  # a report with more cached than prompt: not billed twice
+        micro = (
+            (prompt - cached) * self.price_in
+            + cached * self.price_cached
+            + max(completion_tokens, 0) * self.price_out
+        )  # USD per 1M tokens x tokens = micro-USD
+        return math.ceil(round(micro * 1000, 3))
+
     def cost_usd(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> float:
-        uncached = max(prompt_tokens - cached_tokens, 0)
-        return (
-            uncached * self.price_in + cached_tokens * self.price_cached + completion_tokens * self.price_out
-        ) / 1_000_000
+        return self.cost_nusd(prompt_tokens, cached_tokens, completion_tokens) / 1e9
+
+    def with_prices(self, prices: tuple[float, float, float] | None) -> ModelProfile:
+        """This profile with other prices (KIMI_PRICES), or itself."""
+        if prices is None:
+            return self
+        return replace(self, price_in=prices[0], price_cached=prices[1], price_out=prices[2])
 
 
 K2_WINDOW = 262_144
@@ -118,8 +138,19 @@ PREFIX_PROFILES: tuple[tuple[str, ModelProfile], ...] = (
     ("kimi-k3", PROFILES["kimi-k3"]),
 )
 
-# An id we do not know: a modest window and budget, and no parameter that could earn a 400.
-CONSERVATIVE = ModelProfile("unknown", 128_000, 16_384, Thinking.NONE, {}, known=False)
+# An id we do not know: a modest window and budget, and no parameter that could earn a 400. Priced at the
+# highest known list price of each kind, so that budgets hold for it too (KIMI_PRICES can name its prices).
+CONSERVATIVE = ModelProfile(
+    "unknown",
+    128_000,
+    16_384,
+    Thinking.NONE,
+    {},
+    max(p.price_in for p in PROFILES.values()),
+    max(p.price_cached for p in PROFILES.values()),
+    max(p.price_out for p in PROFILES.values()),
+    known=False,
+)
 
 
 def _normalise(model_id: str) -> str:
@@ -127,12 +158,41 @@ def _normalise(model_id: str) -> str:
     return model_id.strip().lower().rsplit("/", 1)[-1]
 
 
-def profile_for(model_id: str) -> ModelProfile:
-    """The profile for a model id; unknown ids get CONSERVATIVE with `known=False` (callers warn)."""
+Prices = dict[str, tuple[float, float, float]]
+
+
+def parse_prices(text: str) -> Prices:
+    """KIMI_PRICES: JSON `{"model id": [miss, hit, output], ...}` in USD per 1M tokens (empty: none).
+    Raises ValueError with a sentence saying what is wrong."""
+    if not text.strip():
+        return {}
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"is not JSON ({exc.msg})") from exc
+    if not isinstance(raw, dict):
+        raise ValueError('is not a JSON object {"model": [miss, hit, output]}')
+    prices: Prices = {}
+    for model, row in raw.items():
+        if (
+            not isinstance(row, list)
+            or len(row) != 3
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in row)
+            or any(not math.isfinite(v) or v < 0 for v in row)
+        ):
+            raise ValueError(f"gives {model!r} {row!r}, not three prices >= 0 [miss, hit, output]")
+        prices[_normalise(str(model))] = (float(row[0]), float(row[1]), float(row[2]))
+    return prices
+
+
+def profile_for(model_id: str, prices: Prices | None = None) -> ModelProfile:
+    """The profile for a model id; unknown ids get CONSERVATIVE with `known=False` (callers warn).
+    `prices` (parsed KIMI_PRICES) override the table's prices for the ids they name."""
     bare = _normalise(model_id)
+    override = (prices or {}).get(bare)
     if bare in PROFILES:
-        return PROFILES[bare]
+        return PROFILES[bare].with_prices(override)
     for prefix, profile in PREFIX_PROFILES:
         if bare.startswith(prefix):
-            return profile
-    return CONSERVATIVE
+            return profile.with_prices(override)
+    return CONSERVATIVE.with_prices(override)
