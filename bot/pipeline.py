@@ -22,6 +22,7 @@ from bot.agent.loop import CAP_NOTES, AgentLoop, Caps, Outcome, Planned, Step
 from bot.context import Fit, calibrate, estimate_tokens, fit, user_entry
 from bot.deps import Deps
 from bot.errors import ADMIN_REASONS, RETRYABLE_REASONS, AnswerError, Reason
+from bot.kimi.client import ModelCall
 from bot.kimi.events import Accumulator, Event, Text, Usage
 from bot.queue import Job, Lease, LeaseLost
 from bot.slack.blocks import ACTION_STOP, AnswerRef, answer_blocks, failure_blocks
@@ -357,10 +358,13 @@ async def _think_and_deliver(
         entries = [question]
 
     kimi = deps.kimi
-    budget = kimi.profile.context_window - kimi.output_budget
+    # The channel's settings (channel override > workspace default > env), read fresh for each question.
+    config = await deps.channel_settings.resolve(turn.team_id, turn.channel)
+    call = ModelCall(config.model, config.profile, config.effort, config.thinking)
+    budget = call.profile.context_window - kimi.budget_of(call)
     calibration = float(meta.get("calibration", "1.0"))
     fitted = fit(
-        settings.system_prompt,
+        config.system_prompt(settings.system_prompt),
         entries,
         start=max(int(meta.get("start", "0")) - offset, 0),
         budget_tokens=budget,
@@ -379,7 +383,8 @@ async def _think_and_deliver(
 
     left_out = offset + fitted.start
     ctx = tool_context(turn, deps)
-    tools, definitions = offer(list(await deps.tools(ctx)), ctx) if deps.tools is not None else ([], [])
+    available = list(await deps.tools(ctx)) if deps.tools is not None else []
+    tools, definitions = offer([t for t in available if t.name not in config.tools_off], ctx)
     if tools:
         await _agent_answer(
             turn,
@@ -396,10 +401,13 @@ async def _think_and_deliver(
             left_out,
             history,
             calibration,
+            call,
         )
         return
     log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=left_out))
-    task = asyncio.create_task(kimi.complete(fitted.messages, on_event=on_event, on_restart=writer.restarted))
+    task = asyncio.create_task(
+        kimi.complete(fitted.messages, on_event=on_event, on_restart=writer.restarted, call=call)
+    )
     kimi_task.append(task)
     writer.start()  # the sign of life goes out right behind the request to Kimi (a no-op if already shown)
     try:
@@ -409,7 +417,15 @@ async def _think_and_deliver(
             raise
         acc = Accumulator(reasoning=[writer.reasoning_text], content=[writer.answer], finish_reason="stopped")
     elapsed, thinking_s, reply_ts = await _deliver_final(
-        turn, deps, writer, started, acc.usage, left_out, acc.finish_reason, bool(acc.reasoning_text)
+        turn,
+        deps,
+        writer,
+        started,
+        acc.usage,
+        left_out,
+        acc.finish_reason,
+        bool(acc.reasoning_text),
+        model=call.model,
     )
     await _record(
         turn,
@@ -423,6 +439,7 @@ async def _think_and_deliver(
         elapsed,
         history=history,
         thinking_s=thinking_s,
+        call=call,
     )
 
 
@@ -437,6 +454,7 @@ async def _deliver_final(
     has_reasoning: bool,
     *,
     extra: tuple[str, ...] = (),
+    model: str,
 ) -> tuple[float, float, list[str]]:
     """The rest of the answer with its footer and buttons (and who stopped it); returns the elapsed and
     thinking seconds and the answer's messages."""
@@ -444,7 +462,6 @@ async def _deliver_final(
     thinking_s = writer.thinking_s if writer.thinking_s is not None else elapsed
     prompt_tokens = usage.prompt_tokens if usage else 0
     completion_tokens = usage.completion_tokens if usage else 0
-    model = deps.kimi.model
     line = footer(
         model,
         elapsed,
@@ -477,19 +494,19 @@ async def _record(
     *,
     history: bool,
     thinking_s: float,
+    call: ModelCall,
     agent: Outcome | None = None,
 ) -> None:
     """Usage first (Kimi was paid either way), then the answer and the job's completion in one step.
     An agent turn (`agent`) recorded each request's usage as it went; its history entry is the final
     answer only, with a compact record of the tool calls (not replayed to the model)."""
     usage = acc.usage
-    kimi = deps.kimi
     if usage and agent is None:
-        cost = kimi.profile.cost_usd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+        cost = call.profile.cost_usd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
         await deps.usage.record(
-            turn.team_id, kimi.model, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, cost
+            turn.team_id, call.model, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, cost
         )
-        deps.metrics.used(kimi.model, usage, cost)
+        deps.metrics.used(call.model, usage, cost)
     calibration_usage = usage
     if agent is not None:
         usage = agent.usage
@@ -500,7 +517,7 @@ async def _record(
     meta: dict[str, str | int | float] = {}
     if history:
         message = acc.message()
-        if not kimi.profile.replays_reasoning and not message.get("tool_calls"):
+        if not call.profile.replays_reasoning and not message.get("tool_calls"):
             # This model ignores earlier turns' reasoning: keep it out of the history (Show reasoning reads
             # it from the turn's details), so every later turn reads and sends less.
             message.pop("reasoning_content", None)
@@ -509,7 +526,7 @@ async def _record(
                 **message,
                 "ts": reply_ts[0] if reply_ts else "",
                 "reply_ts": reply_ts,
-                "model": kimi.model,
+                "model": call.model,
                 "usage": usage.__dict__ if usage else None,
                 "thinking_s": round(thinking_s, 3),
                 "elapsed_s": round(elapsed, 3),
@@ -603,7 +620,8 @@ async def _agent_answer(
     on_event: Callable[[Event], Awaitable[None]],
     left_out: int,
     history: bool,
-    calibration: float = 1.0,
+    calibration: float,
+    call: ModelCall,
 ) -> None:
     """The answer with tools: the agent loop asks Kimi, runs the calls it makes and asks again until it
     answers; each call shows as a task card. Every finished step is checkpointed (fenced) in the job's
@@ -618,10 +636,10 @@ async def _agent_answer(
         result_chars=settings.tool_result_max_chars,
         wall_time_s=settings.agent_max_seconds,
         approval_timeout_s=settings.tool_approval_timeout,
-        context_tokens=kimi.profile.context_window - kimi.output_budget,
+        context_tokens=call.profile.context_window - kimi.budget_of(call),
         context_margin_tokens=min(
             max(settings.tool_result_max_chars // 2, 4_000),
-            (kimi.profile.context_window - kimi.output_budget) // 4,
+            (call.profile.context_window - kimi.budget_of(call)) // 4,
         ),
     )
     resume = resumed_steps(writer.resume)
@@ -637,22 +655,23 @@ async def _agent_answer(
             on_restart=writer.restarted,
             tools=definitions,
             tool_choice=tool_choice,
+            call=call,
         )
 
     async def record_usage(usage: Usage) -> None:
         nonlocal requests
         requests += 1
-        cost = kimi.profile.cost_usd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+        cost = call.profile.cost_usd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
         await deps.usage.record(
             turn.team_id,
-            kimi.model,
+            call.model,
             usage.prompt_tokens,
             usage.cached_tokens,
             usage.completion_tokens,
             cost,
             turns=1 if requests == 1 else 0,
         )
-        deps.metrics.used(kimi.model, usage, cost)
+        deps.metrics.used(call.model, usage, cost)
 
     async def checkpoint(index: int, step: Step) -> None:
         deps.metrics.tools_ran(step.calls)  # each finished step once (a resumed run replays, not reruns)
@@ -703,6 +722,7 @@ async def _agent_answer(
         outcome.final.finish_reason,
         bool(outcome.reasoning),
         extra=agent_notes(outcome),
+        model=call.model,
     )
     log.info(
         "agent loop done",
@@ -726,5 +746,6 @@ async def _agent_answer(
         elapsed,
         history=history,
         thinking_s=thinking_s,
+        call=call,
         agent=outcome,
     )
