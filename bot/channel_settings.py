@@ -144,14 +144,20 @@ class Submitted:
 
 
 def validate(
-    raw: Mapping[str, str | list[str] | None], *, offered_tools: list[str], workspace: bool = False
+    raw: Mapping[str, str | list[str] | None],
+    *,
+    offered_tools: list[str],
+    previous_off: frozenset[str] = frozenset(),
+    models: list[str] | None = None,
+    workspace: bool = False,
 ) -> Submitted:
     """Check a submitted form. `raw`: model, thinking ("on"/"off"/None), effort, system_prompt,
-    tools_on (the checked tool names), followups, budget_usd. Tools not offered in the form are left on."""
+    tools_on (the checked tool names), followups, budget_usd. `offered_tools` were the form's checkboxes;
+    a tool the form did not list keeps its state (`previous_off`). `models`: the form's model options."""
     errors: dict[str, str] = {}
     values: dict[str, str] = {}
     model = str(raw.get("model") or "").strip()
-    if model not in PROFILES:
+    if model not in (models if models is not None else list(PROFILES)):
         errors["model"] = "Pick one of the listed models."
     profile = profile_for(model)
     values["model"] = model
@@ -177,7 +183,8 @@ def validate(
     values["system_prompt"] = prompt.strip()
     checked = raw.get("tools_on") or []
     on = set(checked if isinstance(checked, list) else [checked])
-    values["tools_off"] = json.dumps(sorted(t for t in offered_tools if t not in on))
+    off = {t for t in offered_tools if t not in on} | {t for t in previous_off if t not in offered_tools}
+    values["tools_off"] = json.dumps(sorted(off))
     followups = str(raw.get("followups") or "all")
     if followups not in FOLLOWUPS:
         errors["followups"] = "Pick when I answer thread replies."
