@@ -29,9 +29,10 @@ FIELDS = ("model", "thinking", "effort", "system_prompt", "tools_off", "followup
 WORKSPACE_FIELDS = FIELDS[:-1]  # a budget is per channel (the usage part reads it from the channel hash)
 EFFORTS = ("low", "high", "max")  # what K3's `reasoning_effort` accepts (shared/docs/KIMI_API.md)
 FOLLOWUPS = ("all", "mentions")
-# An addendum rides on every request of the channel, so it is kept short: 4,000 characters is about
-# 1,300 tokens, a page of instructions, well under 1% of the smallest window, and fits one Slack input.
-SYSTEM_PROMPT_LIMIT = 4_000
+# An addendum rides on every request of the channel, so it is kept short. 3,000 characters is what one
+# Slack plain_text_input holds (its max_length is at most 3,000), about 1,000 tokens: a page of
+# instructions, well under 1% of the smallest window.
+SYSTEM_PROMPT_LIMIT = 3_000
 BUDGET_LIMIT_USD = Decimal("1000000")
 
 
@@ -198,7 +199,7 @@ def validate(
             elif value > BUDGET_LIMIT_USD:
                 errors["budget_usd"] = "That budget is over a million dollars a month: is it a typo?"
             else:
-                budget = str(value.normalize()) if value == value.to_integral() else str(value)
+                budget = format(value, "f")  # plain digits, never 1E+2, for the usage part to read
         values["budget_usd"] = budget
     return Submitted(values, errors)
 
