@@ -73,7 +73,7 @@ def _tools(raw: str) -> frozenset[str] | None:
     return frozenset(str(v) for v in value) if isinstance(value, list) else None
 
 
-def _budget(raw: str) -> Decimal | None:
+def parse_budget(raw: str) -> Decimal | None:
     try:
         value = Decimal(raw.strip())
     except (InvalidOperation, ValueError):
@@ -97,7 +97,7 @@ def apply(base: ChannelConfig, layer: Mapping[str, str]) -> ChannelConfig:
     if layer.get("followups") in FOLLOWUPS:
         values["followups"] = layer["followups"]
     if "budget_usd" in layer:
-        values["budget_usd"] = _budget(layer["budget_usd"]) if layer["budget_usd"].strip() else None
+        values["budget_usd"] = parse_budget(layer["budget_usd"]) if layer["budget_usd"].strip() else None
     return ChannelConfig(**{**base.__dict__, **values})
 
 
@@ -193,7 +193,7 @@ def validate(
     if not workspace:
         budget = str(raw.get("budget_usd") or "").strip()
         if budget:
-            value = _budget(budget)
+            value = parse_budget(budget)
             if value is None:
                 errors["budget_usd"] = "A budget is a number of US dollars, 0 or more (empty: no budget)."
             elif value > BUDGET_LIMIT_USD:

@@ -24,6 +24,7 @@ from bot.slack.settings_view import (
     home_view,
     model_options,
     read_state,
+    redrawn,
     settings_modal,
     shown_tools,
 )
@@ -66,6 +67,17 @@ async def modal_for(deps: Deps, team_id: str, user: str, target: str) -> dict[st
     _, config = await current(deps, team_id, target)
     channel = "" if target == WORKSPACE else target
     return settings_modal(target, config, await tool_names(deps, team_id, user, channel))
+
+
+async def redraw(
+    deps: Deps, team_id: str, user: str, target: str, state: dict[str, Any], model: str
+) -> dict[str, Any]:
+    """The form again for another model (its thinking and effort fields), keeping what was typed."""
+    _, config = await current(deps, team_id, target)
+    channel = "" if target == WORKSPACE else target
+    tools = await tool_names(deps, team_id, user, channel)
+    raw = {**read_state(state), "model": model}
+    return settings_modal(target, redrawn(config, raw, tools), tools)
 
 
 async def submit(deps: Deps, team_id: str, user: str, target: str, state: dict[str, Any]) -> dict[str, str]:

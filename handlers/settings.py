@@ -11,7 +11,7 @@ from slack_bolt.async_app import AsyncAck, AsyncApp
 
 from bot.admins import ASK_AN_ADMIN
 from bot.deps import Deps
-from bot.home import modal_for, publish_home, submit
+from bot.home import modal_for, publish_home, redraw, submit
 from bot.slack.settings_view import (
     ACTION_EDIT_DEFAULTS,
     CALLBACK_SETTINGS,
@@ -100,6 +100,26 @@ def register(app: AsyncApp, deps: Deps) -> None:
         except Exception as exc:
             log.warning("workspace settings form not opened", extra={"error": _error_of(exc)})
 
+    async def on_model_picked(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        """Another model picked in the form: redraw it with that model's thinking and effort fields."""
+        await ack()
+        view = body.get("view") or {}
+        target = str(view.get("private_metadata") or "")
+        model = str((action.get("selected_option") or {}).get("value") or "")
+        if view.get("callback_id") != CALLBACK_SETTINGS or not model:
+            return
+        if target != WORKSPACE and not CHANNEL_ID.fullmatch(target):
+            return
+        user = str((body.get("user") or {}).get("id") or "")
+        team = str((body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id") or "")
+        state = (view.get("state") or {}).get("values") or {}
+        try:
+            new = await redraw(deps, team, user, target, state, model)
+            await deps.slack.views_update(view_id=str(view.get("id") or ""), hash=view.get("hash"), view=new)
+        except Exception as exc:  # the form stays as it was; saving still checks every value
+            log.info("settings form not redrawn", extra={"error": _error_of(exc)})
+
     app.view(CALLBACK_SETTINGS)(on_submit)
+    app.action("model")(on_model_picked)
     app.event("app_home_opened", matchers=[in_home_tab])(on_home_opened)
     app.action(ACTION_EDIT_DEFAULTS)(on_edit_defaults)

@@ -249,6 +249,47 @@ class BotHarness:
         status, text = await self.interact(payload)
         return status, json.loads(text) if text.strip() else None
 
+    async def pick_in_view(
+        self,
+        view: dict[str, Any],
+        action_id: str,
+        value: str,
+        *,
+        user: str = ALICE,
+        view_id: str = "V00000001",
+    ) -> tuple[int, str]:
+        """Pick `value` in a select of an open modal whose input block dispatches its action (block_actions
+        from a modal, with the view's current state as Slack sends it)."""
+        block = next(b for b in view["blocks"] if (b.get("element") or {}).get("action_id") == action_id)
+        selected = {"text": {"type": "plain_text", "text": value}, "value": value}
+        values = {block["block_id"]: {action_id: {"type": "static_select", "selected_option": selected}}}
+        payload = {
+            "type": "block_actions",
+            "user": {"id": user, "username": "someone", "team_id": TEAM_ID},
+            "api_app_id": APP_ID,
+            "token": "legacy",
+            "trigger_id": f"{time.time():.0f}.44.trigger",
+            "team": {"id": TEAM_ID, "domain": "fake"},
+            "container": {"type": "view", "view_id": view_id},
+            "view": {
+                "id": view_id,
+                "team_id": TEAM_ID,
+                "hash": f"{time.time():.0f}.abc",
+                **view,
+                "state": {"values": values},
+            },
+            "actions": [
+                {
+                    "type": "static_select",
+                    "action_id": action_id,
+                    "block_id": block["block_id"],
+                    "selected_option": selected,
+                    "action_ts": f"{time.time():.6f}",
+                }
+            ],
+        }
+        return await self.interact(payload)
+
     async def open_home(self, user: str = ALICE, tab: str = "home") -> tuple[int, str]:
         """The user opens the app's Home (or Messages) tab: app_home_opened."""
         event = {

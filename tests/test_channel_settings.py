@@ -24,6 +24,7 @@ from bot.slack.settings_view import (
     WORKSPACE,
     home_view,
     read_state,
+    redrawn,
     settings_modal,
     shown_tools,
 )
@@ -145,6 +146,12 @@ def test_the_modal_keeps_slacks_limits_and_reads_back(make_settings: Callable[..
     by_id = {b.get("block_id"): b for b in view["blocks"]}
     assert [o["value"] for o in by_id["model"]["element"]["options"]] == list(PROFILES)
     assert by_id["effort"]["element"]["initial_option"]["value"] == "max"
+    assert "thinking" not in by_id  # K3 always thinks: nothing to switch
+    k26 = {
+        b.get("block_id")
+        for b in settings_modal("C123", ChannelConfig("kimi-k2.6", False, "high"), [])["blocks"]
+    }
+    assert "thinking" in k26 and "effort" not in k26
     assert by_id["system_prompt"]["element"]["multiline"] is True
     assert by_id["budget_usd"]["element"]["type"] == "number_input"
     tool_blocks = [b for b in view["blocks"] if str(b.get("block_id", "")).startswith("tools_")]
@@ -172,6 +179,21 @@ def test_the_modal_keeps_slacks_limits_and_reads_back(make_settings: Callable[..
         "followups": "all",
         "budget_usd": "3.5",
     }
+
+
+def test_a_redrawn_form_keeps_what_was_typed() -> None:
+    base = ChannelConfig("kimi-k2.6", True, "high", tools_off=frozenset({"unlisted"}))
+    raw: dict[str, str | list[str] | None] = {
+        "model": "kimi-k3",
+        "system_prompt": "Typed before switching.",
+        "tools_on": ["fetch_url"],
+        "followups": "mentions",
+        "budget_usd": "7",
+    }
+    config = redrawn(base, raw, TOOLS)
+    assert config.model == "kimi-k3" and config.system_prompt_addendum == "Typed before switching."
+    assert config.tools_off == frozenset({"unlisted", "slack_search", "web_search"})
+    assert config.followups == "mentions" and config.budget_usd == Decimal("7")
 
 
 def test_the_home_view_lists_defaults_and_what_channels_change() -> None:

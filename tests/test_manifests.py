@@ -32,6 +32,7 @@ METHODS_CALLED = [
     "usergroups.users.list",  # ALLOWED_USERS' user groups
     "views.open",
     "views.publish",  # the Home tab (per-channel settings)
+    "views.update",  # the settings form redrawn for another model
     "assistant.threads.setStatus",
     "assistant.threads.setSuggestedPrompts",
     "assistant.threads.setTitle",

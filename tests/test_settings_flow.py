@@ -71,7 +71,7 @@ async def test_an_admin_opens_the_channel_modal_others_are_told_to_ask_an_admin(
     view = await open_settings(bot, fake_slack)
     assert view["callback_id"] == "kimi_channel_settings" and view["private_metadata"] == CHANNEL
     actions = {b["element"]["action_id"] for b in view["blocks"] if b["type"] == "input"}
-    assert {"model", "thinking", "effort", "system_prompt", "followups", "budget_usd"} <= actions
+    assert {"model", "thinking", "system_prompt", "followups", "budget_usd"} <= actions  # kimi-k2.6
     assert fake_slack.problems == []
 
 
@@ -113,9 +113,13 @@ async def test_bad_values_come_back_in_the_modal_keyed_by_block(
 ) -> None:
     make_admin(fake_slack)
     view = await open_settings(bot, fake_slack)
-    _, response = await bot.submit_view(view, values(view, budget_usd="-4", effort="high"))
-    assert response["response_action"] == "errors"
-    assert set(response["errors"]) == {"budget_usd", "effort"}  # kimi-k2.6 takes no reasoning effort
+    assert "effort" not in {b.get("block_id") for b in view["blocks"]}  # kimi-k2.6 takes no reasoning effort
+    _, response = await bot.submit_view(view, values(view, budget_usd="-4"))
+    assert response["response_action"] == "errors" and set(response["errors"]) == {"budget_usd"}
+    forged = values(view)
+    forged["effort"] = {"effort": {"type": "static_select", "selected_option": {"value": "high"}}}
+    _, response = await bot.submit_view(view, forged)
+    assert response["response_action"] == "errors"  # shown on the model field: effort is not in the form
     _, response = await bot.submit_view(view, values(view, model="kimi-k2.7-code", thinking="off"))
     assert set(response["errors"]) == {"thinking"}
     assert await bot.deps.redis.exists(SettingsKeys(TEAM_ID).channel(CHANNEL)) == 0
@@ -130,6 +134,12 @@ async def test_saved_settings_change_the_next_questions_model_and_prompt_byte_st
     assert fake_kimi.requests[0]["messages"][0]["content"] == DEFAULT_SYSTEM_PROMPT
     make_admin(fake_slack)
     view = await open_settings(bot, fake_slack)
+    # Picking K3 redraws the form: reasoning effort appears, thinking on/off goes (K3 always thinks).
+    status, _ = await bot.pick_in_view(view, "model", "kimi-k3")
+    assert status == 200 and fake_slack.calls_of("views.update"), fake_slack.problems
+    view = fake_slack.updated_views[-1]
+    blocks = {b.get("block_id") for b in view["blocks"]}
+    assert "effort" in blocks and "thinking" not in blocks
     changed = values(
         view, model="kimi-k3", effort="low", system_prompt="Answer as counsel would.", budget_usd="40"
     )

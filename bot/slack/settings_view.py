@@ -2,17 +2,22 @@
 and the Home tab view. Pure: Block Kit in, Block Kit out.
 
 The modal has one input block per setting; a block's id is the setting's name (`tools_<n>` for the tool
-checkbox groups), so `response_action: errors` can point at it.
+checkbox groups), so `response_action: errors` can point at it. Thinking on/off is shown only for a model
+that can switch it, reasoning effort only for one that takes it: picking another model redraws the form
+(the model select dispatches its action; handlers/settings.py answers with views.update).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from bot.channel_settings import (
     EFFORTS,
+    FOLLOWUPS,
     SYSTEM_PROMPT_LIMIT,
     ChannelConfig,
+    parse_budget,
 )
 from bot.kimi.profiles import PROFILES, Thinking
 
@@ -65,6 +70,7 @@ def settings_modal(target: str, config: ChannelConfig, tools: list[str]) -> dict
         {
             "type": "input",
             "block_id": "model",
+            "dispatch_action": True,  # another model redraws the thinking and effort fields
             "label": _text("Model"),
             "element": {
                 "type": "static_select",
@@ -73,37 +79,39 @@ def settings_modal(target: str, config: ChannelConfig, tools: list[str]) -> dict
                 "initial_option": _option(config.model),
             },
         },
-        {
-            "type": "input",
-            "block_id": "thinking",
-            "label": _text("Thinking"),
-            "hint": _text("Only kimi-k2.5 and kimi-k2.6 can switch it off; the others always think."),
-            "element": {
-                "type": "radio_buttons",
-                "action_id": "thinking",
-                "options": [_option("on", "On"), _option("off", "Off")],
-                "initial_option": _option(thinking, thinking.capitalize()),
-            },
-        },
     ]
-    effort: dict[str, Any] = {
-        "type": "static_select",
-        "action_id": "effort",
-        "placeholder": _text("Model default"),
-        "options": [_option(e) for e in EFFORTS],
-    }
-    if profile.thinking is Thinking.EFFORT and config.effort in EFFORTS:
-        effort["initial_option"] = _option(config.effort)
-    blocks.append(
-        {
-            "type": "input",
-            "block_id": "effort",
-            "optional": True,
-            "label": _text("Reasoning effort"),
-            "hint": _text("K3 models only (kimi-k3, kimi-k3.1-pro); leave empty for other models."),
-            "element": effort,
+    if profile.thinking is Thinking.EXTRA_BODY:
+        blocks.append(
+            {
+                "type": "input",
+                "block_id": "thinking",
+                "label": _text("Thinking"),
+                "hint": _text("Off: faster, cheaper answers without reasoning first."),
+                "element": {
+                    "type": "radio_buttons",
+                    "action_id": "thinking",
+                    "options": [_option("on", "On"), _option("off", "Off")],
+                    "initial_option": _option(thinking, thinking.capitalize()),
+                },
+            }
+        )
+    if profile.thinking is Thinking.EFFORT:
+        effort: dict[str, Any] = {
+            "type": "static_select",
+            "action_id": "effort",
+            "options": [_option(e) for e in EFFORTS],
         }
-    )
+        if config.effort in EFFORTS:
+            effort["initial_option"] = _option(config.effort)
+        blocks.append(
+            {
+                "type": "input",
+                "block_id": "effort",
+                "label": _text("Reasoning effort"),
+                "hint": _text("How long the model thinks before it answers: low is fastest and cheapest."),
+                "element": effort,
+            }
+        )
     prompt: dict[str, Any] = {
         "type": "plain_text_input",
         "action_id": "system_prompt",
@@ -233,6 +241,27 @@ def read_state(values: dict[str, Any]) -> dict[str, str | list[str] | None]:
         "followups": selected("followups"),
         "budget_usd": element("budget_usd", "budget_usd").get("value"),
     }
+
+
+def redrawn(base: ChannelConfig, raw: dict[str, str | list[str] | None], tools: list[str]) -> ChannelConfig:
+    """What the form shows after the model changed: `base` with the values being edited, so nothing typed
+    is lost when the fields for the new model are drawn."""
+    shown = set(shown_tools(tools))
+    on = set(raw.get("tools_on") or [])
+    config = replace(
+        base,
+        model=str(raw.get("model") or base.model),
+        system_prompt_addendum=str(raw.get("system_prompt") or ""),
+        tools_off=frozenset(t for t in base.tools_off if t not in shown) | frozenset(shown - on),
+    )
+    if raw.get("thinking") in ("on", "off"):
+        config = replace(config, thinking=raw.get("thinking") == "on")
+    if raw.get("effort") in EFFORTS:
+        config = replace(config, effort=str(raw.get("effort")))
+    if raw.get("followups") in FOLLOWUPS:
+        config = replace(config, followups=str(raw.get("followups")))
+    budget = str(raw.get("budget_usd") or "").strip()
+    return replace(config, budget_usd=parse_budget(budget) if budget else None)
 
 
 def notice_modal(text: str) -> dict[str, Any]:

@@ -227,6 +227,7 @@ class FakeSlack:
     stream_lifetime_s: float | None = None  # Slack closes streams after about 5 minutes; tests shorten it
     views: list[dict[str, Any]] = field(default_factory=list)  # modals opened (views.open)
     home_views: dict[str, dict[str, Any]] = field(default_factory=dict)  # user -> Home tab (views.publish)
+    updated_views: list[dict[str, Any]] = field(default_factory=list)  # modals redrawn (views.update)
     # Rate limits, when enforced: chat.postMessage per channel (burst, then one a second), others per tier.
     enforce_limits: bool = False
     limit_hits: list[str] = field(default_factory=list)
@@ -896,6 +897,22 @@ class FakeSlack:
         return {
             "view": {"id": f"V{len(self.views):08d}", "team_id": TEAM_ID, "state": {"values": {}}, **view}
         }
+
+    def _m_views_update(self, args: dict[str, Any]) -> dict[str, Any]:
+        view = args["view"] if isinstance(args["view"], dict) else json.loads(args["view"])
+        opened = {f"V{i:08d}" for i in range(1, len(self.views) + 1)}
+        if args.get("view_id") not in opened:
+            return {"ok": False, "error": "not_found"}
+        error = self._blocks_error(
+            "views.update", view.get("blocks", []), MODAL_BLOCKS_LIMIT, surface="modal"
+        )
+        if error:
+            return {"ok": False, "error": error}
+        if problems := view_problems(view, "modal"):
+            self.problems.extend(f"views.update: {p}" for p in problems)
+            return {"ok": False, "error": "invalid_arguments"}
+        self.updated_views.append(view)
+        return {"view": {"id": args["view_id"], "team_id": TEAM_ID, "state": {"values": {}}, **view}}
 
     def _m_views_publish(self, args: dict[str, Any]) -> dict[str, Any]:
         view = args["view"] if isinstance(args["view"], dict) else json.loads(args["view"])
