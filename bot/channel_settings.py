@@ -6,13 +6,16 @@ Redis store. Keys (one hash slot per team, so one MULTI writes a hash and the te
   kimibot:settings:{T}:channel:<C>   hash of the channel's overrides
   kimibot:settings:{T}:workspace     hash of the workspace defaults
   kimibot:settings:{T}:channels      set of the channels that have overrides (the Home tab lists them)
-  kimibot:settings:{T}:version       bumped on every save: a replica's cached config is stale when it moved
+  kimibot:settings:{T}:version       a new random token on every save: a replica's cached config is stale
+                                     when it differs (random, not a counter: a team's data deleted and
+                                     saved again never repeats an old value)
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -259,7 +262,7 @@ class ChannelSettings:
     async def resolve(self, team_id: str, channel: str) -> ChannelConfig:
         """The config the next question in `channel` is answered with."""
         version = await self.redis.get(SettingsKeys(team_id).version)
-        stamp = _text(version) if version is not None else "0"
+        stamp = _text(version) if version is not None else ""
         cached = self._cache.get((team_id, channel))
         if cached is not None and cached[0] == stamp:
             return cached[1]
@@ -305,7 +308,7 @@ class ChannelSettings:
             pipe.hset(key, mapping=to_set)
             if channel:
                 pipe.sadd(keys.channels, channel)
-            pipe.incr(keys.version)
+            pipe.set(keys.version, uuid.uuid4().hex)
             await pipe.execute()
         self._cache.pop((team_id, channel or ""), None)
 

@@ -83,6 +83,13 @@ async def test_admin_users_setting_makes_an_admin(
     assert fake_slack.calls_of("users.info") == []  # ADMIN_USERS: no Slack call
 
 
+async def test_a_form_slack_would_not_open_is_explained(bot: BotHarness, fake_slack: FakeSlack) -> None:
+    make_admin(fake_slack)
+    fake_slack.fail("views.open", "expired_trigger_id")
+    status, text = await bot.command("settings")
+    assert status == 200 and "expired_trigger_id" in text and fake_slack.views == []
+
+
 async def test_a_non_admin_submitting_a_forged_view_gets_an_error_and_nothing_is_saved(
     bot: BotHarness, fake_slack: FakeSlack
 ) -> None:
