@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -179,6 +180,7 @@ def decide(
     thread_engaged: bool = False,
     access: AccessPolicy | None = None,
     facts: PersonFacts | None = None,
+    followups: str = "all",
 ) -> Decision:
     """Should this `app_mention` or `message` event be answered, and as what kind of turn?
 
@@ -186,8 +188,12 @@ def decide(
     the caller looks up only for thread replies). With `access`, a message addressed to the bot from
     someone (or somewhere) the policy leaves out is refused (`refused`: the asker is told); `facts` are what
     the policy needs to know about the asker (admit() looks them up only when a restriction needs them).
+    `followups` is the channel's follow-up mode (its settings): "all" answers every reply in a thread the
+    bot is in, "mentions" only replies that mention it.
     """
-    decision = _addressed(event, bot_user_id=bot_user_id, bot_id=bot_id, thread_engaged=thread_engaged)
+    decision = _addressed(
+        event, bot_user_id=bot_user_id, bot_id=bot_id, thread_engaged=thread_engaged, followups=followups
+    )
     if decision.answer and access is not None and not access.open:
         why = access_refusal(access, str(event["user"]), str(event["channel"]), facts or PersonFacts())
         if why is not None:
@@ -195,7 +201,9 @@ def decide(
     return decision
 
 
-def _addressed(event: dict[str, Any], *, bot_user_id: str, bot_id: str, thread_engaged: bool) -> Decision:
+def _addressed(
+    event: dict[str, Any], *, bot_user_id: str, bot_id: str, thread_engaged: bool, followups: str = "all"
+) -> Decision:
     """Is the event a person's message addressed to the bot (and as what kind of turn)?"""
     if not isinstance(event, dict):
         return ignore("not an event")
@@ -227,6 +235,8 @@ def _addressed(event: dict[str, Any], *, bot_user_id: str, bot_id: str, thread_e
         return Decision(True, "mentioned", Source.MENTION)
     thread_ts = event.get("thread_ts")
     if thread_ts and thread_ts != event.get("ts"):
+        if thread_engaged and followups == "mentions":
+            return ignore("follow-up without a mention in a mentions-only channel")
         if thread_engaged:
             return Decision(True, "follow-up in my thread", Source.THREAD)
         return ignore("thread I am not part of")
@@ -278,11 +288,14 @@ async def admit(
     bot_user_id: str,
     bot_id: str,
     access: Access | None = None,
+    followups: Callable[[str, str], Awaitable[str]] | None = None,
 ) -> Turn | Refused | None:
     """decide() plus the Redis facts it needs: is the thread ours (thread replies only), and is it a thread
     of Slack's assistant panel (DMs only). The claim that makes one message one answer is taken where the
-    turn is queued (bot/queue.py), in the same step."""
+    turn is queued (bot/queue.py), in the same step. `followups(team, channel)` gives the channel's follow-up
+    mode; it is asked only for a reply without a mention in a thread the bot is in."""
     engaged = False
+    mode = "all"
     if (
         event.get("type") == "message"
         and event.get("channel_type") != "im"
@@ -292,7 +305,9 @@ async def admit(
     ):
         key = ThreadKey(event_team(body, event), str(event["channel"]), str(event["thread_ts"]))
         engaged = await threads.is_engaged(key)
-    decision = decide(event, bot_user_id=bot_user_id, bot_id=bot_id, thread_engaged=engaged)
+        if engaged and followups is not None:
+            mode = await followups(key.team_id, key.channel)
+    decision = decide(event, bot_user_id=bot_user_id, bot_id=bot_id, thread_engaged=engaged, followups=mode)
     if decision.answer and access is not None and not access.policy.open:
         team, user, channel = event_team(body, event), str(event["user"]), str(event["channel"])
         facts = await access.facts_for(team, user, channel)
@@ -303,6 +318,7 @@ async def admit(
             thread_engaged=engaged,
             access=access.policy,
             facts=facts,
+            followups=mode,
         )
         if decision.refused:
             log.info("refused", extra={"why": decision.why, "user": user, "channel": channel})

@@ -14,6 +14,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.admins import Admins
+from bot.channel_settings import ChannelSettings
 from bot.kimi.client import KimiClient
 from bot.kimi.profiles import parse_prices, profile_for
 from bot.metrics import CountingRateLimitHandler, CountingWebClient, Metrics
@@ -52,6 +53,7 @@ class Deps:
     stops: Stops
     feedback: Feedback
     admins: Admins
+    channel_settings: ChannelSettings
     metrics: Metrics = field(default_factory=Metrics)
     pacer: Pacer = field(default_factory=Pacer)
     pace: Pace = field(default_factory=Pace)
@@ -141,6 +143,7 @@ def build_deps(settings: Settings) -> Deps:
         stops=Stops(redis),
         feedback=Feedback(redis),
         admins=Admins(slack, frozenset(split_ids(settings.admin_users))),
+        channel_settings=ChannelSettings(redis, settings),
         approvals=Approvals(redis),
         pacer=SharedPacer(redis),  # Slack's limits are per app and workspace: one budget for all replicas
     )

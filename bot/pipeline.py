@@ -22,7 +22,9 @@ from bot.agent.loop import CAP_NOTES, AgentLoop, Caps, Outcome, Planned, Step
 from bot.context import Fit, calibrate, fit, user_entry
 from bot.deps import Deps
 from bot.errors import ADMIN_REASONS, RETRYABLE_REASONS, AnswerError, Reason
+from bot.kimi.client import ModelCall
 from bot.kimi.events import Accumulator, Event, Text, Usage
+from bot.kimi.profiles import parse_prices, profile_for
 from bot.queue import Job, Lease, LeaseLost
 from bot.slack.blocks import ACTION_STOP, AnswerRef, answer_blocks, failure_blocks
 from bot.slack.render import footer
@@ -363,10 +365,15 @@ async def _think_and_deliver(
         entries = [question]
 
     kimi = deps.kimi
-    budget = kimi.profile.context_window - kimi.output_budget
+    # The channel's settings (channel override > workspace default > env), read fresh for each question.
+    config = await deps.channel_settings.resolve(turn.team_id, turn.channel)
+    # Priced as KIMI_PRICES says (the channel's model may not be KIMI_MODEL).
+    profile = profile_for(config.model, parse_prices(settings.kimi_prices))
+    call = ModelCall(config.model, profile, config.effort, config.thinking)
+    budget = call.profile.context_window - kimi.budget_of(call)
     calibration = float(meta.get("calibration", "1.0"))
     fitted = fit(
-        settings.system_prompt,
+        config.system_prompt(settings.system_prompt),
         entries,
         start=max(int(meta.get("start", "0")) - offset, 0),
         budget_tokens=budget,
@@ -391,14 +398,15 @@ async def _think_and_deliver(
         turn.channel,
         turn.user,
         job.job_id,
-        kimi.model,
-        kimi.profile,
-        kimi.output_budget,
+        call.model,
+        call.profile,
+        kimi.budget_of(call),
         Limits.from_settings(settings),
         calibration,
     )
     ctx = tool_context(turn, deps)
-    tools, definitions = offer(list(await deps.tools(ctx)), ctx) if deps.tools is not None else ([], [])
+    available = list(await deps.tools(ctx)) if deps.tools is not None else []
+    tools, definitions = offer([t for t in available if t.name not in config.tools_off], ctx)
     if tools:
         await _agent_answer(
             turn,
@@ -416,11 +424,12 @@ async def _think_and_deliver(
             history,
             meter,
             calibration,
+            call,
         )
         return
     log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=left_out))
     task = asyncio.create_task(
-        kimi.complete(fitted.messages, on_event=on_event, on_restart=writer.restarted, meter=meter)
+        kimi.complete(fitted.messages, on_event=on_event, on_restart=writer.restarted, meter=meter, call=call)
     )
     kimi_task.append(task)
     writer.start()  # the sign of life goes out right behind the request to Kimi (a no-op if already shown)
@@ -431,7 +440,15 @@ async def _think_and_deliver(
             raise
         acc = Accumulator(reasoning=[writer.reasoning_text], content=[writer.answer], finish_reason="stopped")
     elapsed, thinking_s, reply_ts = await _deliver_final(
-        turn, deps, writer, started, acc.usage, left_out, acc.finish_reason, bool(acc.reasoning_text)
+        turn,
+        deps,
+        writer,
+        started,
+        acc.usage,
+        left_out,
+        acc.finish_reason,
+        bool(acc.reasoning_text),
+        model=call.model,
     )
     await _record(
         turn,
@@ -445,6 +462,7 @@ async def _think_and_deliver(
         elapsed,
         history=history,
         thinking_s=thinking_s,
+        call=call,
     )
 
 
@@ -459,6 +477,7 @@ async def _deliver_final(
     has_reasoning: bool,
     *,
     extra: tuple[str, ...] = (),
+    model: str,
 ) -> tuple[float, float, list[str]]:
     """The rest of the answer with its footer and buttons (and who stopped it); returns the elapsed and
     thinking seconds and the answer's messages."""
@@ -466,7 +485,6 @@ async def _deliver_final(
     thinking_s = writer.thinking_s if writer.thinking_s is not None else elapsed
     prompt_tokens = usage.prompt_tokens if usage else 0
     completion_tokens = usage.completion_tokens if usage else 0
-    model = deps.kimi.model
     line = footer(
         model,
         elapsed,
@@ -499,13 +517,13 @@ async def _record(
     *,
     history: bool,
     thinking_s: float,
+    call: ModelCall,
     agent: Outcome | None = None,
 ) -> None:
     """The answer and the job's completion in one step. Usage was recorded per request as it was paid for
     (the Meter); an agent turn's history entry is the final answer only, with a compact record of the tool
     calls (not replayed to the model)."""
     usage = acc.usage
-    kimi = deps.kimi
     calibration_usage = usage
     if agent is not None:
         usage = agent.usage
@@ -516,7 +534,7 @@ async def _record(
     meta: dict[str, str | int | float] = {}
     if history:
         message = acc.message()
-        if not kimi.profile.replays_reasoning and not message.get("tool_calls"):
+        if not call.profile.replays_reasoning and not message.get("tool_calls"):
             # This model ignores earlier turns' reasoning: keep it out of the history (Show reasoning reads
             # it from the turn's details), so every later turn reads and sends less.
             message.pop("reasoning_content", None)
@@ -525,7 +543,7 @@ async def _record(
                 **message,
                 "ts": reply_ts[0] if reply_ts else "",
                 "reply_ts": reply_ts,
-                "model": kimi.model,
+                "model": call.model,
                 "usage": usage.__dict__ if usage else None,
                 "thinking_s": round(thinking_s, 3),
                 "elapsed_s": round(elapsed, 3),
@@ -620,7 +638,8 @@ async def _agent_answer(
     left_out: int,
     history: bool,
     meter: Meter,
-    calibration: float = 1.0,
+    calibration: float,
+    call: ModelCall,
 ) -> None:
     """The answer with tools: the agent loop asks Kimi, runs the calls it makes and asks again until it
     answers; each call shows as a task card. Every finished step is checkpointed (fenced) in the job's
@@ -635,10 +654,10 @@ async def _agent_answer(
         result_chars=settings.tool_result_max_chars,
         wall_time_s=settings.agent_max_seconds,
         approval_timeout_s=settings.tool_approval_timeout,
-        context_tokens=kimi.profile.context_window - kimi.output_budget,
+        context_tokens=call.profile.context_window - kimi.budget_of(call),
         context_margin_tokens=min(
             max(settings.tool_result_max_chars // 2, 4_000),
-            (kimi.profile.context_window - kimi.output_budget) // 4,
+            (call.profile.context_window - kimi.budget_of(call)) // 4,
         ),
     )
     resume = resumed_steps(writer.resume)
@@ -653,6 +672,7 @@ async def _agent_answer(
             tools=definitions,
             tool_choice=tool_choice,
             meter=meter,  # each step reserved before it is asked and recorded after (Stop's cut one too)
+            call=call,
         )
 
     async def checkpoint(index: int, step: Step) -> None:
@@ -699,6 +719,7 @@ async def _agent_answer(
         outcome.final.finish_reason,
         bool(outcome.reasoning),
         extra=agent_notes(outcome),
+        model=call.model,
     )
     log.info(
         "agent loop done",
@@ -722,5 +743,6 @@ async def _agent_answer(
         elapsed,
         history=history,
         thinking_s=thinking_s,
+        call=call,
         agent=outcome,
     )

@@ -56,6 +56,6 @@ def register(app: AsyncApp, deps: Deps) -> None:
         )
 
     app.event("assistant_thread_started")(on_thread_started)
-    # Only the Messages tab: the Home tab's app_home_opened is left to whoever draws the Home tab.
+    # Only the Messages tab: the Home tab is drawn by handlers/settings.py.
     app.event("app_home_opened", matchers=[in_messages_tab])(on_messages_tab_opened)
     app.event("assistant_thread_context_changed")(on_context_changed)

@@ -10,6 +10,7 @@ from slack_bolt.async_app import AsyncAck, AsyncApp
 from bot.admission import NOT_ENABLED, Access
 from bot.deps import Deps
 from bot.work import command_thread
+from handlers.settings import SETTINGS_WORDS, open_channel_settings
 
 log = logging.getLogger(__name__)
 FORGET_ME_WORDS = frozenset({"forget-me", "forget me"})
@@ -30,6 +31,7 @@ def usage_text(command: str) -> str:
         f"• `{command} help`: this message.\n"
         f"• `{command} usage`: what you used today and this month (tokens, cost, answers); admins also see "
         "this channel and the workspace.\n"
+        f"• `{command} settings` in a channel (admins): its model, prompt, tools, follow-ups and budget.\n"
         "• `@Kimi forget` in a thread (or the message shortcut *Forget this thread*): I delete what I keep "
         f"of that thread. `{command} forget-me`: I delete what I keep about you (your messages inside "
         "threads stay until the thread expires or is forgotten)."
@@ -43,6 +45,9 @@ def register(app: AsyncApp, deps: Deps, access: Access | None = None) -> None:
         question = str(command.get("text") or "").strip()
         if question.lower() in HELP_WORDS:
             await ack(response_type="ephemeral", text=usage_text(command_name))
+            return
+        if question.lower() in SETTINGS_WORDS:  # admins only; checked again when the form is saved
+            await open_channel_settings(deps, ack, command)
             return
         fields = {name: str(command.get(name) or "") for name in COMMAND_FIELDS}
         if question.lower() in FORGET_ME_WORDS:  # anyone may, allowed to ask or not

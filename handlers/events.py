@@ -54,7 +54,13 @@ def register(app: AsyncApp, deps: Deps, access: Access | None = None) -> None:
         # Bolt acks once this returns: decide, and queue the answer so an acked question is never lost.
         me = await deps.whoami()
         admitted = await admit(
-            body, event, threads=deps.threads, bot_user_id=me.user_id, bot_id=me.bot_id, access=access
+            body,
+            event,
+            threads=deps.threads,
+            bot_user_id=me.user_id,
+            bot_id=me.bot_id,
+            access=access,
+            followups=deps.channel_settings.followups,
         )
         if isinstance(admitted, Refused):
             if access is not None:

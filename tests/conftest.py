@@ -211,6 +211,127 @@ class BotHarness:
         body = b"payload=" + quote(json.dumps(payload)).encode()
         return await self.post(body, "application/x-www-form-urlencoded")
 
+    async def interact(self, payload: dict[str, Any]) -> tuple[int, str]:
+        """Post an interaction payload (form-encoded `payload=`, signed) as Slack does."""
+        body = b"payload=" + quote(json.dumps(payload)).encode()
+        return await self.post(body, "application/x-www-form-urlencoded")
+
+    async def submit_view(
+        self, view: dict[str, Any], values: dict[str, dict[str, Any]], *, user: str = ALICE
+    ) -> tuple[int, Any]:
+        """Submit a modal the bot opened (view_submission) with `values` as Slack's view.state.values;
+        returns the status and the JSON the bot acked with (None for an empty ack)."""
+        payload = {
+            "type": "view_submission",
+            "team": {"id": TEAM_ID, "domain": "fake"},
+            "user": {"id": user, "username": "someone", "name": "someone", "team_id": TEAM_ID},
+            "api_app_id": APP_ID,
+            "token": "legacy",
+            "trigger_id": f"{time.time():.0f}.42.trigger",
+            "view": {
+                "id": "V0SETTINGS",
+                "team_id": TEAM_ID,
+                "app_id": APP_ID,
+                "bot_id": "B0BOT",
+                "hash": f"{time.time():.0f}.abc",
+                "root_view_id": "V0SETTINGS",
+                "previous_view_id": None,
+                "clear_on_close": False,
+                "notify_on_close": False,
+                "external_id": "",
+                **view,
+                "state": {"values": values},
+            },
+            "response_urls": [],
+            "is_enterprise_install": False,
+            "enterprise": None,
+        }
+        status, text = await self.interact(payload)
+        return status, json.loads(text) if text.strip() else None
+
+    async def pick_in_view(
+        self,
+        view: dict[str, Any],
+        action_id: str,
+        value: str,
+        *,
+        user: str = ALICE,
+        view_id: str = "V00000001",
+    ) -> tuple[int, str]:
+        """Pick `value` in a select of an open modal whose input block dispatches its action (block_actions
+        from a modal, with the view's current state as Slack sends it)."""
+        block = next(b for b in view["blocks"] if (b.get("element") or {}).get("action_id") == action_id)
+        selected = {"text": {"type": "plain_text", "text": value}, "value": value}
+        values = {block["block_id"]: {action_id: {"type": "static_select", "selected_option": selected}}}
+        payload = {
+            "type": "block_actions",
+            "user": {"id": user, "username": "someone", "team_id": TEAM_ID},
+            "api_app_id": APP_ID,
+            "token": "legacy",
+            "trigger_id": f"{time.time():.0f}.44.trigger",
+            "team": {"id": TEAM_ID, "domain": "fake"},
+            "container": {"type": "view", "view_id": view_id},
+            "view": {
+                "id": view_id,
+                "team_id": TEAM_ID,
+                "hash": f"{time.time():.0f}.abc",
+                **view,
+                "state": {"values": values},
+            },
+            "actions": [
+                {
+                    "type": "static_select",
+                    "action_id": action_id,
+                    "block_id": block["block_id"],
+                    "selected_option": selected,
+                    "action_ts": f"{time.time():.6f}",
+                }
+            ],
+        }
+        return await self.interact(payload)
+
+    async def open_home(self, user: str = ALICE, tab: str = "home") -> tuple[int, str]:
+        """The user opens the app's Home (or Messages) tab: app_home_opened."""
+        event = {
+            "type": "app_home_opened",
+            "user": user,
+            "channel": "D0HOMETAB",
+            "tab": tab,
+            "event_ts": f"{time.time():.6f}",
+        }
+        return await self.post(json_body(envelope(event)), "application/json")
+
+    async def click_home(self, action_id: str, *, user: str = ALICE) -> tuple[int, str]:
+        """Press a button on the user's Home tab (block_actions from a `home` view)."""
+        view = self.slack.home_views[user]
+        element = next(
+            e
+            for b in view.get("blocks") or []
+            if b.get("type") == "actions"
+            for e in b["elements"]
+            if e["action_id"] == action_id
+        )
+        payload = {
+            "type": "block_actions",
+            "user": {"id": user, "username": "someone", "team_id": TEAM_ID},
+            "api_app_id": APP_ID,
+            "token": "legacy",
+            "trigger_id": f"{time.time():.0f}.43.trigger",
+            "team": {"id": TEAM_ID, "domain": "fake"},
+            "container": {"type": "view", "view_id": "VH0000001"},
+            "view": {"id": "VH0000001", "team_id": TEAM_ID, "state": {"values": {}}, **view},
+            "actions": [
+                {
+                    "type": "button",
+                    "action_id": action_id,
+                    "block_id": "home",
+                    "value": element.get("value", ""),
+                    "action_ts": f"{time.time():.6f}",
+                }
+            ],
+        }
+        return await self.interact(payload)
+
     async def settle(self, limit_s: float = 15.0) -> None:
         """Wait until the job queue is empty and every job taken has finished."""
         async with asyncio.timeout(limit_s):

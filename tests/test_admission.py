@@ -73,3 +73,14 @@ def test_non_dict_events_are_ignored() -> None:
 
 def test_mention_token_is_stripped_but_other_people_stay() -> None:
     assert strip_mention(f"<@{ME}> ask <@UBOB> about <@{ME}|kimi> it", ME) == "ask <@UBOB> about  it"
+
+
+def test_a_mentions_only_channel_answers_thread_replies_only_when_mentioned() -> None:
+    reply = event(thread_ts="0.5")
+    assert decide(reply, bot_user_id=ME, bot_id=MY_BOT, thread_engaged=True, followups="all").answer
+    quiet = decide(reply, bot_user_id=ME, bot_id=MY_BOT, thread_engaged=True, followups="mentions")
+    assert not quiet.answer and "mention" in quiet.why
+    mentioned = event(thread_ts="0.5", text=f"<@{ME}> and this?")
+    assert decide(mentioned, bot_user_id=ME, bot_id=MY_BOT, thread_engaged=True, followups="mentions").answer
+    dm = event(thread_ts="0.5", channel_type="im", channel="D1")  # a DM is always addressed to the bot
+    assert decide(dm, bot_user_id=ME, bot_id=MY_BOT, thread_engaged=True, followups="mentions").answer

@@ -25,7 +25,7 @@ from bot.redis_client import SOCKET_TIMEOUT_S, build_redis, is_cluster
 from bot.settings import SettingsError
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi
-from tests.fakes.slack_api import FakeSlack
+from tests.fakes.slack_api import TEAM_ID, FakeSlack
 from tests.redis_servers import PrivateCluster, SuiteRedis, flush
 from tests.slack_requests import BOB, CHANNEL, mention, message
 
@@ -127,6 +127,23 @@ async def test_a_bot_pointed_at_one_node_answers_a_thread_in_order(
     assert len(fake_slack.bodies(CHANNEL, root)) == 2
     assert fake_kimi.requests[1]["messages"][1]["content"] == "alice: first question"
     assert fake_slack.problems == []
+
+
+async def test_channel_settings_save_and_resolve_on_a_cluster(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi, cluster_url: str
+) -> None:
+    """A save is one MULTI over the team's settings keys (one hash slot); a read pipelines two hashes."""
+    bot: BotHarness = await make_bot(redis_url=cluster_url)
+    store = bot.deps.channel_settings
+    await store.save(TEAM_ID, CHANNEL, {"model": "kimi-k3", "system_prompt": "Cluster."}, "U0ADMIN")
+    await store.save(TEAM_ID, None, {"followups": "mentions"}, "U0ADMIN")
+    config = await store.resolve(TEAM_ID, CHANNEL)
+    assert config.model == "kimi-k3" and config.followups == "mentions"
+    assert list(await store.overridden(TEAM_ID)) == [CHANNEL]
+    await bot.send_event(mention("on a cluster", "1700000090.000100"))
+    await bot.settle()
+    assert fake_kimi.requests[0]["model"] == "kimi-k3"
+    assert fake_kimi.requests[0]["messages"][0]["content"].endswith("\n\nCluster.")
 
 
 async def test_a_cluster_transaction_runs_in_one_slot_without_a_thread_per_command(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bot.errors import Reason
-from bot.kimi.client import classify
+from bot.kimi.client import KimiClient, ModelCall, classify
 from bot.kimi.events import Accumulator, Reasoning, Text
 from bot.kimi.profiles import CONSERVATIVE, PROFILES, profile_for
 
@@ -169,3 +169,28 @@ def test_sse_lines_are_read_as_kimi_sends_them() -> None:
     assert sse_data("") is None and sse_data(": keep-alive") is None and sse_data("event: message") is None
     with pytest.raises(ValueError):
         sse_data("data: {oops")
+
+
+def test_thinking_off_is_sent_only_where_the_model_can_switch_it() -> None:
+    assert profile_for("kimi-k2.6").request_params("high", thinking=False)["extra_body"] == {
+        "thinking": {"type": "disabled"}
+    }
+    for model in ("kimi-k2.7-code", "kimi-k3"):
+        assert "extra_body" not in profile_for(model).request_params("high", thinking=False)
+
+
+async def test_each_request_may_name_its_own_model_and_profile() -> None:
+    """A channel's model: the request's model, output budget and thinking parameters follow it."""
+    client = KimiClient(
+        api_key="k", base_url="http://127.0.0.1:9/v1", model="kimi-k2.6", profile=profile_for("kimi-k2.6")
+    )
+    try:
+        default = client.request_kwargs([{"role": "user", "content": "hi"}])
+        assert default["model"] == "kimi-k2.6" and default["extra_body"]["thinking"]["type"] == "enabled"
+        k3 = client.request_kwargs(
+            [{"role": "user", "content": "hi"}], call=ModelCall("kimi-k3", profile_for("kimi-k3"), "max")
+        )
+        assert k3["model"] == "kimi-k3" and k3["reasoning_effort"] == "max"
+        assert k3["max_completion_tokens"] == profile_for("kimi-k3").output_budget and "extra_body" not in k3
+    finally:
+        await client.close()

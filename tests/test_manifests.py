@@ -33,6 +33,8 @@ METHODS_CALLED = [
     "reactions.add",  # the sign of life while a burst waits for the channel's posting budget
     "reactions.remove",
     "views.open",
+    "views.publish",  # the Home tab (per-channel settings)
+    "views.update",  # the settings form redrawn for another model
     "assistant.threads.setStatus",
     "assistant.threads.setSuggestedPrompts",
     "assistant.threads.setTitle",
@@ -43,7 +45,7 @@ EVENTS_HANDLED = [
     "message.groups",
     "message.im",
     "message.mpim",
-    "app_home_opened",  # agent_view: the Messages tab
+    "app_home_opened",  # agent_view: the Messages tab; and the Home tab
     "assistant_thread_started",
     "assistant_thread_context_changed",
 ]
@@ -68,6 +70,7 @@ def test_manifest_covers_every_method_and_event(name: str) -> None:
     assert set(EVENTS_HANDLED) <= set(manifest["settings"]["event_subscriptions"]["bot_events"])
     assert manifest["settings"]["interactivity"]["is_enabled"] is True
     assert manifest["features"]["app_home"]["messages_tab_enabled"] is True
+    assert manifest["features"]["app_home"]["home_tab_enabled"] is True  # settings and usage at a glance
     assert "agent_view" in manifest["features"] and "assistant_view" not in manifest["features"]
     assert manifest["features"]["agent_view"]["agent_description"]
     assert [c["command"] for c in manifest["features"]["slash_commands"]] == ["/kimi"]

@@ -422,3 +422,22 @@ async def test_reservations_last_an_hour_at_most_and_redis_failures_fail_closed_
     await meter.after(Accumulator(usage=Usage(10, 5)), cancelled=False)  # a delivered answer stands
     assert meter.metrics.cost.labels("kimi-k2.6")._value.get() > 0
     await unreachable.redis.aclose()
+
+
+async def test_a_channels_own_model_is_priced_and_recorded_as_that_model(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """/kimi settings gave the channel kimi-k3: its answers are recorded under kimi-k3 at K3's prices."""
+    bot: BotHarness = await make_bot()
+    await bot.deps.channel_settings.save(TEAM_ID, CHANNEL, {"model": "kimi-k3", "effort": "high"}, ALICE)
+    fake_kimi.script(Reply(content="Four."))
+    await bot.send_event(mention("2+2?", "1700000100.000900"))
+    await bot.settle()
+    body = fake_kimi.requests[0]
+    assert body["model"] == "kimi-k3"
+    prompt = fake_kimi.prompt_tokens(body)
+    completion = (len("Four.") + len(Reply().reasoning)) // 4 + 1
+    expected = PROFILES["kimi-k3"].cost_nusd(prompt, 0, completion)
+    today = day_of(bot.deps.usage.now())
+    day = await bot.deps.redis.hgetall(keys().day(today))  # type: ignore[misc]
+    assert day["m:kimi-k3:cost_nusd"] == str(expected) and "m:kimi-k2.6:cost_nusd" not in day

@@ -137,6 +137,16 @@ def wire_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**wire, "messages": [], "extra_body": extra}
 
 
+@dataclass(frozen=True)
+class ModelCall:
+    """Which model one request goes to, and how: per request, since each channel may pick its own."""
+
+    model: str
+    profile: ModelProfile
+    reasoning_effort: str = "high"
+    thinking: bool = True
+
+
 OnEvent = Callable[[Event], Awaitable[None]]
 OnRestart = Callable[[], Awaitable[None]]
 
@@ -194,20 +204,33 @@ class KimiClient:
     def output_budget(self) -> int:
         return self.max_completion_tokens or self.profile.output_budget
 
+    def budget_of(self, call: ModelCall) -> int:
+        """The output budget of a request to `call`'s model (KIMI_MAX_COMPLETION_TOKENS, else its profile)."""
+        return self.max_completion_tokens or call.profile.output_budget
+
+    @property
+    def default_call(self) -> ModelCall:
+        """KIMI_MODEL with KIMI_REASONING_EFFORT: what a request without a channel's settings uses."""
+        return ModelCall(self.model, self.profile, self.reasoning_effort)
+
     def request_kwargs(
         self,
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | None = None,
+        call: ModelCall | None = None,
     ) -> dict[str, Any]:
         """Everything sent to chat.completions.create; model rules come from the profile only. `tools` go
         out exactly as given (the registry keeps them byte-stable, in a fixed order, for the prefix cache)."""
+        call = call or self.default_call
         kwargs: dict[str, Any] = {
-            "model": self.model,
+            "model": call.model,
             "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
-            **self.profile.request_params(self.reasoning_effort, self.output_budget),
+            **call.profile.request_params(
+                call.reasoning_effort, self.budget_of(call), thinking=call.thinking
+            ),
         }
         if tools:
             kwargs["tools"] = tools
@@ -224,6 +247,7 @@ class KimiClient:
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | None = None,
         meter: RequestMeter | None = None,
+        call: ModelCall | None = None,
     ) -> Accumulator:
         """Stream an answer to the end and return it whole; raise AnswerError when it cannot be had.
 
@@ -239,9 +263,11 @@ class KimiClient:
             acc = Accumulator()
             if meter is not None:
                 await meter.before(messages, tools)
-            timing = self.metrics.kimi_request(self.model, on_event)
+            timing = self.metrics.kimi_request((call or self.default_call).model, on_event)
             try:
-                finished = await self._metered(acc, meter, messages, timing.on_event, tools, tool_choice)
+                finished = await self._metered(
+                    acc, meter, messages, timing.on_event, tools, tool_choice, call
+                )
                 self._outcome("ok")
                 timing.done("ok")
                 return finished
@@ -286,11 +312,12 @@ class KimiClient:
         on_event: OnEvent | None,
         tools: list[dict[str, Any]] | None,
         tool_choice: str | None,
+        call: ModelCall | None = None,
     ) -> Accumulator:
         """One attempt, and the meter told what it used however it ended (an answer, a failure that
         reported usage, Stop's cancellation)."""
         try:
-            await self._stream_once(messages, acc, on_event, tools, tool_choice)
+            await self._stream_once(messages, acc, on_event, tools, tool_choice, call)
             finished = self._finished(acc)
         except asyncio.CancelledError:
             if meter is not None:
@@ -316,10 +343,11 @@ class KimiClient:
         on_event: OnEvent | None,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | None = None,
+        call: ModelCall | None = None,
     ) -> None:
         """One streamed request. The SDK builds it and raises HTTP errors; the Server-Sent Events are read
         here as plain JSON, since a typed model per chunk costs more CPU than everything else per answer."""
-        kwargs = wire_kwargs(self.request_kwargs(messages, tools, tool_choice))
+        kwargs = wire_kwargs(self.request_kwargs(messages, tools, tool_choice, call))
         async with (
             self._slots,
             self.openai.chat.completions.with_streaming_response.create(**kwargs) as response,

@@ -41,12 +41,15 @@ class ModelProfile:
     # Others ignore earlier turns' reasoning, so the history keeps it out (KIMI_API.md section 3).
     replays_reasoning: bool = False
 
-    def request_params(self, reasoning_effort: str, max_completion_tokens: int = 0) -> dict[str, Any]:
-        """The model-specific keyword arguments for chat.completions.create."""
+    def request_params(
+        self, reasoning_effort: str, max_completion_tokens: int = 0, *, thinking: bool = True
+    ) -> dict[str, Any]:
+        """The model-specific keyword arguments for chat.completions.create. `thinking` False switches it
+        off where the model allows that (Thinking.EXTRA_BODY); always-thinking models ignore it."""
         params: dict[str, Any] = {"max_completion_tokens": max_completion_tokens or self.output_budget}
         params.update(self.fixed_sampling)
         if self.thinking is Thinking.EXTRA_BODY:
-            params["extra_body"] = {"thinking": {"type": "enabled"}}
+            params["extra_body"] = {"thinking": {"type": "enabled" if thinking else "disabled"}}
         elif self.thinking is Thinking.EFFORT:
             params["reasoning_effort"] = reasoning_effort
         return params

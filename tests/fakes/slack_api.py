@@ -120,6 +120,91 @@ class Hold:
         return self.call
 
 
+# Block Kit limits of the view surfaces (docs.slack.dev/reference/views, .../block-kit/block-elements)
+VIEW_TITLE_LIMIT = 24
+PRIVATE_METADATA_LIMIT = 3_000
+CALLBACK_ID_LIMIT = 255
+OPTION_TEXT_LIMIT = 75
+OPTION_VALUE_LIMIT = 150
+ELEMENT_OPTIONS = {"static_select": 100, "radio_buttons": 10, "checkboxes": 10}
+INPUT_ELEMENTS = {*ELEMENT_OPTIONS, "plain_text_input", "number_input"}
+
+
+def _plain(text: Any, limit: int) -> str:
+    if not isinstance(text, dict) or text.get("type") != "plain_text" or not text.get("text"):
+        return "not a plain_text object"
+    return f"text over {limit}" if len(text["text"]) > limit else ""
+
+
+def input_problems(block: dict[str, Any]) -> list[str]:
+    """An input block's limits: label, element type and action_id, options, initial values, lengths."""
+    problems = []
+    if problem := _plain(block.get("label"), 2_000):
+        problems.append(f"input label: {problem}")
+    if "hint" in block and (problem := _plain(block["hint"], 2_000)):
+        problems.append(f"input hint: {problem}")
+    if len(str(block.get("block_id", ""))) > 255:
+        problems.append("block_id over 255")
+    element = block.get("element") or {}
+    kind = element.get("type")
+    if kind not in INPUT_ELEMENTS:
+        return [*problems, f"input element {kind!r} unknown"]
+    if not element.get("action_id") or len(element["action_id"]) > 255:
+        problems.append(f"{kind}: action_id missing or over 255")
+    if kind in ELEMENT_OPTIONS:
+        options = element.get("options") or []
+        if not 1 <= len(options) <= ELEMENT_OPTIONS[kind]:
+            problems.append(f"{kind}: {len(options)} options (1 to {ELEMENT_OPTIONS[kind]})")
+        values = []
+        for option in options:
+            if problem := _plain(option.get("text"), OPTION_TEXT_LIMIT):
+                problems.append(f"{kind} option: {problem}")
+            if not option.get("value") or len(option["value"]) > OPTION_VALUE_LIMIT:
+                problems.append(f"{kind} option value missing or over {OPTION_VALUE_LIMIT}")
+            values.append(option.get("value"))
+        if len(values) != len(set(values)):
+            problems.append(f"{kind}: duplicate option values")
+        chosen = [element["initial_option"]] if "initial_option" in element else []
+        if "initial_options" in element:
+            chosen = element["initial_options"]
+            if not chosen:
+                problems.append(f"{kind}: empty initial_options")
+        if any(c not in options for c in chosen):
+            problems.append(f"{kind}: an initial option is not one of its options")
+    if kind == "plain_text_input":
+        if not 1 <= int(element.get("max_length", 3_000)) <= 3_000:
+            problems.append("plain_text_input: max_length not within 1..3000")
+        if len(str(element.get("initial_value", ""))) > int(element.get("max_length", 3_000)):
+            problems.append("plain_text_input: initial_value over max_length")
+    if kind == "number_input":
+        if not isinstance(element.get("is_decimal_allowed"), bool):
+            problems.append("number_input: is_decimal_allowed is required")
+        for name in ("min_value", "max_value", "initial_value"):
+            if name in element and not isinstance(element[name], str):
+                problems.append(f"number_input: {name} must be a string")
+    return problems
+
+
+def view_problems(view: dict[str, Any], kind: str) -> list[str]:
+    """A view object's own fields: type, title and buttons, callback_id and private_metadata lengths."""
+    problems = []
+    if view.get("type") != kind:
+        problems.append(f"view type {view.get('type')!r}, expected {kind}")
+    if kind == "modal":
+        if problem := _plain(view.get("title"), VIEW_TITLE_LIMIT):
+            problems.append(f"title: {problem}")
+        for button in ("submit", "close"):
+            if button in view and (problem := _plain(view[button], 24)):
+                problems.append(f"{button}: {problem}")
+        if any(b.get("type") == "input" for b in view.get("blocks") or []) and "submit" not in view:
+            problems.append("input blocks without a submit button")
+    if len(str(view.get("callback_id", ""))) > CALLBACK_ID_LIMIT:
+        problems.append("callback_id over 255")
+    if len(str(view.get("private_metadata", ""))) > PRIVATE_METADATA_LIMIT:
+        problems.append("private_metadata over 3000")
+    return problems
+
+
 def manifest_scopes() -> set[str]:
     """Every bot scope the app's manifests ask for: what a token of an installed kimibot has."""
     import yaml
@@ -141,6 +226,8 @@ class FakeSlack:
     not_member_of: set[str] = field(default_factory=set)  # channels where posting gives not_in_channel
     stream_lifetime_s: float | None = None  # Slack closes streams after about 5 minutes; tests shorten it
     views: list[dict[str, Any]] = field(default_factory=list)  # modals opened (views.open)
+    home_views: dict[str, dict[str, Any]] = field(default_factory=dict)  # user -> Home tab (views.publish)
+    updated_views: list[dict[str, Any]] = field(default_factory=list)  # modals redrawn (views.update)
     # Rate limits, when enforced: chat.postMessage per channel (burst, then one a second), others per tier.
     enforce_limits: bool = False
     limit_hits: list[str] = field(default_factory=list)
@@ -498,11 +585,21 @@ class FakeSlack:
             return self._blocks_error(method, blocks, MESSAGE_BLOCKS_LIMIT)
         return None
 
-    def _blocks_error(self, method: str, blocks: Any, limit: int) -> str | None:
-        """Slack block limits: count, section 3,000, markdown 12,000 (also in total), button value 2,000."""
+    def _blocks_error(self, method: str, blocks: Any, limit: int, *, surface: str = "message") -> str | None:
+        """Slack block limits: count, section 3,000, markdown 12,000 (also in total), button value 2,000;
+        input blocks only in modals and the Home tab, with their elements' own limits (input_problems)."""
         if isinstance(blocks, str):
             blocks = json.loads(blocks)
         problems = []
+        if isinstance(blocks, list):
+            block_ids = [b.get("block_id") for b in blocks if b.get("block_id")]
+            if len(block_ids) != len(set(block_ids)):
+                problems.append("duplicate block_id")
+            for block in blocks:
+                if block.get("type") == "input":
+                    if surface == "message":
+                        problems.append("input block in a message")
+                    problems.extend(input_problems(block))
         if not isinstance(blocks, list) or len(blocks) > limit:
             problems.append(f"{len(blocks) if isinstance(blocks, list) else '?'} blocks")
             blocks = []
@@ -523,7 +620,18 @@ class FakeSlack:
                         problems.append("button text over 75")
             if kind == "context" and len(block.get("elements", [])) > 10:
                 problems.append("more than 10 context elements")
-            if kind not in ("section", "markdown", "actions", "context", "divider", "header", "rich_text"):
+            if kind == "header" and len(block.get("text", {}).get("text", "")) > 150:
+                problems.append("header text over 150")
+            if kind not in (
+                "section",
+                "markdown",
+                "actions",
+                "context",
+                "divider",
+                "header",
+                "rich_text",
+                "input",
+            ):
                 problems.append(f"unknown block type {kind}")
         if markdown_total > MARKDOWN_TEXT_LIMIT:
             problems.append(f"markdown blocks of {markdown_total} chars")
@@ -779,14 +887,47 @@ class FakeSlack:
 
     def _m_views_open(self, args: dict[str, Any]) -> dict[str, Any]:
         view = args["view"] if isinstance(args["view"], dict) else json.loads(args["view"])
-        error = self._blocks_error("views.open", view.get("blocks", []), MODAL_BLOCKS_LIMIT)
+        error = self._blocks_error("views.open", view.get("blocks", []), MODAL_BLOCKS_LIMIT, surface="modal")
         if error:
             return {"ok": False, "error": error}
-        if len(view.get("title", {}).get("text", "")) > 24:
-            self.problems.append("views.open: title over 24 chars")
+        if problems := view_problems(view, "modal"):
+            self.problems.extend(f"views.open: {p}" for p in problems)
             return {"ok": False, "error": "invalid_arguments"}
         self.views.append(view)
-        return {"view": {"id": f"V{len(self.views):08d}", **view}}
+        return {
+            "view": {"id": f"V{len(self.views):08d}", "team_id": TEAM_ID, "state": {"values": {}}, **view}
+        }
+
+    def _m_views_update(self, args: dict[str, Any]) -> dict[str, Any]:
+        view = args["view"] if isinstance(args["view"], dict) else json.loads(args["view"])
+        opened = {f"V{i:08d}" for i in range(1, len(self.views) + 1)}
+        if args.get("view_id") not in opened:
+            return {"ok": False, "error": "not_found"}
+        error = self._blocks_error(
+            "views.update", view.get("blocks", []), MODAL_BLOCKS_LIMIT, surface="modal"
+        )
+        if error:
+            return {"ok": False, "error": error}
+        if problems := view_problems(view, "modal"):
+            self.problems.extend(f"views.update: {p}" for p in problems)
+            return {"ok": False, "error": "invalid_arguments"}
+        self.updated_views.append(view)
+        return {"view": {"id": args["view_id"], "team_id": TEAM_ID, "state": {"values": {}}, **view}}
+
+    def _m_views_publish(self, args: dict[str, Any]) -> dict[str, Any]:
+        view = args["view"] if isinstance(args["view"], dict) else json.loads(args["view"])
+        error = self._blocks_error(
+            "views.publish", view.get("blocks", []), MODAL_BLOCKS_LIMIT, surface="home"
+        )
+        if error:
+            return {"ok": False, "error": error}
+        if problems := view_problems(view, "home"):
+            self.problems.extend(f"views.publish: {p}" for p in problems)
+            return {"ok": False, "error": "invalid_arguments"}
+        if args["user_id"] not in self.users:
+            return {"ok": False, "error": "user_not_found"}
+        self.home_views[args["user_id"]] = view
+        return {"view": {"id": f"VH{len(self.home_views):07d}", "team_id": TEAM_ID, **view}}
 
     def _m_assistant_threads_setStatus(self, args: dict[str, Any]) -> dict[str, Any]:
         for message in args.get("loading_messages") or []:

@@ -1,0 +1,110 @@
+"""The App Home tab and the settings forms' I/O: what the modal lists, saving a submitted form, and
+publishing the Home view. The rules are in bot/channel_settings.py, the Block Kit in
+bot/slack/settings_view.py; this module only reads and writes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from bot.channel_settings import (
+    ChannelConfig,
+    Submitted,
+    differences,
+    env_config,
+    overrides_to_save,
+    resolve,
+    validate,
+)
+from bot.deps import Deps
+from bot.slack.settings_view import (
+    WORKSPACE,
+    home_view,
+    model_options,
+    read_state,
+    redrawn,
+    settings_modal,
+    shown_tools,
+)
+from bot.tools.base import ToolContext
+from bot.usage import home_usage_blocks
+
+log = logging.getLogger(__name__)
+
+TOOLS_WAIT_S = 1.0  # a modal must open within Slack's 3 s trigger window: do not wait for MCP servers
+
+
+async def tool_names(deps: Deps, team_id: str, user: str, channel: str) -> list[str]:
+    """Every tool kimibot could offer (built-ins and MCP servers'), by name, for the tool checkboxes."""
+    if deps.tools is None:
+        return []
+    ctx = ToolContext(team_id, user, channel, "", slack=deps.slack, redis=deps.redis)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(TOOLS_WAIT_S):
+            return sorted({t.name for t in await deps.tools(ctx)})
+    log.info("tools not ready: the settings form lists none", extra={"channel": channel})
+    return []
+
+
+async def current(deps: Deps, team_id: str, target: str) -> tuple[ChannelConfig, ChannelConfig]:
+    """(what `target` inherits, what it has now): target is a channel id or WORKSPACE."""
+    store = deps.channel_settings
+    if target == WORKSPACE:
+        workspace, _ = await store.layers(team_id, None)
+        return env_config(deps.settings), resolve(deps.settings, workspace)
+    workspace, own = await store.layers(team_id, target)
+    return resolve(deps.settings, workspace), resolve(deps.settings, workspace, own)
+
+
+async def modal_for(deps: Deps, team_id: str, user: str, target: str) -> dict[str, Any]:
+    _, config = await current(deps, team_id, target)
+    channel = "" if target == WORKSPACE else target
+    return settings_modal(target, config, await tool_names(deps, team_id, user, channel))
+
+
+async def redraw(
+    deps: Deps, team_id: str, user: str, target: str, state: dict[str, Any], model: str
+) -> dict[str, Any]:
+    """The form again for another model (its thinking and effort fields), keeping what was typed."""
+    _, config = await current(deps, team_id, target)
+    channel = "" if target == WORKSPACE else target
+    tools = await tool_names(deps, team_id, user, channel)
+    raw = {**read_state(state), "model": model}
+    return settings_modal(target, redrawn(config, raw, tools), tools)
+
+
+async def submit(deps: Deps, team_id: str, user: str, target: str, state: dict[str, Any]) -> dict[str, str]:
+    """Validate and save a submitted form; the errors to show by field name (empty: saved)."""
+    inherited, now = await current(deps, team_id, target)
+    channel = "" if target == WORKSPACE else target
+    offered = shown_tools(await tool_names(deps, team_id, user, channel))
+    checked: Submitted = validate(
+        read_state(state),
+        offered_tools=offered,
+        previous_off=now.tools_off,
+        models=model_options(now.model),
+        workspace=target == WORKSPACE,
+    )
+    if checked.errors:
+        return checked.errors
+    changes = overrides_to_save(inherited, checked.values)
+    await deps.channel_settings.save(team_id, None if target == WORKSPACE else target, changes, user)
+    log.info("settings saved", extra={"team": team_id, "target": target, "user": user})
+    return {}
+
+
+async def publish_home(deps: Deps, team_id: str, user: str) -> None:
+    """Draw `user`'s Home tab: the workspace defaults, the channels that differ, usage."""
+    store = deps.channel_settings
+    workspace, _ = await store.layers(team_id, None)
+    defaults = resolve(deps.settings, workspace)
+    overrides = [
+        (channel, differences(defaults, resolve(deps.settings, workspace, own)))
+        for channel, own in (await store.overridden(team_id)).items()
+    ]
+    admin = await deps.admins.is_admin(team_id, user)
+    usage = await home_usage_blocks(deps, team_id, user)
+    view = home_view(defaults, overrides, admin=admin, usage=usage)
+    await deps.slack.views_publish(user_id=user, view=view)

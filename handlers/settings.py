@@ -1,0 +1,125 @@
+"""`/kimi settings` (the channel's settings modal), its submission, and the App Home tab with its "Edit
+workspace defaults" button. Admins only (deps.admins), checked when a form opens AND when it is saved."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from slack_bolt.async_app import AsyncAck, AsyncApp
+
+from bot.admins import ASK_AN_ADMIN
+from bot.deps import Deps
+from bot.home import modal_for, publish_home, redraw, submit
+from bot.slack.settings_view import (
+    ACTION_EDIT_DEFAULTS,
+    CALLBACK_SETTINGS,
+    WORKSPACE,
+    notice_modal,
+)
+
+log = logging.getLogger(__name__)
+SETTINGS_WORDS = frozenset({"settings", "setting", "config"})
+CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{2,}")
+NOT_OPENED = "I couldn't open the settings form (Slack said `{error}`): try again."
+
+
+def _error_of(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    return str(response.get("error")) if response is not None else type(exc).__name__
+
+
+async def open_channel_settings(deps: Deps, ack: AsyncAck, command: dict[str, Any]) -> None:
+    """`/kimi settings` in a channel: the modal for that channel, or "ask an admin"."""
+    team, user = str(command.get("team_id") or ""), str(command.get("user_id") or "")
+    channel = str(command.get("channel_id") or "")
+    if not await deps.admins.is_admin(team, user):
+        await ack(response_type="ephemeral", text=ASK_AN_ADMIN)
+        return
+    try:
+        view = await modal_for(deps, team, user, channel)
+        await deps.slack.views_open(trigger_id=str(command.get("trigger_id") or ""), view=view)
+    except Exception as exc:
+        log.warning("settings form not opened", extra={"channel": channel, "error": _error_of(exc)})
+        await ack(response_type="ephemeral", text=NOT_OPENED.format(error=_error_of(exc)))
+        return
+    await ack()
+
+
+def register(app: AsyncApp, deps: Deps) -> None:
+    async def on_submit(ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
+        user = str((body.get("user") or {}).get("id") or "")
+        team = str(
+            (body.get("team") or {}).get("id")
+            or (body.get("user") or {}).get("team_id")
+            or view.get("team_id")
+        )
+        target = str(view.get("private_metadata") or "")
+        if target != WORKSPACE and not CHANNEL_ID.fullmatch(target):
+            await ack(response_action="errors", errors={"model": "This form is not for a channel I know."})
+            return
+        if not await deps.admins.is_admin(team, user):
+            log.info("settings refused: not an admin", extra={"user": user, "target": target})
+            await ack(response_action="errors", errors={"model": ASK_AN_ADMIN})
+            return
+        errors = await submit(deps, team, user, target, (view.get("state") or {}).get("values") or {})
+        if errors:
+            blocks = {str(b.get("block_id")) for b in view.get("blocks") or []}
+            shown = {k: v for k, v in errors.items() if k in blocks} or {"model": next(iter(errors.values()))}
+            await ack(response_action="errors", errors=shown)
+            return
+        await ack()
+        try:
+            await publish_home(deps, team, user)
+        except Exception as exc:  # the settings are saved; the Home tab catches up when next opened
+            log.info("home tab not refreshed", extra={"user": user, "error": _error_of(exc)})
+
+    async def in_home_tab(event: dict[str, Any]) -> bool:
+        return event.get("tab") == "home"
+
+    async def on_home_opened(body: dict[str, Any], event: dict[str, Any]) -> None:
+        user, team = str(event.get("user") or ""), str(body.get("team_id") or "")
+        if user:
+            try:
+                await publish_home(deps, team, user)
+            except Exception as exc:
+                log.warning("home tab not published", extra={"user": user, "error": _error_of(exc)})
+
+    async def on_edit_defaults(ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        user = str((body.get("user") or {}).get("id") or "")
+        team = str((body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id") or "")
+        trigger = str(body.get("trigger_id") or "")
+        if await deps.admins.is_admin(team, user):
+            view = await modal_for(deps, team, user, WORKSPACE)
+        else:
+            view = notice_modal(ASK_AN_ADMIN)
+        try:
+            await deps.slack.views_open(trigger_id=trigger, view=view)
+        except Exception as exc:
+            log.warning("workspace settings form not opened", extra={"error": _error_of(exc)})
+
+    async def on_model_picked(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        """Another model picked in the form: redraw it with that model's thinking and effort fields."""
+        await ack()
+        view = body.get("view") or {}
+        target = str(view.get("private_metadata") or "")
+        model = str((action.get("selected_option") or {}).get("value") or "")
+        if view.get("callback_id") != CALLBACK_SETTINGS or not model:
+            return
+        if target != WORKSPACE and not CHANNEL_ID.fullmatch(target):
+            return
+        user = str((body.get("user") or {}).get("id") or "")
+        team = str((body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id") or "")
+        state = (view.get("state") or {}).get("values") or {}
+        try:
+            new = await redraw(deps, team, user, target, state, model)
+            await deps.slack.views_update(view_id=str(view.get("id") or ""), hash=view.get("hash"), view=new)
+        except Exception as exc:  # the form stays as it was; saving still checks every value
+            log.info("settings form not redrawn", extra={"error": _error_of(exc)})
+
+    app.view(CALLBACK_SETTINGS)(on_submit)
+    app.action("model")(on_model_picked)
+    app.event("app_home_opened", matchers=[in_home_tab])(on_home_opened)
+    app.action(ACTION_EDIT_DEFAULTS)(on_edit_defaults)

@@ -1,0 +1,285 @@
+"""Per-channel settings end to end: /kimi settings opens the modal for admins only, a submission is
+checked again (admin, values) and saved, and the next question uses the channel's model, prompt, tools
+and follow-up mode. The Home tab shows the defaults and overrides; admins edit the defaults there."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from bot.admins import ASK_AN_ADMIN
+from bot.channel_settings import SettingsKeys
+from bot.deps import build_deps
+from bot.settings import DEFAULT_SYSTEM_PROMPT
+from tests.conftest import BotHarness
+from tests.fakes.kimi_api import FakeKimi, Reply
+from tests.fakes.slack_api import TEAM_ID, FakeSlack
+from tests.slack_requests import ALICE, BOB, CHANNEL, mention, message
+from tests.test_agent_loop import Probe, give
+
+OTHER = "C0OTHER01"
+
+
+def make_admin(fake_slack: FakeSlack, user: str = ALICE) -> None:
+    fake_slack.users[user]["is_admin"] = True
+
+
+def values(view: dict[str, Any], **changes: Any) -> dict[str, dict[str, Any]]:
+    """view.state.values as Slack sends them for `view` as opened, with `changes` (by block id)."""
+    out: dict[str, dict[str, Any]] = {}
+    for block in view["blocks"]:
+        if block["type"] != "input":
+            continue
+        element = block["element"]
+        state: dict[str, Any] = {"type": element["type"]}
+        if element["type"] in ("static_select", "radio_buttons"):
+            state["selected_option"] = element.get("initial_option")
+        elif element["type"] == "checkboxes":
+            state["selected_options"] = element.get("initial_options", [])
+        else:
+            state["value"] = element.get("initial_value")
+        block_id = block["block_id"]
+        if block_id in changes:
+            change = changes[block_id]
+            if element["type"] in ("static_select", "radio_buttons"):
+                state["selected_option"] = None if change is None else {"value": change}
+            elif element["type"] == "checkboxes":
+                state["selected_options"] = [{"value": v} for v in change]
+            else:
+                state["value"] = change
+        out[block_id] = {element["action_id"]: state}
+    return out
+
+
+async def open_settings(
+    bot: BotHarness, fake_slack: FakeSlack, channel: str = CHANNEL, user: str = ALICE
+) -> dict[str, Any]:
+    before = len(fake_slack.views)
+    status, _ = await bot.command("settings", channel=channel, user=user)
+    assert status == 200
+    assert len(fake_slack.views) == before + 1, fake_slack.problems
+    return fake_slack.views[-1]
+
+
+async def test_an_admin_opens_the_channel_modal_others_are_told_to_ask_an_admin(
+    bot: BotHarness, fake_slack: FakeSlack
+) -> None:
+    status, text = await bot.command("settings", user=BOB)
+    assert status == 200 and ASK_AN_ADMIN in text and fake_slack.views == []
+    make_admin(fake_slack)
+    view = await open_settings(bot, fake_slack)
+    assert view["callback_id"] == "kimi_channel_settings" and view["private_metadata"] == CHANNEL
+    actions = {b["element"]["action_id"] for b in view["blocks"] if b["type"] == "input"}
+    assert {"model", "thinking", "system_prompt", "followups", "budget_usd"} <= actions  # kimi-k2.6
+    assert fake_slack.problems == []
+
+
+async def test_admin_users_setting_makes_an_admin(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack
+) -> None:
+    bot = await make_bot(admin_users=BOB)
+    await open_settings(bot, fake_slack, user=BOB)
+    assert fake_slack.calls_of("users.info") == []  # ADMIN_USERS: no Slack call
+
+
+async def test_a_form_slack_would_not_open_is_explained(bot: BotHarness, fake_slack: FakeSlack) -> None:
+    make_admin(fake_slack)
+    fake_slack.fail("views.open", "expired_trigger_id")
+    status, text = await bot.command("settings")
+    assert status == 200 and "expired_trigger_id" in text and fake_slack.views == []
+
+
+async def test_a_non_admin_submitting_a_forged_view_gets_an_error_and_nothing_is_saved(
+    bot: BotHarness, fake_slack: FakeSlack
+) -> None:
+    make_admin(fake_slack)
+    view = await open_settings(bot, fake_slack)
+    status, response = await bot.submit_view(view, values(view, model="kimi-k3"), user=BOB)
+    assert status == 200
+    assert response == {"response_action": "errors", "errors": {"model": ASK_AN_ADMIN}}
+    assert await bot.deps.redis.exists(SettingsKeys(TEAM_ID).channel(CHANNEL)) == 0
+    assert await bot.deps.redis.exists(SettingsKeys(TEAM_ID).version) == 0
+
+
+async def test_a_demoted_admin_cannot_save_what_they_opened(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack
+) -> None:
+    bot = await make_bot()
+    bot.deps.admins.ttl_s = 0.0  # asked again on submit, as after the minute's memory
+    make_admin(fake_slack)
+    view = await open_settings(bot, fake_slack)
+    fake_slack.users[ALICE]["is_admin"] = False
+    _, response = await bot.submit_view(view, values(view, model="kimi-k3"))
+    assert response["response_action"] == "errors"
+    assert await bot.deps.redis.exists(SettingsKeys(TEAM_ID).channel(CHANNEL)) == 0
+
+
+async def test_bad_values_come_back_in_the_modal_keyed_by_block(
+    bot: BotHarness, fake_slack: FakeSlack
+) -> None:
+    make_admin(fake_slack)
+    view = await open_settings(bot, fake_slack)
+    assert "effort" not in {b.get("block_id") for b in view["blocks"]}  # kimi-k2.6 takes no reasoning effort
+    _, response = await bot.submit_view(view, values(view, budget_usd="-4"))
+    assert response["response_action"] == "errors" and set(response["errors"]) == {"budget_usd"}
+    forged = values(view)
+    forged["effort"] = {"effort": {"type": "static_select", "selected_option": {"value": "high"}}}
+    _, response = await bot.submit_view(view, forged)
+    assert response["response_action"] == "errors"  # shown on the model field: effort is not in the form
+    _, response = await bot.submit_view(view, values(view, model="kimi-k2.7-code", thinking="off"))
+    assert set(response["errors"]) == {"thinking"}
+    assert await bot.deps.redis.exists(SettingsKeys(TEAM_ID).channel(CHANNEL)) == 0
+
+
+async def test_saved_settings_change_the_next_questions_model_and_prompt_byte_stably(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    await bot.send_event(mention("before", "1700000100.000100"))
+    await bot.settle()
+    assert fake_kimi.requests[0]["model"] == "kimi-k2.6"
+    assert fake_kimi.requests[0]["messages"][0]["content"] == DEFAULT_SYSTEM_PROMPT
+    make_admin(fake_slack)
+    view = await open_settings(bot, fake_slack)
+    # Picking K3 redraws the form: reasoning effort appears, thinking on/off goes (K3 always thinks).
+    status, _ = await bot.pick_in_view(view, "model", "kimi-k3")
+    assert status == 200 and fake_slack.calls_of("views.update"), fake_slack.problems
+    view = fake_slack.updated_views[-1]
+    blocks = {b.get("block_id") for b in view["blocks"]}
+    assert "effort" in blocks and "thinking" not in blocks
+    changed = values(
+        view, model="kimi-k3", effort="low", system_prompt="Answer as counsel would.", budget_usd="40"
+    )
+    status, response = await bot.submit_view(view, changed)
+    assert status == 200 and response is None  # closed: saved
+    stored = await bot.deps.redis.hgetall(SettingsKeys(TEAM_ID).channel(CHANNEL))
+    assert stored["model"] == "kimi-k3" and stored["effort"] == "low" and stored["budget_usd"] == "40"
+    assert stored["updated_by"] == ALICE and "thinking" not in stored  # only what differs
+
+    for index, ts in enumerate(("1700000100.000200", "1700000100.000300")):
+        await bot.send_event(mention(f"question {index}", ts))
+        await bot.settle()
+    first, second = fake_kimi.requests[1], fake_kimi.requests[2]
+    for request in (first, second):
+        assert request["model"] == "kimi-k3" and request["reasoning_effort"] == "low"
+        assert "thinking" not in request  # K3 thinks by itself
+    system = first["messages"][0]["content"]
+    assert system == f"{DEFAULT_SYSTEM_PROMPT}\n\nAnswer as counsel would."
+    assert second["messages"][0]["content"].encode() == system.encode()  # byte-stable: the prefix cache
+    assert "kimi-k3" in fake_slack.bodies(CHANNEL, "1700000100.000300")[0]  # the footer names it
+
+    await bot.send_event(mention("elsewhere", "1700000100.000400", channel=OTHER))
+    await bot.settle()
+    assert fake_kimi.requests[3]["model"] == "kimi-k2.6"  # another channel: the defaults
+    assert fake_slack.problems == []
+
+
+async def test_thinking_off_is_sent_to_a_model_that_can_switch_it_off(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    make_admin(fake_slack)
+    view = await open_settings(bot, fake_slack)
+    await bot.submit_view(view, values(view, thinking="off"))
+    await bot.send_event(mention("quick one", "1700000200.000100"))
+    await bot.settle()
+    assert fake_kimi.requests[0]["thinking"] == {"type": "disabled"}
+
+
+async def test_a_mentions_only_channel_ignores_thread_replies_without_a_mention(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    root = "1700000300.000100"
+    await bot.send_event(mention("hello", root))
+    await bot.settle()
+    await bot.send_event(message("and another thing", "1700000300.000200", thread_ts=root, user=BOB))
+    await bot.settle()
+    assert len(fake_kimi.requests) == 2  # "all", the default: a follow-up is answered
+    make_admin(fake_slack)
+    view = await open_settings(bot, fake_slack)
+    await bot.submit_view(view, values(view, followups="mentions"))
+    await bot.send_event(message("and one more", "1700000300.000300", thread_ts=root, user=BOB))
+    await bot.settle()
+    assert len(fake_kimi.requests) == 2  # not answered
+    await bot.send_event(mention("now with a mention", "1700000300.000400", thread_ts=root, user=BOB))
+    await bot.settle()
+    assert len(fake_kimi.requests) == 3
+
+
+async def test_a_tool_turned_off_is_not_offered(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    give(bot, Probe("lookup"), Probe("weather"))
+    make_admin(fake_slack)
+    view = await open_settings(bot, fake_slack)
+    tool_blocks = [b for b in view["blocks"] if b.get("block_id") == "tools_0"]
+    assert [o["value"] for o in tool_blocks[0]["element"]["options"]] == ["lookup", "weather"]
+    await bot.submit_view(view, values(view, tools_0=["lookup"]))
+    await bot.send_event(mention("what's up", "1700000400.000100"))
+    await bot.settle()
+    offered = [t["function"]["name"] for t in fake_kimi.requests[0].get("tools") or []]
+    assert "lookup" in offered and "weather" not in offered
+
+
+async def test_a_change_on_one_replica_is_seen_by_the_next_question_on_another(
+    bot: BotHarness, fake_slack: FakeSlack
+) -> None:
+    other = build_deps(bot.settings)  # another process's Deps, same Redis
+    try:
+        assert (await other.channel_settings.resolve(TEAM_ID, CHANNEL)).model == "kimi-k2.6"  # cached
+        make_admin(fake_slack)
+        view = await open_settings(bot, fake_slack)
+        await bot.submit_view(view, values(view, model="kimi-k2.7-code"))
+        assert (await other.channel_settings.resolve(TEAM_ID, CHANNEL)).model == "kimi-k2.7-code"
+    finally:
+        await other.close()
+
+
+async def test_home_tab_shows_defaults_and_overrides_and_admins_edit_the_defaults(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    await bot.open_home(BOB)
+    home = json.dumps(fake_slack.home_views[BOB])
+    assert "kimi-k2.6" in home and "kimi_edit_workspace_defaults" not in home  # not an admin
+
+    make_admin(fake_slack)
+    view = await open_settings(bot, fake_slack)
+    await bot.submit_view(view, values(view, model="kimi-k3", effort="high"))
+    home = json.dumps(fake_slack.home_views[ALICE])  # re-published for the admin who saved
+    assert f"<#{CHANNEL}>: model kimi-k3" in home and "kimi_edit_workspace_defaults" in home
+
+    await bot.click_home("kimi_edit_workspace_defaults")
+    defaults = fake_slack.views[-1]
+    assert defaults["private_metadata"] == "workspace" and defaults["callback_id"] == "kimi_channel_settings"
+    status, response = await bot.submit_view(defaults, values(defaults, system_prompt="Company style."))
+    assert status == 200 and response is None
+    await bot.send_event(mention("hi", "1700000500.000100", channel=OTHER))
+    await bot.settle()
+    assert fake_kimi.requests[-1]["messages"][0]["content"].endswith("\n\nCompany style.")
+
+    await bot.click_home("kimi_edit_workspace_defaults", user=ALICE)
+    fake_slack.users[ALICE]["is_admin"] = False
+    bot.deps.admins.forget(TEAM_ID, ALICE)
+    fake_slack.home_views[BOB] = fake_slack.home_views[ALICE]  # a forged click from a non-admin
+    await bot.click_home("kimi_edit_workspace_defaults", user=BOB)
+    assert ASK_AN_ADMIN in json.dumps(fake_slack.views[-1]) and "callback_id" not in fake_slack.views[-1]
+    assert fake_slack.problems == []
+
+
+async def test_the_messages_tab_still_greets_and_the_home_tab_is_not_a_greeting(
+    bot: BotHarness, fake_slack: FakeSlack
+) -> None:
+    await bot.open_home(ALICE, tab="home")
+    await bot.settle()
+    assert ALICE in fake_slack.home_views and fake_slack.calls_of("chat.postMessage") == []
+
+
+async def test_the_home_tab_shows_the_viewers_usage_below_the_settings(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_kimi.script(Reply(content="An answer that costs something."))
+    await bot.send_event(mention("hi", "1700000500.000200"))
+    await bot.settle()
+    await bot.open_home(ALICE)
+    home = json.dumps(fake_slack.home_views[ALICE])
+    assert "Usage and cost" in home and "last 14 days" in home
+    assert "kimi-k2.6" in home  # the settings part is still there
