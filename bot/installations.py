@@ -118,7 +118,7 @@ class RedisInstallationStore(AsyncInstallationStore):  # type: ignore[misc]
             installation.enterprise_id, installation.team_id, installation.is_enterprise_install
         )
         await self.async_save_bot(installation.to_bot())
-        value = self.sealer.seal(installation.to_dict_for_copying())
+        value = self.sealer.seal(dict(installation.__dict__))  # as FileInstallationStore
         await self.redis.set(self.installer_key(ident), value)
         await self.redis.set(self.installer_key(ident, installation.user_id or "-"), value)
 
@@ -126,7 +126,7 @@ class RedisInstallationStore(AsyncInstallationStore):  # type: ignore[misc]
         if bot.bot_token is None:
             return  # as FileInstallationStore: nothing to keep without a bot token
         ident = install_id(bot.enterprise_id, bot.team_id, bot.is_enterprise_install)
-        await self.redis.set(self.bot_key(ident), self.sealer.seal(bot.to_dict_for_copying()))
+        await self.redis.set(self.bot_key(ident), self.sealer.seal(dict(bot.__dict__)))
 
     async def async_find_bot(
         self,

@@ -1,0 +1,225 @@
+"""OAuth mode: installing in a second workspace through /slack/install and /slack/oauth_redirect against the
+fake Slack's oauth.v2.access, answering that workspace with its own token, refusing forged or replayed
+states, ignoring workspaces without an installation, and tokens encrypted at rest."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlparse
+
+import pytest
+from cryptography.fernet import Fernet
+from redis.asyncio import Redis
+
+from tests.conftest import BotHarness
+from tests.fakes.kimi_api import FakeKimi
+from tests.fakes.slack_api import APP_ID, CLIENT_ID, CLIENT_SECRET, TEAM_ID, FakeSlack
+from tests.slack_requests import ALICE, CHANNEL, json_body
+
+SECOND_TEAM = "T0SECOND42"
+SECOND_BOT_USER = "U0SECONDBOT"
+SECOND_BOT_ID = "B0SECONDBOT"
+STATE_SECRET = "a-long-random-state-secret-shared-by-replicas"
+
+
+def oauth_settings(**extra: Any) -> dict[str, Any]:
+    return {
+        "slack_bot_token": "",
+        "slack_client_id": CLIENT_ID,
+        "slack_client_secret": CLIENT_SECRET,
+        "slack_state_secret": STATE_SECRET,
+        **extra,
+    }
+
+
+async def start_install(bot: BotHarness) -> tuple[str, str]:
+    """GET /slack/install: Slack's consent URL and the state in it (also set as a cookie)."""
+    assert bot.session is not None
+    async with bot.session.get(bot.url("/slack/install"), allow_redirects=False) as response:
+        assert response.status == 302
+        location = response.headers["Location"]
+        cookie = response.headers["Set-Cookie"]
+    query = parse_qs(urlparse(location).query)
+    state = query["state"][0]
+    assert f"slack-app-oauth-state={state}" in cookie
+    return location, state
+
+
+async def finish_install(bot: BotHarness, code: str, state: str, *, cookie_state: str | None = None) -> int:
+    """The browser comes back from Slack to /slack/oauth_redirect with the code and the state."""
+    assert bot.session is not None
+    headers = {"Cookie": f"slack-app-oauth-state={cookie_state or state}"}
+    url = bot.url("/slack/oauth_redirect") + "?" + urlencode({"code": code, "state": state})
+    async with bot.session.get(url, headers=headers, allow_redirects=False) as response:
+        await response.read()
+        return response.status
+
+
+async def install_second(bot: BotHarness, fake_slack: FakeSlack, **grant: Any) -> None:
+    _, state = await start_install(bot)
+    code = fake_slack.approve_install(SECOND_TEAM, bot_user_id=SECOND_BOT_USER, bot_id=SECOND_BOT_ID, **grant)
+    assert await finish_install(bot, code, state) == 200
+
+
+async def ask_from(
+    bot: BotHarness, text: str, ts: str, team: str = SECOND_TEAM, bot_user: str = SECOND_BOT_USER
+) -> int:
+    """@kimibot in another workspace, as Slack delivers it (the message also exists in the fake)."""
+    bot.slack.messages[CHANNEL].append(
+        {"type": "message", "user": ALICE, "text": f"<@{bot_user}> {text}", "ts": ts}
+    )
+    status, _ = await bot.post(second_team_mention(text, ts, team, bot_user), "application/json")
+    return status
+
+
+def second_team_mention(
+    text: str, ts: str, team: str = SECOND_TEAM, bot_user: str = SECOND_BOT_USER
+) -> bytes:
+    event = {
+        "type": "app_mention",
+        "user": ALICE,
+        "text": f"<@{bot_user}> {text}",
+        "ts": ts,
+        "channel": CHANNEL,
+        "event_ts": ts,
+        "team": team,
+    }
+    return json_body(
+        {
+            "token": "legacy-verification-token",
+            "team_id": team,
+            "api_app_id": APP_ID,
+            "event": event,
+            "type": "event_callback",
+            "event_id": f"Ev{ts.replace('.', '')}",
+            "event_time": int(time.time()),
+            "authorizations": [
+                {
+                    "enterprise_id": None,
+                    "team_id": team,
+                    "user_id": bot_user,
+                    "is_bot": True,
+                    "is_enterprise_install": False,
+                }
+            ],
+        }
+    )
+
+
+async def test_install_page_redirects_to_slack_with_the_manifest_scopes(
+    make_bot: Callable[..., Any],
+) -> None:
+    bot: BotHarness = await make_bot(**oauth_settings())
+    location, state = await start_install(bot)
+    parsed = urlparse(location)
+    query = parse_qs(parsed.query)
+    assert (parsed.netloc, parsed.path) == ("slack.com", "/oauth/v2/authorize")
+    assert query["client_id"] == [CLIENT_ID]
+    scopes = set(query["scope"][0].split(","))
+    assert {"app_mentions:read", "chat:write", "commands", "users:read"} <= scopes
+    assert await bot.deps.redis.exists(f"kimibot:oauth-state:{state}") == 1
+
+
+async def test_second_workspace_installed_then_answered_with_its_own_token(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    bot: BotHarness = await make_bot(**oauth_settings())
+    await install_second(bot, fake_slack)
+    exchange = fake_slack.calls_of("oauth.v2.access")
+    assert len(exchange) == 1 and exchange[0].basic == (CLIENT_ID, CLIENT_SECRET)  # app credentials
+    installed = exchange[0].args["_result"]["access_token"]
+    assert installed.startswith(f"xoxb-{SECOND_TEAM}-")
+    assert bot.deps.installations is not None
+    stored = await bot.deps.installations.store.async_find_bot(enterprise_id=None, team_id=SECOND_TEAM)
+    assert stored is not None and stored.bot_token == installed and stored.bot_id == SECOND_BOT_ID
+
+    before = len(fake_slack.calls)
+    assert await ask_from(bot, "What is Redis?", "1700000100.000100") == 200
+    await bot.settle()
+    answer = fake_slack.bodies(CHANNEL, "1700000100.000100")
+    assert len(answer) == 1 and "What is Redis?" in answer[0]
+    assert len(fake_kimi.requests) == 1
+    # Every Slack call made for that workspace carried its token (the Authorization header the fake saw).
+    tokens = {str(call.args.get("token")) for call in fake_slack.calls[before:]}
+    assert tokens == {installed}
+    assert fake_slack.problems == []
+
+
+async def test_event_from_a_workspace_without_installation_gets_200_and_nothing_else(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi, caplog: pytest.LogCaptureFixture
+) -> None:
+    bot: BotHarness = await make_bot(**oauth_settings())
+    assert await ask_from(bot, "anyone there?", "1700000200.000100", team="T0NOTHERE1") == 200
+    await bot.settle()
+    assert fake_slack.calls == [] and fake_kimi.requests == []
+    lines = [r for r in caplog.records if "without an installation" in r.getMessage()]
+    assert len(lines) == 1 and getattr(lines[0], "team_id", "") == "T0NOTHERE1"
+    assert await bot.deps.queue.length() == 0
+
+
+async def test_forged_replayed_and_missing_state_are_refused(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack
+) -> None:
+    bot: BotHarness = await make_bot(**oauth_settings())
+    code = fake_slack.approve_install(SECOND_TEAM, bot_user_id=SECOND_BOT_USER, bot_id=SECOND_BOT_ID)
+    # A state we never issued (well-formed, wrong signature), and one we never issued at all.
+    assert await finish_install(bot, code, "made-up.0123456789abcdef0123456789abcdef") == 401
+    assert await finish_install(bot, code, "") in (400, 401)
+    # A real state, but the browser's cookie holds another: not the browser that started.
+    _, state = await start_install(bot)
+    assert await finish_install(bot, code, state, cookie_state="someone-elses") == 400
+    assert fake_slack.calls_of("oauth.v2.access") == []
+    # The real one works once; replayed (another code, same state), it is refused.
+    assert await finish_install(bot, code, state) == 200
+    second_code = fake_slack.approve_install(SECOND_TEAM, bot_user_id=SECOND_BOT_USER, bot_id=SECOND_BOT_ID)
+    assert await finish_install(bot, second_code, state) == 401
+    assert len(fake_slack.calls_of("oauth.v2.access")) == 1
+
+
+async def test_state_expires(make_bot: Callable[..., Any], fake_slack: FakeSlack) -> None:
+    bot: BotHarness = await make_bot(**oauth_settings())
+    _, state = await start_install(bot)
+    ttl = await bot.deps.redis.ttl(f"kimibot:oauth-state:{state}")
+    assert 0 < ttl <= 600
+    await bot.deps.redis.pexpire(f"kimibot:oauth-state:{state}", 1)
+    await asyncio.sleep(0.01)
+    code = fake_slack.approve_install(SECOND_TEAM, bot_user_id=SECOND_BOT_USER, bot_id=SECOND_BOT_ID)
+    assert await finish_install(bot, code, state) == 401
+    assert fake_slack.calls_of("oauth.v2.access") == []
+
+
+async def test_tokens_are_encrypted_at_rest_when_a_key_is_set(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, redis_url: str
+) -> None:
+    key = Fernet.generate_key().decode()
+    bot: BotHarness = await make_bot(**oauth_settings(kimibot_encryption_key=key))
+    await install_second(bot, fake_slack)
+    token = fake_slack.calls_of("oauth.v2.access")[0].args["_result"]["access_token"]
+    raw = Redis.from_url(redis_url)
+    try:
+        keys = [k async for k in raw.scan_iter(match=f"kimibot:install:{{{SECOND_TEAM}}}:*")]
+        assert keys
+        for name in keys:
+            value = await raw.get(name)
+            assert value is not None and token.encode() not in value and b"xoxb" not in value
+            assert json.loads(Fernet(key.encode()).decrypt(value.removeprefix(b"fernet:")))
+    finally:
+        await raw.aclose()
+    # ...and still usable: the workspace is answered with it.
+    assert await ask_from(bot, "hello", "1700000300.000100") == 200
+    await bot.settle()
+    assert len(fake_slack.bodies(CHANNEL, "1700000300.000100")) == 1
+
+
+async def test_single_workspace_mode_has_no_install_routes(bot: BotHarness) -> None:
+    assert bot.session is not None and bot.deps.installations is None
+    async with bot.session.get(bot.url("/slack/install"), allow_redirects=False) as response:
+        assert response.status == 404
+
+
+def test_team_id_of_first_workspace_differs() -> None:
+    assert TEAM_ID != SECOND_TEAM  # the tests above rely on the default workspace not being installed
