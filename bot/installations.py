@@ -248,6 +248,16 @@ class Installations:
     def lock_key(ident: str) -> str:
         return f"{install_tag(ident)}:rotate-lock"
 
+    async def teams_of_org(self, enterprise_id: str) -> set[str]:
+        """The workspaces an org-wide install has served (their `org` pointers), for its uninstall."""
+        teams: set[str] = set()
+        async for key in self.redis.scan_iter(match=f"{PREFIX}:*:org", count=500):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            value = await self.redis.get(name)
+            if (value.decode() if isinstance(value, bytes) else value) == enterprise_id:
+                teams.add(name.split("{", 1)[1].split("}", 1)[0])
+        return teams
+
     async def bot_for(
         self, enterprise_id: str | None, team_id: str | None, is_enterprise_install: bool | None
     ) -> TeamBot | None:

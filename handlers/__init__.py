@@ -7,7 +7,7 @@ from slack_bolt.async_app import AsyncApp
 from bot.admission import Access, AccessPolicy
 from bot.deps import Deps
 from bot.store import AccessFacts
-from handlers import actions, assistant, commands, events, fallback, shortcuts
+from handlers import actions, assistant, commands, events, fallback, installs, shortcuts
 
 
 def register(app: AsyncApp, deps: Deps) -> None:
@@ -18,4 +18,5 @@ def register(app: AsyncApp, deps: Deps) -> None:
     commands.register(app, deps, access)
     actions.register(app, deps, access)
     shortcuts.register(app, deps)
+    installs.register(app, deps)  # OAuth mode: app_uninstalled, tokens_revoked
     fallback.register(app)  # last: only what nothing above took

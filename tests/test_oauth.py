@@ -223,3 +223,93 @@ async def test_single_workspace_mode_has_no_install_routes(bot: BotHarness) -> N
 
 def test_team_id_of_first_workspace_differs() -> None:
     assert TEAM_ID != SECOND_TEAM  # the tests above rely on the default workspace not being installed
+
+
+THIRD_TEAM = "T0THIRD777"
+
+
+async def install(bot: BotHarness, team: str, bot_user: str, bot_id: str, **grant: Any) -> None:
+    _, state = await start_install(bot)
+    code = bot.slack.approve_install(team, bot_user_id=bot_user, bot_id=bot_id, **grant)
+    assert await finish_install(bot, code, state) == 200
+
+
+def team_event(team: str, event: dict[str, Any], *, bot_user: str = SECOND_BOT_USER) -> bytes:
+    return json_body(
+        {
+            "token": "legacy-verification-token",
+            "team_id": team,
+            "api_app_id": APP_ID,
+            "event": event,
+            "type": "event_callback",
+            "event_id": f"Ev{time.monotonic_ns()}",
+            "event_time": int(time.time()),
+            "authorizations": [
+                {
+                    "enterprise_id": None,
+                    "team_id": team,
+                    "user_id": bot_user,
+                    "is_bot": True,
+                    "is_enterprise_install": False,
+                }
+            ],
+        }
+    )
+
+
+async def keys_of(redis: Redis, team: str) -> set[str]:
+    return {k.decode() async for k in redis.scan_iter(match="kimibot:*") if team in k.decode()}
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "app_uninstalled", "event_ts": "1700000500.000100"},
+        {
+            "type": "tokens_revoked",
+            "tokens": {"oauth": [], "bot": [SECOND_BOT_USER]},
+            "event_ts": "1700000500.000100",
+        },
+    ],
+    ids=["app_uninstalled", "tokens_revoked"],
+)
+async def test_uninstall_deletes_that_workspace_and_nothing_of_the_other(
+    make_bot: Callable[..., Any],
+    fake_slack: FakeSlack,
+    fake_kimi: FakeKimi,
+    redis_url: str,
+    event: dict[str, Any],
+) -> None:
+    bot: BotHarness = await make_bot(**oauth_settings())
+    await install(bot, SECOND_TEAM, SECOND_BOT_USER, SECOND_BOT_ID)
+    await install(bot, THIRD_TEAM, "U0THIRDBOT", "B0THIRDBOT")
+    assert await ask_from(bot, "second's question", "1700000400.000100") == 200
+    assert await ask_from(bot, "third's question", "1700000400.000200", THIRD_TEAM, "U0THIRDBOT") == 200
+    await bot.settle()
+    raw = Redis.from_url(redis_url)
+    try:
+        for team in (SECOND_TEAM, THIRD_TEAM):  # the other parts' keys, as the key layout names them
+            await raw.hset(f"kimibot:settings:{{{team}}}:channel:{CHANNEL}", mapping={"model": "kimi-k3"})
+            await raw.hset(f"kimibot:settings:{{{team}}}:workspace", mapping={"followups": "all"})
+            await raw.hset(f"kimibot:usage:{{{team}}}:day:2026-11-30", mapping={"cost": "0.1"})
+            await bot.deps.names.put(team, ALICE, "alice")
+        second_before = await keys_of(raw, SECOND_TEAM)
+        third_before = await keys_of(raw, THIRD_TEAM)
+        assert any(":thread:" in k for k in second_before) and any(":install:" in k for k in second_before)
+        assert any(":thread:" in k for k in third_before)
+
+        status, _ = await bot.post(team_event(SECOND_TEAM, event), "application/json")
+        assert status == 200
+        assert await keys_of(raw, SECOND_TEAM) == set()
+        assert await keys_of(raw, THIRD_TEAM) == third_before
+    finally:
+        await raw.aclose()
+    # The uninstalled workspace is now unknown: ignored, no Slack or Kimi call.
+    calls, asked = len(fake_slack.calls), len(fake_kimi.requests)
+    assert await ask_from(bot, "still there?", "1700000600.000100") == 200
+    await bot.settle()
+    assert len(fake_slack.calls) == calls and len(fake_kimi.requests) == asked
+    # ...and the other one is still answered.
+    assert await ask_from(bot, "and me?", "1700000600.000200", THIRD_TEAM, "U0THIRDBOT") == 200
+    await bot.settle()
+    assert len(fake_slack.bodies(CHANNEL, "1700000600.000200")) == 1
