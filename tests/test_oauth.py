@@ -14,7 +14,9 @@ from urllib.parse import parse_qs, urlencode, urlparse
 import pytest
 from cryptography.fernet import Fernet
 from redis.asyncio import Redis
+from slack_sdk.errors import SlackApiError
 
+from bot.deps import build_deps
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi
 from tests.fakes.slack_api import APP_ID, CLIENT_ID, CLIENT_SECRET, TEAM_ID, FakeSlack
@@ -313,3 +315,62 @@ async def test_uninstall_deletes_that_workspace_and_nothing_of_the_other(
     assert await ask_from(bot, "and me?", "1700000600.000200", THIRD_TEAM, "U0THIRDBOT") == 200
     await bot.settle()
     assert len(fake_slack.bodies(CHANNEL, "1700000600.000200")) == 1
+
+
+async def test_token_rotation_race_spends_the_refresh_token_once(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack
+) -> None:
+    bot: BotHarness = await make_bot(**oauth_settings())
+    # A rotating token an hour from expiry: inside the two hours before it, so the next use refreshes it.
+    await install(bot, SECOND_TEAM, SECOND_BOT_USER, SECOND_BOT_ID, rotating=True, expires_in=3_600)
+    first = fake_slack.calls_of("oauth.v2.access")[0].args["_result"]
+    assert first["access_token"].startswith("xoxe.xoxb-") and first["refresh_token"]
+    other_replica = build_deps(bot.settings)  # its own clients and Redis connection, the same Redis
+    try:
+        fake_slack.delay["oauth.v2.access"] = 0.2  # a slow refresh: the replicas overlap for sure
+        replicas = [bot.deps.installations, other_replica.installations] * 4
+        bots = await asyncio.gather(*(r.bot_for_team(SECOND_TEAM) for r in replicas if r is not None))
+    finally:
+        fake_slack.delay.clear()
+        await other_replica.close()
+    refreshes = [
+        c for c in fake_slack.calls_of("oauth.v2.access") if c.args.get("grant_type") == "refresh_token"
+    ]
+    assert len(refreshes) == 1 and refreshes[0].args["refresh_token"] == first["refresh_token"]
+    refreshed = refreshes[0].args["_result"]
+    assert refreshed["ok"] is True
+    assert {b.token if b is not None else None for b in bots} == {refreshed["access_token"]}
+    assert bot.deps.installations is not None
+    stored = await bot.deps.installations.store.async_find_bot(enterprise_id=None, team_id=SECOND_TEAM)
+    assert stored is not None and stored.bot_refresh_token == refreshed["refresh_token"]
+    assert stored.bot_token_expires_at is not None and stored.bot_token_expires_at > time.time() + 3 * 3_600
+    assert not await bot.deps.redis.exists(f"kimibot:install:{{{SECOND_TEAM}}}:rotate-lock")
+    # The workspace is answered with the refreshed token.
+    before = len(fake_slack.calls)
+    assert await ask_from(bot, "after rotation", "1700000700.000100") == 200
+    await bot.settle()
+    assert len(fake_slack.bodies(CHANNEL, "1700000700.000100")) == 1
+    assert {str(c.args.get("token")) for c in fake_slack.calls[before:]} == {refreshed["access_token"]}
+
+
+async def test_fake_slack_refuses_a_refresh_token_spent_before(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack
+) -> None:
+    """What the lock guards against: the second use of a refresh token fails, as on Slack."""
+    bot: BotHarness = await make_bot(**oauth_settings())
+    await install(bot, SECOND_TEAM, SECOND_BOT_USER, SECOND_BOT_ID, rotating=True, expires_in=3_600)
+    refresh = fake_slack.calls_of("oauth.v2.access")[0].args["_result"]["refresh_token"]
+    assert bot.deps.installations is not None
+    client = bot.deps.installations.rotator.client
+    ok = await client.oauth_v2_access(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, grant_type="refresh_token", refresh_token=refresh
+    )
+    assert ok["ok"] is True
+    with pytest.raises(SlackApiError) as refused:
+        await client.oauth_v2_access(
+            client_id=CLIENT_ID,
+            client_secret=CLIENT_SECRET,
+            grant_type="refresh_token",
+            refresh_token=refresh,
+        )
+    assert refused.value.response["error"] == "invalid_refresh_token"
