@@ -374,3 +374,41 @@ async def test_fake_slack_refuses_a_refresh_token_spent_before(
             refresh_token=refresh,
         )
     assert refused.value.response["error"] == "invalid_refresh_token"
+
+
+async def test_org_wide_install_answers_each_workspace_of_the_org_with_the_org_token(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack
+) -> None:
+    bot: BotHarness = await make_bot(**oauth_settings())
+    org, workspace = "E0ORG12345", "T0INORG999"
+    await install(bot, workspace, "U0ORGBOT", "B0ORGBOT", enterprise_id=org, is_enterprise_install=True)
+    org_token = fake_slack.calls_of("oauth.v2.access")[0].args["_result"]["access_token"]
+    assert await bot.deps.redis.exists(f"kimibot:install:{{{org}}}:bot") == 1  # keyed by the enterprise
+
+    ts = "1700000800.000100"
+    fake_slack.messages[CHANNEL].append(
+        {"type": "message", "user": ALICE, "text": "<@U0ORGBOT> hi", "ts": ts}
+    )
+    body = json.loads(
+        team_event(
+            workspace,
+            {"type": "app_mention", "user": ALICE, "text": "<@U0ORGBOT> hi", "ts": ts, "channel": CHANNEL},
+            bot_user="U0ORGBOT",
+        )
+    )
+    body["enterprise_id"] = org
+    body["authorizations"][0].update(enterprise_id=org, is_enterprise_install=True)
+    before = len(fake_slack.calls)
+    status, _ = await bot.post(json.dumps(body).encode(), "application/json")
+    assert status == 200
+    await bot.settle()
+    assert len(fake_slack.bodies(CHANNEL, ts)) == 1
+    assert {str(c.args.get("token")) for c in fake_slack.calls[before:]} == {org_token}
+
+    # Uninstalled org-wide: the org's installation and the data of the workspaces it served are deleted.
+    body = json.loads(team_event(workspace, {"type": "app_uninstalled"}, bot_user="U0ORGBOT"))
+    body["enterprise_id"] = org
+    body["authorizations"][0].update(enterprise_id=org, is_enterprise_install=True)
+    assert (await bot.post(json.dumps(body).encode(), "application/json"))[0] == 200
+    assert [k async for k in bot.deps.redis.scan_iter(match=f"*{org}*")] == []
+    assert [k async for k in bot.deps.redis.scan_iter(match=f"*{workspace}*")] == []
