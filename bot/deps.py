@@ -61,12 +61,19 @@ class Deps:
     installations: Installations | None = None  # OAuth mode: each workspace's bot (bot/installations.py)
     tools: ToolSource | None = None  # None: no tools, every answer is one Kimi request
 
-    async def whoami(self) -> BotIdentity:
-        """Our bot user and bot ids: the workspace's this task acts for (OAuth mode), else from one auth.test
-        call per process."""
+    def current_identity(self) -> BotIdentity:
+        """Who the bot is where this task acts (OAuth mode: that workspace's bot), without a Slack call;
+        single workspace: what `whoami` found."""
         team_bot = acting.current()
         if team_bot is not None:
             return BotIdentity(user_id=team_bot.user_id, bot_id=team_bot.bot_id, team_id=team_bot.team_id)
+        return self.identity
+
+    async def whoami(self) -> BotIdentity:
+        """Our bot user and bot ids: the workspace's this task acts for (OAuth mode), else from one auth.test
+        call per process."""
+        if acting.current() is not None:
+            return self.current_identity()
         if not self.identity.user_id:
             response = await self.slack.auth_test()
             self.identity = BotIdentity(

@@ -68,10 +68,10 @@ def build_bolt_app(deps: Deps) -> AsyncApp:
     ) -> AuthorizeResult:
         if deps.installations is not None:
             team_bot = await deps.installations.bot_for(enterprise_id, team_id, context.is_enterprise_install)
+            acting.CURRENT.set(team_bot)  # this request's task (and what it spawns) acts for this team
             if team_bot is None:
                 context[NOT_INSTALLED] = True
                 return AuthorizeResult(enterprise_id=enterprise_id, team_id=team_id)
-            acting.CURRENT.set(team_bot)  # this request's task (and what it spawns) acts for this team
             return AuthorizeResult(
                 enterprise_id=enterprise_id,
                 team_id=team_id,

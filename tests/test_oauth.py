@@ -412,3 +412,31 @@ async def test_org_wide_install_answers_each_workspace_of_the_org_with_the_org_t
     assert (await bot.post(json.dumps(body).encode(), "application/json"))[0] == 200
     assert [k async for k in bot.deps.redis.scan_iter(match=f"*{org}*")] == []
     assert [k async for k in bot.deps.redis.scan_iter(match=f"*{workspace}*")] == []
+
+
+async def test_backfill_knows_the_bot_of_the_workspace_it_acts_for(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """Joining an existing thread in the second workspace: that workspace's bot's replies are ours."""
+    bot: BotHarness = await make_bot(**oauth_settings())
+    await install_second(bot, fake_slack)
+    root = fake_slack.seed(CHANNEL, user=ALICE, text="first question")
+    fake_slack.seed(CHANNEL, user=SECOND_BOT_USER, bot_id=SECOND_BOT_ID, text="an old answer", thread_ts=root)
+    ts = fake_slack.new_ts()
+    event = {
+        "type": "app_mention",
+        "user": ALICE,
+        "text": f"<@{SECOND_BOT_USER}> follow-up",
+        "ts": ts,
+        "thread_ts": root,
+        "channel": CHANNEL,
+    }
+    fake_slack.messages[CHANNEL].append({k: v for k, v in event.items() if k != "channel"})
+    assert (await bot.post(team_event(SECOND_TEAM, event), "application/json"))[0] == 200
+    await bot.settle()
+    roles = [(m["role"], m["content"]) for m in fake_kimi.requests[0]["messages"][1:]]
+    assert roles == [
+        ("user", "alice: first question"),
+        ("assistant", "an old answer"),
+        ("user", "alice: follow-up"),
+    ]
