@@ -20,7 +20,7 @@ from bot.deps import build_deps
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi
 from tests.fakes.slack_api import APP_ID, CLIENT_ID, CLIENT_SECRET, TEAM_ID, FakeSlack
-from tests.slack_requests import ALICE, CHANNEL, json_body
+from tests.slack_requests import ALICE, CHANNEL, command_body, json_body
 
 SECOND_TEAM = "T0SECOND42"
 SECOND_BOT_USER = "U0SECONDBOT"
@@ -440,3 +440,22 @@ async def test_backfill_knows_the_bot_of_the_workspace_it_acts_for(
         ("assistant", "an old answer"),
         ("user", "alice: follow-up"),
     ]
+
+
+async def test_slash_command_from_the_second_workspace_runs_with_its_token(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """/kimi: the announcement (a job of its own) and the answer (another job) both act for the workspace."""
+    bot: BotHarness = await make_bot(**oauth_settings())
+    await install_second(bot, fake_slack)
+    installed = fake_slack.calls_of("oauth.v2.access")[0].args["_result"]["access_token"]
+    body = parse_qs(command_body("What is Redis?", response_url=fake_slack.response_url()).decode())
+    body["team_id"] = [SECOND_TEAM]
+    before = len(fake_slack.calls)
+    status, _ = await bot.post(urlencode(body, doseq=True).encode(), "application/x-www-form-urlencoded")
+    assert status == 200
+    await bot.settle()
+    assert len(fake_kimi.requests) == 1
+    posted = [c for c in fake_slack.calls[before:] if c.method == "chat.postMessage"]
+    assert posted and {str(c.args.get("token")) for c in fake_slack.calls[before:]} == {installed}
+    assert fake_slack.problems == []
