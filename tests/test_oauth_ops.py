@@ -3,13 +3,14 @@ routes on PORT in Socket Mode as in HTTP mode."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
 import pytest
 from cryptography.fernet import Fernet
-from redis.asyncio import Redis
 
+from bot.redis_client import build_redis
 from bot.settings import SettingsError, load_settings
 from tests.fakes.kimi_api import FakeKimi
 from tests.fakes.slack_api import APP_TOKEN, CLIENT_ID, CLIENT_SECRET, FakeSlack
@@ -80,7 +81,7 @@ async def test_doctor_names_installations_the_key_cannot_decrypt(
     fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path
 ) -> None:
     stored_with = Fernet(Fernet.generate_key())
-    raw = Redis.from_url(redis_url)
+    raw = await asyncio.to_thread(build_redis, redis_url)  # a cluster client on a cluster
     try:
         await raw.set("kimibot:install:{T0ONE}:bot", b"fernet:" + stored_with.encrypt(b'{"bot_token":"x"}'))
     finally:
