@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlparse
 
 import aiohttp
 import pytest
@@ -14,7 +15,9 @@ from bot.redis_client import build_redis
 from bot.settings import SettingsError, load_settings
 from tests.fakes.kimi_api import FakeKimi
 from tests.fakes.slack_api import APP_TOKEN, CLIENT_ID, CLIENT_SECRET, FakeSlack
+from tests.slack_requests import ALICE, CHANNEL, envelope
 from tests.test_doctor import doctor, failing
+from tests.test_serve_process import answered, wait_for
 from tests.test_startup_checks import processes, serve_env, start, wait_health
 
 __all__ = ["processes"]  # the fixture, used here
@@ -114,3 +117,40 @@ async def test_serve_in_oauth_mode_is_ready_and_serves_the_install_route_on_port
         assert response.status == 302
         assert response.headers["Location"].startswith("https://slack.com/oauth/v2/authorize?")
     assert fake_slack.calls_of("auth.test") == []  # no SLACK_BOT_TOKEN to check
+
+
+async def test_socket_mode_install_then_an_event_from_that_workspace_is_answered_with_its_token(
+    fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path, processes: list[object]
+) -> None:
+    """`kimibot serve` in Socket Mode: installed through PORT, answering over the WebSocket with the new
+    workspace's token; an envelope from a workspace without an installation is acked and nothing else."""
+    env = serve_env(fake_slack, fake_kimi, redis_url, tmp_path, **{**OAUTH_ENV, "SLACK_APP_TOKEN": APP_TOKEN})
+    bot = start(processes, env, tmp_path)  # type: ignore[arg-type]
+    await wait_health(bot, 200)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(bot.base + "/slack/install", allow_redirects=False) as response:
+            state = parse_qs(urlparse(response.headers["Location"]).query)["state"][0]
+        code = fake_slack.approve_install("T0SOCKET01", bot_user_id="U0SOCKBOT", bot_id="B0SOCKBOT")
+        url = bot.base + "/slack/oauth_redirect?" + urlencode({"code": code, "state": state})
+        headers = {"Cookie": f"slack-app-oauth-state={state}"}
+        async with session.get(url, headers=headers, allow_redirects=False) as response:
+            assert response.status == 200
+    token = fake_slack.calls_of("oauth.v2.access")[0].args["_result"]["access_token"]
+    await wait_for(lambda: bool(fake_slack.sockets))
+
+    def payload(team: str, text: str, ts: str) -> dict[str, object]:
+        body = envelope({"type": "app_mention", "user": ALICE, "text": text, "ts": ts, "channel": CHANNEL})
+        body["team_id"] = team
+        body["authorizations"] = [{"team_id": team, "user_id": "U0SOCKBOT", "is_bot": True}]
+        return body
+
+    before = len(fake_slack.calls)
+    stranger = fake_slack.seed(CHANNEL, user=ALICE, text="<@U0OTHER> hi")
+    await fake_slack.send_envelope("events_api", payload("T0STRANGER", "<@U0OTHER> hi", stranger), "env-x")
+    root = fake_slack.seed(CHANNEL, user=ALICE, text="<@U0SOCKBOT> hello over sockets")
+    await fake_slack.send_envelope("events_api", payload("T0SOCKET01", "<@U0SOCKBOT> hello", root), "env-1")
+    await wait_for(lambda: answered(fake_slack, CHANNEL, root, 1))
+    await wait_for(lambda: {a["envelope_id"] for a in fake_slack.socket_acks} >= {"env-x", "env-1"})
+    assert fake_slack.bodies(CHANNEL, stranger) == []
+    assert {str(c.args.get("token")) for c in fake_slack.calls[before:]} == {token}
+    assert len(fake_kimi.requests) == 1
