@@ -460,3 +460,65 @@ async def test_slash_command_from_the_second_workspace_runs_with_its_token(
     posted = [c for c in fake_slack.calls[before:] if c.method == "chat.postMessage"]
     assert posted and {str(c.args.get("token")) for c in fake_slack.calls[before:]} == {installed}
     assert fake_slack.problems == []
+
+
+async def test_store_keeps_the_latest_bot_and_merges_it_into_installations(redis_url: str) -> None:
+    """FileInstallationStore's semantics: a reinstall replaces the bot; an installer's installation read
+    later carries the latest bot token; deleting removes both."""
+    from slack_sdk.oauth.installation_store.models.installation import Installation
+
+    from bot.installations import RedisInstallationStore
+
+    redis = await asyncio.to_thread(build_redis, redis_url)
+    store = RedisInstallationStore(redis)
+    try:
+        first = Installation(
+            app_id=APP_ID,
+            team_id=SECOND_TEAM,
+            user_id="U0FIRST",
+            bot_token="xoxb-1",
+            bot_id="B1",
+            bot_user_id="U1",
+        )
+        await store.async_save(first)
+        second = Installation(
+            app_id=APP_ID,
+            team_id=SECOND_TEAM,
+            user_id="U0OTHER",
+            bot_token="xoxb-2",
+            bot_id="B1",
+            bot_user_id="U1",
+        )
+        await store.async_save(second)
+        bot = await store.async_find_bot(enterprise_id=None, team_id=SECOND_TEAM)
+        assert bot is not None and bot.bot_token == "xoxb-2"
+        by_first = await store.async_find_installation(
+            enterprise_id=None, team_id=SECOND_TEAM, user_id="U0FIRST"
+        )
+        assert by_first is not None and by_first.user_id == "U0FIRST" and by_first.bot_token == "xoxb-2"
+        latest = await store.async_find_installation(enterprise_id=None, team_id=SECOND_TEAM)
+        assert latest is not None and latest.user_id == "U0OTHER"
+        assert await store.async_find_bot(enterprise_id=None, team_id=THIRD_TEAM) is None
+        await store.async_delete_all(enterprise_id=None, team_id=SECOND_TEAM)
+        assert await store.async_find_bot(enterprise_id=None, team_id=SECOND_TEAM) is None
+        assert (
+            await store.async_find_installation(enterprise_id=None, team_id=SECOND_TEAM, user_id="U0FIRST")
+            is None
+        )
+        assert await store.async_find_installation(enterprise_id=None, team_id=SECOND_TEAM) is None
+    finally:
+        await redis.aclose()
+
+
+async def test_a_reinstall_replaces_the_token_the_workspace_is_answered_with(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack
+) -> None:
+    bot: BotHarness = await make_bot(**oauth_settings())
+    await install_second(bot, fake_slack)
+    await install_second(bot, fake_slack)
+    first, latest = (c.args["_result"]["access_token"] for c in fake_slack.calls_of("oauth.v2.access"))
+    assert first != latest
+    before = len(fake_slack.calls)
+    assert await ask_from(bot, "which token?", "1700000900.000100") == 200
+    await bot.settle()
+    assert {str(c.args.get("token")) for c in fake_slack.calls[before:]} == {latest}
