@@ -168,22 +168,21 @@ class RedisInstallationStore(AsyncInstallationStore):  # type: ignore[misc]
         return installation
 
     async def async_delete_bot(self, *, enterprise_id: str | None, team_id: str | None) -> None:
-        # Called with the ids Slack's event carries: an org install's events name the enterprise.
-        for ident in {install_id(enterprise_id, team_id, False), install_id(enterprise_id, team_id, True)}:
-            await self.redis.delete(self.bot_key(ident))
+        # As Bolt calls it: team_id None means the org-wide install of the enterprise.
+        await self.redis.delete(self.bot_key(install_id(enterprise_id, team_id, not team_id)))
 
     async def async_delete_installation(
         self, *, enterprise_id: str | None, team_id: str | None, user_id: str | None = None
     ) -> None:
-        for ident in {install_id(enterprise_id, team_id, False), install_id(enterprise_id, team_id, True)}:
-            if user_id is not None:
-                await self.redis.delete(self.installer_key(ident, user_id))
-                continue
-            keys = [self.installer_key(ident)]
-            async for key in self.redis.scan_iter(match=f"{self.installer_key(ident)}:*", count=500):
-                keys.append(key.decode() if isinstance(key, bytes) else str(key))
-            for key in keys:  # one at a time: on a cluster a multi-key DEL must stay in one slot (it does)
-                await self.redis.delete(key)
+        ident = install_id(enterprise_id, team_id, not team_id)  # team_id None: the org-wide install
+        if user_id is not None:
+            await self.redis.delete(self.installer_key(ident, user_id))
+            return
+        keys = [self.installer_key(ident)]
+        async for key in self.redis.scan_iter(match=f"{self.installer_key(ident)}:*", count=500):
+            keys.append(key.decode() if isinstance(key, bytes) else str(key))
+        for key in keys:
+            await self.redis.delete(key)
 
     async def count(self) -> int:
         """How many workspaces/orgs have a bot installed (kimibot doctor, start-up)."""

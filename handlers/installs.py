@@ -28,7 +28,7 @@ async def remove_workspace(deps: Deps, body: dict[str, Any], why: str) -> None:
         await store.async_delete_all(enterprise_id=enterprise_id, team_id=None)
         await deps.redis.delete(deps.installations.lock_key(enterprise_id))
     for team in sorted(teams):
-        await store.async_delete_all(enterprise_id=enterprise_id, team_id=team)
+        await store.async_delete_all(enterprise_id=enterprise_id, team_id=team)  # a workspace's own install
         deleted = await forget_team(deps.redis, team)
         log.info("workspace data deleted", extra={"why": why, "team_id": team, "deleted": deleted})
 

@@ -522,3 +522,45 @@ async def test_a_reinstall_replaces_the_token_the_workspace_is_answered_with(
     assert await ask_from(bot, "which token?", "1700000900.000100") == 200
     await bot.settle()
     assert {str(c.args.get("token")) for c in fake_slack.calls[before:]} == {latest}
+
+
+async def test_removing_one_workspace_of_an_org_keeps_the_org_wide_install(redis_url: str) -> None:
+    from slack_sdk.oauth.installation_store.models.bot import Bot
+
+    from bot.installations import RedisInstallationStore
+
+    redis = await asyncio.to_thread(build_redis, redis_url)
+    store = RedisInstallationStore(redis)
+    try:
+        org = Bot(
+            enterprise_id="E0ORG",
+            team_id=None,
+            bot_token="xoxb-org",
+            bot_id="B",
+            bot_user_id="U",
+            is_enterprise_install=True,
+            installed_at=time.time(),
+        )
+        team = Bot(
+            enterprise_id="E0ORG",
+            team_id="T0INORG",
+            bot_token="xoxb-team",
+            bot_id="B",
+            bot_user_id="U",
+            installed_at=time.time(),
+        )
+        await store.async_save_bot(org)
+        await store.async_save_bot(team)
+        await store.async_delete_all(enterprise_id="E0ORG", team_id="T0INORG")
+        assert await store.async_find_bot(enterprise_id="E0ORG", team_id="T0INORG") is None
+        kept = await store.async_find_bot(
+            enterprise_id="E0ORG", team_id="T0INORG", is_enterprise_install=True
+        )
+        assert kept is not None and kept.bot_token == "xoxb-org"
+        await store.async_delete_all(enterprise_id="E0ORG", team_id=None)
+        assert (
+            await store.async_find_bot(enterprise_id="E0ORG", team_id=None, is_enterprise_install=True)
+            is None
+        )
+    finally:
+        await redis.aclose()
