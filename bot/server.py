@@ -91,7 +91,7 @@ def build_bolt_app(deps: Deps) -> AsyncApp:
         )
 
     async def not_installed(
-        context: AsyncBoltContext, body: dict[str, Any], next: Callable[[], Awaitable[BoltResponse]]
+        context: AsyncBoltContext, next: Callable[[], Awaitable[BoltResponse]]
     ) -> BoltResponse:
         """A workspace without an installation (uninstalled, or never installed): 200, one log line, no
         Slack or Kimi call (Slack would only retry an error)."""
