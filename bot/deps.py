@@ -15,12 +15,14 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.admins import Admins
 from bot.channel_settings import ChannelSettings
+from bot.installations import Installations, RedisInstallationStore, Sealer
 from bot.kimi.client import KimiClient
 from bot.kimi.profiles import parse_prices, profile_for
 from bot.metrics import CountingRateLimitHandler, CountingWebClient, Metrics
 from bot.queue import JobQueue, consumer_name
 from bot.redis_client import build_redis
 from bot.settings import Settings, split_ids
+from bot.slack import acting
 from bot.slack.pacing import Pacer, SharedPacer
 from bot.slack.reply import Pace
 from bot.store import Approvals, Feedback, Stops, ThreadStore, UserNames
@@ -59,10 +61,22 @@ class Deps:
     pace: Pace = field(default_factory=Pace)
     identity: BotIdentity = field(default_factory=BotIdentity)
     approvals: Approvals | None = None
+    installations: Installations | None = None  # OAuth mode: each workspace's bot (bot/installations.py)
     tools: ToolSource | None = None  # None: no tools, every answer is one Kimi request
 
+    def current_identity(self) -> BotIdentity:
+        """Who the bot is where this task acts (OAuth mode: that workspace's bot), without a Slack call;
+        single workspace: what `whoami` found."""
+        team_bot = acting.current()
+        if team_bot is not None:
+            return BotIdentity(user_id=team_bot.user_id, bot_id=team_bot.bot_id, team_id=team_bot.team_id)
+        return self.identity
+
     async def whoami(self) -> BotIdentity:
-        """Our bot user and bot ids, from one auth.test call per process."""
+        """Our bot user and bot ids: the workspace's this task acts for (OAuth mode), else from one auth.test
+        call per process."""
+        if acting.current() is not None:
+            return self.current_identity()
         if not self.identity.user_id:
             response = await self.slack.auth_test()
             self.identity = BotIdentity(
@@ -125,7 +139,16 @@ def build_deps(settings: Settings) -> Deps:
     )
     kimi.metrics = metrics
     slack = slack_client(settings, metrics)
+    installations = None
+    if settings.oauth:
+        installations = Installations(
+            RedisInstallationStore(redis, Sealer(settings.kimibot_encryption_key)),
+            client_id=settings.slack_client_id,
+            client_secret=settings.slack_client_secret,
+            client=slack_client(settings, metrics),  # oauth.v2.access at SLACK_API_URL, app credentials
+        )
     return Deps(
+        installations=installations,
         settings=settings,
         slack=slack,
         metrics=metrics,

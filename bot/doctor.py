@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bot.installations import RedisInstallationStore, Sealer
 from bot.kimi.profiles import profile_for
 from bot.redis_client import build_redis, is_cluster, probe_cluster
 from bot.settings import Settings, SettingsError, _without_password
@@ -38,6 +39,7 @@ BOT_SCOPES = (
     "mpim:read",
     "search:read.public",
     "usergroups:read",
+    "reactions:write",
 )
 REDIS_TIMEOUT_S = 3.0
 SCOPES_WHERE = (
@@ -75,6 +77,8 @@ def check_settings(settings: Settings, problems: Sequence[str], say: Say) -> Non
         say(Check(False, problem))
     if not problems:
         mode = "Socket Mode" if settings.socket_mode else "HTTP mode"
+        if settings.oauth:
+            mode += ", OAuth installs"
         say(
             Check(
                 True,
@@ -153,6 +157,10 @@ async def check_slack(settings: Settings, problems: Sequence[str], say: Say) -> 
         )
     else:
         say(Check(True, f"SLACK_BOT_TOKEN has every scope the manifest asks for ({len(BOT_SCOPES)})"))
+    await check_app_token(settings, problems, client, say)
+
+
+async def check_app_token(settings: Settings, problems: Sequence[str], client: Any, say: Say) -> None:
     if settings.slack_app_token and not _about(problems, "SLACK_APP_TOKEN"):
         try:
             await open_socket_url(settings, client)
@@ -248,6 +256,70 @@ async def check_mcp(settings: Settings, say: Say) -> None:
         logger.removeHandler(reasons)
 
 
+async def check_oauth(settings: Settings, say: Say) -> None:
+    """OAuth mode: Slack knows the app's client id and secret. An exchange of a made-up code is refused
+    for the code when the credentials are right, and for the credentials when they are not."""
+    client = check_client(settings)
+    try:
+        await slack_call(
+            "SLACK_CLIENT_ID",
+            lambda: client.oauth_v2_access(
+                client_id=settings.slack_client_id,
+                client_secret=settings.slack_client_secret,
+                code="kimibot-doctor-check",
+            ),
+        )
+    except Rejected as exc:
+        if "invalid_code" in exc.said:
+            say(Check(True, "SLACK_CLIENT_ID and SLACK_CLIENT_SECRET: Slack accepts them (OAuth mode)"))
+            return
+        setting = "SLACK_CLIENT_SECRET" if "bad_client_secret" in exc.said else "SLACK_CLIENT_ID"
+        say(Check(False, Rejected(setting, exc.said).line()))
+        return
+    except NotYet as exc:
+        say(
+            Check(False, f"SLACK_CLIENT_ID cannot be checked: {exc} (SLACK_API_URL {settings.slack_api_url})")
+        )
+        return
+    say(Check(False, "SLACK_CLIENT_ID: Slack exchanged a made-up code (is SLACK_API_URL really Slack?)"))
+
+
+async def check_installations(settings: Settings, say: Say) -> None:
+    """OAuth mode: the installations in Redis can be read (and decrypted with KIMIBOT_ENCRYPTION_KEY)."""
+    try:
+        client = await asyncio.to_thread(build_redis, settings.redis_url, settings.redis_cluster)
+    except SettingsError as exc:
+        say(Check(False, exc.problems[0]))
+        return
+    store = RedisInstallationStore(client, Sealer(settings.kimibot_encryption_key))
+    found = unreadable = 0
+    try:
+        async with asyncio.timeout(REDIS_TIMEOUT_S * 10):
+            async for key in client.scan_iter(match="kimibot:install:*:bot", count=500):
+                found += 1
+                raw = await client.get(key)
+                if raw is not None and store.sealer.open(raw) is None:
+                    unreadable += 1
+    except Exception as exc:  # any failure to read is the check failing, named by its type
+        say(Check(False, f"installations cannot be read from Redis ({type(exc).__name__}: {exc})"))
+        return
+    finally:
+        await client.aclose()
+    if unreadable:
+        say(
+            Check(
+                False,
+                f"KIMIBOT_ENCRYPTION_KEY cannot decrypt {unreadable} of {found} installations "
+                "(set the key they were stored with)",
+            )
+        )
+        return
+    encrypted = (
+        "encrypted" if settings.kimibot_encryption_key else "not encrypted (KIMIBOT_ENCRYPTION_KEY unset)"
+    )
+    say(Check(True, f"installations: {found} workspace(s) or org(s) installed, readable, tokens {encrypted}"))
+
+
 async def run(settings: Settings, problems: Sequence[str], say: Say) -> bool:
     """Every check, in order; True when all of them passed."""
     failed = False
@@ -260,7 +332,13 @@ async def run(settings: Settings, problems: Sequence[str], say: Say) -> bool:
     check_settings(settings, problems, tell)
     if not _about(problems, "REDIS_URL", "REDIS_CLUSTER"):
         await check_redis(settings, tell)
-    if not _about(problems, "SLACK_BOT_TOKEN", "SLACK_API_URL"):
+    if settings.oauth and not settings.slack_bot_token:
+        if not _about(problems, "SLACK_CLIENT_ID", "SLACK_CLIENT_SECRET", "SLACK_API_URL"):
+            await check_oauth(settings, tell)
+        if not _about(problems, "REDIS_URL", "REDIS_CLUSTER", "KIMIBOT_ENCRYPTION_KEY"):
+            await check_installations(settings, tell)
+        await check_app_token(settings, problems, check_client(settings), tell)
+    elif not _about(problems, "SLACK_BOT_TOKEN", "SLACK_API_URL"):
         await check_slack(settings, problems, tell)
     if not _about(problems, "MOONSHOT_API_KEY", "KIMI_BASE_URL", "KIMI_MODEL"):
         await check_kimi_key(settings, tell)

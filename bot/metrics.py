@@ -26,6 +26,8 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.slack.acting import current as current_team_bot
+
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -235,12 +237,18 @@ class CountingWebClient(AsyncWebClient):  # type: ignore[misc]
 
     async def api_call(self, api_method: str, *args: Any, **kwargs: Any) -> Any:
         self.metrics.slack_calls.labels(api_method).inc()
+        team_bot = current_team_bot()
+        explicit = any("token" in (kwargs.get(part) or {}) for part in ("params", "json", "data"))
+        if team_bot is not None and not explicit and kwargs.get("auth") is None:
+            # OAuth mode: the workspace this task acts for (bot/slack/acting.py), not the client's token.
+            kwargs["headers"] = {**(kwargs.get("headers") or {}), "Authorization": f"Bearer {team_bot.token}"}
         try:
             response = await super().api_call(api_method, *args, **kwargs)
         except SlackApiError as exc:
             data = getattr(exc.response, "data", None)
             error = str(data.get("error") or "") if isinstance(data, dict) else ""
-            if error in TOKEN_REJECTED and self.metrics.slack_token_rejected != error:
+            # One workspace's revoked token (OAuth mode) is that workspace's uninstall, not the bot's health.
+            if error in TOKEN_REJECTED and team_bot is None and self.metrics.slack_token_rejected != error:
                 # Revoked or uninstalled while running: /healthz turns 503 naming the setting.
                 self.metrics.slack_token_rejected = error
                 log.error(
@@ -248,7 +256,8 @@ class CountingWebClient(AsyncWebClient):  # type: ignore[misc]
                     extra={"error": error, "method": api_method},
                 )
             raise
-        self.metrics.slack_token_rejected = ""
+        if team_bot is None:
+            self.metrics.slack_token_rejected = ""
         return response
 
 

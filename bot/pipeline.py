@@ -109,7 +109,7 @@ async def _history_entry(deps: Deps, turn: Turn, message: dict[str, Any]) -> dic
         return None
     if message.get("subtype") not in (None, "bot_message", "thread_broadcast", "file_share"):
         return None
-    me = deps.identity
+    me = deps.current_identity()  # OAuth mode: this workspace's bot
     if (me.bot_id and message.get("bot_id") == me.bot_id) or (
         me.user_id and message.get("user") == me.user_id
     ):
@@ -123,7 +123,7 @@ async def _history_entry(deps: Deps, turn: Turn, message: dict[str, Any]) -> dic
 
 
 def _ours(message: dict[str, Any], deps: Deps) -> bool:
-    me = deps.identity
+    me = deps.current_identity()  # OAuth mode: this workspace's bot
     return bool(
         (me.bot_id and message.get("bot_id") == me.bot_id)
         or (me.user_id and message.get("user") == me.user_id)

@@ -8,7 +8,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.authorization import AuthorizeResult
+from slack_bolt.context.async_context import AsyncBoltContext
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
 from slack_sdk.web.async_client import AsyncWebClient
@@ -26,9 +27,19 @@ from bot.deps import BotIdentity, Deps
 from bot.errors import new_reference
 from bot.health import Health, readiness
 from bot.metrics import CONTENT_TYPE
+from bot.oauth import add_oauth_routes, build_oauth_flow
 from bot.queue import Job, Lease
+from bot.slack import acting
+from bot.slack.acting import TeamBot
 from bot.socket_mode import SocketConnection
-from bot.startup import Rejected, check_bot_token, check_client, check_kimi, until_settled
+from bot.startup import (
+    Rejected,
+    check_bot_token,
+    check_client,
+    check_installations,
+    check_kimi,
+    until_settled,
+)
 from bot.work import adopt_legacy_jobs, run_job, show_waiting, tell_not_answered
 from bot.worker import Worker
 
@@ -39,10 +50,35 @@ THREADS_PER_KIMI_SLOT = 4  # a worker may hold this many threads per Kimi reques
 MAX_BODY_BYTES = 1024 * 1024  # Slack's payloads are far smaller; anything bigger is refused (413)
 
 
+NOT_INSTALLED = "not_installed"  # context flag: a request from a workspace with no installation
+
+
+async def team_bot_for_job(deps: Deps, lease: Lease) -> TeamBot | None:
+    """OAuth mode: the bot of the workspace a job's thread belongs to (jobs run outside any request, so
+    they resolve the team the way `authorize` does for requests: through deps.installations)."""
+    assert deps.installations is not None
+    return await deps.installations.bot_for_team(lease.thread.team_id)
+
+
 def build_bolt_app(deps: Deps) -> AsyncApp:
     settings = deps.settings
 
-    async def authorize(enterprise_id: str | None, team_id: str | None) -> AuthorizeResult:
+    async def authorize(
+        context: AsyncBoltContext, enterprise_id: str | None, team_id: str | None
+    ) -> AuthorizeResult:
+        if deps.installations is not None:
+            team_bot = await deps.installations.bot_for(enterprise_id, team_id, context.is_enterprise_install)
+            acting.CURRENT.set(team_bot)  # this request's task (and what it spawns) acts for this team
+            if team_bot is None:
+                context[NOT_INSTALLED] = True
+                return AuthorizeResult(enterprise_id=enterprise_id, team_id=team_id)
+            return AuthorizeResult(
+                enterprise_id=enterprise_id,
+                team_id=team_id,
+                bot_user_id=team_bot.user_id,
+                bot_id=team_bot.bot_id,
+                bot_token=team_bot.token,
+            )
         # Our own authorize (instead of Bolt's single-team one) calls auth.test once, through our
         # client, without the team_id parameter Bolt's per-request client would add to it.
         me = await deps.whoami()
@@ -53,6 +89,19 @@ def build_bolt_app(deps: Deps) -> AsyncApp:
             bot_id=me.bot_id,
             bot_token=settings.slack_bot_token,
         )
+
+    async def not_installed(
+        context: AsyncBoltContext, next: Callable[[], Awaitable[BoltResponse]]
+    ) -> BoltResponse:
+        """A workspace without an installation (uninstalled, or never installed): 200, one log line, no
+        Slack or Kimi call (Slack would only retry an error)."""
+        if context.get(NOT_INSTALLED):
+            log.warning(
+                "request from a workspace without an installation ignored",
+                extra={"team_id": context.team_id, "enterprise_id": context.enterprise_id},
+            )
+            return BoltResponse(status=200, body="")
+        return await next()
 
     bolt_logger = logging.getLogger("slack_bolt.kimibot")
     # Bolt warns that the client's token is ignored when authorize is given; it is the same token.
@@ -69,6 +118,8 @@ def build_bolt_app(deps: Deps) -> AsyncApp:
     )
     bolt_logger.setLevel(previous_level)
     app.error(on_bolt_error)
+    if deps.installations is not None:
+        app.use(not_installed)
     handlers.register(app, deps)
     return app
 
@@ -126,7 +177,8 @@ def build_web_app(
     deps: Deps, bolt: AsyncApp | None, worker: Worker | None = None, health: Health | None = None
 ) -> web.Application:
     """/healthz (ready: can answer), /livez (alive: responsive) and /metrics (Prometheus) always;
-    /slack/events when this process receives Slack's requests over HTTP."""
+    /slack/events when this process receives Slack's requests over HTTP; /slack/install and
+    /slack/oauth_redirect in OAuth mode (HTTP and Socket Mode alike)."""
     state = health if health is not None else Health()
 
     async def healthz(_: web.Request) -> web.Response:
@@ -211,6 +263,8 @@ def build_web_app(
     web_app.router.add_get("/metrics", metrics)
     if bolt is not None:
         web_app.router.add_post("/slack/events", slack_events)
+    if deps.installations is not None and deps.settings.kimibot_role != "worker":
+        add_oauth_routes(web_app, build_oauth_flow(deps.settings, deps.installations))
     return web_app
 
 
@@ -218,10 +272,33 @@ def build_worker(deps: Deps, block_ms: int = 1_000) -> Worker:
     settings = deps.settings
 
     async def run(job: Job, lease: Lease) -> None:
-        await run_job(job, lease, deps)
+        if deps.installations is None:
+            await run_job(job, lease, deps)
+            return
+        team_bot = await team_bot_for_job(deps, lease)
+        if team_bot is None:
+            log.warning(
+                "job of a workspace without an installation dropped",
+                extra={"team_id": lease.thread.team_id, "job": job.job_id, "kind": job.kind},
+            )
+            await lease.dead_letter(job, "not installed")
+            return
+        with acting.acting_for(team_bot):
+            await run_job(job, lease, deps)
 
     async def report(job: Job, lease: Lease, why: str, reference: str) -> None:
-        await tell_not_answered(deps, job, lease, why, reference)
+        team_bot = await team_bot_for_job(deps, lease) if deps.installations is not None else None
+        if deps.installations is not None and team_bot is None:
+            return  # no token to say it with
+        with acting.acting_for(team_bot):
+            await tell_not_answered(deps, job, lease, why, reference)
+
+    async def waiting(lease: Lease) -> None:
+        team_bot = await team_bot_for_job(deps, lease) if deps.installations is not None else None
+        if deps.installations is not None and team_bot is None:
+            return
+        with acting.acting_for(team_bot):
+            await show_waiting(deps, lease)
 
     return Worker(
         deps.queue,
@@ -233,7 +310,7 @@ def build_worker(deps: Deps, block_ms: int = 1_000) -> Worker:
         max_attempts=settings.job_max_attempts,
         report=report,
         housekeeping=lambda: adopt_legacy_jobs(deps),
-        show_waiting=lambda lease: show_waiting(deps, lease),
+        show_waiting=waiting,
     )
 
 
@@ -282,6 +359,13 @@ async def _start_up(
     settings = deps.settings
 
     async def bot_token() -> None:
+        if settings.oauth and not settings.slack_bot_token:
+            # Many workspaces: each request and job finds its workspace's bot (bot/installations.py).
+            count = await until_settled(
+                "SLACK_CLIENT_ID", lambda: check_installations(deps.installations), health.checks
+            )
+            log.info("oauth mode: installations readable", extra={"installations": count})
+            return
         data = await until_settled("SLACK_BOT_TOKEN", lambda: check_bot_token(checks), health.checks)
         deps.identity = BotIdentity(
             user_id=str(data.get("user_id") or ""),
@@ -323,7 +407,13 @@ async def serve(deps: Deps) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal)
 
-    health = Health(checks={"SLACK_BOT_TOKEN": "checking"})
+    health = Health(
+        checks={
+            "SLACK_CLIENT_ID"
+            if settings.oauth and not settings.slack_bot_token
+            else "SLACK_BOT_TOKEN": "checking"
+        }
+    )
     if works:
         health.checks["MOONSHOT_API_KEY"] = "checking"
     bolt = build_bolt_app(deps) if receives else None

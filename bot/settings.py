@@ -50,6 +50,15 @@ WHERE_TO_GET: dict[str, str] = {
     "none",
     "ALLOWED_CHANNELS": "comma-separated Slack channel ids (C…, G…, D…) or dm (DMs with kimibot); empty for "
     "everywhere",
+    "SLACK_CLIENT_ID": "Slack app settings > Basic Information > App Credentials > Client ID; with "
+    "SLACK_CLIENT_SECRET it turns on OAuth installs (many workspaces)",
+    "SLACK_CLIENT_SECRET": "Slack app settings > Basic Information > App Credentials > Client Secret",
+    "SLACK_STATE_SECRET": "any long random string, the same on every replica (it signs the OAuth state); "
+    "unset: one is generated per process",
+    "SLACK_REDIRECT_URI": "the https URL of GET /slack/oauth_redirect as listed in the app's Redirect URLs; "
+    "empty: the one configured in the app",
+    "KIMIBOT_ENCRYPTION_KEY": "a Fernet key: python -c 'from cryptography.fernet import Fernet; "
+    "print(Fernet.generate_key().decode())'; empty: tokens are stored in Redis unencrypted",
 }
 
 # Settings that hold secrets: each may instead name a file with `NAME_FILE` (Docker/Kubernetes secrets).
@@ -59,6 +68,9 @@ SECRET_SETTINGS = (
     "SLACK_APP_TOKEN",
     "MOONSHOT_API_KEY",
     "REDIS_URL",
+    "SLACK_CLIENT_SECRET",
+    "SLACK_STATE_SECRET",
+    "KIMIBOT_ENCRYPTION_KEY",
 )
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -153,6 +165,14 @@ class Settings(BaseSettings):
     allow_guests: bool = False  # may guests (restricted / ultra-restricted accounts) use kimibot?
     admin_users: str = ""  # comma-separated user ids who may change settings and see all usage (and admins)
 
+    # --- OAuth installs, many workspaces (bot/installations.py) ---
+    slack_client_id: str = ""  # with slack_client_secret: OAuth mode, SLACK_BOT_TOKEN not needed
+    slack_client_secret: str = ""
+    slack_state_secret: str = ""  # empty: generated per process (replicas then need it set)
+    slack_redirect_uri: str = ""  # empty: the app's configured redirect URL
+    slack_install_scopes: str = ""  # empty: the OAuth manifest's bot scopes
+    kimibot_encryption_key: str = ""  # a Fernet key: installation tokens encrypted at rest in Redis
+
     # --- Usage, cost and budgets (bot/usage.py) ---
     kimi_prices: str = ""  # JSON {"model": [miss, hit, out]} USD per 1M tokens; overrides the profile table
     budget_user_daily_usd: float | None = Field(default=None, ge=0)  # per person per UTC day; None: no cap
@@ -167,6 +187,11 @@ class Settings(BaseSettings):
     @property
     def socket_mode(self) -> bool:
         return bool(self.slack_app_token)
+
+    @property
+    def oauth(self) -> bool:
+        """Many workspaces: installations come from Slack's OAuth flow, not SLACK_BOT_TOKEN."""
+        return bool(self.slack_client_id and self.slack_client_secret)
 
     @property
     def thread_ttl_seconds(self) -> int:
@@ -195,8 +220,23 @@ def problems_with(settings: Settings) -> list[str]:
         )
 
     receives = settings.kimibot_role != "worker"  # a worker never hears from Slack, only writes to it
+    if settings.slack_client_id and not settings.slack_client_secret:
+        missing("SLACK_CLIENT_SECRET")
+    elif settings.slack_client_secret and not settings.slack_client_id:
+        missing("SLACK_CLIENT_ID")
+    for name, secret in (
+        ("SLACK_CLIENT_ID", settings.slack_client_id),
+        ("SLACK_CLIENT_SECRET", settings.slack_client_secret),
+    ):
+        if secret and is_placeholder(secret):
+            placeholder(name)
+    if settings.kimibot_encryption_key and not fernet_key_ok(settings.kimibot_encryption_key):
+        malformed("KIMIBOT_ENCRYPTION_KEY", "is not a Fernet key (32 url-safe base64-encoded bytes)")
+    if settings.slack_redirect_uri and not _check_url(settings.slack_redirect_uri, ("https", "http")):
+        malformed("SLACK_REDIRECT_URI", f"is not an http(s) URL ({settings.slack_redirect_uri!r})")
     if not settings.slack_bot_token:
-        missing("SLACK_BOT_TOKEN")
+        if not settings.oauth:  # OAuth mode: each workspace's bot token comes from its installation
+            missing("SLACK_BOT_TOKEN")
     elif is_placeholder(settings.slack_bot_token):
         placeholder("SLACK_BOT_TOKEN")
     elif not settings.slack_bot_token.startswith("xox"):
@@ -263,6 +303,17 @@ def problems_with(settings: Settings) -> list[str]:
         if problem := config_problem(settings.mcp_config):
             problems.append(problem)
     return problems
+
+
+def fernet_key_ok(key: str) -> bool:
+    """Whether `key` is a usable Fernet key (what KIMIBOT_ENCRYPTION_KEY must hold)."""
+    from cryptography.fernet import Fernet
+
+    try:
+        Fernet(key.encode())
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _without_password(url: str) -> str:

@@ -95,6 +95,16 @@ async def check_bot_token(client: AsyncWebClient) -> dict[str, Any]:
     return await slack_call("SLACK_BOT_TOKEN", client.auth_test)
 
 
+async def check_installations(installations: Any) -> int:
+    """OAuth mode: the installations in Redis can be read (how many workspaces/orgs have kimibot)."""
+    from redis.exceptions import RedisError
+
+    try:
+        return int(await installations.store.count())
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise NotYet(f"the installations in Redis cannot be read ({type(exc).__name__}: {exc})") from None
+
+
 async def open_socket_url(settings: Settings, client: AsyncWebClient) -> str:
     """apps.connections.open with SLACK_APP_TOKEN: a WebSocket URL for Socket Mode, or why not."""
     data = await slack_call(

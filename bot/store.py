@@ -471,3 +471,42 @@ async def forget_user(redis: Redis, team_id: str, user: str) -> dict[str, int]:
             done["stops"] += int(await redis.delete(key))
     done["usage"] = await forget_user_usage(redis, team_id, user)
     return done
+
+
+async def _delete_matching(redis: Redis, pattern: str) -> int:
+    """Delete every key matching `pattern`, one at a time (on a cluster, scan_iter visits every master)."""
+    deleted = 0
+    async for key in redis.scan_iter(match=pattern, count=500):
+        deleted += int(await redis.delete(key))
+    return deleted
+
+
+def team_patterns(team_id: str) -> dict[str, str]:
+    """Every key family holding a team's data, by kind: the hash-tagged families of the team layer
+    (`kimibot:<kind>:{T}:...`: installation, settings, usage, feedback), the threads
+    (`kimibot:thread:{T:channel:ts}:...`) and the per-person keys that carry the team id untagged."""
+    return {
+        "tagged": f"{PREFIX}:*{{{team_id}}}*",
+        "threads": f"{PREFIX}:thread:{{{team_id}:*",
+        "names": f"{PREFIX}:user:{team_id}:*",
+        "usage": f"{PREFIX}:usage:{team_id}:*",
+        "guests": f"{PREFIX}:guest:{team_id}:*",
+        "usergroups": f"{PREFIX}:usergroup:{team_id}:*",
+        "refusals": f"{PREFIX}:refused:{team_id}:*",
+        "access": f"{PREFIX}:access:*:{team_id}:*",
+    }
+
+
+async def forget_team(redis: Redis, team_id: str) -> dict[str, int]:
+    """Delete everything kimibot keeps about one workspace (it uninstalled kimibot or revoked its token):
+    its installation, settings, usage and budgets, threads and their jobs, names, votes and access facts.
+    Other teams' keys are untouched (each pattern ends the team id with a delimiter). Left to expire: the
+    few keys without a team id (Stop marks, tool approvals; a day at most). Returns counts per kind."""
+    if not team_id or any(c in team_id for c in "*?[]{}:\\"):
+        raise ValueError(f"not a team id: {team_id!r}")
+    done = {kind: await _delete_matching(redis, pattern) for kind, pattern in team_patterns(team_id).items()}
+    ready = 0
+    async for member, _ in redis.zscan_iter(READY_KEY, match=f"{team_id}:*", count=500):
+        ready += int(await redis.zrem(READY_KEY, member))
+    done["ready"] = ready
+    return done

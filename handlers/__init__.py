@@ -7,7 +7,7 @@ from slack_bolt.async_app import AsyncApp
 from bot.admission import Access, AccessPolicy
 from bot.deps import Deps
 from bot.store import AccessFacts
-from handlers import actions, assistant, commands, events, fallback, settings, shortcuts
+from handlers import actions, assistant, commands, events, fallback, installs, settings, shortcuts
 
 
 def register(app: AsyncApp, deps: Deps) -> None:
@@ -19,4 +19,5 @@ def register(app: AsyncApp, deps: Deps) -> None:
     actions.register(app, deps, access)
     shortcuts.register(app, deps)
     settings.register(app, deps)
+    installs.register(app, deps)  # OAuth mode: app_uninstalled, tokens_revoked
     fallback.register(app)  # last: only what nothing above took

@@ -60,7 +60,7 @@ def test_the_reference_data_lists_every_method_called() -> None:
     assert set(METHODS_CALLED) <= vendored
 
 
-@pytest.mark.parametrize("name", ["manifest-http.yml", "manifest-socket-mode.yml"])
+@pytest.mark.parametrize("name", ["manifest-http.yml", "manifest-socket-mode.yml", "manifest-oauth.yml"])
 def test_manifest_covers_every_method_and_event(name: str) -> None:
     manifest = yaml.safe_load((ROOT / "manifests" / name).read_text())
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
@@ -75,3 +75,17 @@ def test_manifest_covers_every_method_and_event(name: str) -> None:
     assert manifest["features"]["agent_view"]["agent_description"]
     assert [c["command"] for c in manifest["features"]["slash_commands"]] == ["/kimi"]
     assert manifest["settings"]["socket_mode_enabled"] is (name == "manifest-socket-mode.yml")
+
+
+def test_the_oauth_manifest_redirects_to_the_route_and_sends_uninstalls() -> None:
+    from bot.oauth import REDIRECT_PATH
+
+    manifest = yaml.safe_load((ROOT / "manifests" / "manifest-oauth.yml").read_text())
+    [redirect] = manifest["oauth_config"]["redirect_urls"]
+    assert redirect.startswith("https://") and redirect.endswith(REDIRECT_PATH)
+    assert {"app_uninstalled", "tokens_revoked"} <= set(
+        manifest["settings"]["event_subscriptions"]["bot_events"]
+    )
+    assert manifest["settings"]["socket_mode_enabled"] is False
+    http = yaml.safe_load((ROOT / "manifests" / "manifest-http.yml").read_text())
+    assert manifest["oauth_config"]["scopes"] == http["oauth_config"]["scopes"]

@@ -9,6 +9,7 @@ the bot sends that real Slack would refuse is answered with Slack's error and re
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import time
@@ -30,6 +31,8 @@ BOT_ID = "B07F3N1QRST"
 APP_ID = "A07F3M9XQ2L"
 TOKEN = "xoxb-test-token"
 APP_TOKEN = "xapp-1-test-app-token"
+CLIENT_ID = "5284817632.7301928374650"  # the app's OAuth credentials (oauth.v2.access)
+CLIENT_SECRET = "c1f0e5b2a9d84e7f6a3b2c1d0e9f8a7b"
 
 MARKDOWN_TEXT_LIMIT = 12_000
 TEXT_LIMIT = 40_000
@@ -79,6 +82,29 @@ class Call:
     method: str
     args: dict[str, Any]
     at: float
+    basic: tuple[str, str] | None = None  # HTTP Basic credentials (oauth.v2.access: client id, secret)
+
+
+@dataclass
+class Workspace:
+    """A workspace the app is installed in: its bot token answers for it (auth.test says who)."""
+
+    team_id: str
+    bot_user_id: str
+    bot_id: str
+    name: str = "Fake"
+    enterprise_id: str | None = None
+    is_enterprise_install: bool = False
+
+
+@dataclass
+class Grant:
+    """Someone approved the install on Slack's consent page: the code kimibot exchanges once."""
+
+    workspace: Workspace
+    installer: str
+    rotating: bool = False  # token_rotation_enabled: the token expires and comes with a refresh token
+    expires_in: int = 43_200
 
 
 @dataclass
@@ -248,6 +274,12 @@ class FakeSlack:
     usergroups: dict[str, list[str]] = field(default_factory=dict)  # user group id -> member ids
     # The bot token's scopes, sent in every answer's x-oauth-scopes header as Slack does (kimibot doctor)
     scopes: set[str] = field(default_factory=lambda: manifest_scopes())
+    # OAuth installs: tokens beyond TOKEN (-> their workspace), consent codes not yet exchanged, refresh
+    # tokens not yet spent (-> the workspace); a spent code or refresh token is refused, as Slack does.
+    workspaces: dict[str, Workspace] = field(default_factory=dict)
+    grants: dict[str, Grant] = field(default_factory=dict)
+    refresh_tokens: dict[str, Workspace] = field(default_factory=dict)
+    token_expires: dict[str, float] = field(default_factory=dict)  # token -> time.time() it stops working
     server: TestServer | None = None
     _clock: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -303,6 +335,29 @@ class FakeSlack:
     def release_holds(self) -> None:
         for hold in self.holds:
             hold.release()
+
+    def approve_install(
+        self,
+        team_id: str,
+        *,
+        bot_user_id: str,
+        bot_id: str,
+        installer: str = "U0INSTALLER",
+        name: str = "Second",
+        enterprise_id: str | None = None,
+        is_enterprise_install: bool = False,
+        rotating: bool = False,
+        expires_in: int = 43_200,
+    ) -> str:
+        """What Slack's consent page does when someone clicks Allow: a one-time code for the redirect."""
+        code = f"code-{team_id}-{next(self._clock)}"
+        workspace = Workspace(team_id, bot_user_id, bot_id, name, enterprise_id, is_enterprise_install)
+        self.grants[code] = Grant(workspace, installer, rotating, expires_in)
+        return code
+
+    def tokens_used(self, method: str) -> list[str]:
+        """The token each call of `method` carried (Authorization header or token argument)."""
+        return [str(c.args.get("token") or "") for c in self.calls_of(method)]
 
     def add_user(self, user_id: str, display_name: str, real_name: str = "") -> None:
         self.users[user_id] = {
@@ -458,7 +513,7 @@ class FakeSlack:
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
         args = await self._args(request)
-        call = Call(method, args, time.monotonic())
+        call = Call(method, args, time.monotonic(), basic=self._basic(request))
         self.calls.append(call)
         held = None
         for hold in self.holds:
@@ -500,10 +555,18 @@ class FakeSlack:
         ref_error = self._check_reference(method, args)
         if ref_error:
             return self._error(call, ref_error)
+        if method == "oauth.v2.access":
+            return self._oauth_v2_access(args, call)
         if args.get("token") in self.revoked:
             return self._error(call, self.revoked[args["token"]])
-        if args.get("token") != (APP_TOKEN if method == "apps.connections.open" else TOKEN):
+        token = args.get("token")
+        if method == "apps.connections.open":
+            if token != APP_TOKEN:
+                return self._error(call, "invalid_auth")
+        elif token != TOKEN and token not in self.workspaces:
             return self._error(call, "invalid_auth")
+        elif token in self.token_expires and self.token_expires[token] <= time.time():
+            return self._error(call, "token_expired")
         handler = getattr(self, "_m_" + method.replace(".", "_"), None)
         if handler is None:
             self.problems.append(f"{method}: the fake does not implement it")
@@ -514,6 +577,84 @@ class FakeSlack:
         result = {"ok": True, **result}
         args["_result"] = result
         return web.json_response(result, headers={"x-oauth-scopes": ",".join(sorted(self.scopes))})
+
+    def _oauth_v2_access(self, args: dict[str, Any], call: Call) -> web.Response:
+        """Code exchange and token refresh. The app's credentials come as HTTP Basic (or arguments); a code
+        or refresh token works once: Slack refuses one spent before."""
+        client_id, client_secret = call.basic or (args.get("client_id"), args.get("client_secret"))
+        if client_id != CLIENT_ID:
+            return self._error(call, "invalid_client_id")
+        if client_secret != CLIENT_SECRET:
+            return self._error(call, "bad_client_secret")
+        if "token" in args:
+            self.problems.append("oauth.v2.access: sent with a token")
+            return self._error(call, "invalid_arguments")
+        grant_type = args.get("grant_type") or "authorization_code"
+        if grant_type == "refresh_token":
+            workspace = self.refresh_tokens.pop(str(args.get("refresh_token") or ""), None)
+            if workspace is None:
+                return self._error(call, "invalid_refresh_token")
+            token, refresh = self._issue(workspace, rotating=True, expires_in=43_200)
+            result: dict[str, Any] = {
+                "ok": True,
+                "app_id": APP_ID,
+                "access_token": token,
+                "token_type": "bot",
+                "scope": ",".join(sorted(self.scopes)),
+                "bot_user_id": workspace.bot_user_id,
+                "team": {"id": workspace.team_id, "name": workspace.name},
+                "enterprise": None,
+                "is_enterprise_install": workspace.is_enterprise_install,
+                "refresh_token": refresh,
+                "expires_in": 43_200,
+            }
+            args["_result"] = result
+            return web.json_response(result)
+        if grant_type != "authorization_code":
+            return self._error(call, "invalid_grant_type")
+        grant = self.grants.pop(str(args.get("code") or ""), None)
+        if grant is None:
+            return self._error(call, "invalid_code")
+        workspace = grant.workspace
+        token, refresh = self._issue(workspace, rotating=grant.rotating, expires_in=grant.expires_in)
+        enterprise = {"id": workspace.enterprise_id, "name": "Org"} if workspace.enterprise_id else None
+        team = {"id": workspace.team_id, "name": workspace.name}
+        result = {
+            "ok": True,
+            "app_id": APP_ID,
+            "authed_user": {"id": grant.installer},
+            "scope": ",".join(sorted(self.scopes)),
+            "token_type": "bot",
+            "access_token": token,
+            "bot_user_id": workspace.bot_user_id,
+            "team": None if workspace.is_enterprise_install else team,
+            "enterprise": enterprise,
+            "is_enterprise_install": workspace.is_enterprise_install,
+        }
+        if refresh:
+            result.update(refresh_token=refresh, expires_in=grant.expires_in)
+        args["_result"] = result
+        return web.json_response(result)
+
+    def _issue(self, workspace: Workspace, *, rotating: bool, expires_in: int) -> tuple[str, str]:
+        serial = next(self._clock)
+        team = workspace.team_id
+        token = f"xoxe.xoxb-1-{team}-{serial}" if rotating else f"xoxb-{team}-{serial}"
+        self.workspaces[token] = workspace
+        if not rotating:
+            return token, ""
+        self.token_expires[token] = time.time() + expires_in
+        refresh = f"xoxe-1-{workspace.team_id}-{serial}"
+        self.refresh_tokens[refresh] = workspace
+        return token, refresh
+
+    @staticmethod
+    def _basic(request: web.Request) -> tuple[str, str] | None:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Basic "):
+            return None
+        user, _, password = base64.b64decode(auth.removeprefix("Basic ")).decode().partition(":")
+        return user, password
 
     def _error(self, call: Call, error: str) -> web.Response:
         call.args["_result"] = {"ok": False, "error": error}
@@ -554,6 +695,18 @@ class FakeSlack:
 
     # ---- methods --------------------------------------------------------------------------------
     def _m_auth_test(self, args: dict[str, Any]) -> dict[str, Any]:
+        workspace = self.workspaces.get(str(args.get("token") or ""))
+        if workspace is not None:
+            return {
+                "url": f"https://{workspace.name.lower()}.slack.com/",
+                "team": workspace.name,
+                "user": "kimibot",
+                "team_id": workspace.team_id,
+                "user_id": workspace.bot_user_id,
+                "bot_id": workspace.bot_id,
+                "enterprise_id": workspace.enterprise_id,
+                "is_enterprise_install": workspace.is_enterprise_install,
+            }
         return {
             "url": "https://fake.slack.com/",
             "team": "Fake",
