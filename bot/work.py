@@ -231,11 +231,18 @@ async def tell_not_answered(deps: Deps, job: Job, lease: Lease, why: str, refere
     if (response_url and job.kind == "command") or (job.kind == "turn" and response_url):
         await AsyncWebhookClient(response_url).send(text=sentence, response_type="ephemeral")
         return
-    placeholder = (await lease.progress(job)).get("placeholder_ts")
+    progress = await lease.progress(job)
+    placeholder = progress.get("placeholder_ts")
     if placeholder:
         await deps.slack.chat_update(channel=channel, ts=placeholder, text=sentence, blocks=[])
     else:
         await deps.slack.chat_postMessage(channel=channel, thread_ts=thread_ts or None, text=sentence)
+    if progress.get("reaction") and job.kind == "turn" and data.get("ts"):
+        # An earlier run marked the question heard while it waited to post: the sentence replaces that.
+        with contextlib.suppress(Exception):
+            await deps.slack.reactions_remove(
+                channel=channel, timestamp=str(data["ts"]), name=progress["reaction"]
+            )
 
 
 LEGACY_STREAM = "kimibot:jobs"  # where kimibot before the per-thread inboxes kept its jobs

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from bot.slack.pacing import Pacer, SharedPacer, TokenBucket
 from tests.conftest import FAST_PACE, BotHarness
 from tests.fakes.kimi_api import FakeKimi, Reply
-from tests.fakes.slack_api import FakeSlack
+from tests.fakes.slack_api import TEAM_ID, FakeSlack
 from tests.slack_requests import CHANNEL, mention
 
 
@@ -87,7 +87,7 @@ async def test_two_replicas_draw_on_one_shared_budget(redis_url: str) -> None:
         assert waits[:3] == [0.0, 0.0, 0.0]  # the burst, whichever process asks
         interval = 1 / (1.0 * 0.9)  # one a second, 10% margin
         for n, wait in enumerate(waits[3:], start=1):
-            assert wait is not None and abs(wait - n * interval) < 0.2, waits
+            assert wait is not None and abs(wait - n * interval) < 0.5, waits
         # Another channel, another workspace's stream budget: their own buckets.
         assert await pacers[1].reserve_shared("chat.postMessage", "T1", "C2") == 0.0
         assert await pacers[0].reserve_shared("chat.startStream", "T2") == 0.0
@@ -153,3 +153,24 @@ async def test_a_burst_in_one_channel_gets_a_reaction_at_once_where_the_placehol
         assert added.args["name"] == "eyes"
     assert not any(fake_slack.reactions.values())  # every reaction removed once its answer landed
     assert all(len(fake_slack.bodies(CHANNEL, ts)) == 1 for ts in asked)  # one answer each
+
+
+async def test_a_question_marked_heard_by_a_run_that_stopped_loses_the_mark_when_answered(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """The run that reacted 👀 is stopped while it waits for the channel's posting slot (shutdown); the
+    run that answers in its place removes the reaction (it is kept in the job's progress)."""
+    first: BotHarness = await make_bot()
+    first.deps.pacer = Pacer()  # Slack's documented pace
+    for _ in range(3):  # the channel's burst is spent: the next post is over a second away
+        await first.deps.pacer.reserve("chat.postMessage", TEAM_ID, CHANNEL)
+    ts = "1700000006.000900"
+    await first.send_event(mention("question", ts))
+    async with asyncio.timeout(10):
+        while not fake_slack.reactions.get((CHANNEL, ts)):  # noqa: ASYNC110 - set by the fake server
+            await asyncio.sleep(0.01)
+    await first.worker.drain(grace_s=0)  # shutdown while the placeholder waits: the job is handed back
+    second: BotHarness = await make_bot()
+    await second.settle(limit_s=20)
+    assert not fake_slack.reactions.get((CHANNEL, ts))
+    assert len(fake_slack.bodies(CHANNEL, ts)) == 1 and len(fake_slack.calls_of("reactions.add")) == 1

@@ -203,3 +203,13 @@ def test_a_paragraph_longer_than_a_message_is_packed_at_sentence_ends() -> None:
     assert len(pieces) > 5 and all(len(p) <= 3_000 for p in pieces)
     assert all(p.endswith("doloremque.") for p in pieces[:-1])
     assert " ".join(pieces).split() == (sentence * 400).split()
+
+
+def test_chinese_and_japanese_text_streams_without_waiting_for_spaces() -> None:
+    from bot.slack.render import cut_point, whole_words
+
+    chinese = "这是第一句话。这是第二句话，还没有写完"
+    assert whole_words(chinese, 200) == len(chinese)  # any CJK character ends a "word"
+    assert whole_words("混合 text mid-wo", 200) == len("混合 text ")
+    text = "第一句。" * 30
+    assert text[: cut_point(text, 50)].endswith("。")  # full stops take no space after them

@@ -142,6 +142,8 @@ redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_t
 return {string.format('%.3f', delay), string.format('%.3f', new_tat - now)}
 """
 SHARED_FALLBACK_LOG_S = 60.0  # "pacing per process" is logged at most this often while Redis fails
+SHARED_TIMEOUT_S = 0.25  # a Slack call waits at most this long for Redis's answer about its slot
+SHARED_COOL_OFF_S = 10.0  # after a failure, pace per process this long before asking Redis again
 
 
 class SharedPacer(Pacer):
@@ -155,6 +157,7 @@ class SharedPacer(Pacer):
         self.redis = redis
         self.prefix = prefix
         self._failed_logged_at = -SHARED_FALLBACK_LOG_S
+        self._local_until = 0.0  # Redis failed lately: the local buckets pace alone until then
 
     def key(self, method: str, team: str, channel: str) -> str | None:
         if method == "chat.postMessage":
@@ -175,10 +178,14 @@ class SharedPacer(Pacer):
         if key is None or bucket is None:
             return None
         interval_ms = 1000.0 / bucket.rate_per_s
+        if time.monotonic() < self._local_until:
+            return None
         try:
-            delay_ms, backlog_ms = await self.redis.eval(_RESERVE, 1, key, interval_ms, bucket.capacity)
-        except Exception as exc:  # RedisError, a timeout: pace locally rather than stop answering
+            async with asyncio.timeout(SHARED_TIMEOUT_S):
+                delay_ms, backlog_ms = await self.redis.eval(_RESERVE, 1, key, interval_ms, bucket.capacity)
+        except Exception as exc:  # RedisError, a timeout: pace locally rather than hold every Slack call
             now = time.monotonic()
+            self._local_until = now + SHARED_COOL_OFF_S
             if now - self._failed_logged_at >= SHARED_FALLBACK_LOG_S:
                 self._failed_logged_at = now
                 log.warning("shared pacing unavailable; pacing per process", extra={"error": str(exc)})

@@ -157,8 +157,13 @@ def close_fence(text: str, marker: str) -> str:
     return marker if text.endswith("\n") else f"\n{marker}"
 
 
-_SENTENCE_END = re.compile(r"[.!?…。！？][\"'”’)\]]*\s+")
+# A sentence ends at . ! ? … followed by space (closing quotes/brackets first), or at CJK full stops, which
+# take no space after them.
+_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*\s+|[。！？][”’」』）)]*\s*")
 _SPACE = re.compile(r"\s+")
+# Where streamed text may break while more is coming: after whitespace, or after any CJK character
+# (Chinese and Japanese put no spaces between words).
+_BREAK_AFTER = re.compile(r"[\s\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]")
 
 
 def _last_end(pattern: re.Pattern[str], text: str, low: int, high: int) -> int:
@@ -203,15 +208,13 @@ def cut_point(text: str, room: int) -> int:
 
 
 def whole_words(text: str, hold_max: int) -> int:
-    """How much of text still being written may go out now: up to its last whitespace, so a message
-    never ends inside a word that is still arriving; all of it once the tail is a "word" longer than
-    `hold_max` (a long URL, a base64 blob)."""
-    end = max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"))
-    if end < 0:
-        return len(text) if len(text) > hold_max else 0
-    if len(text) - (end + 1) > hold_max:
-        return len(text)
-    return end + 1
+    """How much of text still being written may go out now: up to its last break (whitespace, or a CJK
+    character), so a message never ends inside a word that is still arriving; all of it once the tail
+    is a "word" longer than `hold_max` (a long URL, a base64 blob)."""
+    for start in range(len(text) - 1, max(len(text) - hold_max - 2, -1), -1):
+        if _BREAK_AFTER.match(text, start):
+            return start + 1
+    return len(text) if len(text) > hold_max else 0
 
 
 def footer(

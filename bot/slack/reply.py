@@ -282,6 +282,7 @@ class ReplyWriter:
         self._cards_waiting_since = 0.0  # when the oldest card change not yet in Slack was made
         self._text_limit: int | None = None  # while cards wait: text beyond this waits too
         self._final = False  # Kimi is done: the last part-word may go out too
+        self._complete_to = 0  # the answer up to here is a finished step's: no part-word to hold back
         self._separator_due = False  # a new model step: its text starts a new paragraph
         self._step_start = 0  # where the current step's text begins in `answer`
 
@@ -342,29 +343,48 @@ class ReplyWriter:
         more than a moment away (a burst of questions in one channel), a reaction on the question shows
         it was heard meanwhile (reactions are paced per workspace, not per channel); it goes when the
         answer lands."""
+        self.reaction = self.reaction or self.resume.get("reaction", "")  # an earlier run's, to remove
         wait = await self.pacer.reserve("chat.postMessage", self.turn.team_id, self.turn.channel)
-        if wait > SIGN_OF_LIFE_WAIT_S and not self.reaction:
+        team = self.turn.team_id
+        if (
+            wait > SIGN_OF_LIFE_WAIT_S
+            and not self.reaction
+            and self.pacer.wait_estimate("reactions.add", team) < wait / 2  # a sign that comes sooner
+        ):
             started = time.monotonic()
-            with contextlib.suppress(Exception):
+            try:
                 await self._call(
                     "reactions.add", channel=self.turn.channel, timestamp=self.turn.ts, name=HEARD_REACTION
                 )
                 self.reaction = HEARD_REACTION
-                await self._report(reaction=HEARD_REACTION)
+            except SlackApiError as exc:
+                if slack_error(exc) == "already_reacted":  # an earlier run's, not noted before it died
+                    self.reaction = HEARD_REACTION
+            except Exception as exc:
+                log.info("reaction not added", extra={"error": describe(exc)})
+            if self.reaction:
+                await self._report(reaction=self.reaction)
             wait = max(0.0, wait - (time.monotonic() - started))
         if wait > 0:
             self.pacer.waited_s += wait
             await asyncio.sleep(wait)
 
     async def _remove_reaction(self) -> None:
-        """The answer (or the failure's sentence) landed: the "heard you" reaction goes."""
-        if not self.reaction:
+        """The answer (or the failure's sentence) landed: the "heard you" reaction goes — beside the
+        job's completion, not before it (its budget may be spent for a while)."""
+        self.reaction = self.reaction or self.resume.get("reaction", "")
+        if not self.reaction or not self.turn.in_slack_thread:
             return
-        with contextlib.suppress(Exception):
-            await self._call(
-                "reactions.remove", channel=self.turn.channel, timestamp=self.turn.ts, name=self.reaction
-            )
-        self.reaction = ""
+        name, self.reaction = self.reaction, ""
+
+        async def remove() -> None:
+            # Not fenced: the job may be complete (its lease gone) by now, and removing twice is harmless.
+            with contextlib.suppress(Exception):
+                await self.pacer.acquire("reactions.remove", self.turn.team_id, self.turn.channel)
+                args = {"channel": self.turn.channel, "timestamp": self.turn.ts, "name": name}
+                await api_call(self.client, "reactions.remove", args)
+
+        self._side_tasks.append(asyncio.create_task(remove()))
 
     async def _take_back(self, placeholder: str | None, answer_ts: list[str]) -> None:
         """A re-run after a crash: remove the partial answer the earlier run left (not its placeholder)."""
@@ -398,6 +418,7 @@ class ReplyWriter:
         """The agent loop asks Kimi again (after tool calls): its text starts a new paragraph."""
         self._separator_due = bool(self.answer)
         self._step_start = len(self.answer)
+        self._complete_to = len(self.answer)
 
     def task(
         self, call_id: str, title: str, status: str, *, details: str = "", sources: tuple[str, ...] = ()
@@ -405,6 +426,7 @@ class ReplyWriter:
         """A tool call's card: pending, in_progress, complete or error. Only recorded here; the flusher
         shows it (the latest state of each card, so quick changes cost one call)."""
         card_id = self._card_ids.setdefault(call_id, f"task_{len(self._card_ids) + 1}")
+        self._complete_to = len(self.answer)  # the step's text ended where its tool calls began
         self.cards[card_id] = task_card(card_id, title, status, details=details, sources=sources)
         if card_id not in self._dirty_cards:
             if not self._dirty_cards:
@@ -911,7 +933,8 @@ class ReplyWriter:
         text = self.answer[self.sent : self._text_limit]
         if self._final or self._text_limit is not None:
             return text
-        return text[: whole_words(text, WORD_HOLD_MAX)]
+        # Text of a step that ended (tool calls came, or Kimi is asked again) is whole as it is.
+        return text[: max(whole_words(text, WORD_HOLD_MAX), self._complete_to - self.sent)]
 
     async def _flush_text_and_cards(self) -> None:
         """Cards go out after the text written before them, and before the text written after them (in
