@@ -174,3 +174,33 @@ async def test_a_question_marked_heard_by_a_run_that_stopped_loses_the_mark_when
     await second.settle(limit_s=20)
     assert not fake_slack.reactions.get((CHANNEL, ts))
     assert len(fake_slack.bodies(CHANNEL, ts)) == 1 and len(fake_slack.calls_of("reactions.add")) == 1
+
+
+async def test_a_silent_redis_holds_a_slack_call_a_quarter_second_once_then_pacing_is_local() -> None:
+    """A Redis that takes the connection and never answers (SIGSTOP, a dead proxy): the first paced call
+    gives up on it after 0.25 s, the next ones within 10 s do not ask it at all."""
+    silent_calls = 0
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal silent_calls
+        silent_calls += 1
+        await reader.read(1 << 16)  # hears the command, never answers
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    silent = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=30)
+    pacer = SharedPacer(silent)
+    try:
+        started = time.monotonic()
+        await pacer.acquire("chat.postMessage", "T1", "C1")
+        first = time.monotonic() - started
+        started = time.monotonic()
+        for _ in range(2):
+            await pacer.acquire("chat.postMessage", "T1", "C1")
+        later = time.monotonic() - started
+        assert first < 2.0 and later < 0.2, (first, later)  # not 30 s (the client's own timeout)
+        assert silent_calls == 1
+    finally:
+        server.close()
+        await silent.aclose()
