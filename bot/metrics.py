@@ -34,6 +34,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Thinking models take seconds to minutes; the first token (reasoning counts) comes much sooner.
 KIMI_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 FIRST_TOKEN_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60)
+LOOP_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+LOOP_LAG_TICK_S = 0.1
 
 
 class _Queue(Protocol):
@@ -118,12 +120,27 @@ class Metrics:
             ["method"],
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "kimibot_event_loop_lag_seconds",
+            "How late the event loop ran a timer due every 0.1 s: the delay every request and stream of this "
+            "process saw at that moment",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
         self.redis_errors = PromCounter(
             "kimibot_redis_errors",
             "Redis commands that failed (connection, timeout, cluster down), by error type",
             ["error"],
             registry=r,
         )
+
+    async def watch_loop(self, every_s: float = LOOP_LAG_TICK_S) -> None:
+        """Measure the event loop's lag for as long as the process serves (a task of `serve`)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + every_s
+            await asyncio.sleep(every_s)
+            self.loop_lag.observe(max(0.0, loop.time() - due))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Metrics:
         # One per app, shared: Bolt deep-copies a request (and its client's retry handlers, which hold this)

@@ -465,6 +465,7 @@ async def serve(deps: Deps) -> None:
 
     waiter = asyncio.create_task(stop.wait(), name="stop-signal")
     tasks = [asyncio.create_task(start_then_work(), name="start-up")]
+    lag_watch = asyncio.create_task(deps.metrics.watch_loop(), name="loop-lag")
     if socket is not None:
         tasks.append(asyncio.create_task(socket.run(), name="socket-mode"))
     failure: BaseException | None = None
@@ -477,9 +478,9 @@ async def serve(deps: Deps) -> None:
     finally:
         health.stopping = True
         log.info("shutting down", extra={"running_jobs": len(worker.running) if worker else 0})
-        for task in [waiter, *tasks]:
+        for task in [waiter, lag_watch, *tasks]:
             task.cancel()
-        await asyncio.gather(waiter, *tasks, return_exceptions=True)
+        await asyncio.gather(waiter, lag_watch, *tasks, return_exceptions=True)
         if socket is not None:
             await socket.close()
         await _bounded(site.stop(), 3.0, "stop receiving")

@@ -228,3 +228,21 @@ async def test_a_question_given_up_after_its_attempts_counts_as_gave_up(
     assert value(after, "kimibot_answers_total", outcome="gave_up") == 1
     assert value(after, "kimibot_answers_total", outcome="answered") == 0
     assert any("given up" in body for body in fake_slack.bodies("C06H4T2MZ8R", ts))
+
+
+async def test_event_loop_lag_is_measured_while_serving() -> None:
+    """`serve` runs Metrics.watch_loop: a callback that blocks the loop shows as lag in the histogram."""
+    import asyncio
+    import time
+
+    from bot.metrics import Metrics
+
+    metrics = Metrics()
+    watcher = asyncio.create_task(metrics.watch_loop(every_s=0.02))
+    await asyncio.sleep(0.05)
+    time.sleep(0.15)  # noqa: ASYNC251 - the point: something blocks the event loop
+    await asyncio.sleep(0.05)
+    watcher.cancel()
+    samples = {s.name: s.value for f in metrics.registry.collect() for s in f.samples if "lag" in s.name}
+    assert samples["kimibot_event_loop_lag_seconds_count"] >= 3
+    assert samples["kimibot_event_loop_lag_seconds_sum"] >= 0.1
