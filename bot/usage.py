@@ -42,6 +42,7 @@ from bot.budgets import (
     estimate_nusd,
     month_of,
     months_back,
+    next_midnight,
     over_budget_sentence,
     prompt_bound,
     ranked,
@@ -383,22 +384,25 @@ def _channel_budget(raw: Any, month_fields: dict[str, str], channel: str) -> lis
 
 async def forget_user_usage(redis: Redis, team_id: str, user: str, now: dt.datetime | None = None) -> int:
     """`/kimi forget-me`: delete the person's usage records (their day hashes, their `u:` fields in the
-    month hashes, their reservations). The team's and channels' totals keep the aggregate numbers, which
-    carry no user id. Keys are computed, not scanned (USAGE_TTL_S of days, 14 months), all in the team's slot.
-    Returns how many records were deleted."""
+    month hashes). Kept, because the daily budget reads it: today's `cost_nusd` of their day hash, alone,
+    until midnight UTC (forgetting must not hand out a fresh daily budget); their live reservations too (the
+    requests are in flight; they expire within RESERVATION_TTL_S). The team's and channels' totals keep the
+    aggregate numbers, which carry no user id. Keys are computed, not scanned (USAGE_TTL_S of days, 14
+    months), all in the team's slot. Returns how many records were deleted."""
     now = now or dt.datetime.now(dt.UTC)
     keys = UsageKeys(team_id)
     deleted = 0
-    day_keys = [keys.user_day(user, d) for d in days_back(now, USAGE_TTL_S // 86_400 + 2)]
+    today = day_of(now)
+    day_keys = [keys.user_day(user, d) for d in days_back(now, USAGE_TTL_S // 86_400 + 2) if d != today]
     for start in range(0, len(day_keys), 100):
         deleted += int(await redis.delete(*day_keys[start : start + 100]))
+    today_key = keys.user_day(user, today)
+    others = [name for name in METRICS if name != "cost_nusd"]
+    deleted += int(await redis.hdel(today_key, *others) > 0)  # type: ignore[misc]
+    await redis.expireat(today_key, next_midnight(now))  # a no-op when there is no such hash
     fields = [f"u:{user}:{name}" for name in METRICS]
     for month in months_back(now, 15):
         deleted += int(await redis.hdel(keys.month(month), *fields) > 0)  # type: ignore[misc]
-    reservations = await redis.hgetall(keys.reservations)  # type: ignore[misc]
-    mine = [str(k) for k, v in reservations.items() if str(v).split("|")[2:3] == [user]]
-    if mine:
-        await redis.hdel(keys.reservations, *mine)  # type: ignore[misc]
     return deleted
 
 

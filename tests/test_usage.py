@@ -300,12 +300,37 @@ async def test_forget_me_deletes_the_persons_usage_and_keeps_the_totals(
     team_before = await redis.hget(keys().day(day_of(now)), "cost_nusd")  # type: ignore[misc]
     await bot.command("forget-me")
     await bot.settle()
-    assert not await redis.exists(keys().user_day(ALICE, day_of(now)))
-    assert await redis.exists(keys().user_day(BOB, day_of(now)))
+    # Only what her daily budget reads is kept, and only until midnight UTC.
+    assert list(await redis.hgetall(keys().user_day(ALICE, day_of(now)))) == ["cost_nusd"]  # type: ignore[misc]
+    assert 0 < await redis.ttl(keys().user_day(ALICE, day_of(now))) <= 86_400
+    assert len(await redis.hgetall(keys().user_day(BOB, day_of(now)))) == 6  # type: ignore[misc]
     month = await redis.hgetall(keys().month(month_of(now)))  # type: ignore[misc]
     assert not [f for f in month if f.startswith(f"u:{ALICE}:")] and f"u:{BOB}:turns" in month
     assert await redis.hget(keys().day(day_of(now)), "cost_nusd") == team_before  # type: ignore[misc]
     assert "usage records" in fake_slack.responses[-1]["text"]
+
+
+async def test_forget_me_does_not_reset_the_daily_budget(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    bot: BotHarness = await make_bot(**ONE_CENT_A_REQUEST, budget_user_daily_usd=0.0101)
+    await bot.send_event(mention("first", "1700000710.000100"))
+    await bot.settle()
+    await bot.send_event(mention("second", "1700000710.000200"))
+    await bot.settle()
+    assert len(fake_kimi.requests) == 1
+    await bot.command("forget-me")
+    await bot.settle()
+    await bot.send_event(mention("third", "1700000710.000300"))
+    await bot.settle()
+    assert len(fake_kimi.requests) == 1  # forgetting her did not give her a fresh day
+    assert "daily Kimi budget" in fake_slack.bodies(CHANNEL, "1700000710.000300")[-1]
+    # Her earlier days go entirely.
+    yesterday = (bot.deps.usage.now() - dt.timedelta(days=1)).date().isoformat()
+    await bot.deps.redis.hset(keys().user_day(ALICE, yesterday), "cost_nusd", "5")  # type: ignore[misc]
+    await bot.command("forget-me")
+    await bot.settle()
+    assert not await bot.deps.redis.exists(keys().user_day(ALICE, yesterday))
 
 
 async def test_retried_and_failed_attempts_are_recorded_when_kimi_reported_usage(
@@ -375,7 +400,9 @@ async def test_on_redis_cluster_budgets_usage_and_forget_me_stay_in_the_teams_sl
     assert "*Today:* 1 answer ·" in fake_slack.responses[-1]["text"]
     await bot.command("forget-me")
     await bot.settle()
-    assert not await bot.deps.redis.exists(keys().user_day(ALICE, day_of(bot.deps.usage.now())))
+    assert list(await bot.deps.redis.hgetall(keys().user_day(ALICE, day_of(bot.deps.usage.now())))) == [  # type: ignore[misc]
+        "cost_nusd"
+    ]
 
 
 def test_the_readme_price_table_is_the_profile_table() -> None:
