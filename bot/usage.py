@@ -113,12 +113,12 @@ for i = 1, #all, 2 do
   if (not exp) or tonumber(exp) <= now or all[i] == ARGV[2] or string.sub(all[i], 1, #prefix) == prefix then
     redis.call('HDEL', KEYS[1], all[i])
   else
+    -- Every live reservation counts against the current period, whichever it was made in: it is booked
+    -- into the period it settles in (a request reserved at 23:59 and settled at 00:01 costs today).
     amt = tonumber(amt)
-    if m == month then
-      r_team = r_team + amt
-      if c == channel then r_channel = r_channel + amt end
-    end
-    if u == user and d == day then r_user = r_user + amt end
+    r_team = r_team + amt
+    if c == channel then r_channel = r_channel + amt end
+    if u == user then r_user = r_user + amt end
   end
 end
 local channel_limit = -1

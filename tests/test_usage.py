@@ -107,6 +107,27 @@ async def test_a_crashed_requests_reservation_expires_or_is_replaced_by_the_reru
     assert await bot.deps.redis.pttl(keys().reservations) > 0  # the hash itself expires too
 
 
+async def test_reservations_made_before_midnight_count_against_the_new_day_and_month(bot: BotHarness) -> None:
+    # 23:59:59 on the last day of a month; the requests reserved then settle after midnight, into the new
+    # day and month, so the new period's checks must count them.
+    clock = [dt.datetime(2027, 1, 31, 23, 59, 59, tzinfo=dt.UTC).timestamp()]
+    ledger = UsageLedger(bot.deps.redis, clock=lambda: clock[0])
+    day_limits = Limits(user_daily_nusd=2 * CENT)
+    month_limits = Limits(team_monthly_nusd=2 * CENT)
+    await ledger.reserve(TEAM_ID, "late:0", CENT, user=ALICE, channel=CHANNEL, limits=day_limits)
+    clock[0] += 2  # 00:00:01, 1 February
+    await ledger.reserve(TEAM_ID, "early:0", CENT, user=ALICE, channel=CHANNEL, limits=day_limits)
+    with pytest.raises(OverBudget) as caught:
+        await ledger.reserve(TEAM_ID, "third:0", CENT, user=ALICE, channel=CHANNEL, limits=day_limits)
+    assert caught.value.scope is Scope.USER
+    with pytest.raises(OverBudget) as caught:
+        await ledger.reserve(TEAM_ID, "third:0", CENT, user=BOB, channel=CHANNEL, limits=month_limits)
+    assert caught.value.scope is Scope.TEAM
+    for rid in ("late:0", "early:0"):
+        await ledger.settle(TEAM_ID, rid, Usage(0, 1000), CENT, user=ALICE, channel=CHANNEL, model="kimi-k2.6")
+    assert await bot.deps.redis.hget(keys().user_day(ALICE, "2027-02-01"), "cost_nusd") == str(2 * CENT)  # type: ignore[misc]
+
+
 async def test_every_answer_records_per_team_channel_user_model_and_day(
     make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
 ) -> None:
