@@ -428,7 +428,7 @@ class Meter:
     _prompt: int = 0
     reserved_nusd: list[int] = field(default_factory=list)
 
-    async def before(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
+    async def before(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int | None:
         self._prompt = prompt_bound(messages, tools, self.calibration, self.profile.context_window)
         amount = estimate_nusd(self.profile, self._prompt, self.output_budget)
         # "<job id>:<n>": a request reserves for its answer alone, so a re-run replaces (does not add to)
@@ -445,6 +445,7 @@ class Meter:
             raise
         self._current = reservation
         self.reserved_nusd.append(amount)
+        return None
 
     async def after(self, acc: Accumulator, *, cancelled: bool) -> None:
         usage = acc.usage

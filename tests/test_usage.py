@@ -124,7 +124,9 @@ async def test_reservations_made_before_midnight_count_against_the_new_day_and_m
         await ledger.reserve(TEAM_ID, "third:0", CENT, user=BOB, channel=CHANNEL, limits=month_limits)
     assert caught.value.scope is Scope.TEAM
     for rid in ("late:0", "early:0"):
-        await ledger.settle(TEAM_ID, rid, Usage(0, 1000), CENT, user=ALICE, channel=CHANNEL, model="kimi-k2.6")
+        await ledger.settle(
+            TEAM_ID, rid, Usage(0, 1000), CENT, user=ALICE, channel=CHANNEL, model="kimi-k2.6"
+        )
     assert await bot.deps.redis.hget(keys().user_day(ALICE, "2027-02-01"), "cost_nusd") == str(2 * CENT)  # type: ignore[misc]
 
 
@@ -470,6 +472,48 @@ async def test_reservations_last_an_hour_at_most_and_redis_failures_fail_closed_
     await meter.after(Accumulator(usage=Usage(10, 5)), cancelled=False)  # a delivered answer stands
     assert meter.metrics.cost.labels("kimi-k2.6")._value.get() > 0
     await unreachable.redis.aclose()
+
+
+def meter_for(ledger: UsageLedger, user: str, answer_id: str, **kwargs: Any) -> Any:
+    from bot.metrics import Metrics
+    from bot.usage import Meter
+
+    return Meter(
+        ledger,
+        Metrics(),
+        TEAM_ID,
+        CHANNEL,
+        user,
+        answer_id,
+        "kimi-k2.6",
+        PROFILES["kimi-k2.6"],
+        1000,
+        Limits(),
+        **kwargs,
+    )
+
+
+async def test_a_request_waiting_for_a_kimi_slot_holds_no_reservation_and_stopped_costs_nothing(
+    make_bot: Callable[..., Any], fake_kimi: FakeKimi
+) -> None:
+    bot: BotHarness = await make_bot(kimi_concurrency=1)
+    kimi, ledger = bot.deps.kimi, bot.deps.usage
+    fake_kimi.script(Reply(content="slow", first_byte_delay=1.0))
+    messages = [{"role": "user", "content": "hi"}]
+    first = asyncio.create_task(kimi.complete(messages, meter=meter_for(ledger, ALICE, "first")))
+    while not fake_kimi.requests:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(kimi.complete(messages, meter=meter_for(ledger, BOB, "waiting")))
+    await asyncio.sleep(0.2)
+    assert [r.split(":")[0] for r in await ledger.reserved(TEAM_ID)] == ["first"]  # the wait reserves nothing
+    waiting.cancel()  # Stop while it waits for the slot
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await first
+    assert len(fake_kimi.requests) == 1
+    assert not await bot.deps.redis.exists(keys().user_day(BOB, day_of(ledger.now())))  # nothing guessed
+    assert await bot.deps.redis.exists(keys().user_day(ALICE, day_of(ledger.now())))
+    assert await ledger.reserved(TEAM_ID) == {}
 
 
 async def test_a_channels_own_model_is_priced_and_recorded_as_that_model(
