@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.budgets import Scope, day_of, month_of, usd_to_nusd
-from bot.kimi.events import Usage
+from bot.kimi.events import Accumulator, Usage
 from bot.kimi.profiles import PROFILES
 from bot.store import DEAD_LETTER_KEY
 from bot.usage import Limits, OverBudget, UsageKeys, UsageLedger, home_usage_blocks
@@ -89,22 +89,94 @@ async def test_settling_releases_the_reservation_and_records_the_actual_cost(bot
     assert 0 < await redis.ttl(keys().user_day(ALICE, day_of(now))) <= 400 * 86_400
 
 
-async def test_a_crashed_requests_reservation_expires_or_is_replaced_by_the_rerun(bot: BotHarness) -> None:
-    clock = [1_800_000_000.0]
-    ledger = UsageLedger(bot.deps.redis, clock=lambda: clock[0])
-    limits = Limits(team_monthly_nusd=2 * CENT)
-    await ledger.reserve(TEAM_ID, "crashed:0", CENT, user=ALICE, channel=CHANNEL, limits=limits, ttl_s=60)
-    # The re-run of the same job replaces what the crashed run had reserved (its requests go one at a time).
-    await ledger.reserve(TEAM_ID, "crashed:3", CENT, user=ALICE, channel=CHANNEL, limits=limits, ttl_s=60)
-    await ledger.reserve(TEAM_ID, "crashed:0", CENT, user=ALICE, channel=CHANNEL, limits=limits, ttl_s=60)
-    assert set(await ledger.reserved(TEAM_ID)) == {"crashed:0"}
-    await ledger.reserve(TEAM_ID, "other:0", CENT, user=BOB, channel=CHANNEL, limits=limits, ttl_s=600)
-    with pytest.raises(OverBudget):
-        await ledger.reserve(TEAM_ID, "third:0", CENT, user=BOB, channel=CHANNEL, limits=limits)
-    clock[0] += 61  # the crashed run never settled: its reservation lapses
-    await ledger.reserve(TEAM_ID, "third:0", CENT, user=BOB, channel=CHANNEL, limits=limits)
-    assert set(await ledger.reserved(TEAM_ID)) == {"other:0", "third:0"}
-    assert await bot.deps.redis.pttl(keys().reservations) > 0  # the hash itself expires too
+async def test_a_crashed_runs_reservation_is_booked_at_its_amount_by_the_rerun_or_when_it_lapses(
+    bot: BotHarness,
+) -> None:
+    ledger, redis = bot.deps.usage, bot.deps.redis
+    limits = Limits(team_monthly_nusd=4 * CENT)
+    month = keys().month(month_of(ledger.now()))
+    await ledger.reserve(
+        TEAM_ID, "crashed:run1:0", CENT, user=ALICE, channel=CHANNEL, limits=limits, answer_prefix="crashed:"
+    )
+    # The re-run of the same job finds the dead run's reservation: never settled, so it cost at most that.
+    await ledger.reserve(
+        TEAM_ID, "crashed:run2:0", CENT, user=ALICE, channel=CHANNEL, limits=limits, answer_prefix="crashed:"
+    )
+    assert set(await ledger.reserved(TEAM_ID)) == {"crashed:run2:0"}
+    assert await redis.hget(month, "cost_nusd") == str(CENT)  # type: ignore[misc]
+    assert await redis.hget(keys().user_day(ALICE, day_of(ledger.now())), "cost_nusd") == str(CENT)  # type: ignore[misc]
+    # The dead run, still alive after all, settles: booked once already, not again.
+    assert not await ledger.settle(
+        TEAM_ID, "crashed:run1:0", Usage(10, 10), CENT // 2, user=ALICE, channel=CHANNEL, model="kimi-k2.6"
+    )
+    assert await redis.hget(month, "cost_nusd") == str(CENT)  # type: ignore[misc]
+    # A reservation nobody settles lapses (Redis's clock), and is booked at its amount then.
+    await ledger.reserve(TEAM_ID, "lost:x:0", CENT, user=BOB, channel=CHANNEL, limits=limits, ttl_s=0.2)
+    with pytest.raises(OverBudget):  # 1 spent + 2 reserved + 2 asked > 4
+        await ledger.reserve(TEAM_ID, "third:y:0", 2 * CENT, user=BOB, channel=CHANNEL, limits=limits)
+    await asyncio.sleep(0.25)
+    await ledger.reserve(TEAM_ID, "third:y:0", CENT, user=BOB, channel=CHANNEL, limits=limits)
+    assert set(await ledger.reserved(TEAM_ID)) == {"crashed:run2:0", "third:y:0"}
+    assert await redis.hget(month, f"u:{BOB}:cost_nusd") == str(CENT)  # type: ignore[misc]
+    with pytest.raises(OverBudget):  # 2 spent + 2 reserved: full
+        await ledger.reserve(TEAM_ID, "fourth:z:0", 1, user=BOB, channel=CHANNEL, limits=limits)
+    assert await redis.pttl(keys().reservations) > 0  # the hash itself expires too
+
+
+async def test_a_settlement_sent_twice_records_once(bot: BotHarness) -> None:
+    ledger = bot.deps.usage
+    await ledger.reserve(TEAM_ID, "j:r:0", CENT, user=ALICE, channel=CHANNEL, limits=Limits())
+    for _ in range(2):  # the redis client resends a script whose connection dropped after it ran
+        await ledger.settle(
+            TEAM_ID, "j:r:0", Usage(10, 5), 123, user=ALICE, channel=CHANNEL, model="kimi-k2.6", answer_id="j"
+        )
+    mine = await bot.deps.redis.hgetall(keys().user_day(ALICE, day_of(ledger.now())))  # type: ignore[misc]
+    assert mine["requests"] == "1" and mine["cost_nusd"] == "123"
+
+
+async def test_two_runs_of_one_job_do_not_release_each_others_reservations(bot: BotHarness) -> None:
+    ledger = bot.deps.usage
+    old, new = meter_for(ledger, ALICE, "job"), meter_for(ledger, ALICE, "job")
+    messages = [{"role": "user", "content": "hi"}]
+    await old.before(messages, None)  # the first run, whose lease was lost while it still ran
+    await new.before(messages, None)  # the re-run: its first request is number 0 too
+    await old.after(Accumulator(usage=Usage(10, 5)), cancelled=True)  # the old run is cancelled at last
+    assert [r.startswith(f"job:{new.run}:") for r in await ledger.reserved(TEAM_ID)] == [True]
+    await new.after(Accumulator(usage=Usage(10, 5)), cancelled=False)
+    assert await ledger.reserved(TEAM_ID) == {}
+    day = await bot.deps.redis.hgetall(keys().user_day(ALICE, day_of(ledger.now())))  # type: ignore[misc]
+    # The old run's request is booked once, at its reservation (the re-run found it unsettled).
+    assert day["requests"] == "1" and int(day["cost_nusd"]) == old.reserved_nusd[0] + PROFILES[
+        "kimi-k2.6"
+    ].cost_nusd(10, 0, 5)
+
+
+async def test_a_failed_settlement_is_settled_by_the_next_request_or_it_is_not_sent(bot: BotHarness) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    ledger = bot.deps.usage
+    meter = meter_for(ledger, ALICE, "job")
+    messages = [{"role": "user", "content": "hi"}]
+    settle = ledger.settle
+    failures = [2]
+
+    async def flaky_settle(*args: Any, **kwargs: Any) -> bool:
+        if failures[0]:
+            failures[0] -= 1
+            raise RedisConnectionError("blip")
+        return await settle(*args, **kwargs)
+
+    ledger.settle = flaky_settle  # type: ignore[method-assign]
+    await meter.before(messages, None)
+    await meter.after(Accumulator(usage=Usage(100, 50)), cancelled=False)  # the answer stands
+    assert meter.unsettled
+    with pytest.raises(RedisConnectionError):  # the next step: its predecessor's cost first, or nothing
+        await meter.before(messages, None)
+    assert len(await ledger.reserved(TEAM_ID)) == 1  # only the first request's
+    await meter.before(messages, None)
+    assert not meter.unsettled and len(await ledger.reserved(TEAM_ID)) == 1
+    day = await bot.deps.redis.hgetall(keys().user_day(ALICE, day_of(ledger.now())))  # type: ignore[misc]
+    assert day["requests"] == "1" and day["cost_nusd"] == str(PROFILES["kimi-k2.6"].cost_nusd(100, 0, 50))
 
 
 async def test_reservations_made_before_midnight_count_against_the_new_day_and_month(bot: BotHarness) -> None:
@@ -224,8 +296,11 @@ async def test_twenty_concurrent_questions_against_a_budget_for_five(
     answered = [ts for ts in roots if any(b.startswith("ok") for b in fake_slack.bodies(CHANNEL, ts))]
     assert len(answered) == 5 and len(told) == 15 and not set(told) & set(answered)
     sentence = next(b for b in fake_slack.bodies(CHANNEL, told[0]) if "budget" in b)
-    assert "This workspace has reached its monthly Kimi budget ($0.0550 a month)" in sentence
-    assert "resets on 1 " in sentence and "00:00 UTC" in sentence
+    # Nothing was spent yet when they were refused: the answers in progress held the budget, not spending.
+    assert sentence == (
+        ":hourglass_flowing_sand: What is left of this workspace's monthly Kimi budget ($0.0550 a month) is "
+        "taken by answers in progress, so I can't answer this now; try again in a moment."
+    )
     assert await bot.deps.redis.xlen(DEAD_LETTER_KEY) == 0 and await bot.deps.queue.length() == 0
     assert bot.deps.metrics.answers.labels("over_budget")._value.get() == 15
     spent = await bot.deps.redis.hget(keys().month(month_of(bot.deps.usage.now())), "cost_nusd")  # type: ignore[misc]
@@ -262,7 +337,7 @@ async def test_a_channels_budget_from_its_settings_hash(
     await bot.settle()
     assert fake_kimi.requests == []
     (sentence,) = fake_slack.bodies(CHANNEL, "1700000400.000100")
-    assert "This channel has reached its monthly Kimi budget ($0.0050 a month)" in sentence
+    assert "This channel's monthly Kimi budget ($0.0050 a month) is smaller than one answer" in sentence
     await bot.deps.redis.hset(keys().channel_settings(CHANNEL), "budget_usd", "")  # type: ignore[misc]
     await bot.send_event(mention("again", "1700000400.000200"))
     await bot.settle()
@@ -472,6 +547,39 @@ async def test_reservations_last_an_hour_at_most_and_redis_failures_fail_closed_
     await meter.after(Accumulator(usage=Usage(10, 5)), cancelled=False)  # a delivered answer stands
     assert meter.metrics.cost.labels("kimi-k2.6")._value.get() > 0
     await unreachable.redis.aclose()
+
+
+async def test_a_small_budget_cuts_the_output_instead_of_refusing(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    # Half a dollar a day on kimi-k3: one full request would reserve $0.98 (65,536 output tokens at $15/1M).
+    bot: BotHarness = await make_bot(kimi_model="kimi-k3", budget_user_daily_usd=0.5)
+    fake_kimi.script(Reply(content="Four."))
+    await bot.send_event(mention("2+2?", "1700001100.000100"))
+    await bot.settle()
+    (body,) = fake_kimi.requests
+    # $0.50 less the short prompt at $3/1M, at $15/1M: just under 33,334 output tokens.
+    assert 32_000 < body["max_completion_tokens"] <= usd_to_nusd(0.5) // 15_000
+    assert fake_slack.bodies(CHANNEL, "1700001100.000100")[-1].startswith("Four.")
+
+
+async def test_a_budget_below_the_smallest_request_says_so_and_is_warned_at_start(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 2,000 output tokens on kimi-k3 cost $0.03: two cents a day answers nothing.
+    with caplog.at_level("WARNING"):
+        bot: BotHarness = await make_bot(kimi_model="kimi-k3", budget_user_daily_usd=0.02)
+    assert any(
+        "BUDGET_USER_DAILY_USD=0.02 is below the smallest kimi-k3 request" in r.getMessage()
+        for r in caplog.records
+    )
+    await bot.send_event(mention("2+2?", "1700001100.000200"))
+    await bot.settle()
+    assert fake_kimi.requests == []
+    assert fake_slack.bodies(CHANNEL, "1700001100.000200") == [
+        ":money_with_wings: Your daily Kimi budget ($0.02 a day) is smaller than one answer from this "
+        "model costs at most, so I can't answer this; an admin can raise it."
+    ]
 
 
 def meter_for(ledger: UsageLedger, user: str, answer_id: str, **kwargs: Any) -> Any:
