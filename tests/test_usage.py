@@ -328,6 +328,20 @@ async def test_a_users_daily_budget_stops_the_call_with_one_sentence(
     assert await bot.deps.queue.length() == 0 and await bot.deps.redis.xlen(DEAD_LETTER_KEY) == 0
 
 
+async def test_a_budget_sentence_slack_refuses_still_ends_the_question_as_over_budget(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    bot: BotHarness = await make_bot(**ONE_CENT_A_REQUEST, budget_user_daily_usd=0.005)
+    for method in ("chat.postMessage", "chat.update", "chat.startStream"):
+        fake_slack.fail(method, "channel_not_found", times=20)
+    await bot.send_event(mention("anything", "1700000300.000900"))
+    await bot.settle()
+    answers = bot.deps.metrics.answers
+    assert answers.labels("over_budget")._value.get() == 1 and answers.labels("internal")._value.get() == 0
+    assert fake_kimi.requests == [] and await bot.deps.redis.xlen(DEAD_LETTER_KEY) == 0
+    assert await bot.deps.queue.length() == 0
+
+
 async def test_a_channels_budget_from_its_settings_hash(
     make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
 ) -> None:
