@@ -440,23 +440,33 @@ class UsageLedger:
         keys = UsageKeys(team_id)
         today, month = day_of(now), month_of(now)
         days = days_back(now, HISTORY_DAYS)
+        own = [f"u:{user}:{name}" for name in METRICS]
         async with self.redis.pipeline(transaction=False) as pipe:
             for day in days:
                 pipe.hget(keys.user_day(user, day), "cost_nusd")
             pipe.hgetall(keys.user_day(user, today))
-            pipe.hgetall(keys.month(month))
-            pipe.hgetall(keys.day(today))
-            for day in days:
-                pipe.hget(keys.day(day), "cost_nusd")
-            pipe.hget(keys.channel_settings(channel), "budget_usd")
+            if admin:  # the whole month (every person's and channel's) only for those who see it
+                pipe.hgetall(keys.month(month))
+                pipe.hgetall(keys.day(today))
+                for day in days:
+                    pipe.hget(keys.day(day), "cost_nusd")
+                pipe.hget(keys.channel_settings(channel), "budget_usd")
+            else:
+                pipe.hmget(keys.month(month), own)
             results: list[Any] = await pipe.execute()
         n = len(days)
         mine_days = [(day, int(results[i] or 0)) for i, day in enumerate(days)]
         mine_today = totals_from({str(k): str(v) for k, v in results[n].items()})
-        month_fields = {str(k): str(v) for k, v in results[n + 1].items()}
-        day_fields = {str(k): str(v) for k, v in results[n + 2].items()}
-        team_days = [(day, int(results[n + 3 + i] or 0)) for i, day in enumerate(days)]
-        channel_budget = results[-1]
+        day_fields: dict[str, str] = {}
+        team_days: list[tuple[str, int]] = []
+        channel_budget = None
+        if admin:
+            month_fields = {str(k): str(v) for k, v in results[n + 1].items()}
+            day_fields = {str(k): str(v) for k, v in results[n + 2].items()}
+            team_days = [(day, int(results[n + 3 + i] or 0)) for i, day in enumerate(days)]
+            channel_budget = results[-1]
+        else:
+            month_fields = {f: str(v) for f, v in zip(own, results[n + 1], strict=True) if v is not None}
         team_month = totals_from(month_fields)
         budgets = []
         if limits.user_daily_nusd is not None:

@@ -384,6 +384,22 @@ async def test_usage_command_shows_your_own_and_admins_the_channel_and_workspace
     assert fake_kimi.requests and len(fake_kimi.requests) == 2  # /kimi usage asks Kimi nothing
 
 
+async def test_a_persons_usage_reads_only_their_own_fields_of_the_month(bot: BotHarness) -> None:
+    ledger, redis = bot.deps.usage, bot.deps.redis
+    for user in (ALICE, BOB):
+        await ledger.settle(
+            TEAM_ID, f"{user}:r:0", Usage(100, 10), 500, user=user, channel=CHANNEL, model="m"
+        )
+    await redis.config_resetstat()
+    snap = await ledger.snapshot(TEAM_ID, ALICE, channel=CHANNEL)
+    assert snap.mine_month.cost_nusd == 500 and snap.mine_month.requests == 1 and snap.top_users == []
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_hgetall"]["calls"] == 1  # her day only: not the team's month nor day
+    assert stats["cmdstat_hmget"]["calls"] == 1
+    admin = await ledger.snapshot(TEAM_ID, BOB, channel=CHANNEL, admin=True)
+    assert admin.mine_month.cost_nusd == 500 and {u for u, _ in admin.top_users} == {ALICE, BOB}
+
+
 async def test_home_usage_blocks_show_the_last_fourteen_days(
     make_bot: Callable[..., Any], fake_kimi: FakeKimi
 ) -> None:
