@@ -601,10 +601,11 @@ class Meter:
 
     async def after(self, acc: Accumulator, *, cancelled: bool) -> None:
         usage = acc.usage
-        if usage is None and cancelled:
-            # Stop cut the stream: Kimi bills what it generated; the streamed characters estimate it.
-            streamed = len(acc.reasoning_text) + len(acc.text)
-            streamed += sum(len(str(c["function"]["arguments"])) for c in acc.tool_calls.values())
+        streamed = len(acc.reasoning_text) + len(acc.text)
+        streamed += sum(len(str(c["function"]["arguments"])) for c in acc.tool_calls.values())
+        if usage is None and (cancelled or streamed):
+            # Stop, or a lost connection, cut the stream before its usage chunk: Kimi bills what it read and
+            # generated; the prompt's bound and the streamed characters estimate it.
             usage = Usage(self._prompt, streamed // 3 + 1)
         cost = (
             self.profile.cost_nusd(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)

@@ -482,6 +482,22 @@ async def test_retried_and_failed_attempts_are_recorded_when_kimi_reported_usage
     assert await bot.deps.usage.reserved(TEAM_ID) == {}
 
 
+async def test_an_attempt_cut_mid_stream_is_recorded_by_an_estimate(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    bot: BotHarness = await make_bot()
+    fake_kimi.script(Reply(content="x" * 400, cut_after_chunks=2), Reply(content="fine", reasoning=""))
+    await bot.send_event(mention("cut me", "1700000800.000300"))
+    await bot.settle()
+    assert len(fake_kimi.requests) == 2
+    mine = await bot.deps.redis.hgetall(keys().user_day(ALICE, day_of(bot.deps.usage.now())))  # type: ignore[misc]
+    assert mine["requests"] == "2" and mine["turns"] == "1"
+    # The cut attempt streamed its reasoning and two 40-character chunks: about a third of a token a char.
+    streamed = len(Reply().reasoning) + 80
+    assert int(mine["completion_tokens"]) >= streamed // 3 + 1
+    assert await bot.deps.usage.reserved(TEAM_ID) == {}
+
+
 async def test_each_agent_step_is_reserved_before_it_is_asked(
     make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
 ) -> None:
