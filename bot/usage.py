@@ -238,6 +238,22 @@ return turns
 """
 )
 
+# KEYS: reservations. ARGV: id, ttl ms. A live reservation's expiry moves to now + ttl (a long answer still
+# streaming keeps what it holds); a settled or lapsed one is left as it is. -> 1 extended, 0 not
+_EXTEND = (
+    _CONVERT
+    + """
+local now = now_ms()
+local entry = redis.call('HGET', KEYS[1], ARGV[1])
+if not entry then return 0 end
+local exp, rest = string.match(entry, '^(%d+)(|.*)$')
+if not exp or tonumber(exp) <= now then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], (now + tonumber(ARGV[2])) .. rest)
+keep_until(KEYS[1], tonumber(ARGV[2]))
+return 1
+"""
+)
+
 
 class OverBudget(Exception):
     """A request that would take a budget past its limit: not sent; the asker is told which, and when it
@@ -403,6 +419,14 @@ class UsageLedger:
         )
         return int(result) == 1
 
+    async def extend(self, team_id: str, reservation_id: str, ttl_s: float = RESERVATION_TTL_S) -> bool:
+        """Keep a request's reservation live for another `ttl_s` (its request is still streaming)."""
+        keys = UsageKeys(team_id)
+        result = await self.redis.eval(  # type: ignore[misc]
+            _EXTEND, 1, keys.reservations, reservation_id, max(int(ttl_s * 1000), 1)
+        )
+        return int(result) == 1
+
     async def release(self, team_id: str, reservation_id: str) -> None:
         """Drop a reservation without recording anything (its request was never sent)."""
         await self.redis.hdel(UsageKeys(team_id).reservations, reservation_id)  # type: ignore[misc]
@@ -557,6 +581,9 @@ class Meter:
     calibration: float = 1.0
     # This run of the job: two runs of one job (a lease lost while the first still ran) never share an id.
     run: str = field(default_factory=lambda: secrets.token_hex(4))
+    # How long a reservation lasts unless extended; while its request runs it is extended every third of it.
+    reservation_ttl_s: float = RESERVATION_TTL_S
+    _keeper: asyncio.Task[None] | None = None
     _n: int = 0
     _current: str = ""
     _prompt: int = 0
@@ -587,6 +614,7 @@ class Meter:
                 user=self.user,
                 channel=self.channel,
                 limits=self.limits,
+                ttl_s=self.reservation_ttl_s,
                 answer_prefix=f"{self.answer_id}:",
                 output=bound,
             )
@@ -595,11 +623,27 @@ class Meter:
                 await self.ledger.release(self.team_id, reservation)
             raise
         self._current = reservation
+        self._keeper = asyncio.create_task(self._keep(reservation))
         granted = bound.prompt_nusd + math.ceil(tokens * bound.price_nusd_per_token)
         self.reserved_nusd.append(min(amount, granted))
         return tokens if tokens < self.output_budget else None
 
+    async def _keep(self, reservation: str) -> None:
+        """Extend the reservation while its request runs (a long answer, a long wait for the first token):
+        otherwise it would lapse and be booked at its whole amount. A failed extension is retried next time;
+        if the reservation lapses meanwhile, it is booked at its amount, which only errs on the safe side."""
+        while True:
+            await asyncio.sleep(self.reservation_ttl_s / 3)
+            try:
+                if not await self.ledger.extend(self.team_id, reservation, self.reservation_ttl_s):
+                    return
+            except RedisError as exc:
+                log.warning("reservation not extended", extra={"team": self.team_id, "error": str(exc)})
+
     async def after(self, acc: Accumulator, *, cancelled: bool) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            self._keeper = None
         usage = acc.usage
         streamed = len(acc.reasoning_text) + len(acc.text)
         streamed += sum(len(str(c["function"]["arguments"])) for c in acc.tool_calls.values())

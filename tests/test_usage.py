@@ -670,6 +670,27 @@ async def test_a_request_waiting_for_a_kimi_slot_holds_no_reservation_and_stoppe
     assert await ledger.reserved(TEAM_ID) == {}
 
 
+async def test_a_reservation_is_extended_while_its_request_runs(
+    make_bot: Callable[..., Any], fake_kimi: FakeKimi
+) -> None:
+    bot: BotHarness = await make_bot()
+    ledger = bot.deps.usage
+    meter = meter_for(ledger, ALICE, "long", reservation_ttl_s=0.3)
+    fake_kimi.script(Reply(content="slow", first_byte_delay=1.0))
+    task = asyncio.create_task(bot.deps.kimi.complete([{"role": "user", "content": "hi"}], meter=meter))
+    await asyncio.sleep(0.8)  # well past the reservation's 0.3 s
+    assert len(await ledger.reserved(TEAM_ID)) == 1
+    # Another request reserving now finds it live, not lapsed (which would book it at its whole amount).
+    await ledger.reserve(TEAM_ID, "other:r:0", 1, user=BOB, channel=CHANNEL, limits=Limits())
+    acc = await task
+    assert acc.usage is not None
+    mine = await bot.deps.redis.hgetall(keys().user_day(ALICE, day_of(ledger.now())))  # type: ignore[misc]
+    assert mine["requests"] == "1" and mine["cost_nusd"] == str(
+        PROFILES["kimi-k2.6"].cost_nusd(acc.usage.prompt_tokens, 0, acc.usage.completion_tokens)
+    )
+    assert set(await ledger.reserved(TEAM_ID)) == {"other:r:0"}
+
+
 async def test_a_channels_own_model_is_priced_and_recorded_as_that_model(
     make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
 ) -> None:
