@@ -547,6 +547,17 @@ async def test_on_redis_cluster_budgets_usage_and_forget_me_stay_in_the_teams_sl
     assert list(await bot.deps.redis.hgetall(keys().user_day(ALICE, day_of(bot.deps.usage.now())))) == [  # type: ignore[misc]
         "cost_nusd"
     ]
+    # A dead run's reservation booked by its re-run, a reservation extended: scripts stay in the slot.
+    ledger, limits = bot.deps.usage, Limits()
+    await ledger.reserve(
+        TEAM_ID, "dead:a:0", CENT, user=BOB, channel=CHANNEL, limits=limits, answer_prefix="dead:"
+    )
+    await ledger.reserve(
+        TEAM_ID, "dead:b:0", CENT, user=BOB, channel=CHANNEL, limits=limits, answer_prefix="dead:"
+    )
+    assert await ledger.extend(TEAM_ID, "dead:b:0")
+    bob = await bot.deps.redis.hgetall(keys().user_day(BOB, day_of(ledger.now())))  # type: ignore[misc]
+    assert bob == {"cost_nusd": str(CENT)}
 
 
 def test_the_readme_price_table_is_the_profile_table() -> None:
