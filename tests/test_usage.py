@@ -123,6 +123,17 @@ async def test_a_crashed_runs_reservation_is_booked_at_its_amount_by_the_rerun_o
     assert await redis.pttl(keys().reservations) > 0  # the hash itself expires too
 
 
+async def test_reservations_expire_by_the_redis_servers_clock_not_a_replicas(bot: BotHarness) -> None:
+    import time
+
+    behind = UsageLedger(bot.deps.redis, clock=lambda: time.time() - 7_200)  # a replica two hours slow
+    await behind.reserve(TEAM_ID, "slow:a:0", CENT, user=ALICE, channel=CHANNEL, limits=Limits())
+    await bot.deps.usage.reserve(TEAM_ID, "other:b:0", CENT, user=BOB, channel=CHANNEL, limits=Limits())
+    assert set(await bot.deps.usage.reserved(TEAM_ID)) == {"slow:a:0", "other:b:0"}  # not lapsed on arrival
+    month = await bot.deps.redis.hget(keys().month(month_of(bot.deps.usage.now())), "cost_nusd")  # type: ignore[misc]
+    assert month is None  # nothing booked
+
+
 async def test_a_settlement_sent_twice_records_once(bot: BotHarness) -> None:
     ledger = bot.deps.usage
     await ledger.reserve(TEAM_ID, "j:r:0", CENT, user=ALICE, channel=CHANNEL, limits=Limits())
