@@ -74,14 +74,41 @@ class Scope(StrEnum):
     TEAM = "team"  # BUDGET_TEAM_MONTHLY_USD: per workspace per UTC month
 
 
+class Refusal(StrEnum):
+    """Why a request was refused, as the reservation script says it."""
+
+    REACHED = "reached"  # spent (and what is in flight) leave no room for the smallest request
+    WAITING = "waiting"  # spending leaves room: answers in progress hold it for now
+    SMALL = "small"  # the limit itself is below the smallest request of this model
+
+
 def resets_at(scope: Scope, now: dt.datetime) -> dt.datetime:
     return next_midnight(now) if scope is Scope.USER else first_of_next_month(now)
 
 
-def over_budget_sentence(scope: Scope, limit_nusd: int, now: dt.datetime) -> str:
-    """The one sentence an over-budget question gets: which budget, its limit, when it resets."""
+def over_budget_sentence(
+    scope: Scope, limit_nusd: int, now: dt.datetime, *, why: Refusal = Refusal.REACHED
+) -> str:
+    """The one sentence an over-budget question gets: which budget, its limit, when it resets; or, when the
+    limit is not reached but answers in progress hold the rest of it, that it may be asked again soon; or
+    that the limit is too small for any answer of this model."""
     limit = format_usd(limit_nusd)
     reset = resets_at(scope, now)
+    whose = {
+        Scope.USER: f"your daily Kimi budget ({limit} a day)",
+        Scope.CHANNEL: f"this channel's monthly Kimi budget ({limit} a month)",
+        Scope.TEAM: f"this workspace's monthly Kimi budget ({limit} a month)",
+    }[scope]
+    if why is Refusal.WAITING:
+        return (
+            f":hourglass_flowing_sand: What is left of {whose} is taken by answers in progress, so I can't "
+            "answer this now; try again in a moment."
+        )
+    if why is Refusal.SMALL:
+        return (
+            f":money_with_wings: {whose[0].upper()}{whose[1:]} is smaller than one answer from this model "
+            "costs at most, so I can't answer this; an admin can raise it."
+        )
     if scope is Scope.USER:
         return (
             f":money_with_wings: You have reached your daily Kimi budget ({limit} a day), so I can't answer "
@@ -112,6 +139,45 @@ def prompt_bound(
     if tools:
         tokens += len(json.dumps(tools, separators=(",", ":"))) // 3 + 1
     return min(int(tokens * max(calibration, 1.0)) + 1, context_window)
+
+
+# The fewest output tokens a request is cut to when a budget has no room for its whole output budget: less
+# would mostly end inside the model's reasoning, billed and unanswered. A budget without room for this many is
+# refused.
+FEWEST_OUTPUT_TOKENS = 2_000
+
+
+def smallest_request_nusd(profile: ModelProfile, output_budget: int) -> int:
+    """What the smallest request worth sending reserves (an empty prompt, FEWEST_OUTPUT_TOKENS out)."""
+    return profile.cost_nusd(0, 0, min(FEWEST_OUTPUT_TOKENS, output_budget))
+
+
+def budget_warnings(
+    user_daily_usd: float | None, team_monthly_usd: float | None, profile: ModelProfile, output_budget: int
+) -> list[str]:
+    """Start-up lines for budgets too small for KIMI_MODEL's requests: below one full request's output,
+    answers are cut short; below the smallest request, every question is refused."""
+    full = profile.cost_nusd(0, 0, output_budget)
+    smallest = smallest_request_nusd(profile, output_budget)
+    lines = []
+    for name, usd in (
+        ("BUDGET_USER_DAILY_USD", user_daily_usd),
+        ("BUDGET_TEAM_MONTHLY_USD", team_monthly_usd),
+    ):
+        if usd is None:
+            continue
+        limit = usd_to_nusd(usd)
+        if limit < smallest:
+            lines.append(
+                f"{name}={usd} is below the smallest {profile.model_id} request ({format_usd(smallest)} for "
+                f"{min(FEWEST_OUTPUT_TOKENS, output_budget):,} output tokens): every question will be refused"
+            )
+        elif limit < full:
+            lines.append(
+                f"{name}={usd} is below one full {profile.model_id} request ({format_usd(full)} for "
+                f"{output_budget:,} output tokens): answers will get fewer output tokens"
+            )
+    return lines
 
 
 def estimate_nusd(profile: ModelProfile, prompt_tokens: int, max_completion_tokens: int) -> int:

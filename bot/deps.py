@@ -14,6 +14,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.admins import Admins
+from bot.budgets import budget_warnings
 from bot.channel_settings import ChannelSettings
 from bot.installations import Installations, RedisInstallationStore, Sealer
 from bot.kimi.client import KimiClient
@@ -121,6 +122,11 @@ def build_deps(settings: Settings) -> Deps:
             "unknown model id: using a conservative profile (128k window, 16k output, no extra parameters)",
             extra={"model": settings.kimi_model},
         )
+    output_budget = settings.kimi_max_completion_tokens or profile.output_budget
+    for line in budget_warnings(
+        settings.budget_user_daily_usd, settings.budget_team_monthly_usd, profile, output_budget
+    ):
+        log.warning(line)
     redis = build_redis(settings.redis_url, settings.redis_cluster)
     metrics = Metrics()
     metrics.watch_redis(redis)

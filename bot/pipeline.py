@@ -290,7 +290,10 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
         deps.metrics.answer("stopped" if writer.stopped else "answered")
     except OverBudget as exc:  # no Kimi request was made for it; the job is done (no retry)
         log.info("over budget", extra=turn_log(turn, scope=str(exc.scope), limit_nusd=exc.limit_nusd))
-        await writer.fail(exc.sentence)
+        try:
+            await writer.fail(exc.sentence)
+        except Exception:  # Slack refused the sentence: the job is still done (it would be refused again)
+            log.exception("could not tell the user about a budget", extra=turn_log(turn))
         await lease.complete(job, details=(turn.ts, details))
         deps.metrics.answer("over_budget")
     except AnswerError as exc:

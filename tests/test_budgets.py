@@ -8,10 +8,12 @@ import pytest
 
 from bot.budgets import (
     Budget,
+    Refusal,
     Scope,
     Snapshot,
     Totals,
     bars,
+    budget_warnings,
     days_back,
     estimate_nusd,
     format_usd,
@@ -118,6 +120,30 @@ def test_over_budget_sentences_say_which_budget_its_limit_and_when_it_resets() -
     team = over_budget_sentence(Scope.TEAM, usd_to_nusd(1234), dt.datetime(2026, 2, 3, tzinfo=dt.UTC))
     assert "This workspace" in team and "$1,234.00 a month" in team and "1 March 2026" in team
     assert all(s.count(".") <= 3 for s in (user, channel, team))  # one sentence (the amounts have a dot)
+
+
+def test_a_refusal_says_reached_only_when_spending_reached_the_limit() -> None:
+    now = dt.datetime(2026, 12, 31, 12, tzinfo=dt.UTC)
+    waiting = over_budget_sentence(Scope.USER, usd_to_nusd(0.5), now, why=Refusal.WAITING)
+    assert "taken by answers in progress" in waiting and "try again in a moment" in waiting
+    assert "reached" not in waiting
+    small = over_budget_sentence(Scope.TEAM, usd_to_nusd(0.02), now, why=Refusal.SMALL)
+    assert small.startswith(
+        ":money_with_wings: This workspace's monthly Kimi budget ($0.02 a month) is smaller"
+    )
+    assert "reached" not in small
+
+
+def test_start_up_warns_of_budgets_below_one_request() -> None:
+    k3 = PROFILES["kimi-k3"]
+    assert budget_warnings(None, None, k3, k3.output_budget) == []
+    assert budget_warnings(5.0, 100.0, k3, k3.output_budget) == []
+    (cut,) = budget_warnings(0.5, None, k3, k3.output_budget)  # a full request reserves $0.98
+    assert cut.startswith("BUDGET_USER_DAILY_USD=0.5 is below one full kimi-k3 request ($0.9830 for 65,536")
+    assert "fewer output tokens" in cut
+    (refused,) = budget_warnings(None, 0.02, k3, k3.output_budget)  # 2,000 tokens cost $0.03
+    assert refused.startswith("BUDGET_TEAM_MONTHLY_USD=0.02 is below the smallest kimi-k3 request ($0.03")
+    assert budget_warnings(0.5, None, k3, 20_000) == []  # a smaller KIMI_MAX_COMPLETION_TOKENS fits
 
 
 def test_money_reads_as_cents_or_fractions_of_a_cent() -> None:

@@ -152,12 +152,24 @@ OnRestart = Callable[[], Awaitable[None]]
 
 
 class RequestMeter(Protocol):
-    """Budgets and usage per request (bot/usage.py Meter): `before` each attempt may refuse it (raising),
-    `after` each attempt that was sent hears what it used (`acc.usage`, None when Kimi did not say)."""
+    """Budgets and usage per request (bot/usage.py Meter): `before` each attempt, once it has a Kimi slot,
+    may refuse it (raising) or cap its output tokens (returning the cap; None: the usual budget); `after`
+    each attempt that was sent hears what it used (`acc.usage`, None when Kimi did not say)."""
 
-    async def before(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None: ...
+    async def before(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> int | None: ...
 
     async def after(self, acc: Accumulator, *, cancelled: bool) -> None: ...
+
+
+class NotSent(Exception):
+    """The meter refused a request, or could not reserve for it: nothing went to Kimi, so `error` is raised
+    to the caller as it is (not sorted into a Reason, not retried)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class KimiClient:
@@ -219,18 +231,21 @@ class KimiClient:
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | None = None,
         call: ModelCall | None = None,
+        output_cap: int | None = None,
     ) -> dict[str, Any]:
         """Everything sent to chat.completions.create; model rules come from the profile only. `tools` go
-        out exactly as given (the registry keeps them byte-stable, in a fixed order, for the prefix cache)."""
+        out exactly as given (the registry keeps them byte-stable, in a fixed order, for the prefix cache).
+        `output_cap`: fewer output tokens than the usual budget (what a Kimi budget has room for)."""
         call = call or self.default_call
+        budget = self.budget_of(call)
+        if output_cap is not None:
+            budget = max(min(budget, output_cap), 1)
         kwargs: dict[str, Any] = {
             "model": call.model,
             "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
-            **call.profile.request_params(
-                call.reasoning_effort, self.budget_of(call), thinking=call.thinking
-            ),
+            **call.profile.request_params(call.reasoning_effort, budget, thinking=call.thinking),
         }
         if tools:
             kwargs["tools"] = tools
@@ -255,14 +270,13 @@ class KimiClient:
         answer too, returned like text. `tool_choice` "none" asks for text only (the agent loop's last word).
         `on_restart` is awaited before a retry whose failed attempt had already produced events, so the
         caller can take back what it showed of the abandoned answer. `meter` is asked before every attempt
-        (a refusal, e.g. OverBudget, is raised as is: nothing was sent) and told after each what it used.
+        once the attempt has a Kimi slot (a refusal, e.g. OverBudget, is raised as is: nothing was sent)
+        and told after each attempt that was sent what it used.
         """
         slept = 0.0  # the budget counts backoff only: a long stream that stalls must still get its retry
         attempt = 0
         while True:
             acc = Accumulator()
-            if meter is not None:
-                await meter.before(messages, tools)
             timing = self.metrics.kimi_request((call or self.default_call).model, on_event)
             try:
                 finished = await self._metered(
@@ -271,6 +285,8 @@ class KimiClient:
                 self._outcome("ok")
                 timing.done("ok")
                 return finished
+            except NotSent as exc:
+                raise exc.error from None
             except AnswerError as exc:
                 self._outcome(str(exc.reason))
                 timing.done(str(exc.reason))
@@ -315,21 +331,30 @@ class KimiClient:
         call: ModelCall | None = None,
     ) -> Accumulator:
         """One attempt, and the meter told what it used however it ended (an answer, a failure that
-        reported usage, Stop's cancellation)."""
-        try:
-            await self._stream_once(messages, acc, on_event, tools, tool_choice, call)
-            finished = self._finished(acc)
-        except asyncio.CancelledError:
+        reported usage, Stop's cancellation). KIMI_CONCURRENCY's slot comes first, then the meter's
+        reservation: a request waiting for a slot holds no budget, and one stopped while it waits was never
+        sent, so nothing is recorded (nor guessed) for it. Backoff holds no slot."""
+        async with self._slots:
+            output_cap = None
             if meter is not None:
-                await meter.after(acc, cancelled=True)
-            raise
-        except BaseException:
+                try:
+                    output_cap = await meter.before(messages, tools)
+                except Exception as exc:
+                    raise NotSent(exc) from exc
+            try:
+                await self._stream_once(messages, acc, on_event, tools, tool_choice, call, output_cap)
+                finished = self._finished(acc)
+            except asyncio.CancelledError:
+                if meter is not None:
+                    await meter.after(acc, cancelled=True)
+                raise
+            except BaseException:
+                if meter is not None:
+                    await meter.after(acc, cancelled=False)
+                raise
             if meter is not None:
                 await meter.after(acc, cancelled=False)
-            raise
-        if meter is not None:
-            await meter.after(acc, cancelled=False)
-        return finished
+            return finished
 
     def _outcome(self, outcome: str) -> None:
         """The last call's outcome ("ok" or a Reason), for /healthz."""
@@ -344,14 +369,13 @@ class KimiClient:
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | None = None,
         call: ModelCall | None = None,
+        output_cap: int | None = None,
     ) -> None:
-        """One streamed request. The SDK builds it and raises HTTP errors; the Server-Sent Events are read
-        here as plain JSON, since a typed model per chunk costs more CPU than everything else per answer."""
-        kwargs = wire_kwargs(self.request_kwargs(messages, tools, tool_choice, call))
-        async with (
-            self._slots,
-            self.openai.chat.completions.with_streaming_response.create(**kwargs) as response,
-        ):
+        """One streamed request (the caller holds its slot). The SDK builds it and raises HTTP errors; the
+        Server-Sent Events are read here as plain JSON, since a typed model per chunk costs more CPU than
+        everything else per answer."""
+        kwargs = wire_kwargs(self.request_kwargs(messages, tools, tool_choice, call, output_cap))
+        async with self.openai.chat.completions.with_streaming_response.create(**kwargs) as response:
             async for line in response.iter_lines():
                 try:
                     chunk = sse_data(line)
