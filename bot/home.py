@@ -21,12 +21,13 @@ from bot.channel_settings import (
 from bot.deps import Deps
 from bot.slack.settings_view import (
     WORKSPACE,
+    form_hidden_tools,
+    form_tools,
     home_view,
     model_options,
     read_state,
     redrawn,
     settings_modal,
-    shown_tools,
 )
 from bot.tools.base import ToolContext
 from bot.usage import home_usage_blocks
@@ -64,22 +65,22 @@ async def modal_for(deps: Deps, team_id: str, user: str, target: str) -> dict[st
     return settings_modal(target, config, await tool_names(deps, team_id, user, channel))
 
 
-async def redraw(
-    deps: Deps, team_id: str, user: str, target: str, state: dict[str, Any], model: str
-) -> dict[str, Any]:
-    """The form again for another model (its thinking and effort fields), keeping what was typed."""
+async def redraw(deps: Deps, team_id: str, target: str, view: dict[str, Any], model: str) -> dict[str, Any]:
+    """The form again for another model (its thinking and effort fields), keeping what was typed and the
+    tools it listed (read from the form itself: no new listing)."""
     _, config = await current(deps, team_id, target)
-    channel = "" if target == WORKSPACE else target
-    tools = await tool_names(deps, team_id, user, channel)
-    raw = {**read_state(state), "model": model}
-    return settings_modal(target, redrawn(config, raw, tools), tools)
+    blocks = view.get("blocks") or []
+    tools = form_tools(blocks)
+    raw = {**read_state((view.get("state") or {}).get("values") or {}), "model": model}
+    return settings_modal(target, redrawn(config, raw, tools), tools, hidden=form_hidden_tools(blocks))
 
 
-async def submit(deps: Deps, team_id: str, user: str, target: str, state: dict[str, Any]) -> dict[str, str]:
-    """Validate and save a submitted form; the errors to show by field name (empty: saved)."""
+async def submit(deps: Deps, team_id: str, user: str, target: str, view: dict[str, Any]) -> dict[str, str]:
+    """Validate and save a submitted form; the errors to show by field name (empty: saved). The tools
+    judged are those the form offered (its own checkboxes): a tool it did not list keeps its state."""
     inherited, now = await current(deps, team_id, target)
-    channel = "" if target == WORKSPACE else target
-    offered = shown_tools(await tool_names(deps, team_id, user, channel))
+    offered = form_tools(view.get("blocks") or [])
+    state = (view.get("state") or {}).get("values") or {}
     checked: Submitted = validate(
         read_state(state),
         offered_tools=offered,

@@ -63,7 +63,7 @@ def register(app: AsyncApp, deps: Deps) -> None:
             log.info("settings refused: not an admin", extra={"user": user, "target": target})
             await ack(response_action="errors", errors={"model": ASK_AN_ADMIN})
             return
-        errors = await submit(deps, team, user, target, (view.get("state") or {}).get("values") or {})
+        errors = await submit(deps, team, user, target, view)
         if errors:
             blocks = {str(b.get("block_id")) for b in view.get("blocks") or []}
             shown = {k: v for k, v in errors.items() if k in blocks} or {"model": next(iter(errors.values()))}
@@ -110,11 +110,9 @@ def register(app: AsyncApp, deps: Deps) -> None:
             return
         if target != WORKSPACE and not CHANNEL_ID.fullmatch(target):
             return
-        user = str((body.get("user") or {}).get("id") or "")
         team = str((body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id") or "")
-        state = (view.get("state") or {}).get("values") or {}
         try:
-            new = await redraw(deps, team, user, target, state, model)
+            new = await redraw(deps, team, target, view, model)
             await deps.slack.views_update(view_id=str(view.get("id") or ""), hash=view.get("hash"), view=new)
         except Exception as exc:  # the form stays as it was; saving still checks every value
             log.info("settings form not redrawn", extra={"error": _error_of(exc)})

@@ -22,6 +22,8 @@ from bot.settings import Settings
 from bot.slack.settings_view import (
     CALLBACK_SETTINGS,
     WORKSPACE,
+    form_hidden_tools,
+    form_tools,
     home_view,
     read_state,
     redrawn,
@@ -179,6 +181,17 @@ def test_the_modal_keeps_slacks_limits_and_reads_back(make_settings: Callable[..
         "followups": "all",
         "budget_usd": "3.5",
     }
+
+
+def test_a_form_says_which_tools_it_offered() -> None:
+    many_tools = [f"tool_{i:02d}" for i in range(63)]
+    view = settings_modal("C123", ChannelConfig("kimi-k2.6", True, "high"), many_tools)
+    assert form_tools(view["blocks"]) == shown_tools(many_tools) and form_hidden_tools(view["blocks"]) == 13
+    k3 = ChannelConfig("kimi-k3", True, "high")
+    again = settings_modal("C123", k3, form_tools(view["blocks"]), hidden=13)
+    assert form_tools(again["blocks"]) == shown_tools(many_tools) and form_hidden_tools(again["blocks"]) == 13
+    bare = settings_modal("C123", ChannelConfig("kimi-k2.6", True, "high"), [])
+    assert form_tools(bare["blocks"]) == [] and form_hidden_tools(bare["blocks"]) == 0
 
 
 def test_a_redrawn_form_keeps_what_was_typed() -> None:

@@ -283,3 +283,35 @@ async def test_the_home_tab_shows_the_viewers_usage_below_the_settings(
     home = json.dumps(fake_slack.home_views[ALICE])
     assert "Usage and cost" in home and "last 14 days" in home
     assert "kimi-k2.6" in home  # the settings part is still there
+
+
+async def test_saving_judges_the_tools_the_form_showed_not_a_fresh_listing(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    make_admin(fake_slack)
+    bot.deps.tools = None  # MCP not ready when the form opens: it lists no tools
+    view = await open_settings(bot, fake_slack)
+    assert not [b for b in view["blocks"] if str(b.get("block_id")).startswith("tools_")]
+    give(bot, Probe("lookup"), Probe("weather"))  # ready by the time the admin saves
+    status, response = await bot.submit_view(view, values(view, followups="mentions"))
+    assert status == 200 and response is None
+    stored = await bot.deps.redis.hgetall(SettingsKeys(TEAM_ID).channel(CHANNEL))
+    assert "tools_off" not in stored  # nothing shown, nothing turned off
+
+    view = await open_settings(bot, fake_slack)  # lists lookup and weather
+    give(bot, Probe("lookup"), Probe("weather"), Probe("atlas"))  # a tool appears while the form is open
+    status, _ = await bot.pick_in_view(view, "model", "kimi-k2.7-code")
+    redrawn_tools = [
+        o["value"]
+        for b in fake_slack.updated_views[-1]["blocks"]
+        if str(b.get("block_id")).startswith("tools_")
+        for o in b["element"]["options"]
+    ]
+    assert redrawn_tools == ["lookup", "weather"]  # the redrawn form lists what the form listed
+    await bot.submit_view(view, values(view, tools_0=["lookup"]))
+    stored = await bot.deps.redis.hgetall(SettingsKeys(TEAM_ID).channel(CHANNEL))
+    assert json.loads(stored["tools_off"]) == ["weather"]  # atlas, never shown, is not turned off
+    await bot.send_event(mention("what's up", "1700000600.000100"))
+    await bot.settle()
+    offered = [t["function"]["name"] for t in fake_kimi.requests[-1].get("tools") or []]
+    assert "atlas" in offered and "lookup" in offered and "weather" not in offered

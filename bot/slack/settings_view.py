@@ -9,6 +9,7 @@ that can switch it, reasoning effort only for one that takes it: picking another
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -55,8 +56,46 @@ def shown_tools(tools: list[str]) -> list[str]:
     return [name for group in tool_groups(tools) for name in group]
 
 
-def settings_modal(target: str, config: ChannelConfig, tools: list[str]) -> dict[str, Any]:
-    """The modal for `target` (a channel id, or WORKSPACE), filled in with `config`."""
+HIDDEN_TOOLS_BLOCK = "more_tools"  # the context block saying how many tools the form does not list
+_HIDDEN_COUNT = re.compile(r"^(\d+) more tools")
+
+
+def form_tools(blocks: list[dict[str, Any]]) -> list[str]:
+    """The tools a form offered, read from its own checkbox groups (the `tools_<n>` input blocks of the
+    view Slack hands back): saving or redrawing a form judges it by what the admin saw, never by a fresh
+    listing (a slow MCP server, a tool added since, another window of a long list)."""
+    names: list[str] = []
+    for block in blocks:
+        element = block.get("element") if isinstance(block, dict) else None
+        if (
+            block.get("type") != "input"
+            or not str(block.get("block_id") or "").startswith("tools_")
+            or not isinstance(element, dict)
+            or element.get("action_id") != "tools"
+        ):
+            continue
+        for option in element.get("options") or []:
+            if isinstance(option, dict) and option.get("value"):
+                names.append(str(option["value"]))
+    return names
+
+
+def form_hidden_tools(blocks: list[dict[str, Any]]) -> int:
+    """How many tools a form said it does not list (its context note), 0 when none."""
+    for block in blocks:
+        if isinstance(block, dict) and block.get("block_id") == HIDDEN_TOOLS_BLOCK:
+            for element in block.get("elements") or []:
+                found = _HIDDEN_COUNT.match(str((element or {}).get("text") or ""))
+                if found:
+                    return int(found.group(1))
+    return 0
+
+
+def settings_modal(
+    target: str, config: ChannelConfig, tools: list[str], *, hidden: int | None = None
+) -> dict[str, Any]:
+    """The modal for `target` (a channel id, or WORKSPACE), filled in with `config`. `hidden`: how many
+    tools are not listed (default: those of `tools` past the form's checkboxes)."""
     workspace = target == WORKSPACE
     profile = config.profile
     models = model_options(config.model)
@@ -151,11 +190,13 @@ def settings_modal(target: str, config: ChannelConfig, tools: list[str]) -> dict
                 "element": element,
             }
         )
-    hidden = len(set(tools)) - sum(len(g) for g in groups)
+    if hidden is None:
+        hidden = len(set(tools)) - sum(len(g) for g in groups)
     if hidden > 0:
         blocks.append(
             {
                 "type": "context",
+                "block_id": HIDDEN_TOOLS_BLOCK,
                 "elements": [
                     {
                         "type": "mrkdwn",
