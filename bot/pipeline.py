@@ -73,20 +73,28 @@ async def speaker_name(deps: Deps, team_id: str, user: str) -> str:
     return name
 
 
-async def backfill(deps: Deps, turn: Turn) -> list[dict[str, Any]]:
-    """Entries for the thread's messages before this one, when the bot is first called into it."""
+async def backfill(deps: Deps, turn: Turn, *, oldest: str = "") -> list[dict[str, Any]]:
+    """Entries for the thread's messages before this one, when the bot is first called into it (or, with
+    `oldest`, only those newer than that ts: see catch_up)."""
     entries: list[dict[str, Any]] = []
     cursor: str | None = None
     fetched = 0
     limit = deps.settings.backfill_limit
+    since = {"oldest": oldest, "inclusive": False} if oldest else {}
     try:
         while fetched < limit:
             response = await deps.slack.conversations_replies(
-                channel=turn.channel, ts=turn.thread_ts, limit=min(200, limit - fetched), cursor=cursor
+                channel=turn.channel,
+                ts=turn.thread_ts,
+                limit=min(200, limit - fetched),
+                cursor=cursor,
+                **since,
             )
             messages = response.get("messages") or []
             fetched += len(messages)
             for message in messages:
+                if oldest and float(message.get("ts") or 0) <= float(oldest):
+                    continue  # the thread's parent, which Slack sends whatever `oldest` says
                 entry = await _history_entry(deps, turn, message)
                 if entry is not None:
                     entries.append(entry)
@@ -100,6 +108,25 @@ async def backfill(deps: Deps, turn: Turn) -> list[dict[str, Any]]:
         )
         return []
     return entries
+
+
+async def catch_up(deps: Deps, turn: Turn, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The thread's replies since the last question the history holds, which the bot did not answer: a
+    "mentions" channel ignores replies without a mention, so without this a mention would be answered
+    blind to what was said in between. People's (and other bots') messages only: ours are in the history
+    already, or were notices. Asked only in "mentions" channels (conversations.replies is rate limited;
+    in "all" channels every reply is answered, so stored)."""
+    since = max(
+        (str(e["ts"]) for e in entries if e.get("role") == "user" and e.get("ts")), key=float, default=""
+    )
+    if not since:
+        return []
+    known = {str(e.get("ts")) for e in entries}
+    return [
+        entry
+        for entry in await backfill(deps, turn, oldest=since)
+        if entry.get("role") == "user" and entry.get("ts") not in known
+    ]
 
 
 async def _history_entry(deps: Deps, turn: Turn, message: dict[str, Any]) -> dict[str, Any] | None:
@@ -344,19 +371,26 @@ async def _think_and_deliver(
     history = state is not None
     question = user_entry(name, turn.text, ts=turn.ts, user=turn.user)
 
+    kimi = deps.kimi
+    # The channel's settings (channel override > workspace default > env), read fresh for each question.
+    config = await deps.channel_settings.resolve(turn.team_id, turn.channel)
+
     entries: list[dict[str, Any]] = []
     meta: dict[str, str] = {}
     offset = 0
     if state is not None:
         entries, meta, offset = state.entries, state.meta, state.offset
         new_entries: list[dict[str, Any]] = []
+        # A re-run of this turn finds its question (and what came before it) already stored.
+        stored = any(e.get("ts") == turn.ts and e.get("role") == "user" for e in entries)
         # A thread that was forgotten (`@kimibot forget`) is not read back from Slack.
         if not entries and not offset and not turn.opens_thread and "forgotten" not in meta:
             new_entries = await backfill(deps, turn)
+        elif entries and not stored and config.followups == "mentions" and not turn.assistant_thread:
+            new_entries = await catch_up(deps, turn, entries)
         if turn.assistant_thread and not offset and not any(e.get("role") == "user" for e in entries):
             writer.title(turn.text)
-        # A re-run of this turn finds its question already stored: don't store it twice.
-        if not any(e.get("ts") == turn.ts and e.get("role") == "user" for e in entries):
+        if not stored:
             new_entries.append(question)
         # Stored before Kimi is asked, so no failure loses it (fenced: only while the thread is ours).
         await lease.append(*new_entries, answered=1)
@@ -364,9 +398,6 @@ async def _think_and_deliver(
     else:
         entries = [question]
 
-    kimi = deps.kimi
-    # The channel's settings (channel override > workspace default > env), read fresh for each question.
-    config = await deps.channel_settings.resolve(turn.team_id, turn.channel)
     # Priced as KIMI_PRICES says (the channel's model may not be KIMI_MODEL).
     profile = profile_for(config.model, parse_prices(settings.kimi_prices))
     call = ModelCall(config.model, profile, config.effort, config.thinking)

@@ -315,3 +315,23 @@ async def test_saving_judges_the_tools_the_form_showed_not_a_fresh_listing(
     await bot.settle()
     offered = [t["function"]["name"] for t in fake_kimi.requests[-1].get("tools") or []]
     assert "atlas" in offered and "lookup" in offered and "weather" not in offered
+
+
+async def test_a_mention_in_a_mentions_only_thread_reads_the_replies_it_ignored(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    await bot.deps.channel_settings.save(TEAM_ID, CHANNEL, {"followups": "mentions"}, ALICE)
+    root = "1700000700.000100"
+    await bot.send_event(mention("hello", root))
+    await bot.settle()
+    await bot.send_event(message("the code word is swordfish", "1700000700.000200", thread_ts=root, user=BOB))
+    await bot.settle()
+    assert len(fake_kimi.requests) == 1  # ignored: no mention
+    await bot.send_event(mention("what is the code word?", "1700000700.000300", thread_ts=root, user=BOB))
+    await bot.settle()
+    sent = json.dumps(fake_kimi.requests[1]["messages"])
+    assert sent.count("swordfish") == 1 and sent.index("swordfish") < sent.index("what is the code word?")
+    await bot.send_event(mention("and again?", "1700000700.000400", thread_ts=root, user=BOB))
+    await bot.settle()
+    assert json.dumps(fake_kimi.requests[2]["messages"]).count("swordfish") == 1  # stored once, not re-read
+    assert fake_slack.problems == []
