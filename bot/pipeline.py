@@ -80,7 +80,6 @@ async def backfill(deps: Deps, turn: Turn, *, oldest: str = "") -> list[dict[str
     cursor: str | None = None
     fetched = 0
     limit = deps.settings.backfill_limit
-    since = {"oldest": oldest, "inclusive": False} if oldest else {}
     try:
         while fetched < limit:
             response = await deps.slack.conversations_replies(
@@ -88,7 +87,8 @@ async def backfill(deps: Deps, turn: Turn, *, oldest: str = "") -> list[dict[str
                 ts=turn.thread_ts,
                 limit=min(200, limit - fetched),
                 cursor=cursor,
-                **since,
+                oldest=oldest or None,  # None: not sent (the SDK drops it)
+                inclusive=False if oldest else None,
             )
             messages = response.get("messages") or []
             fetched += len(messages)
