@@ -126,6 +126,29 @@ def to_fields(config: ChannelConfig) -> dict[str, str]:
     }
 
 
+PINNED = ("model", "thinking", "effort", "tools_off")  # what a job keeps of its settings for a re-run
+
+
+def pin(config: ChannelConfig) -> str:
+    """What a job notes of its channel's settings on its first run (its progress), for a re-run."""
+    fields = to_fields(config)
+    return json.dumps({name: fields[name] for name in PINNED}, sort_keys=True)
+
+
+def pinned(config: ChannelConfig, raw: str) -> ChannelConfig:
+    """`config` with the model, thinking, effort and tools a job's first run used: a re-run resumes its
+    checkpointed steps, whose replay must go to the same model the same way (a model switched mid-job gets
+    steps without the reasoning it needs: a 400; a tool turned off has calls in them). Unreadable:
+    `config` as it is."""
+    try:
+        layer = json.loads(raw)
+    except ValueError:
+        return config
+    if not isinstance(layer, dict):
+        return config
+    return apply(config, {k: v for k, v in layer.items() if k in PINNED and isinstance(v, str)})
+
+
 def overrides_to_save(inherited: ChannelConfig, submitted: Mapping[str, str]) -> dict[str, str | None]:
     """What to write: a field equal to the inherited value is removed (None), so the channel keeps
     following the workspace default for it; a differing one is set."""

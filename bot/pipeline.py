@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from bot.admission import strip_mention
 from bot.agent.live import WriterView, ask_approval
 from bot.agent.loop import CAP_NOTES, AgentLoop, Caps, Outcome, Planned, Step
+from bot.channel_settings import ChannelConfig, pin, pinned
 from bot.context import Fit, calibrate, fit, user_entry
 from bot.deps import Deps
 from bot.errors import ADMIN_REASONS, RETRYABLE_REASONS, AnswerError, Reason
@@ -286,10 +287,12 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
     )
     details = {"question": turn.text}
     try:
-        progress, name, state = await asyncio.gather(  # what the job needs, fetched at once
+        progress, name, state, config = await asyncio.gather(  # what the job needs, fetched at once
             lease.progress(job),
             speaker_name(deps, turn.team_id, turn.user),
             deps.threads.load(turn.thread) if turn.in_slack_thread else _given(None),
+            # The channel's settings (channel override > workspace default > env), read for each question.
+            deps.channel_settings.resolve(turn.team_id, turn.channel),
         )
         ran_before = bool(progress.get("started")) or job.attempt > 1
         if ran_before and turn.in_slack_thread and not turn.assistant_thread:
@@ -298,7 +301,10 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
                 await lease.save_progress(job, **{k: v for k, v in recovered.items() if progress.get(k) != v})
             progress = recovered
         if not progress.get("started"):  # from here on a run may post: a later re-run must look for it
-            await lease.save_progress(job, started="1")
+            # The settings are pinned with it: a re-run resumes this run's steps with the same model.
+            await lease.save_progress(job, started="1", settings=pin(config))
+        elif progress.get("settings"):
+            config = pinned(config, progress["settings"])
         if turn.in_slack_thread and not turn.assistant_thread:
             progress = await placeholder_below_answers(deps, turn, lease, job, progress, state)
         writer.resume = progress
@@ -313,7 +319,9 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
             await writer.notice(EMPTY_QUESTION)
             await lease.complete(job)
             return
-        await _think_and_deliver(turn, deps, writer, kimi_task, lease, job, name=name, state=state)
+        await _think_and_deliver(
+            turn, deps, writer, kimi_task, lease, job, name=name, state=state, config=config
+        )
         deps.metrics.answer("stopped" if writer.stopped else "answered")
     except OverBudget as exc:  # no Kimi request was made for it; the job is done (no retry)
         log.info("over budget", extra=turn_log(turn, scope=str(exc.scope), limit_nusd=exc.limit_nusd))
@@ -365,16 +373,15 @@ async def _think_and_deliver(
     *,
     name: str,
     state: ThreadState | None,
+    config: ChannelConfig,
 ) -> None:
-    """`state` is the thread's history (None when the answer goes through response_url, without one)."""
+    """`state` is the thread's history (None when the answer goes through response_url, without one);
+    `config` the channel's settings (pinned for the job by its first run)."""
     settings = deps.settings
     history = state is not None
     question = user_entry(name, turn.text, ts=turn.ts, user=turn.user)
 
     kimi = deps.kimi
-    # The channel's settings (channel override > workspace default > env), read fresh for each question.
-    config = await deps.channel_settings.resolve(turn.team_id, turn.channel)
-
     entries: list[dict[str, Any]] = []
     meta: dict[str, str] = {}
     offset = 0

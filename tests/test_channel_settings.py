@@ -14,6 +14,8 @@ from bot.channel_settings import (
     differences,
     env_config,
     overrides_to_save,
+    pin,
+    pinned,
     resolve,
     validate,
 )
@@ -219,3 +221,17 @@ def test_the_home_view_lists_defaults_and_what_channels_change() -> None:
     assert view["type"] == "home" and "kimi-k2.6" in text and "<#C0LEGAL>: model kimi-k3" in text
     assert "kimi_edit_workspace_defaults" in text
     assert "kimi_edit_workspace_defaults" not in json.dumps(home_view(defaults, [], admin=False, usage=[]))
+
+
+def test_a_job_pins_model_thinking_effort_and_tools_for_its_re_run() -> None:
+    first = ChannelConfig("kimi-k3", True, "low", "Prompt.", frozenset({"web_search"}), "mentions")
+    now = ChannelConfig("kimi-k2.6", False, "high", "New prompt.", frozenset(), "all")
+    again = pinned(now, pin(first))
+    assert (again.model, again.thinking, again.effort, again.tools_off) == (
+        "kimi-k3",
+        True,
+        "low",
+        frozenset({"web_search"}),
+    )
+    assert again.system_prompt_addendum == "New prompt." and again.followups == "all"  # not pinned
+    assert pinned(now, "{not json") == now and pinned(now, "[1]") == now

@@ -13,10 +13,10 @@ from bot.channel_settings import SettingsKeys
 from bot.deps import build_deps
 from bot.settings import DEFAULT_SYSTEM_PROMPT
 from tests.conftest import BotHarness
-from tests.fakes.kimi_api import FakeKimi, Reply
+from tests.fakes.kimi_api import Call, FakeKimi, Reply
 from tests.fakes.slack_api import TEAM_ID, FakeSlack
 from tests.slack_requests import ALICE, BOB, CHANNEL, mention, message
-from tests.test_agent_loop import Probe, give
+from tests.test_agent_loop import Probe, give, tool_results, wait_until
 
 OTHER = "C0OTHER01"
 
@@ -335,3 +335,41 @@ async def test_a_mention_in_a_mentions_only_thread_reads_the_replies_it_ignored(
     await bot.settle()
     assert json.dumps(fake_kimi.requests[2]["messages"]).count("swordfish") == 1  # stored once, not re-read
     assert fake_slack.problems == []
+
+
+async def test_a_resumed_job_keeps_the_model_and_tools_its_first_run_used(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    quick, slow = Probe(name="quick"), Probe(name="slow", delay=1.0)
+
+    def script(request: dict[str, Any]) -> Reply:
+        done = tool_results(request)
+        if done == 0:
+            return Reply(reasoning="Quick first.", tool_calls=[Call("quick", '{"q": "one"}')])
+        if done == 1:
+            return Reply(reasoning="Then the slow one.", tool_calls=[Call("slow", '{"q": "two"}')])
+        return Reply(reasoning="Done.", content="Both looked up.")
+
+    fake_kimi.responder = script
+    first: BotHarness = await make_bot()
+    await first.deps.channel_settings.save(TEAM_ID, CHANNEL, {"model": "kimi-k2.7-code"}, ALICE)
+    give(first, quick, slow)
+    ts = "1700000800.000100"
+    await first.send_event(mention("two lookups", ts))
+    await wait_until(lambda: bool(slow.started))
+    await first.worker.drain(grace_s=0)  # the worker dies while step 2's call runs
+    # An admin changes the channel's settings while the job waits for its re-run.
+    changes = {"model": "kimi-k2.6", "thinking": "off", "tools_off": '["slow"]'}
+    await first.deps.channel_settings.save(TEAM_ID, CHANNEL, changes, ALICE)
+    second: BotHarness = await make_bot()
+    give(second, quick, slow)
+    await second.settle()
+
+    assert len(fake_kimi.requests) == 4 and fake_kimi.rejected == []
+    for request in fake_kimi.requests[2:]:  # the re-run: the first run's model, thinking and tools
+        assert request["model"] == "kimi-k2.7-code" and "thinking" not in request
+        assert "slow" in [t["function"]["name"] for t in request["tools"]]
+    assert fake_slack.answer_parts(CHANNEL, ts) == ["Both looked up."]
+    await second.send_event(mention("next one", "1700000800.000200"))
+    await second.settle()
+    assert fake_kimi.requests[-1]["model"] == "kimi-k2.6"  # a new question: the new settings
