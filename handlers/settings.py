@@ -3,6 +3,7 @@ workspace defaults" button. Admins only (deps.admins), checked when a form opens
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from typing import Any
@@ -23,6 +24,13 @@ log = logging.getLogger(__name__)
 SETTINGS_WORDS = frozenset({"settings", "setting", "config"})
 CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{2,}")
 NOT_OPENED = "I couldn't open the settings form (Slack said `{error}`): try again."
+SLOW = "Slack didn't answer in time, so I couldn't check who may change settings: try again."
+SLOW_SAVE = "Slack didn't answer in time, so nothing was saved: press Save again."
+# Slack waits 3 s for the ack of a command or a view submission, and a trigger_id lives as long: what
+# happens before the ack is bounded. The admin check (users.info, retried on a 429) gets a second; the
+# form (a Redis read, a tool listing of at most TOOLS_WAIT_S, views.open) what is left of OPEN_DEADLINE_S.
+ADMIN_CHECK_S = 1.0
+OPEN_DEADLINE_S = 2.5
 
 
 def _error_of(exc: Exception) -> str:
@@ -30,16 +38,29 @@ def _error_of(exc: Exception) -> str:
     return str(response.get("error")) if response is not None else type(exc).__name__
 
 
+async def _is_admin(deps: Deps, team: str, user: str) -> bool | None:
+    """deps.admins.is_admin within ADMIN_CHECK_S; None when Slack did not say in time."""
+    try:
+        async with asyncio.timeout(ADMIN_CHECK_S):
+            return await deps.admins.is_admin(team, user)
+    except TimeoutError:
+        log.warning("admin check timed out", extra={"user": user})
+        return None
+
+
 async def open_channel_settings(deps: Deps, ack: AsyncAck, command: dict[str, Any]) -> None:
     """`/kimi settings` in a channel: the modal for that channel, or "ask an admin"."""
+    deadline = asyncio.get_running_loop().time() + OPEN_DEADLINE_S
     team, user = str(command.get("team_id") or ""), str(command.get("user_id") or "")
     channel = str(command.get("channel_id") or "")
-    if not await deps.admins.is_admin(team, user):
-        await ack(response_type="ephemeral", text=ASK_AN_ADMIN)
+    admin = await _is_admin(deps, team, user)
+    if not admin:
+        await ack(response_type="ephemeral", text=ASK_AN_ADMIN if admin is False else SLOW)
         return
     try:
-        view = await modal_for(deps, team, user, channel)
-        await deps.slack.views_open(trigger_id=str(command.get("trigger_id") or ""), view=view)
+        async with asyncio.timeout_at(deadline):
+            view = await modal_for(deps, team, user, channel)
+            await deps.slack.views_open(trigger_id=str(command.get("trigger_id") or ""), view=view)
     except Exception as exc:
         log.warning("settings form not opened", extra={"channel": channel, "error": _error_of(exc)})
         await ack(response_type="ephemeral", text=NOT_OPENED.format(error=_error_of(exc)))
@@ -59,9 +80,12 @@ def register(app: AsyncApp, deps: Deps) -> None:
         if target != WORKSPACE and not CHANNEL_ID.fullmatch(target):
             await ack(response_action="errors", errors={"model": "This form is not for a channel I know."})
             return
-        if not await deps.admins.is_admin(team, user):
+        admin = await _is_admin(deps, team, user)
+        if not admin:
             log.info("settings refused: not an admin", extra={"user": user, "target": target})
-            await ack(response_action="errors", errors={"model": ASK_AN_ADMIN})
+            await ack(
+                response_action="errors", errors={"model": ASK_AN_ADMIN if admin is False else SLOW_SAVE}
+            )
             return
         errors = await submit(deps, team, user, target, view)
         if errors:
@@ -91,12 +115,15 @@ def register(app: AsyncApp, deps: Deps) -> None:
         user = str((body.get("user") or {}).get("id") or "")
         team = str((body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id") or "")
         trigger = str(body.get("trigger_id") or "")
-        if await deps.admins.is_admin(team, user):
-            view = await modal_for(deps, team, user, WORKSPACE)
-        else:
-            view = notice_modal(ASK_AN_ADMIN)
+        deadline = asyncio.get_running_loop().time() + OPEN_DEADLINE_S  # the trigger_id's life
+        admin = await _is_admin(deps, team, user)
         try:
-            await deps.slack.views_open(trigger_id=trigger, view=view)
+            async with asyncio.timeout_at(deadline):
+                if admin:
+                    view = await modal_for(deps, team, user, WORKSPACE)
+                else:
+                    view = notice_modal(ASK_AN_ADMIN if admin is False else SLOW)
+                await deps.slack.views_open(trigger_id=trigger, view=view)
         except Exception as exc:
             log.warning("workspace settings form not opened", extra={"error": _error_of(exc)})
 

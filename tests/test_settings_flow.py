@@ -4,7 +4,9 @@ and follow-up mode. The Home tab shows the defaults and overrides; admins edit t
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +14,7 @@ from bot.admins import ASK_AN_ADMIN
 from bot.channel_settings import SettingsKeys
 from bot.deps import build_deps
 from bot.settings import DEFAULT_SYSTEM_PROMPT
+from bot.tools.base import Tool, ToolContext
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import Call, FakeKimi, Reply
 from tests.fakes.slack_api import TEAM_ID, FakeSlack
@@ -373,3 +376,33 @@ async def test_a_resumed_job_keeps_the_model_and_tools_its_first_run_used(
     await second.send_event(mention("next one", "1700000800.000200"))
     await second.settle()
     assert fake_kimi.requests[-1]["model"] == "kimi-k2.6"  # a new question: the new settings
+
+
+async def test_the_form_opens_and_saves_within_slacks_three_seconds_or_says_try_again(
+    bot: BotHarness, fake_slack: FakeSlack
+) -> None:
+    async def slow_tools(ctx: ToolContext) -> list[Tool]:
+        await asyncio.sleep(10)  # an MCP server that does not answer
+        return []
+
+    bot.deps.tools = slow_tools
+    fake_slack.delay["users.info"] = 10.0  # users.info stuck (retrying a 429, say)
+    started = time.monotonic()
+    status, text = await bot.command("settings")
+    assert status == 200 and time.monotonic() - started < 2.0
+    assert "try again" in text and ASK_AN_ADMIN not in text and fake_slack.views == []
+
+    del fake_slack.delay["users.info"]
+    make_admin(fake_slack)
+    started = time.monotonic()
+    view = await open_settings(bot, fake_slack)  # the tools are not waited for past half a second
+    assert time.monotonic() - started < 0.95
+    assert not [b for b in view["blocks"] if str(b.get("block_id")).startswith("tools_")]
+
+    bot.deps.admins.forget(TEAM_ID, ALICE)
+    fake_slack.delay["users.info"] = 10.0
+    started = time.monotonic()
+    status, response = await bot.submit_view(view, values(view, model="kimi-k3"))
+    assert status == 200 and time.monotonic() - started < 2.0
+    assert response["response_action"] == "errors" and "Save again" in response["errors"]["model"]
+    assert await bot.deps.redis.exists(SettingsKeys(TEAM_ID).channel(CHANNEL)) == 0
