@@ -64,7 +64,7 @@ async def current(deps: Deps, team_id: str, target: str) -> tuple[ChannelConfig,
 async def modal_for(deps: Deps, team_id: str, user: str, target: str) -> dict[str, Any]:
     _, config = await current(deps, team_id, target)
     channel = "" if target == WORKSPACE else target
-    return settings_modal(target, config, await tool_names(deps, team_id, user, channel))
+    return settings_modal(target, config, await tool_names(deps, team_id, user, channel), team=team_id)
 
 
 async def redraw(deps: Deps, team_id: str, target: str, view: dict[str, Any], model: str) -> dict[str, Any]:
@@ -74,7 +74,8 @@ async def redraw(deps: Deps, team_id: str, target: str, view: dict[str, Any], mo
     blocks = view.get("blocks") or []
     tools = form_tools(blocks)
     raw = {**read_state((view.get("state") or {}).get("values") or {}), "model": model}
-    return settings_modal(target, redrawn(config, raw, tools), tools, hidden=form_hidden_tools(blocks))
+    config = redrawn(config, raw, tools)
+    return settings_modal(target, config, tools, team=team_id, hidden=form_hidden_tools(blocks))
 
 
 async def submit(deps: Deps, team_id: str, user: str, target: str, view: dict[str, Any]) -> dict[str, str]:

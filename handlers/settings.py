@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp
@@ -17,12 +16,13 @@ from bot.slack.settings_view import (
     ACTION_EDIT_DEFAULTS,
     CALLBACK_SETTINGS,
     WORKSPACE,
+    form_target,
     notice_modal,
 )
 
 log = logging.getLogger(__name__)
 SETTINGS_WORDS = frozenset({"settings", "setting", "config"})
-CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{2,}")
+NOT_THIS_FORM = "This form is out of date or not for this workspace: close it and open it again."
 NOT_OPENED = "I couldn't open the settings form (Slack said `{error}`): try again."
 SLOW = "Slack didn't answer in time, so I couldn't check who may change settings: try again."
 SLOW_SAVE = "Slack didn't answer in time, so nothing was saved: press Save again."
@@ -68,18 +68,25 @@ async def open_channel_settings(deps: Deps, ack: AsyncAck, command: dict[str, An
     await ack()
 
 
+def _form_of(body: dict[str, Any], view: dict[str, Any]) -> tuple[str, str] | None:
+    """(team, target) a settings form was opened for, from its private_metadata; None when that is not a
+    form of ours or names another team than the payload (which has none on an org-wide install)."""
+    form = form_target(str(view.get("private_metadata") or ""))
+    sent = str((body.get("team") or {}).get("id") or "")
+    if form is None or (sent and sent != form[0]):
+        log.info("settings form refused", extra={"metadata": view.get("private_metadata"), "team": sent})
+        return None
+    return form
+
+
 def register(app: AsyncApp, deps: Deps) -> None:
     async def on_submit(ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
         user = str((body.get("user") or {}).get("id") or "")
-        team = str(
-            (body.get("team") or {}).get("id")
-            or (body.get("user") or {}).get("team_id")
-            or view.get("team_id")
-        )
-        target = str(view.get("private_metadata") or "")
-        if target != WORKSPACE and not CHANNEL_ID.fullmatch(target):
-            await ack(response_action="errors", errors={"model": "This form is not for a channel I know."})
+        form = _form_of(body, view)
+        if form is None:
+            await ack(response_action="errors", errors={"model": NOT_THIS_FORM})
             return
+        team, target = form
         admin = await _is_admin(deps, team, user)
         if not admin:
             log.info("settings refused: not an admin", extra={"user": user, "target": target})
@@ -113,7 +120,12 @@ def register(app: AsyncApp, deps: Deps) -> None:
     async def on_edit_defaults(ack: AsyncAck, body: dict[str, Any]) -> None:
         await ack()
         user = str((body.get("user") or {}).get("id") or "")
-        team = str((body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id") or "")
+        team = str(
+            (body.get("team") or {}).get("id")  # null on an org-wide install: the Home view's own team
+            or (body.get("view") or {}).get("team_id")
+            or (body.get("user") or {}).get("team_id")
+            or ""
+        )
         trigger = str(body.get("trigger_id") or "")
         deadline = asyncio.get_running_loop().time() + OPEN_DEADLINE_S  # the trigger_id's life
         admin = await _is_admin(deps, team, user)
@@ -131,13 +143,11 @@ def register(app: AsyncApp, deps: Deps) -> None:
         """Another model picked in the form: redraw it with that model's thinking and effort fields."""
         await ack()
         view = body.get("view") or {}
-        target = str(view.get("private_metadata") or "")
         model = str((action.get("selected_option") or {}).get("value") or "")
-        if view.get("callback_id") != CALLBACK_SETTINGS or not model:
+        form = _form_of(body, view)
+        if view.get("callback_id") != CALLBACK_SETTINGS or not model or form is None:
             return
-        if target != WORKSPACE and not CHANNEL_ID.fullmatch(target):
-            return
-        team = str((body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id") or "")
+        team, target = form
         try:
             new = await redraw(deps, team, target, view, model)
             await deps.slack.views_update(view_id=str(view.get("id") or ""), hash=view.get("hash"), view=new)

@@ -25,6 +25,7 @@ from bot.slack.settings_view import (
     CALLBACK_SETTINGS,
     WORKSPACE,
     form_hidden_tools,
+    form_target,
     form_tools,
     home_view,
     read_state,
@@ -141,8 +142,8 @@ def test_the_modal_keeps_slacks_limits_and_reads_back(make_settings: Callable[..
         "kimi-k3", True, "max", "Be formal.", frozenset({"web_search"}), "mentions", Decimal("20")
     )
     many_tools = [f"mcp_tool_{i:02d}" for i in range(63)]
-    view = settings_modal("C123", config, many_tools)
-    assert view["callback_id"] == CALLBACK_SETTINGS and view["private_metadata"] == "C123"
+    view = settings_modal("C123", config, many_tools, team="T123")
+    assert view["callback_id"] == CALLBACK_SETTINGS and view["private_metadata"] == "T123:C123"
     assert view_problems(view, "modal") == []
     for block in view["blocks"]:
         if block["type"] == "input":
@@ -153,7 +154,7 @@ def test_the_modal_keeps_slacks_limits_and_reads_back(make_settings: Callable[..
     assert "thinking" not in by_id  # K3 always thinks: nothing to switch
     k26 = {
         b.get("block_id")
-        for b in settings_modal("C123", ChannelConfig("kimi-k2.6", False, "high"), [])["blocks"]
+        for b in settings_modal("C123", ChannelConfig("kimi-k2.6", False, "high"), [], team="T123")["blocks"]
     }
     assert "thinking" in k26 and "effort" not in k26
     assert by_id["system_prompt"]["element"]["multiline"] is True
@@ -162,9 +163,9 @@ def test_the_modal_keeps_slacks_limits_and_reads_back(make_settings: Callable[..
     assert len(tool_blocks) == 5 and all(b["element"]["action_id"] == "tools" for b in tool_blocks)
     assert len(shown_tools(many_tools)) == 50
     assert any("13 more tools are not listed" in json.dumps(b) for b in view["blocks"])
-    workspace = settings_modal(WORKSPACE, config, TOOLS)
+    workspace = settings_modal(WORKSPACE, config, TOOLS, team="T123")
     assert "budget_usd" not in {b.get("block_id") for b in workspace["blocks"]}
-    assert workspace["private_metadata"] == WORKSPACE and view_problems(workspace, "modal") == []
+    assert workspace["private_metadata"] == f"T123:{WORKSPACE}" and view_problems(workspace, "modal") == []
     state = {
         "model": {"model": {"type": "static_select", "selected_option": {"value": "kimi-k2.6"}}},
         "thinking": {"thinking": {"type": "radio_buttons", "selected_option": {"value": "off"}}},
@@ -187,13 +188,20 @@ def test_the_modal_keeps_slacks_limits_and_reads_back(make_settings: Callable[..
 
 def test_a_form_says_which_tools_it_offered() -> None:
     many_tools = [f"tool_{i:02d}" for i in range(63)]
-    view = settings_modal("C123", ChannelConfig("kimi-k2.6", True, "high"), many_tools)
+    view = settings_modal("C123", ChannelConfig("kimi-k2.6", True, "high"), many_tools, team="T1")
     assert form_tools(view["blocks"]) == shown_tools(many_tools) and form_hidden_tools(view["blocks"]) == 13
     k3 = ChannelConfig("kimi-k3", True, "high")
-    again = settings_modal("C123", k3, form_tools(view["blocks"]), hidden=13)
+    again = settings_modal("C123", k3, form_tools(view["blocks"]), team="T1", hidden=13)
     assert form_tools(again["blocks"]) == shown_tools(many_tools) and form_hidden_tools(again["blocks"]) == 13
-    bare = settings_modal("C123", ChannelConfig("kimi-k2.6", True, "high"), [])
+    bare = settings_modal("C123", ChannelConfig("kimi-k2.6", True, "high"), [], team="T1")
     assert form_tools(bare["blocks"]) == [] and form_hidden_tools(bare["blocks"]) == 0
+
+
+def test_a_form_names_the_team_and_target_it_was_opened_for() -> None:
+    assert form_target("T123:C0LEGAL") == ("T123", "C0LEGAL")
+    assert form_target(f"E0ORG:{WORKSPACE}") == ("E0ORG", WORKSPACE)
+    for forged in ("C0LEGAL", "T123:", ":C0LEGAL", "T123:general", "x:C0LEGAL", "T123:C0LEGAL:x"):
+        assert form_target(forged) is None, forged
 
 
 def test_a_redrawn_form_keeps_what_was_typed() -> None:

@@ -72,7 +72,9 @@ async def test_an_admin_opens_the_channel_modal_others_are_told_to_ask_an_admin(
     assert status == 200 and ASK_AN_ADMIN in text and fake_slack.views == []
     make_admin(fake_slack)
     view = await open_settings(bot, fake_slack)
-    assert view["callback_id"] == "kimi_channel_settings" and view["private_metadata"] == CHANNEL
+    assert (
+        view["callback_id"] == "kimi_channel_settings" and view["private_metadata"] == f"{TEAM_ID}:{CHANNEL}"
+    )
     actions = {b["element"]["action_id"] for b in view["blocks"] if b["type"] == "input"}
     assert {"model", "thinking", "system_prompt", "followups", "budget_usd"} <= actions  # kimi-k2.6
     assert fake_slack.problems == []
@@ -252,7 +254,10 @@ async def test_home_tab_shows_defaults_and_overrides_and_admins_edit_the_default
 
     await bot.click_home("kimi_edit_workspace_defaults")
     defaults = fake_slack.views[-1]
-    assert defaults["private_metadata"] == "workspace" and defaults["callback_id"] == "kimi_channel_settings"
+    assert (
+        defaults["private_metadata"] == f"{TEAM_ID}:workspace"
+        and defaults["callback_id"] == "kimi_channel_settings"
+    )
     status, response = await bot.submit_view(defaults, values(defaults, system_prompt="Company style."))
     assert status == 200 and response is None
     await bot.send_event(mention("hi", "1700000500.000100", channel=OTHER))
@@ -406,3 +411,28 @@ async def test_the_form_opens_and_saves_within_slacks_three_seconds_or_says_try_
     assert status == 200 and time.monotonic() - started < 2.0
     assert response["response_action"] == "errors" and "Save again" in response["errors"]["model"]
     assert await bot.deps.redis.exists(SettingsKeys(TEAM_ID).channel(CHANNEL)) == 0
+
+
+async def test_a_form_is_saved_for_the_team_it_was_opened_for_even_from_an_org_wide_install(
+    bot: BotHarness, fake_slack: FakeSlack
+) -> None:
+    make_admin(fake_slack)
+    view = await open_settings(bot, fake_slack)
+    org = {"id": "E0ORG01", "name": "Org"}
+    status, response = await bot.submit_view(
+        view,
+        values(view, followups="mentions"),
+        user_team="T0HOME01",
+        team=None,
+        enterprise=org,
+        is_enterprise_install=True,
+    )  # Grid: no team in the payload, and the user's home workspace is another one
+    assert status == 200 and response is None
+    assert await bot.deps.channel_settings.followups(TEAM_ID, CHANNEL) == "mentions"
+    assert await bot.deps.redis.exists(SettingsKeys("T0HOME01").channel(CHANNEL)) == 0
+
+    forged = {**view, "private_metadata": f"T0OTHER1:{CHANNEL}"}  # another team's form, sent from this one
+    _, response = await bot.submit_view(forged, values(view, followups="all"))
+    assert response["response_action"] == "errors" and "open it again" in response["errors"]["model"]
+    assert await bot.deps.redis.exists(SettingsKeys("T0OTHER1").channel(CHANNEL)) == 0
+    assert await bot.deps.channel_settings.followups(TEAM_ID, CHANNEL) == "mentions"

@@ -23,7 +23,12 @@ from bot.channel_settings import (
 from bot.kimi.profiles import PROFILES, Thinking
 
 CALLBACK_SETTINGS = "kimi_channel_settings"
-WORKSPACE = "workspace"  # private_metadata of the modal that edits the workspace defaults
+# A form's private_metadata is "<team id>:<target>", the target a channel id or WORKSPACE (the workspace
+# defaults): the team is the one the form was opened for, since a submission from an Enterprise Grid
+# org-wide install carries no team (body.team is null; user.team_id is the user's home workspace).
+WORKSPACE = "workspace"
+TEAM_ID = re.compile(r"[TE][A-Z0-9]{2,}")
+CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{2,}")
 ACTION_EDIT_DEFAULTS = "kimi_edit_workspace_defaults"  # the Home tab's button
 # Slack's checkbox group holds at most 10 options; the modal shows up to 5 groups (50 tools). Tools past
 # that are not listed and keep their state (the modal says how many).
@@ -91,11 +96,23 @@ def form_hidden_tools(blocks: list[dict[str, Any]]) -> int:
     return 0
 
 
+def form_metadata(team: str, target: str) -> str:
+    return f"{team}:{target}"
+
+
+def form_target(metadata: str) -> tuple[str, str] | None:
+    """(team, target) of a form's private_metadata; None for anything else (a forged or an old form)."""
+    team, colon, target = metadata.partition(":")
+    if not colon or not TEAM_ID.fullmatch(team):
+        return None
+    return (team, target) if target == WORKSPACE or CHANNEL_ID.fullmatch(target) else None
+
+
 def settings_modal(
-    target: str, config: ChannelConfig, tools: list[str], *, hidden: int | None = None
+    target: str, config: ChannelConfig, tools: list[str], *, team: str, hidden: int | None = None
 ) -> dict[str, Any]:
-    """The modal for `target` (a channel id, or WORKSPACE), filled in with `config`. `hidden`: how many
-    tools are not listed (default: those of `tools` past the form's checkboxes)."""
+    """The modal for `target` (a channel id, or WORKSPACE) of `team`, filled in with `config`. `hidden`:
+    how many tools are not listed (default: those of `tools` past the form's checkboxes)."""
     workspace = target == WORKSPACE
     profile = config.profile
     models = model_options(config.model)
@@ -249,7 +266,7 @@ def settings_modal(
     return {
         "type": "modal",
         "callback_id": CALLBACK_SETTINGS,
-        "private_metadata": target,
+        "private_metadata": form_metadata(team, target),
         "title": _text("Workspace defaults" if workspace else "Channel settings"),
         "submit": _text("Save"),
         "close": _text("Cancel"),
