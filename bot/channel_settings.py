@@ -230,6 +230,26 @@ def validate(
     return Submitted(values, errors)
 
 
+# The Home tab's sections hold 3,000 characters: a long list of tools off must not fill one.
+NAMES_SHOWN_CHARS = 600
+
+
+def name_list(names: frozenset[str] | set[str], limit: int = NAMES_SHOWN_CHARS) -> str:
+    """Names sorted and comma-separated, cut to about `limit` characters: "a, b and 12 more"."""
+    ordered = sorted(names)
+    shown: list[str] = []
+    used = 0
+    for name in ordered:
+        used += len(name) + 2
+        if used > limit:
+            break
+        shown.append(name)
+    rest = len(ordered) - len(shown)
+    if not rest:
+        return ", ".join(shown)
+    return f"{', '.join(shown)} and {rest} more" if shown else f"{rest} tools"
+
+
 def differences(inherited: ChannelConfig, channel: ChannelConfig) -> list[str]:
     """What a channel's config changes against the workspace's, one short phrase each (Home tab)."""
     out = []
@@ -242,7 +262,7 @@ def differences(inherited: ChannelConfig, channel: ChannelConfig) -> list[str]:
     if channel.system_prompt_addendum != inherited.system_prompt_addendum:
         out.append("own system prompt addendum")
     if channel.tools_off != inherited.tools_off:
-        out.append("tools off: " + (", ".join(sorted(channel.tools_off)) or "none"))
+        out.append("tools off: " + (name_list(channel.tools_off) or "none"))
     if channel.followups != inherited.followups:
         out.append(f"follow-ups: {channel.followups}")
     if channel.budget_usd is not None:

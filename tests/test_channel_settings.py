@@ -4,6 +4,7 @@ what is saved, the modal's Block Kit against Slack's limits, and the Home view."
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from decimal import Decimal
 
@@ -13,6 +14,7 @@ from bot.channel_settings import (
     SettingsKeys,
     differences,
     env_config,
+    name_list,
     overrides_to_save,
     pin,
     pinned,
@@ -243,3 +245,19 @@ def test_a_job_pins_model_thinking_effort_and_tools_for_its_re_run() -> None:
     )
     assert again.system_prompt_addendum == "New prompt." and again.followups == "all"  # not pinned
     assert pinned(now, "{not json") == now and pinned(now, "[1]") == now
+
+
+def test_the_home_view_shows_a_long_list_of_tools_off_as_a_count() -> None:
+    many = frozenset(f"mcp_server_{i:03d}__a_rather_long_tool_name" for i in range(300))
+    defaults = ChannelConfig("kimi-k2.6", True, "high", tools_off=many)
+    view = home_view(
+        defaults,
+        [("C0LEGAL", differences(ChannelConfig("kimi-k2.6", True, "high"), defaults))],
+        admin=True,
+        usage=[],
+    )
+    sections = [b["text"]["text"] for b in view["blocks"] if b["type"] == "section"]
+    assert sections and all(len(text) <= 1_000 for text in sections)
+    assert all("mcp_server_000__a_rather_long_tool_name" in text for text in sections)
+    assert all(re.search(r"and \d+ more", text) for text in sections)
+    assert name_list(frozenset({"b", "a"})) == "a, b" and name_list(frozenset({"x" * 700})) == "1 tools"

@@ -436,3 +436,14 @@ async def test_a_form_is_saved_for_the_team_it_was_opened_for_even_from_an_org_w
     assert response["response_action"] == "errors" and "open it again" in response["errors"]["model"]
     assert await bot.deps.redis.exists(SettingsKeys("T0OTHER1").channel(CHANNEL)) == 0
     assert await bot.deps.channel_settings.followups(TEAM_ID, CHANNEL) == "mentions"
+
+
+async def test_a_home_tab_with_hundreds_of_tools_off_is_still_published(
+    bot: BotHarness, fake_slack: FakeSlack
+) -> None:
+    many = sorted(f"mcp_server_{i:03d}__a_rather_long_tool_name" for i in range(300))
+    await bot.deps.channel_settings.save(TEAM_ID, None, {"tools_off": json.dumps(many)}, ALICE)
+    await bot.deps.channel_settings.save(TEAM_ID, CHANNEL, {"tools_off": json.dumps(many[:200])}, ALICE)
+    await bot.open_home(BOB)
+    assert BOB in fake_slack.home_views, fake_slack.calls_of("views.publish")[-1].args.get("_result")
+    assert "and 2" in json.dumps(fake_slack.home_views[BOB])  # "... and 2xx more"

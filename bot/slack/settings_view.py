@@ -18,6 +18,7 @@ from bot.channel_settings import (
     FOLLOWUPS,
     SYSTEM_PROMPT_LIMIT,
     ChannelConfig,
+    name_list,
     parse_budget,
 )
 from bot.kimi.profiles import PROFILES, Thinking
@@ -34,6 +35,7 @@ ACTION_EDIT_DEFAULTS = "kimi_edit_workspace_defaults"  # the Home tab's button
 # that are not listed and keep their state (the modal says how many).
 CHECKBOXES_PER_GROUP = 10
 TOOL_GROUPS = 5
+SECTION_TEXT_LIMIT = 3_000
 HOME_CHANNELS_SHOWN = 40  # one section per channel; the Home tab has 100 blocks in all
 
 
@@ -340,10 +342,10 @@ def describe(config: ChannelConfig) -> str:
     parts.append(
         "*Thread replies:* " + ("every reply" if config.followups == "all" else "only when mentioned")
     )
-    parts.append("*Tools off:* " + (", ".join(sorted(config.tools_off)) or "none"))
+    parts.append("*Tools off:* " + (name_list(config.tools_off) or "none"))
     addendum = config.system_prompt_addendum
     parts.append("*System prompt addendum:* " + (f"{len(addendum):,} characters" if addendum else "none"))
-    return "\n".join(parts)
+    return "\n".join(parts)[:SECTION_TEXT_LIMIT]  # one section's text; a longer one fails views.publish
 
 
 def home_view(
@@ -383,7 +385,7 @@ def home_view(
         )
     for channel, changes in overrides[:HOME_CHANNELS_SHOWN]:
         text = f"<#{channel}>: " + ("; ".join(changes) or "same as the defaults")
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": text[:3000]}})
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": text[:SECTION_TEXT_LIMIT]}})
     if len(overrides) > HOME_CHANNELS_SHOWN:
         more = len(overrides) - HOME_CHANNELS_SHOWN
         blocks.append(
