@@ -69,19 +69,32 @@ def env_config(settings: Settings) -> ChannelConfig:
 
 
 def _tools(raw: str) -> frozenset[str] | None:
+    """A stored `tools_off` (a JSON list of names); None when unreadable, deeply nested lists included (a
+    RecursionError here would fail every question of the channel)."""
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return frozenset(str(v) for v in value) if isinstance(value, list) else None
+    return frozenset(v for v in value if isinstance(v, str)) if isinstance(value, list) else None
+
+
+CENT = Decimal("0.01")
 
 
 def parse_budget(raw: str) -> Decimal | None:
+    """A budget in USD, 0 or more; None when it is not one. More decimals than cents are rounded to cents,
+    so the digits stay bounded whatever the exponent typed (format() of 1e-999999999999 would write a
+    trillion zeros); an amount over BUDGET_LIMIT_USD is returned as is, for validate() to refuse."""
     try:
         value = Decimal(raw.strip())
     except (InvalidOperation, ValueError):
         return None
-    return value if value.is_finite() and value >= 0 else None
+    if not value.is_finite() or value < 0:
+        return None
+    exponent = value.as_tuple().exponent
+    if value <= BUDGET_LIMIT_USD and isinstance(exponent, int) and exponent < -2:
+        value = value.quantize(CENT)
+    return value
 
 
 def apply(base: ChannelConfig, layer: Mapping[str, str]) -> ChannelConfig:
@@ -100,7 +113,8 @@ def apply(base: ChannelConfig, layer: Mapping[str, str]) -> ChannelConfig:
     if layer.get("followups") in FOLLOWUPS:
         values["followups"] = layer["followups"]
     if "budget_usd" in layer:
-        values["budget_usd"] = parse_budget(layer["budget_usd"]) if layer["budget_usd"].strip() else None
+        budget = parse_budget(layer["budget_usd"]) if layer["budget_usd"].strip() else None
+        values["budget_usd"] = budget if budget is None or budget <= BUDGET_LIMIT_USD else None
     return ChannelConfig(**{**base.__dict__, **values})
 
 
@@ -142,7 +156,7 @@ def pinned(config: ChannelConfig, raw: str) -> ChannelConfig:
     `config` as it is."""
     try:
         layer = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return config
     if not isinstance(layer, dict):
         return config

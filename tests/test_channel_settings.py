@@ -261,3 +261,16 @@ def test_the_home_view_shows_a_long_list_of_tools_off_as_a_count() -> None:
     assert all("mcp_server_000__a_rather_long_tool_name" in text for text in sections)
     assert all(re.search(r"and \d+ more", text) for text in sections)
     assert name_list(frozenset({"b", "a"})) == "a, b" and name_list(frozenset({"x" * 700})) == "1 tools"
+
+
+def test_hostile_numbers_and_nesting_neither_hang_nor_crash(make_settings: Callable[..., Settings]) -> None:
+    checked = validate(form(budget_usd="1e-999999999999"), offered_tools=TOOLS)
+    assert checked.errors == {} and checked.values["budget_usd"] == "0.00"  # rounded to cents
+    assert validate(form(budget_usd="12.345"), offered_tools=TOOLS).values["budget_usd"] == "12.34"
+    assert validate(form(budget_usd="40"), offered_tools=TOOLS).values["budget_usd"] == "40"
+    assert set(validate(form(budget_usd="1e999999999999"), offered_tools=TOOLS).errors) == {"budget_usd"}
+    nested = "[" * 200_000 + "]" * 200_000
+    config = resolve(make_settings(), {"tools_off": nested}, {"budget_usd": "1e999999999999"})
+    assert config.tools_off == frozenset() and config.budget_usd is None
+    assert resolve(make_settings(), {}, {"tools_off": '["a", ["b"], 3]'}).tools_off == frozenset({"a"})
+    assert pinned(config, nested) == config

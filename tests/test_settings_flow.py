@@ -447,3 +447,13 @@ async def test_a_home_tab_with_hundreds_of_tools_off_is_still_published(
     await bot.open_home(BOB)
     assert BOB in fake_slack.home_views, fake_slack.calls_of("views.publish")[-1].args.get("_result")
     assert "and 2" in json.dumps(fake_slack.home_views[BOB])  # "... and 2xx more"
+
+
+async def test_a_channel_with_unreadable_stored_tools_is_still_answered(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    nested = "[" * 200_000 + "]" * 200_000  # json.loads: RecursionError
+    await bot.deps.channel_settings.save(TEAM_ID, CHANNEL, {"tools_off": nested}, ALICE)
+    await bot.send_event(mention("still there?", "1700000900.000100"))
+    await bot.settle()
+    assert len(fake_kimi.requests) == 1 and fake_slack.answer_parts(CHANNEL, "1700000900.000100")
