@@ -416,6 +416,7 @@ async def _think_and_deliver(
         start=max(int(meta.get("start", "0")) - offset, 0),
         budget_tokens=budget,
         calibration=calibration,
+        replays_reasoning=call.profile.replays_reasoning,
     )
     if fitted.too_long:
         raise AnswerError(Reason.TOO_LONG, f"question alone exceeds {budget} tokens")
