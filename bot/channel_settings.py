@@ -284,6 +284,21 @@ def differences(inherited: ChannelConfig, channel: ChannelConfig) -> list[str]:
     return out
 
 
+# KEYS: the channel index, then n channel hashes. ARGV: the n channel ids, then the setting fields. A channel
+# whose hash sets none of them leaves the index (one script: a concurrent save's MULTI is before or after).
+_PRUNE = """
+local n = #KEYS - 1
+for i = 1, n do
+  local set = false
+  for j = n + 1, #ARGV do
+    if redis.call('HEXISTS', KEYS[i + 1], ARGV[j]) == 1 then set = true break end
+  end
+  if not set then redis.call('SREM', KEYS[1], ARGV[i]) end
+end
+return n
+"""
+
+
 class SettingsKeys:
     """The settings part's Redis keys for one team (all in the team's hash slot)."""
 
@@ -337,17 +352,30 @@ class ChannelSettings:
         workspace, _ = await self.layers(team_id, None)
         return resolve(self.settings, workspace)
 
-    async def overridden(self, team_id: str) -> dict[str, dict[str, str]]:
-        """Every channel with overrides and its stored fields (the Home tab)."""
+    async def overridden(self, team_id: str, limit: int = 40) -> tuple[dict[str, dict[str, str]], int]:
+        """The first `limit` channels (by id) with overrides and their stored fields, read in one round
+        trip, and how many more channels the index lists (the Home tab). A listed channel whose hash no
+        longer sets anything (every field back to the default) leaves the index."""
         keys = SettingsKeys(team_id)
         channels = sorted(_text(c) for c in await self.redis.smembers(keys.channels))  # type: ignore[misc]
+        shown = channels[: max(limit, 0)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for channel in shown:
+                pipe.hgetall(keys.channel(channel))
+            hashes = await pipe.execute() if shown else []
         out: dict[str, dict[str, str]] = {}
-        for channel in channels:
-            own = _decode(await self.redis.hgetall(keys.channel(channel)))  # type: ignore[misc]
-            stored = {k: v for k, v in own.items() if k in FIELDS}
+        empty: list[str] = []
+        for channel, raw in zip(shown, hashes, strict=True):
+            stored = {k: v for k, v in _decode(raw).items() if k in FIELDS}
             if stored:
                 out[channel] = stored
-        return out
+            else:
+                empty.append(channel)
+        if empty:  # checked again in the script: a save since this read keeps its channel listed
+            await self.redis.eval(  # type: ignore[misc]
+                _PRUNE, 1 + len(empty), keys.channels, *map(keys.channel, empty), *empty, *FIELDS
+            )
+        return out, len(channels) - len(shown)
 
     async def save(
         self, team_id: str, channel: str | None, changes: Mapping[str, str | None], user: str

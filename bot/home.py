@@ -20,6 +20,7 @@ from bot.channel_settings import (
 )
 from bot.deps import Deps
 from bot.slack.settings_view import (
+    HOME_CHANNELS_SHOWN,
     WORKSPACE,
     form_hidden_tools,
     form_tools,
@@ -100,15 +101,20 @@ async def submit(deps: Deps, team_id: str, user: str, target: str, view: dict[st
 
 
 async def publish_home(deps: Deps, team_id: str, user: str) -> None:
-    """Draw `user`'s Home tab: the workspace defaults, the channels that differ, usage."""
+    """Draw `user`'s Home tab: the workspace defaults, usage, and for admins the channels that differ
+    (private channels, DMs and budgets are not everyone's to see; the list is capped)."""
     store = deps.channel_settings
     workspace, _ = await store.layers(team_id, None)
     defaults = resolve(deps.settings, workspace)
-    overrides = [
-        (channel, differences(defaults, resolve(deps.settings, workspace, own)))
-        for channel, own in (await store.overridden(team_id)).items()
-    ]
     admin = await deps.admins.is_admin(team_id, user)
+    overrides: list[tuple[str, list[str]]] | None = None
+    more = 0
+    if admin:
+        own, more = await store.overridden(team_id, limit=HOME_CHANNELS_SHOWN)
+        overrides = [
+            (channel, differences(defaults, resolve(deps.settings, workspace, fields)))
+            for channel, fields in own.items()
+        ]
     usage = await home_usage_blocks(deps, team_id, user)
-    view = home_view(defaults, overrides, admin=admin, usage=usage)
+    view = home_view(defaults, overrides, admin=admin, usage=usage, more=more)
     await deps.slack.views_publish(user_id=user, view=view)

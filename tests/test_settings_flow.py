@@ -457,3 +457,31 @@ async def test_a_channel_with_unreadable_stored_tools_is_still_answered(
     await bot.send_event(mention("still there?", "1700000900.000100"))
     await bot.settle()
     assert len(fake_kimi.requests) == 1 and fake_slack.answer_parts(CHANNEL, "1700000900.000100")
+
+
+async def test_the_home_tab_lists_channels_to_admins_only_capped_in_one_round_trip(
+    bot: BotHarness, fake_slack: FakeSlack, monkeypatch: Any
+) -> None:
+    store = bot.deps.channel_settings
+    for i in range(45):
+        await store.save(TEAM_ID, f"C1CHAN{i:03d}", {"followups": "mentions"}, ALICE)
+    await store.save(TEAM_ID, "C0RESET01", {"model": "kimi-k3"}, ALICE)
+    await store.save(TEAM_ID, "C0RESET01", {"model": None}, ALICE)  # back to the defaults
+    reads: list[str] = []
+
+    async def counted(key: str) -> Any:
+        reads.append(key)
+        return {}
+
+    monkeypatch.setattr(bot.deps.redis, "hgetall", counted)  # one-by-one reads; a pipeline does not go here
+    make_admin(fake_slack)
+    await bot.open_home(ALICE)
+    home = json.dumps(fake_slack.home_views[ALICE])
+    assert home.count("<#C1CHAN") == 39 and "C0RESET01" not in home and "and 6 more channels" in home
+    assert reads == []
+    assert "C0RESET01" not in await bot.deps.redis.smembers(SettingsKeys(TEAM_ID).channels)  # pruned
+
+    await bot.open_home(BOB)  # not an admin: the defaults, no channel list
+    home = json.dumps(fake_slack.home_views[BOB])
+    assert "kimi-k2.6" in home and "<#C" not in home and "Channels with their own settings" not in home
+    assert fake_slack.problems == []

@@ -348,14 +348,39 @@ def describe(config: ChannelConfig) -> str:
     return "\n".join(parts)[:SECTION_TEXT_LIMIT]  # one section's text; a longer one fails views.publish
 
 
+def _channel_blocks(overrides: list[tuple[str, list[str]]], more: int) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = [
+        {"type": "divider"},
+        {"type": "header", "text": _text("Channels with their own settings")},
+    ]
+    if not overrides and not more:
+        blocks.append(
+            {
+                "type": "context",
+                "elements": [{"type": "mrkdwn", "text": "None: every channel uses the defaults above."}],
+            }
+        )
+    for channel, changes in overrides[:HOME_CHANNELS_SHOWN]:
+        text = f"<#{channel}>: " + ("; ".join(changes) or "same as the defaults")
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": text[:SECTION_TEXT_LIMIT]}})
+    more += max(len(overrides) - HOME_CHANNELS_SHOWN, 0)
+    if more > 0:
+        blocks.append(
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": f"…and {more} more channels."}]}
+        )
+    return blocks
+
+
 def home_view(
     defaults: ChannelConfig,
-    overrides: list[tuple[str, list[str]]],
+    overrides: list[tuple[str, list[str]]] | None,
     *,
     admin: bool,
     usage: list[dict[str, Any]],
+    more: int = 0,
 ) -> dict[str, Any]:
-    """The Home tab: the workspace defaults, the channels that differ (and how), then `usage`."""
+    """The Home tab: the workspace defaults, the channels that differ (and how; None: not shown, the
+    viewer is not an admin), then `usage`. `more`: channels with settings not in `overrides`."""
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": _text("kimibot settings")},
         {"type": "section", "text": {"type": "mrkdwn", "text": describe(defaults)}},
@@ -374,23 +399,8 @@ def home_view(
                 ],
             }
         )
-    blocks.append({"type": "divider"})
-    blocks.append({"type": "header", "text": _text("Channels with their own settings")})
-    if not overrides:
-        blocks.append(
-            {
-                "type": "context",
-                "elements": [{"type": "mrkdwn", "text": "None: every channel uses the defaults above."}],
-            }
-        )
-    for channel, changes in overrides[:HOME_CHANNELS_SHOWN]:
-        text = f"<#{channel}>: " + ("; ".join(changes) or "same as the defaults")
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": text[:SECTION_TEXT_LIMIT]}})
-    if len(overrides) > HOME_CHANNELS_SHOWN:
-        more = len(overrides) - HOME_CHANNELS_SHOWN
-        blocks.append(
-            {"type": "context", "elements": [{"type": "mrkdwn", "text": f"…and {more} more channels."}]}
-        )
+    if overrides is not None:
+        blocks.extend(_channel_blocks(overrides, more))
     blocks.append(
         {
             "type": "context",
