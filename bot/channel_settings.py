@@ -69,19 +69,32 @@ def env_config(settings: Settings) -> ChannelConfig:
 
 
 def _tools(raw: str) -> frozenset[str] | None:
+    """A stored `tools_off` (a JSON list of names); None when unreadable, deeply nested lists included (a
+    RecursionError here would fail every question of the channel)."""
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return frozenset(str(v) for v in value) if isinstance(value, list) else None
+    return frozenset(v for v in value if isinstance(v, str)) if isinstance(value, list) else None
+
+
+CENT = Decimal("0.01")
 
 
 def parse_budget(raw: str) -> Decimal | None:
+    """A budget in USD, 0 or more; None when it is not one. More decimals than cents are rounded to cents,
+    so the digits stay bounded whatever the exponent typed (format() of 1e-999999999999 would write a
+    trillion zeros); an amount over BUDGET_LIMIT_USD is returned as is, for validate() to refuse."""
     try:
         value = Decimal(raw.strip())
     except (InvalidOperation, ValueError):
         return None
-    return value if value.is_finite() and value >= 0 else None
+    if not value.is_finite() or value < 0:
+        return None
+    exponent = value.as_tuple().exponent
+    if value <= BUDGET_LIMIT_USD and isinstance(exponent, int) and exponent < -2:
+        value = value.quantize(CENT)
+    return value
 
 
 def apply(base: ChannelConfig, layer: Mapping[str, str]) -> ChannelConfig:
@@ -100,7 +113,8 @@ def apply(base: ChannelConfig, layer: Mapping[str, str]) -> ChannelConfig:
     if layer.get("followups") in FOLLOWUPS:
         values["followups"] = layer["followups"]
     if "budget_usd" in layer:
-        values["budget_usd"] = parse_budget(layer["budget_usd"]) if layer["budget_usd"].strip() else None
+        budget = parse_budget(layer["budget_usd"]) if layer["budget_usd"].strip() else None
+        values["budget_usd"] = budget if budget is None or budget <= BUDGET_LIMIT_USD else None
     return ChannelConfig(**{**base.__dict__, **values})
 
 
@@ -124,6 +138,29 @@ def to_fields(config: ChannelConfig) -> dict[str, str]:
         "followups": config.followups,
         "budget_usd": "" if config.budget_usd is None else str(config.budget_usd),
     }
+
+
+PINNED = ("model", "thinking", "effort", "tools_off")  # what a job keeps of its settings for a re-run
+
+
+def pin(config: ChannelConfig) -> str:
+    """What a job notes of its channel's settings on its first run (its progress), for a re-run."""
+    fields = to_fields(config)
+    return json.dumps({name: fields[name] for name in PINNED}, sort_keys=True)
+
+
+def pinned(config: ChannelConfig, raw: str) -> ChannelConfig:
+    """`config` with the model, thinking, effort and tools a job's first run used: a re-run resumes its
+    checkpointed steps, whose replay must go to the same model the same way (a model switched mid-job gets
+    steps without the reasoning it needs: a 400; a tool turned off has calls in them). Unreadable:
+    `config` as it is."""
+    try:
+        layer = json.loads(raw)
+    except (ValueError, RecursionError):
+        return config
+    if not isinstance(layer, dict):
+        return config
+    return apply(config, {k: v for k, v in layer.items() if k in PINNED and isinstance(v, str)})
 
 
 def overrides_to_save(inherited: ChannelConfig, submitted: Mapping[str, str]) -> dict[str, str | None]:
@@ -207,6 +244,26 @@ def validate(
     return Submitted(values, errors)
 
 
+# The Home tab's sections hold 3,000 characters: a long list of tools off must not fill one.
+NAMES_SHOWN_CHARS = 600
+
+
+def name_list(names: frozenset[str] | set[str], limit: int = NAMES_SHOWN_CHARS) -> str:
+    """Names sorted and comma-separated, cut to about `limit` characters: "a, b and 12 more"."""
+    ordered = sorted(names)
+    shown: list[str] = []
+    used = 0
+    for name in ordered:
+        used += len(name) + 2
+        if used > limit:
+            break
+        shown.append(name)
+    rest = len(ordered) - len(shown)
+    if not rest:
+        return ", ".join(shown)
+    return f"{', '.join(shown)} and {rest} more" if shown else f"{rest} tools"
+
+
 def differences(inherited: ChannelConfig, channel: ChannelConfig) -> list[str]:
     """What a channel's config changes against the workspace's, one short phrase each (Home tab)."""
     out = []
@@ -219,12 +276,27 @@ def differences(inherited: ChannelConfig, channel: ChannelConfig) -> list[str]:
     if channel.system_prompt_addendum != inherited.system_prompt_addendum:
         out.append("own system prompt addendum")
     if channel.tools_off != inherited.tools_off:
-        out.append("tools off: " + (", ".join(sorted(channel.tools_off)) or "none"))
+        out.append("tools off: " + (name_list(channel.tools_off) or "none"))
     if channel.followups != inherited.followups:
         out.append(f"follow-ups: {channel.followups}")
     if channel.budget_usd is not None:
         out.append(f"budget ${channel.budget_usd}/month")
     return out
+
+
+# KEYS: the channel index, then n channel hashes. ARGV: the n channel ids, then the setting fields. A channel
+# whose hash sets none of them leaves the index (one script: a concurrent save's MULTI is before or after).
+_PRUNE = """
+local n = #KEYS - 1
+for i = 1, n do
+  local set = false
+  for j = n + 1, #ARGV do
+    if redis.call('HEXISTS', KEYS[i + 1], ARGV[j]) == 1 then set = true break end
+  end
+  if not set then redis.call('SREM', KEYS[1], ARGV[i]) end
+end
+return n
+"""
 
 
 class SettingsKeys:
@@ -280,17 +352,30 @@ class ChannelSettings:
         workspace, _ = await self.layers(team_id, None)
         return resolve(self.settings, workspace)
 
-    async def overridden(self, team_id: str) -> dict[str, dict[str, str]]:
-        """Every channel with overrides and its stored fields (the Home tab)."""
+    async def overridden(self, team_id: str, limit: int = 40) -> tuple[dict[str, dict[str, str]], int]:
+        """The first `limit` channels (by id) with overrides and their stored fields, read in one round
+        trip, and how many more channels the index lists (the Home tab). A listed channel whose hash no
+        longer sets anything (every field back to the default) leaves the index."""
         keys = SettingsKeys(team_id)
         channels = sorted(_text(c) for c in await self.redis.smembers(keys.channels))  # type: ignore[misc]
+        shown = channels[: max(limit, 0)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for channel in shown:
+                pipe.hgetall(keys.channel(channel))
+            hashes = await pipe.execute() if shown else []
         out: dict[str, dict[str, str]] = {}
-        for channel in channels:
-            own = _decode(await self.redis.hgetall(keys.channel(channel)))  # type: ignore[misc]
-            stored = {k: v for k, v in own.items() if k in FIELDS}
+        empty: list[str] = []
+        for channel, raw in zip(shown, hashes, strict=True):
+            stored = {k: v for k, v in _decode(raw).items() if k in FIELDS}
             if stored:
                 out[channel] = stored
-        return out
+            else:
+                empty.append(channel)
+        if empty:  # checked again in the script: a save since this read keeps its channel listed
+            await self.redis.eval(  # type: ignore[misc]
+                _PRUNE, 1 + len(empty), keys.channels, *map(keys.channel, empty), *empty, *FIELDS
+            )
+        return out, len(channels) - len(shown)
 
     async def save(
         self, team_id: str, channel: str | None, changes: Mapping[str, str | None], user: str

@@ -25,12 +25,24 @@ def user_entry(name: str, text: str, *, ts: str, user: str) -> dict[str, Any]:
     return {"role": "user", "content": f"{name}: {text}", "ts": ts, "user": user, "text": text}
 
 
-def to_message(entry: dict[str, Any]) -> dict[str, Any]:
-    return {k: entry[k] for k in MESSAGE_KEYS if k in entry}
+def to_message(entry: dict[str, Any], *, replays_reasoning: bool = True) -> dict[str, Any]:
+    """The API message of a stored entry. For a model that ignores earlier turns' reasoning
+    (`replays_reasoning` False), an answer's reasoning is left out (a thread whose earlier answers came
+    from a model that replays it, K3 say, would otherwise send it all again); a tool-call turn keeps it,
+    since a thinking model needs the reasoning behind its own tool calls."""
+    message = {k: entry[k] for k in MESSAGE_KEYS if k in entry}
+    if not replays_reasoning and message.get("role") == "assistant" and not message.get("tool_calls"):
+        message.pop("reasoning_content", None)
+    return message
 
 
-def to_messages(system_prompt: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"role": "system", "content": system_prompt}, *(to_message(e) for e in entries)]
+def to_messages(
+    system_prompt: str, entries: list[dict[str, Any]], *, replays_reasoning: bool = True
+) -> list[dict[str, Any]]:
+    return [
+        {"role": "system", "content": system_prompt},
+        *(to_message(e, replays_reasoning=replays_reasoning) for e in entries),
+    ]
 
 
 def estimate_tokens(message: dict[str, Any], calibration: float = 1.0) -> int:
@@ -67,8 +79,10 @@ def fit(
     start: int,
     budget_tokens: int,
     calibration: float = 1.0,
+    replays_reasoning: bool = True,
 ) -> Fit:
-    """Choose the newest history that fits `budget_tokens` (window minus output budget).
+    """Choose the newest history that fits `budget_tokens` (window minus output budget), as messages for
+    a model that replays earlier reasoning or not (`replays_reasoning`: its profile's).
 
     Never moves `start` backwards, never drops the last entry (the question being answered), and
     begins at a user turn so a tool-call exchange is never cut in half. If the last entry alone
@@ -76,7 +90,9 @@ def fit(
     """
     start = min(max(start, 0), max(len(entries) - 1, 0))
     system = {"role": "system", "content": system_prompt}
-    costs = [estimate_tokens(to_message(e), calibration) for e in entries]
+    costs = [
+        estimate_tokens(to_message(e, replays_reasoning=replays_reasoning), calibration) for e in entries
+    ]
     fixed = estimate_tokens(system, calibration)
 
     def total(first: int) -> int:
@@ -90,6 +106,6 @@ def fit(
         while start < last and entries[start].get("role") != "user":
             start += 1
     too_long = bool(entries) and total(start) > budget_tokens
-    messages = to_messages(system_prompt, entries[start:])
+    messages = to_messages(system_prompt, entries[start:], replays_reasoning=replays_reasoning)
     raw_estimate = sum(estimate_tokens(m) for m in messages)
     return Fit(start, messages, raw_estimate, too_long)

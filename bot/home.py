@@ -20,20 +20,24 @@ from bot.channel_settings import (
 )
 from bot.deps import Deps
 from bot.slack.settings_view import (
+    HOME_CHANNELS_SHOWN,
     WORKSPACE,
+    form_hidden_tools,
+    form_tools,
     home_view,
     model_options,
     read_state,
     redrawn,
     settings_modal,
-    shown_tools,
 )
 from bot.tools.base import ToolContext
 from bot.usage import home_usage_blocks
 
 log = logging.getLogger(__name__)
 
-TOOLS_WAIT_S = 1.0  # a modal must open within Slack's 3 s trigger window: do not wait for MCP servers
+# A modal must open within Slack's 3 s trigger window, after the admin check: do not wait for MCP servers
+# (a form that lists no tools leaves every tool as it is when saved).
+TOOLS_WAIT_S = 0.5
 
 
 async def tool_names(deps: Deps, team_id: str, user: str, channel: str) -> list[str]:
@@ -61,25 +65,26 @@ async def current(deps: Deps, team_id: str, target: str) -> tuple[ChannelConfig,
 async def modal_for(deps: Deps, team_id: str, user: str, target: str) -> dict[str, Any]:
     _, config = await current(deps, team_id, target)
     channel = "" if target == WORKSPACE else target
-    return settings_modal(target, config, await tool_names(deps, team_id, user, channel))
+    return settings_modal(target, config, await tool_names(deps, team_id, user, channel), team=team_id)
 
 
-async def redraw(
-    deps: Deps, team_id: str, user: str, target: str, state: dict[str, Any], model: str
-) -> dict[str, Any]:
-    """The form again for another model (its thinking and effort fields), keeping what was typed."""
+async def redraw(deps: Deps, team_id: str, target: str, view: dict[str, Any], model: str) -> dict[str, Any]:
+    """The form again for another model (its thinking and effort fields), keeping what was typed and the
+    tools it listed (read from the form itself: no new listing)."""
     _, config = await current(deps, team_id, target)
-    channel = "" if target == WORKSPACE else target
-    tools = await tool_names(deps, team_id, user, channel)
-    raw = {**read_state(state), "model": model}
-    return settings_modal(target, redrawn(config, raw, tools), tools)
+    blocks = view.get("blocks") or []
+    tools = form_tools(blocks)
+    raw = {**read_state((view.get("state") or {}).get("values") or {}), "model": model}
+    config = redrawn(config, raw, tools)
+    return settings_modal(target, config, tools, team=team_id, hidden=form_hidden_tools(blocks))
 
 
-async def submit(deps: Deps, team_id: str, user: str, target: str, state: dict[str, Any]) -> dict[str, str]:
-    """Validate and save a submitted form; the errors to show by field name (empty: saved)."""
+async def submit(deps: Deps, team_id: str, user: str, target: str, view: dict[str, Any]) -> dict[str, str]:
+    """Validate and save a submitted form; the errors to show by field name (empty: saved). The tools
+    judged are those the form offered (its own checkboxes): a tool it did not list keeps its state."""
     inherited, now = await current(deps, team_id, target)
-    channel = "" if target == WORKSPACE else target
-    offered = shown_tools(await tool_names(deps, team_id, user, channel))
+    offered = form_tools(view.get("blocks") or [])
+    state = (view.get("state") or {}).get("values") or {}
     checked: Submitted = validate(
         read_state(state),
         offered_tools=offered,
@@ -96,15 +101,20 @@ async def submit(deps: Deps, team_id: str, user: str, target: str, state: dict[s
 
 
 async def publish_home(deps: Deps, team_id: str, user: str) -> None:
-    """Draw `user`'s Home tab: the workspace defaults, the channels that differ, usage."""
+    """Draw `user`'s Home tab: the workspace defaults, usage, and for admins the channels that differ
+    (private channels, DMs and budgets are not everyone's to see; the list is capped)."""
     store = deps.channel_settings
     workspace, _ = await store.layers(team_id, None)
     defaults = resolve(deps.settings, workspace)
-    overrides = [
-        (channel, differences(defaults, resolve(deps.settings, workspace, own)))
-        for channel, own in (await store.overridden(team_id)).items()
-    ]
     admin = await deps.admins.is_admin(team_id, user)
+    overrides: list[tuple[str, list[str]]] | None = None
+    more = 0
+    if admin:
+        own, more = await store.overridden(team_id, limit=HOME_CHANNELS_SHOWN)
+        overrides = [
+            (channel, differences(defaults, resolve(deps.settings, workspace, fields)))
+            for channel, fields in own.items()
+        ]
     usage = await home_usage_blocks(deps, team_id, user)
-    view = home_view(defaults, overrides, admin=admin, usage=usage)
+    view = home_view(defaults, overrides, admin=admin, usage=usage, more=more)
     await deps.slack.views_publish(user_id=user, view=view)

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from bot.admission import strip_mention
 from bot.agent.live import WriterView, ask_approval
 from bot.agent.loop import CAP_NOTES, AgentLoop, Caps, Outcome, Planned, Step
+from bot.channel_settings import ChannelConfig, pin, pinned
 from bot.context import Fit, calibrate, fit, user_entry
 from bot.deps import Deps
 from bot.errors import ADMIN_REASONS, RETRYABLE_REASONS, AnswerError, Reason
@@ -73,8 +74,9 @@ async def speaker_name(deps: Deps, team_id: str, user: str) -> str:
     return name
 
 
-async def backfill(deps: Deps, turn: Turn) -> list[dict[str, Any]]:
-    """Entries for the thread's messages before this one, when the bot is first called into it."""
+async def backfill(deps: Deps, turn: Turn, *, oldest: str = "") -> list[dict[str, Any]]:
+    """Entries for the thread's messages before this one, when the bot is first called into it (or, with
+    `oldest`, only those newer than that ts: see catch_up)."""
     entries: list[dict[str, Any]] = []
     cursor: str | None = None
     fetched = 0
@@ -82,11 +84,18 @@ async def backfill(deps: Deps, turn: Turn) -> list[dict[str, Any]]:
     try:
         while fetched < limit:
             response = await deps.slack.conversations_replies(
-                channel=turn.channel, ts=turn.thread_ts, limit=min(200, limit - fetched), cursor=cursor
+                channel=turn.channel,
+                ts=turn.thread_ts,
+                limit=min(200, limit - fetched),
+                cursor=cursor,
+                oldest=oldest or None,  # None: not sent (the SDK drops it)
+                inclusive=False if oldest else None,
             )
             messages = response.get("messages") or []
             fetched += len(messages)
             for message in messages:
+                if oldest and float(message.get("ts") or 0) <= float(oldest):
+                    continue  # the thread's parent, which Slack sends whatever `oldest` says
                 entry = await _history_entry(deps, turn, message)
                 if entry is not None:
                     entries.append(entry)
@@ -100,6 +109,25 @@ async def backfill(deps: Deps, turn: Turn) -> list[dict[str, Any]]:
         )
         return []
     return entries
+
+
+async def catch_up(deps: Deps, turn: Turn, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The thread's replies since the last question the history holds, which the bot did not answer: a
+    "mentions" channel ignores replies without a mention, so without this a mention would be answered
+    blind to what was said in between. People's (and other bots') messages only: ours are in the history
+    already, or were notices. Asked only in "mentions" channels (conversations.replies is rate limited;
+    in "all" channels every reply is answered, so stored)."""
+    since = max(
+        (str(e["ts"]) for e in entries if e.get("role") == "user" and e.get("ts")), key=float, default=""
+    )
+    if not since:
+        return []
+    known = {str(e.get("ts")) for e in entries}
+    return [
+        entry
+        for entry in await backfill(deps, turn, oldest=since)
+        if entry.get("role") == "user" and entry.get("ts") not in known
+    ]
 
 
 async def _history_entry(deps: Deps, turn: Turn, message: dict[str, Any]) -> dict[str, Any] | None:
@@ -259,10 +287,12 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
     )
     details = {"question": turn.text}
     try:
-        progress, name, state = await asyncio.gather(  # what the job needs, fetched at once
+        progress, name, state, config = await asyncio.gather(  # what the job needs, fetched at once
             lease.progress(job),
             speaker_name(deps, turn.team_id, turn.user),
             deps.threads.load(turn.thread) if turn.in_slack_thread else _given(None),
+            # The channel's settings (channel override > workspace default > env), read for each question.
+            deps.channel_settings.resolve(turn.team_id, turn.channel),
         )
         ran_before = bool(progress.get("started")) or job.attempt > 1
         if ran_before and turn.in_slack_thread and not turn.assistant_thread:
@@ -271,7 +301,10 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
                 await lease.save_progress(job, **{k: v for k, v in recovered.items() if progress.get(k) != v})
             progress = recovered
         if not progress.get("started"):  # from here on a run may post: a later re-run must look for it
-            await lease.save_progress(job, started="1")
+            # The settings are pinned with it: a re-run resumes this run's steps with the same model.
+            await lease.save_progress(job, started="1", settings=pin(config))
+        elif progress.get("settings"):
+            config = pinned(config, progress["settings"])
         if turn.in_slack_thread and not turn.assistant_thread:
             progress = await placeholder_below_answers(deps, turn, lease, job, progress, state)
         writer.resume = progress
@@ -286,7 +319,9 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
             await writer.notice(EMPTY_QUESTION)
             await lease.complete(job)
             return
-        await _think_and_deliver(turn, deps, writer, kimi_task, lease, job, name=name, state=state)
+        await _think_and_deliver(
+            turn, deps, writer, kimi_task, lease, job, name=name, state=state, config=config
+        )
         deps.metrics.answer("stopped" if writer.stopped else "answered")
     except OverBudget as exc:  # no Kimi request was made for it; the job is done (no retry)
         log.info("over budget", extra=turn_log(turn, scope=str(exc.scope), limit_nusd=exc.limit_nusd))
@@ -341,25 +376,31 @@ async def _think_and_deliver(
     *,
     name: str,
     state: ThreadState | None,
+    config: ChannelConfig,
 ) -> None:
-    """`state` is the thread's history (None when the answer goes through response_url, without one)."""
+    """`state` is the thread's history (None when the answer goes through response_url, without one);
+    `config` the channel's settings (pinned for the job by its first run)."""
     settings = deps.settings
     history = state is not None
     question = user_entry(name, turn.text, ts=turn.ts, user=turn.user)
 
+    kimi = deps.kimi
     entries: list[dict[str, Any]] = []
     meta: dict[str, str] = {}
     offset = 0
     if state is not None:
         entries, meta, offset = state.entries, state.meta, state.offset
         new_entries: list[dict[str, Any]] = []
+        # A re-run of this turn finds its question (and what came before it) already stored.
+        stored = any(e.get("ts") == turn.ts and e.get("role") == "user" for e in entries)
         # A thread that was forgotten (`@kimibot forget`) is not read back from Slack.
         if not entries and not offset and not turn.opens_thread and "forgotten" not in meta:
             new_entries = await backfill(deps, turn)
+        elif entries and not stored and config.followups == "mentions" and not turn.assistant_thread:
+            new_entries = await catch_up(deps, turn, entries)
         if turn.assistant_thread and not offset and not any(e.get("role") == "user" for e in entries):
             writer.title(turn.text)
-        # A re-run of this turn finds its question already stored: don't store it twice.
-        if not any(e.get("ts") == turn.ts and e.get("role") == "user" for e in entries):
+        if not stored:
             new_entries.append(question)
         # Stored before Kimi is asked, so no failure loses it (fenced: only while the thread is ours).
         await lease.append(*new_entries, answered=1)
@@ -367,9 +408,6 @@ async def _think_and_deliver(
     else:
         entries = [question]
 
-    kimi = deps.kimi
-    # The channel's settings (channel override > workspace default > env), read fresh for each question.
-    config = await deps.channel_settings.resolve(turn.team_id, turn.channel)
     # Priced as KIMI_PRICES says (the channel's model may not be KIMI_MODEL).
     profile = profile_for(config.model, parse_prices(settings.kimi_prices))
     call = ModelCall(config.model, profile, config.effort, config.thinking)
@@ -381,6 +419,7 @@ async def _think_and_deliver(
         start=max(int(meta.get("start", "0")) - offset, 0),
         budget_tokens=budget,
         calibration=calibration,
+        replays_reasoning=call.profile.replays_reasoning,
     )
     if fitted.too_long:
         raise AnswerError(Reason.TOO_LONG, f"question alone exceeds {budget} tokens")

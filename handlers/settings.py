@@ -3,8 +3,8 @@ workspace defaults" button. Admins only (deps.admins), checked when a form opens
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import re
 from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp
@@ -16,13 +16,21 @@ from bot.slack.settings_view import (
     ACTION_EDIT_DEFAULTS,
     CALLBACK_SETTINGS,
     WORKSPACE,
+    form_target,
     notice_modal,
 )
 
 log = logging.getLogger(__name__)
 SETTINGS_WORDS = frozenset({"settings", "setting", "config"})
-CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{2,}")
+NOT_THIS_FORM = "This form is out of date or not for this workspace: close it and open it again."
 NOT_OPENED = "I couldn't open the settings form (Slack said `{error}`): try again."
+SLOW = "Slack didn't answer in time, so I couldn't check who may change settings: try again."
+SLOW_SAVE = "Slack didn't answer in time, so nothing was saved: press Save again."
+# Slack waits 3 s for the ack of a command or a view submission, and a trigger_id lives as long: what
+# happens before the ack is bounded. The admin check (users.info, retried on a 429) gets a second; the
+# form (a Redis read, a tool listing of at most TOOLS_WAIT_S, views.open) what is left of OPEN_DEADLINE_S.
+ADMIN_CHECK_S = 1.0
+OPEN_DEADLINE_S = 2.5
 
 
 def _error_of(exc: Exception) -> str:
@@ -30,16 +38,29 @@ def _error_of(exc: Exception) -> str:
     return str(response.get("error")) if response is not None else type(exc).__name__
 
 
+async def _is_admin(deps: Deps, team: str, user: str) -> bool | None:
+    """deps.admins.is_admin within ADMIN_CHECK_S; None when Slack did not say in time."""
+    try:
+        async with asyncio.timeout(ADMIN_CHECK_S):
+            return await deps.admins.is_admin(team, user)
+    except TimeoutError:
+        log.warning("admin check timed out", extra={"user": user})
+        return None
+
+
 async def open_channel_settings(deps: Deps, ack: AsyncAck, command: dict[str, Any]) -> None:
     """`/kimi settings` in a channel: the modal for that channel, or "ask an admin"."""
+    deadline = asyncio.get_running_loop().time() + OPEN_DEADLINE_S
     team, user = str(command.get("team_id") or ""), str(command.get("user_id") or "")
     channel = str(command.get("channel_id") or "")
-    if not await deps.admins.is_admin(team, user):
-        await ack(response_type="ephemeral", text=ASK_AN_ADMIN)
+    admin = await _is_admin(deps, team, user)
+    if not admin:
+        await ack(response_type="ephemeral", text=ASK_AN_ADMIN if admin is False else SLOW)
         return
     try:
-        view = await modal_for(deps, team, user, channel)
-        await deps.slack.views_open(trigger_id=str(command.get("trigger_id") or ""), view=view)
+        async with asyncio.timeout_at(deadline):
+            view = await modal_for(deps, team, user, channel)
+            await deps.slack.views_open(trigger_id=str(command.get("trigger_id") or ""), view=view)
     except Exception as exc:
         log.warning("settings form not opened", extra={"channel": channel, "error": _error_of(exc)})
         await ack(response_type="ephemeral", text=NOT_OPENED.format(error=_error_of(exc)))
@@ -47,23 +68,33 @@ async def open_channel_settings(deps: Deps, ack: AsyncAck, command: dict[str, An
     await ack()
 
 
+def _form_of(body: dict[str, Any], view: dict[str, Any]) -> tuple[str, str] | None:
+    """(team, target) a settings form was opened for, from its private_metadata; None when that is not a
+    form of ours or names another team than the payload (which has none on an org-wide install)."""
+    form = form_target(str(view.get("private_metadata") or ""))
+    sent = str((body.get("team") or {}).get("id") or "")
+    if form is None or (sent and sent != form[0]):
+        log.info("settings form refused", extra={"metadata": view.get("private_metadata"), "team": sent})
+        return None
+    return form
+
+
 def register(app: AsyncApp, deps: Deps) -> None:
     async def on_submit(ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
         user = str((body.get("user") or {}).get("id") or "")
-        team = str(
-            (body.get("team") or {}).get("id")
-            or (body.get("user") or {}).get("team_id")
-            or view.get("team_id")
-        )
-        target = str(view.get("private_metadata") or "")
-        if target != WORKSPACE and not CHANNEL_ID.fullmatch(target):
-            await ack(response_action="errors", errors={"model": "This form is not for a channel I know."})
+        form = _form_of(body, view)
+        if form is None:
+            await ack(response_action="errors", errors={"model": NOT_THIS_FORM})
             return
-        if not await deps.admins.is_admin(team, user):
+        team, target = form
+        admin = await _is_admin(deps, team, user)
+        if not admin:
             log.info("settings refused: not an admin", extra={"user": user, "target": target})
-            await ack(response_action="errors", errors={"model": ASK_AN_ADMIN})
+            await ack(
+                response_action="errors", errors={"model": ASK_AN_ADMIN if admin is False else SLOW_SAVE}
+            )
             return
-        errors = await submit(deps, team, user, target, (view.get("state") or {}).get("values") or {})
+        errors = await submit(deps, team, user, target, view)
         if errors:
             blocks = {str(b.get("block_id")) for b in view.get("blocks") or []}
             shown = {k: v for k, v in errors.items() if k in blocks} or {"model": next(iter(errors.values()))}
@@ -89,14 +120,22 @@ def register(app: AsyncApp, deps: Deps) -> None:
     async def on_edit_defaults(ack: AsyncAck, body: dict[str, Any]) -> None:
         await ack()
         user = str((body.get("user") or {}).get("id") or "")
-        team = str((body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id") or "")
+        team = str(
+            (body.get("team") or {}).get("id")  # null on an org-wide install: the Home view's own team
+            or (body.get("view") or {}).get("team_id")
+            or (body.get("user") or {}).get("team_id")
+            or ""
+        )
         trigger = str(body.get("trigger_id") or "")
-        if await deps.admins.is_admin(team, user):
-            view = await modal_for(deps, team, user, WORKSPACE)
-        else:
-            view = notice_modal(ASK_AN_ADMIN)
+        deadline = asyncio.get_running_loop().time() + OPEN_DEADLINE_S  # the trigger_id's life
+        admin = await _is_admin(deps, team, user)
         try:
-            await deps.slack.views_open(trigger_id=trigger, view=view)
+            async with asyncio.timeout_at(deadline):
+                if admin:
+                    view = await modal_for(deps, team, user, WORKSPACE)
+                else:
+                    view = notice_modal(ASK_AN_ADMIN if admin is False else SLOW)
+                await deps.slack.views_open(trigger_id=trigger, view=view)
         except Exception as exc:
             log.warning("workspace settings form not opened", extra={"error": _error_of(exc)})
 
@@ -104,17 +143,13 @@ def register(app: AsyncApp, deps: Deps) -> None:
         """Another model picked in the form: redraw it with that model's thinking and effort fields."""
         await ack()
         view = body.get("view") or {}
-        target = str(view.get("private_metadata") or "")
         model = str((action.get("selected_option") or {}).get("value") or "")
-        if view.get("callback_id") != CALLBACK_SETTINGS or not model:
+        form = _form_of(body, view)
+        if view.get("callback_id") != CALLBACK_SETTINGS or not model or form is None:
             return
-        if target != WORKSPACE and not CHANNEL_ID.fullmatch(target):
-            return
-        user = str((body.get("user") or {}).get("id") or "")
-        team = str((body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id") or "")
-        state = (view.get("state") or {}).get("values") or {}
+        team, target = form
         try:
-            new = await redraw(deps, team, user, target, state, model)
+            new = await redraw(deps, team, target, view, model)
             await deps.slack.views_update(view_id=str(view.get("id") or ""), hash=view.get("hash"), view=new)
         except Exception as exc:  # the form stays as it was; saving still checks every value
             log.info("settings form not redrawn", extra={"error": _error_of(exc)})

@@ -217,14 +217,22 @@ class BotHarness:
         return await self.post(body, "application/x-www-form-urlencoded")
 
     async def submit_view(
-        self, view: dict[str, Any], values: dict[str, dict[str, Any]], *, user: str = ALICE
+        self,
+        view: dict[str, Any],
+        values: dict[str, dict[str, Any]],
+        *,
+        user: str = ALICE,
+        user_team: str = TEAM_ID,
+        **payload_fields: Any,
     ) -> tuple[int, Any]:
         """Submit a modal the bot opened (view_submission) with `values` as Slack's view.state.values;
-        returns the status and the JSON the bot acked with (None for an empty ack)."""
+        returns the status and the JSON the bot acked with (None for an empty ack). `user_team` is the
+        submitter's home workspace; `payload_fields` replace the payload's top-level fields (an org-wide
+        install's `team: None`, say)."""
         payload = {
             "type": "view_submission",
             "team": {"id": TEAM_ID, "domain": "fake"},
-            "user": {"id": user, "username": "someone", "name": "someone", "team_id": TEAM_ID},
+            "user": {"id": user, "username": "someone", "name": "someone", "team_id": user_team},
             "api_app_id": APP_ID,
             "token": "legacy",
             "trigger_id": f"{time.time():.0f}.42.trigger",
@@ -245,6 +253,7 @@ class BotHarness:
             "response_urls": [],
             "is_enterprise_install": False,
             "enterprise": None,
+            **payload_fields,
         }
         status, text = await self.interact(payload)
         return status, json.loads(text) if text.strip() else None

@@ -4,6 +4,7 @@ what is saved, the modal's Block Kit against Slack's limits, and the Home view."
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from decimal import Decimal
 
@@ -13,7 +14,10 @@ from bot.channel_settings import (
     SettingsKeys,
     differences,
     env_config,
+    name_list,
     overrides_to_save,
+    pin,
+    pinned,
     resolve,
     validate,
 )
@@ -22,6 +26,9 @@ from bot.settings import Settings
 from bot.slack.settings_view import (
     CALLBACK_SETTINGS,
     WORKSPACE,
+    form_hidden_tools,
+    form_target,
+    form_tools,
     home_view,
     read_state,
     redrawn,
@@ -137,8 +144,8 @@ def test_the_modal_keeps_slacks_limits_and_reads_back(make_settings: Callable[..
         "kimi-k3", True, "max", "Be formal.", frozenset({"web_search"}), "mentions", Decimal("20")
     )
     many_tools = [f"mcp_tool_{i:02d}" for i in range(63)]
-    view = settings_modal("C123", config, many_tools)
-    assert view["callback_id"] == CALLBACK_SETTINGS and view["private_metadata"] == "C123"
+    view = settings_modal("C123", config, many_tools, team="T123")
+    assert view["callback_id"] == CALLBACK_SETTINGS and view["private_metadata"] == "T123:C123"
     assert view_problems(view, "modal") == []
     for block in view["blocks"]:
         if block["type"] == "input":
@@ -149,7 +156,7 @@ def test_the_modal_keeps_slacks_limits_and_reads_back(make_settings: Callable[..
     assert "thinking" not in by_id  # K3 always thinks: nothing to switch
     k26 = {
         b.get("block_id")
-        for b in settings_modal("C123", ChannelConfig("kimi-k2.6", False, "high"), [])["blocks"]
+        for b in settings_modal("C123", ChannelConfig("kimi-k2.6", False, "high"), [], team="T123")["blocks"]
     }
     assert "thinking" in k26 and "effort" not in k26
     assert by_id["system_prompt"]["element"]["multiline"] is True
@@ -158,9 +165,9 @@ def test_the_modal_keeps_slacks_limits_and_reads_back(make_settings: Callable[..
     assert len(tool_blocks) == 5 and all(b["element"]["action_id"] == "tools" for b in tool_blocks)
     assert len(shown_tools(many_tools)) == 50
     assert any("13 more tools are not listed" in json.dumps(b) for b in view["blocks"])
-    workspace = settings_modal(WORKSPACE, config, TOOLS)
+    workspace = settings_modal(WORKSPACE, config, TOOLS, team="T123")
     assert "budget_usd" not in {b.get("block_id") for b in workspace["blocks"]}
-    assert workspace["private_metadata"] == WORKSPACE and view_problems(workspace, "modal") == []
+    assert workspace["private_metadata"] == f"T123:{WORKSPACE}" and view_problems(workspace, "modal") == []
     state = {
         "model": {"model": {"type": "static_select", "selected_option": {"value": "kimi-k2.6"}}},
         "thinking": {"thinking": {"type": "radio_buttons", "selected_option": {"value": "off"}}},
@@ -179,6 +186,24 @@ def test_the_modal_keeps_slacks_limits_and_reads_back(make_settings: Callable[..
         "followups": "all",
         "budget_usd": "3.5",
     }
+
+
+def test_a_form_says_which_tools_it_offered() -> None:
+    many_tools = [f"tool_{i:02d}" for i in range(63)]
+    view = settings_modal("C123", ChannelConfig("kimi-k2.6", True, "high"), many_tools, team="T1")
+    assert form_tools(view["blocks"]) == shown_tools(many_tools) and form_hidden_tools(view["blocks"]) == 13
+    k3 = ChannelConfig("kimi-k3", True, "high")
+    again = settings_modal("C123", k3, form_tools(view["blocks"]), team="T1", hidden=13)
+    assert form_tools(again["blocks"]) == shown_tools(many_tools) and form_hidden_tools(again["blocks"]) == 13
+    bare = settings_modal("C123", ChannelConfig("kimi-k2.6", True, "high"), [], team="T1")
+    assert form_tools(bare["blocks"]) == [] and form_hidden_tools(bare["blocks"]) == 0
+
+
+def test_a_form_names_the_team_and_target_it_was_opened_for() -> None:
+    assert form_target("T123:C0LEGAL") == ("T123", "C0LEGAL")
+    assert form_target(f"E0ORG:{WORKSPACE}") == ("E0ORG", WORKSPACE)
+    for forged in ("C0LEGAL", "T123:", ":C0LEGAL", "T123:general", "x:C0LEGAL", "T123:C0LEGAL:x"):
+        assert form_target(forged) is None, forged
 
 
 def test_a_redrawn_form_keeps_what_was_typed() -> None:
@@ -206,3 +231,46 @@ def test_the_home_view_lists_defaults_and_what_channels_change() -> None:
     assert view["type"] == "home" and "kimi-k2.6" in text and "<#C0LEGAL>: model kimi-k3" in text
     assert "kimi_edit_workspace_defaults" in text
     assert "kimi_edit_workspace_defaults" not in json.dumps(home_view(defaults, [], admin=False, usage=[]))
+
+
+def test_a_job_pins_model_thinking_effort_and_tools_for_its_re_run() -> None:
+    first = ChannelConfig("kimi-k3", True, "low", "Prompt.", frozenset({"web_search"}), "mentions")
+    now = ChannelConfig("kimi-k2.6", False, "high", "New prompt.", frozenset(), "all")
+    again = pinned(now, pin(first))
+    assert (again.model, again.thinking, again.effort, again.tools_off) == (
+        "kimi-k3",
+        True,
+        "low",
+        frozenset({"web_search"}),
+    )
+    assert again.system_prompt_addendum == "New prompt." and again.followups == "all"  # not pinned
+    assert pinned(now, "{not json") == now and pinned(now, "[1]") == now
+
+
+def test_the_home_view_shows_a_long_list_of_tools_off_as_a_count() -> None:
+    many = frozenset(f"mcp_server_{i:03d}__a_rather_long_tool_name" for i in range(300))
+    defaults = ChannelConfig("kimi-k2.6", True, "high", tools_off=many)
+    view = home_view(
+        defaults,
+        [("C0LEGAL", differences(ChannelConfig("kimi-k2.6", True, "high"), defaults))],
+        admin=True,
+        usage=[],
+    )
+    sections = [b["text"]["text"] for b in view["blocks"] if b["type"] == "section"]
+    assert sections and all(len(text) <= 1_000 for text in sections)
+    assert all("mcp_server_000__a_rather_long_tool_name" in text for text in sections)
+    assert all(re.search(r"and \d+ more", text) for text in sections)
+    assert name_list(frozenset({"b", "a"})) == "a, b" and name_list(frozenset({"x" * 700})) == "1 tools"
+
+
+def test_hostile_numbers_and_nesting_neither_hang_nor_crash(make_settings: Callable[..., Settings]) -> None:
+    checked = validate(form(budget_usd="1e-999999999999"), offered_tools=TOOLS)
+    assert checked.errors == {} and checked.values["budget_usd"] == "0.00"  # rounded to cents
+    assert validate(form(budget_usd="12.345"), offered_tools=TOOLS).values["budget_usd"] == "12.34"
+    assert validate(form(budget_usd="40"), offered_tools=TOOLS).values["budget_usd"] == "40"
+    assert set(validate(form(budget_usd="1e999999999999"), offered_tools=TOOLS).errors) == {"budget_usd"}
+    nested = "[" * 200_000 + "]" * 200_000
+    config = resolve(make_settings(), {"tools_off": nested}, {"budget_usd": "1e999999999999"})
+    assert config.tools_off == frozenset() and config.budget_usd is None
+    assert resolve(make_settings(), {}, {"tools_off": '["a", ["b"], 3]'}).tools_off == frozenset({"a"})
+    assert pinned(config, nested) == config

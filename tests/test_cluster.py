@@ -21,6 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import CrossSlotTransactionError, MovedError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from bot.channel_settings import SettingsKeys
 from bot.redis_client import SOCKET_TIMEOUT_S, build_redis, is_cluster
 from bot.settings import SettingsError
 from tests.conftest import BotHarness
@@ -139,7 +140,11 @@ async def test_channel_settings_save_and_resolve_on_a_cluster(
     await store.save(TEAM_ID, None, {"followups": "mentions"}, "U0ADMIN")
     config = await store.resolve(TEAM_ID, CHANNEL)
     assert config.model == "kimi-k3" and config.followups == "mentions"
-    assert list(await store.overridden(TEAM_ID)) == [CHANNEL]
+    await store.save(TEAM_ID, "C0RESET01", {"model": "kimi-k3"}, "U0ADMIN")
+    await store.save(TEAM_ID, "C0RESET01", {"model": None}, "U0ADMIN")  # back to the default
+    own, more = await store.overridden(TEAM_ID)
+    assert list(own) == [CHANNEL] and more == 0
+    assert await bot.deps.redis.smembers(SettingsKeys(TEAM_ID).channels) == {CHANNEL}  # pruned (Lua)
     await bot.send_event(mention("on a cluster", "1700000090.000100"))
     await bot.settle()
     assert fake_kimi.requests[0]["model"] == "kimi-k3"

@@ -68,3 +68,19 @@ def test_calibration_follows_the_real_prompt_token_count_within_bounds() -> None
     assert calibrate(0, 10) == 1.0
     message = {"role": "user", "content": "x" * 3000}
     assert estimate_tokens(message, 2.0) > 1.9 * estimate_tokens(message)
+
+
+def test_a_model_that_ignores_earlier_reasoning_is_not_sent_it_except_behind_tool_calls() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    entries = [
+        *history(1),
+        {"role": "assistant", "content": "", "reasoning_content": "why lookup", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "found"},
+        user_entry("bob", "next", ts="100.1", user="U2"),
+    ]
+    sent = to_messages("sys", entries, replays_reasoning=False)
+    assert "reasoning_content" not in sent[2]  # a K3 answer, now sent to a model that ignores it
+    assert sent[4]["reasoning_content"] == "why lookup"  # a thinking model needs it behind its tool call
+    assert to_messages("sys", entries)[2]["reasoning_content"] == "r"  # replayed by models that replay it
+    fitted = fit("sys", entries, start=0, budget_tokens=100_000, replays_reasoning=False)
+    assert fitted.messages == sent

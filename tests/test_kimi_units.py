@@ -194,3 +194,25 @@ async def test_each_request_may_name_its_own_model_and_profile() -> None:
         assert k3["max_completion_tokens"] == profile_for("kimi-k3").output_budget and "extra_body" not in k3
     finally:
         await client.close()
+
+
+async def test_kimi_max_completion_tokens_applies_to_kimi_model_only() -> None:
+    """KIMI_MODEL=kimi-k3 with a K3-sized output budget must not leave a kimi-k2.6 channel's window
+    without room for input."""
+    client = KimiClient(
+        api_key="k",
+        base_url="http://127.0.0.1:9/v1",
+        model="kimi-k3",
+        profile=profile_for("kimi-k3"),
+        max_completion_tokens=262_144,
+    )
+    try:
+        k3 = ModelCall("kimi-k3", profile_for("kimi-k3"), "high")
+        k26 = ModelCall("kimi-k2.6", profile_for("kimi-k2.6"))
+        assert client.budget_of(k3) == 262_144
+        assert client.budget_of(k26) == profile_for("kimi-k2.6").output_budget
+        assert k26.profile.context_window - client.budget_of(k26) > 200_000  # room for the question
+        sent = client.request_kwargs([{"role": "user", "content": "hi"}], call=k26)
+        assert sent["max_completion_tokens"] == profile_for("kimi-k2.6").output_budget
+    finally:
+        await client.close()

@@ -156,3 +156,21 @@ async def test_usage_is_recorded_per_team_and_day(bot: BotHarness, fake_kimi: Fa
     usage = await bot.deps.usage.day(TEAM_ID, dt.datetime.now(dt.UTC).date())
     assert usage["turns"] == "1" and int(usage["prompt_tokens"]) > 0 and usage["cached_tokens"] == "5"
     assert float(usage["cost_usd"]) > 0
+
+
+async def test_a_thread_switched_from_k3_to_k2_6_does_not_resend_k3s_reasoning(
+    bot: BotHarness, fake_kimi: FakeKimi
+) -> None:
+    team = thread_key("1").team_id
+    await bot.deps.channel_settings.save(team, CHANNEL, {"model": "kimi-k3"}, ALICE)
+    fake_kimi.script(Reply(reasoning="K3's long private reasoning.", content="K3's answer."))
+    root = "1700000950.000100"
+    await bot.send_event(mention("first", root))
+    await bot.settle()
+    await bot.deps.channel_settings.save(team, CHANNEL, {"model": "kimi-k2.6"}, ALICE)
+    await bot.send_event(message("second", "1700000950.000200", thread_ts=root))
+    await bot.settle()
+    assert fake_kimi.requests[1]["model"] == "kimi-k2.6"
+    answers = [m for m in fake_kimi.requests[1]["messages"] if m["role"] == "assistant"]
+    assert answers and answers[0]["content"].startswith("K3's answer")
+    assert "reasoning_content" not in answers[0]  # kimi-k2.6 ignores earlier turns' reasoning

@@ -217,8 +217,12 @@ class KimiClient:
         return self.max_completion_tokens or self.profile.output_budget
 
     def budget_of(self, call: ModelCall) -> int:
-        """The output budget of a request to `call`'s model (KIMI_MAX_COMPLETION_TOKENS, else its profile)."""
-        return self.max_completion_tokens or call.profile.output_budget
+        """The output budget of a request to `call`'s model: KIMI_MAX_COMPLETION_TOKENS was set for
+        KIMI_MODEL, so it applies to that model only; a channel's other model keeps its profile's budget
+        (a K3-sized value would leave a K2 window no room for input)."""
+        if self.max_completion_tokens and call.model == self.model:
+            return self.max_completion_tokens
+        return call.profile.output_budget
 
     @property
     def default_call(self) -> ModelCall:

@@ -9,6 +9,7 @@ that can switch it, reasoning effort only for one that takes it: picking another
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -17,17 +18,24 @@ from bot.channel_settings import (
     FOLLOWUPS,
     SYSTEM_PROMPT_LIMIT,
     ChannelConfig,
+    name_list,
     parse_budget,
 )
 from bot.kimi.profiles import PROFILES, Thinking
 
 CALLBACK_SETTINGS = "kimi_channel_settings"
-WORKSPACE = "workspace"  # private_metadata of the modal that edits the workspace defaults
+# A form's private_metadata is "<team id>:<target>", the target a channel id or WORKSPACE (the workspace
+# defaults): the team is the one the form was opened for, since a submission from an Enterprise Grid
+# org-wide install carries no team (body.team is null; user.team_id is the user's home workspace).
+WORKSPACE = "workspace"
+TEAM_ID = re.compile(r"[TE][A-Z0-9]{2,}")
+CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{2,}")
 ACTION_EDIT_DEFAULTS = "kimi_edit_workspace_defaults"  # the Home tab's button
 # Slack's checkbox group holds at most 10 options; the modal shows up to 5 groups (50 tools). Tools past
 # that are not listed and keep their state (the modal says how many).
 CHECKBOXES_PER_GROUP = 10
 TOOL_GROUPS = 5
+SECTION_TEXT_LIMIT = 3_000
 HOME_CHANNELS_SHOWN = 40  # one section per channel; the Home tab has 100 blocks in all
 
 
@@ -55,8 +63,58 @@ def shown_tools(tools: list[str]) -> list[str]:
     return [name for group in tool_groups(tools) for name in group]
 
 
-def settings_modal(target: str, config: ChannelConfig, tools: list[str]) -> dict[str, Any]:
-    """The modal for `target` (a channel id, or WORKSPACE), filled in with `config`."""
+HIDDEN_TOOLS_BLOCK = "more_tools"  # the context block saying how many tools the form does not list
+_HIDDEN_COUNT = re.compile(r"^(\d+) more tools")
+
+
+def form_tools(blocks: list[dict[str, Any]]) -> list[str]:
+    """The tools a form offered, read from its own checkbox groups (the `tools_<n>` input blocks of the
+    view Slack hands back): saving or redrawing a form judges it by what the admin saw, never by a fresh
+    listing (a slow MCP server, a tool added since, another window of a long list)."""
+    names: list[str] = []
+    for block in blocks:
+        element = block.get("element") if isinstance(block, dict) else None
+        if (
+            block.get("type") != "input"
+            or not str(block.get("block_id") or "").startswith("tools_")
+            or not isinstance(element, dict)
+            or element.get("action_id") != "tools"
+        ):
+            continue
+        for option in element.get("options") or []:
+            if isinstance(option, dict) and option.get("value"):
+                names.append(str(option["value"]))
+    return names
+
+
+def form_hidden_tools(blocks: list[dict[str, Any]]) -> int:
+    """How many tools a form said it does not list (its context note), 0 when none."""
+    for block in blocks:
+        if isinstance(block, dict) and block.get("block_id") == HIDDEN_TOOLS_BLOCK:
+            for element in block.get("elements") or []:
+                found = _HIDDEN_COUNT.match(str((element or {}).get("text") or ""))
+                if found:
+                    return int(found.group(1))
+    return 0
+
+
+def form_metadata(team: str, target: str) -> str:
+    return f"{team}:{target}"
+
+
+def form_target(metadata: str) -> tuple[str, str] | None:
+    """(team, target) of a form's private_metadata; None for anything else (a forged or an old form)."""
+    team, colon, target = metadata.partition(":")
+    if not colon or not TEAM_ID.fullmatch(team):
+        return None
+    return (team, target) if target == WORKSPACE or CHANNEL_ID.fullmatch(target) else None
+
+
+def settings_modal(
+    target: str, config: ChannelConfig, tools: list[str], *, team: str, hidden: int | None = None
+) -> dict[str, Any]:
+    """The modal for `target` (a channel id, or WORKSPACE) of `team`, filled in with `config`. `hidden`:
+    how many tools are not listed (default: those of `tools` past the form's checkboxes)."""
     workspace = target == WORKSPACE
     profile = config.profile
     models = model_options(config.model)
@@ -151,11 +209,13 @@ def settings_modal(target: str, config: ChannelConfig, tools: list[str]) -> dict
                 "element": element,
             }
         )
-    hidden = len(set(tools)) - sum(len(g) for g in groups)
+    if hidden is None:
+        hidden = len(set(tools)) - sum(len(g) for g in groups)
     if hidden > 0:
         blocks.append(
             {
                 "type": "context",
+                "block_id": HIDDEN_TOOLS_BLOCK,
                 "elements": [
                     {
                         "type": "mrkdwn",
@@ -208,7 +268,7 @@ def settings_modal(target: str, config: ChannelConfig, tools: list[str]) -> dict
     return {
         "type": "modal",
         "callback_id": CALLBACK_SETTINGS,
-        "private_metadata": target,
+        "private_metadata": form_metadata(team, target),
         "title": _text("Workspace defaults" if workspace else "Channel settings"),
         "submit": _text("Save"),
         "close": _text("Cancel"),
@@ -282,20 +342,45 @@ def describe(config: ChannelConfig) -> str:
     parts.append(
         "*Thread replies:* " + ("every reply" if config.followups == "all" else "only when mentioned")
     )
-    parts.append("*Tools off:* " + (", ".join(sorted(config.tools_off)) or "none"))
+    parts.append("*Tools off:* " + (name_list(config.tools_off) or "none"))
     addendum = config.system_prompt_addendum
     parts.append("*System prompt addendum:* " + (f"{len(addendum):,} characters" if addendum else "none"))
-    return "\n".join(parts)
+    return "\n".join(parts)[:SECTION_TEXT_LIMIT]  # one section's text; a longer one fails views.publish
+
+
+def _channel_blocks(overrides: list[tuple[str, list[str]]], more: int) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = [
+        {"type": "divider"},
+        {"type": "header", "text": _text("Channels with their own settings")},
+    ]
+    if not overrides and not more:
+        blocks.append(
+            {
+                "type": "context",
+                "elements": [{"type": "mrkdwn", "text": "None: every channel uses the defaults above."}],
+            }
+        )
+    for channel, changes in overrides[:HOME_CHANNELS_SHOWN]:
+        text = f"<#{channel}>: " + ("; ".join(changes) or "same as the defaults")
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": text[:SECTION_TEXT_LIMIT]}})
+    more += max(len(overrides) - HOME_CHANNELS_SHOWN, 0)
+    if more > 0:
+        blocks.append(
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": f"…and {more} more channels."}]}
+        )
+    return blocks
 
 
 def home_view(
     defaults: ChannelConfig,
-    overrides: list[tuple[str, list[str]]],
+    overrides: list[tuple[str, list[str]]] | None,
     *,
     admin: bool,
     usage: list[dict[str, Any]],
+    more: int = 0,
 ) -> dict[str, Any]:
-    """The Home tab: the workspace defaults, the channels that differ (and how), then `usage`."""
+    """The Home tab: the workspace defaults, the channels that differ (and how; None: not shown, the
+    viewer is not an admin), then `usage`. `more`: channels with settings not in `overrides`."""
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": _text("kimibot settings")},
         {"type": "section", "text": {"type": "mrkdwn", "text": describe(defaults)}},
@@ -314,23 +399,8 @@ def home_view(
                 ],
             }
         )
-    blocks.append({"type": "divider"})
-    blocks.append({"type": "header", "text": _text("Channels with their own settings")})
-    if not overrides:
-        blocks.append(
-            {
-                "type": "context",
-                "elements": [{"type": "mrkdwn", "text": "None: every channel uses the defaults above."}],
-            }
-        )
-    for channel, changes in overrides[:HOME_CHANNELS_SHOWN]:
-        text = f"<#{channel}>: " + ("; ".join(changes) or "same as the defaults")
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": text[:3000]}})
-    if len(overrides) > HOME_CHANNELS_SHOWN:
-        more = len(overrides) - HOME_CHANNELS_SHOWN
-        blocks.append(
-            {"type": "context", "elements": [{"type": "mrkdwn", "text": f"…and {more} more channels."}]}
-        )
+    if overrides is not None:
+        blocks.extend(_channel_blocks(overrides, more))
     blocks.append(
         {
             "type": "context",
