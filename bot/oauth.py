@@ -55,7 +55,7 @@ def build_oauth_flow(settings: Settings, installations: Installations) -> AsyncO
         state_expiration_seconds=STATE_TTL_S,
         logger=logging.getLogger("slack_bolt.kimibot.oauth"),
     )
-    return AsyncOAuthFlow(client=installations.rotator.client, settings=oauth_settings)
+    return AsyncOAuthFlow(client=installations.client, settings=oauth_settings)
 
 
 def add_oauth_routes(web_app: web.Application, flow: AsyncOAuthFlow) -> None:
