@@ -360,6 +360,28 @@ class Installations:
                 teams.add(name.split("{", 1)[1].split("}", 1)[0])
         return teams
 
+    async def delete(self, enterprise_id: str | None, team_id: str | None) -> None:
+        """Delete an installation (team_id None: the org-wide install of the enterprise): its bot, its
+        installers, its rotation lock, and a workspace's pointer to its org's install."""
+        await self.store.async_delete_all(enterprise_id=enterprise_id, team_id=team_id)
+        await self.redis.delete(lock_key(install_id(enterprise_id, team_id, not team_id)))
+        if team_id:
+            await self.redis.delete(self.store.org_key(team_id))
+
+    async def has_own_install(self, team_id: str) -> bool:
+        """Whether a workspace has a bot installed of its own (not only through its org's install)."""
+        return bool(await self.redis.exists(self.store.bot_key(team_id)))
+
+    async def installed_after(self, enterprise_id: str | None, team_id: str | None, when: float) -> bool:
+        """Whether the installation (team_id None: org-wide) is newer than `when` (an event's time): an
+        uninstall event older than a reinstall must not delete it."""
+        if not when:
+            return False
+        bot = await self.store.async_find_bot(
+            enterprise_id=enterprise_id, team_id=team_id, is_enterprise_install=not team_id
+        )
+        return bot is not None and bot.installed_at is not None and bot.installed_at > when + 1
+
     async def bot_for(
         self, enterprise_id: str | None, team_id: str | None, is_enterprise_install: bool | None
     ) -> TeamBot | None:

@@ -5,6 +5,7 @@ uninstall is complete and not undone, and the smaller findings."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,19 +15,25 @@ from slack_sdk.oauth.installation_store.models.bot import Bot
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.installations import Installations
+from bot.kimi.events import Usage
+from bot.redis_client import build_redis
 from bot.server import team_bot_for_job
+from bot.store import DEAD_LETTER_KEY
 from bot.worker import RunLater
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi
 from tests.fakes.slack_api import CLIENT_ID, CLIENT_SECRET, FakeSlack
-from tests.slack_requests import CHANNEL
+from tests.slack_requests import ALICE, CHANNEL
 from tests.test_oauth import (
     SECOND_BOT_ID,
     SECOND_BOT_USER,
     SECOND_TEAM,
+    THIRD_TEAM,
     ask_from,
     install,
+    keys_of,
     oauth_settings,
+    team_event,
 )
 
 LOCK = f"kimibot:install:{{{SECOND_TEAM}}}:rotate-lock"
@@ -151,3 +158,126 @@ async def test_a_late_refresh_does_not_overwrite_a_reinstall(
     stored = await installations.store.async_find_bot(enterprise_id=None, team_id=SECOND_TEAM)
     assert stored is not None and stored.bot_token == "xoxb-reinstalled"
     assert not await bot.deps.redis.exists(LOCK)
+
+
+# ---- finding 4: uninstall complete, and not undone -----------------------------------------------------
+
+
+def uninstall_event(team: str, kind: str = "app_uninstalled", *, age_s: float = 0) -> bytes:
+    event: dict[str, Any] = {"type": kind, "event_ts": f"{time.time():.6f}"}
+    if kind == "tokens_revoked":
+        event["tokens"] = {"oauth": [], "bot": [SECOND_BOT_USER]}
+    body = json.loads(team_event(team, event))
+    body["event_time"] = int(time.time() - age_s)
+    return json.dumps(body).encode()
+
+
+async def test_a_request_settled_after_the_uninstall_records_nothing(
+    make_bot: Callable[..., Any], redis_url: str
+) -> None:
+    bot: BotHarness = await make_bot(**oauth_settings())
+    await install(bot, SECOND_TEAM, SECOND_BOT_USER, SECOND_BOT_ID)
+    assert (await bot.post(uninstall_event(SECOND_TEAM), "application/json"))[0] == 200
+    # A request the uninstall cancelled settles now: it must not bring the team's usage back.
+    counted = await bot.deps.usage.settle(
+        SECOND_TEAM,
+        "job-1:0",
+        Usage(100, 20),
+        5_000,
+        user=ALICE,
+        channel=CHANNEL,
+        model="kimi-k2.6",
+        answer_id="job-1",
+    )
+    assert counted is False
+    raw = await asyncio.to_thread(build_redis, redis_url)
+    try:
+        assert await keys_of(raw, SECOND_TEAM) == {f"kimibot:usage:{{{SECOND_TEAM}}}:gone"}
+        assert 0 < await raw.ttl(f"kimibot:usage:{{{SECOND_TEAM}}}:gone") <= 3_600
+    finally:
+        await raw.aclose()
+
+
+async def test_uninstall_removes_the_teams_dead_letters_only(make_bot: Callable[..., Any]) -> None:
+    bot: BotHarness = await make_bot(**oauth_settings())
+    await install(bot, SECOND_TEAM, SECOND_BOT_USER, SECOND_BOT_ID)
+    for team in (SECOND_TEAM, THIRD_TEAM, SECOND_TEAM):
+        payload = {"thread": f"{team}:{CHANNEL}:1700000000.000100", "job": '{"text":"a question"}'}
+        await bot.deps.redis.xadd(DEAD_LETTER_KEY, payload)  # type: ignore[arg-type]
+    assert (await bot.post(uninstall_event(SECOND_TEAM), "application/json"))[0] == 200
+    left = await bot.deps.redis.xrange(DEAD_LETTER_KEY)
+    assert [fields["thread"].split(":")[0] for _, fields in left] == [THIRD_TEAM]
+
+
+async def test_a_reinstall_between_the_two_uninstall_events_survives_the_second(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack
+) -> None:
+    bot: BotHarness = await make_bot(**oauth_settings())
+    await install(bot, SECOND_TEAM, SECOND_BOT_USER, SECOND_BOT_ID)
+    store = bot.deps.installations.store if bot.deps.installations else None
+    assert store is not None
+    first = await store.async_find_bot(enterprise_id=None, team_id=SECOND_TEAM)
+    assert first is not None
+    first.installed_at = time.time() - 60  # installed a minute ago, uninstalled 5 s ago
+    await store.async_save_bot(first)
+    uninstalled = uninstall_event(SECOND_TEAM, age_s=5)
+    revoked = uninstall_event(SECOND_TEAM, "tokens_revoked", age_s=5)  # sent at the same time, late
+    assert (await bot.post(uninstalled, "application/json"))[0] == 200
+    assert not await bot.deps.redis.exists(f"kimibot:install:{{{SECOND_TEAM}}}:bot")
+    await install(bot, SECOND_TEAM, SECOND_BOT_USER, SECOND_BOT_ID)  # installed again
+    assert (await bot.post(revoked, "application/json"))[0] == 200
+    assert await bot.deps.redis.exists(f"kimibot:install:{{{SECOND_TEAM}}}:bot") == 1
+    assert await ask_from(bot, "back again?", "1700001300.000100") == 200
+    await bot.settle()
+    assert len(fake_slack.bodies(CHANNEL, "1700001300.000100")) == 1
+
+
+# ---- finding 6: org-wide uninstall and team_access_revoked ---------------------------------------------
+
+ORG, IN_ORG, ALSO_IN_ORG = "E0ORG12345", "T0INORG999", "T0INORG888"
+
+
+async def org_setup(bot: BotHarness) -> None:
+    """An org-wide install that has served two workspaces, one of which also has its own install."""
+    await install(bot, IN_ORG, "U0ORGBOT", "B0ORGBOT", enterprise_id=ORG, is_enterprise_install=True)
+    await install(bot, IN_ORG, "U0OWNBOT", "B0OWNBOT", enterprise_id=ORG)  # its own, separate install
+    for team in (IN_ORG, ALSO_IN_ORG):
+        await bot.deps.redis.set(f"kimibot:install:{{{team}}}:org", ORG)  # served by the org's install
+        await bot.deps.redis.hset(f"kimibot:settings:{{{team}}}:workspace", "followups", "all")  # type: ignore[misc]
+
+
+def org_event(event: dict[str, Any], *, org_wide: bool) -> bytes:
+    body = json.loads(team_event(IN_ORG, event, bot_user="U0ORGBOT"))
+    body["enterprise_id"] = ORG
+    body["authorizations"][0].update(enterprise_id=ORG, is_enterprise_install=org_wide)
+    if org_wide:
+        body.pop("team_id")
+    return json.dumps(body).encode()
+
+
+async def test_an_org_wide_uninstall_keeps_a_workspaces_own_install(make_bot: Callable[..., Any]) -> None:
+    bot: BotHarness = await make_bot(**oauth_settings())
+    await org_setup(bot)
+    status, _ = await bot.post(org_event({"type": "app_uninstalled"}, org_wide=True), "application/json")
+    assert status == 200
+    redis = bot.deps.redis
+    assert not await redis.exists(f"kimibot:install:{{{ORG}}}:bot")
+    assert not await redis.exists(f"kimibot:install:{{{IN_ORG}}}:org")
+    assert await redis.exists(f"kimibot:install:{{{IN_ORG}}}:bot") == 1  # its own install stays
+    assert await redis.exists(f"kimibot:settings:{{{IN_ORG}}}:workspace") == 1  # and its data
+    assert not await redis.exists(f"kimibot:settings:{{{ALSO_IN_ORG}}}:workspace")  # served by the org only
+    assert bot.deps.installations is not None
+    own = await bot.deps.installations.bot_for_team(IN_ORG)
+    assert own is not None and own.bot_id == "B0OWNBOT"
+
+
+async def test_team_access_revoked_forgets_those_workspaces_of_the_org(make_bot: Callable[..., Any]) -> None:
+    bot: BotHarness = await make_bot(**oauth_settings())
+    await org_setup(bot)
+    event = {"type": "team_access_revoked", "team_ids": [ALSO_IN_ORG], "event_ts": f"{time.time():.6f}"}
+    assert (await bot.post(org_event(event, org_wide=True), "application/json"))[0] == 200
+    redis = bot.deps.redis
+    assert not await redis.exists(f"kimibot:settings:{{{ALSO_IN_ORG}}}:workspace")
+    assert not await redis.exists(f"kimibot:install:{{{ALSO_IN_ORG}}}:org")
+    assert await redis.exists(f"kimibot:install:{{{ORG}}}:bot") == 1  # the org keeps its install
+    assert await redis.exists(f"kimibot:settings:{{{IN_ORG}}}:workspace") == 1
