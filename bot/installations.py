@@ -37,6 +37,7 @@ from slack_sdk.oauth.token_rotation.async_rotator import AsyncTokenRotator
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.slack.acting import TeamBot
+from bot.usage import UsageKeys
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,8 @@ class RedisInstallationStore(AsyncInstallationStore):  # type: ignore[misc]
             return  # as FileInstallationStore: nothing to keep without a bot token
         ident = install_id(bot.enterprise_id, bot.team_id, bot.is_enterprise_install)
         await self.redis.set(self.bot_key(ident), self.sealer.seal(dict(bot.__dict__)))
+        if bot.team_id:  # installed again after an uninstall: its usage is recorded again
+            await self.redis.delete(UsageKeys(bot.team_id).gone)
 
     async def async_find_bot(
         self,

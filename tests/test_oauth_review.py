@@ -230,6 +230,8 @@ async def test_a_reinstall_between_the_two_uninstall_events_survives_the_second(
     assert await ask_from(bot, "back again?", "1700001300.000100") == 200
     await bot.settle()
     assert len(fake_slack.bodies(CHANNEL, "1700001300.000100")) == 1
+    usage = await bot.deps.usage.day(SECOND_TEAM, bot.deps.usage.now().date())
+    assert usage.get("requests") == "1"  # recorded: the reinstall lifted the uninstall's mark
 
 
 # ---- finding 6: org-wide uninstall and team_access_revoked ---------------------------------------------
