@@ -8,9 +8,11 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.fernet import Fernet
 from slack_sdk.oauth.installation_store.models.bot import Bot
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -18,12 +20,14 @@ from bot.installations import Installations
 from bot.kimi.events import Usage
 from bot.redis_client import build_redis
 from bot.server import team_bot_for_job
+from bot.settings import SettingsError, load_settings
 from bot.store import DEAD_LETTER_KEY
 from bot.worker import RunLater
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi
 from tests.fakes.slack_api import CLIENT_ID, CLIENT_SECRET, FakeSlack
 from tests.slack_requests import ALICE, CHANNEL
+from tests.test_doctor import doctor
 from tests.test_oauth import (
     SECOND_BOT_ID,
     SECOND_BOT_USER,
@@ -35,6 +39,7 @@ from tests.test_oauth import (
     oauth_settings,
     team_event,
 )
+from tests.test_oauth_ops import OAUTH_ENV
 
 LOCK = f"kimibot:install:{{{SECOND_TEAM}}}:rotate-lock"
 
@@ -283,3 +288,96 @@ async def test_team_access_revoked_forgets_those_workspaces_of_the_org(make_bot:
     assert not await redis.exists(f"kimibot:install:{{{ALSO_IN_ORG}}}:org")
     assert await redis.exists(f"kimibot:install:{{{ORG}}}:bot") == 1  # the org keeps its install
     assert await redis.exists(f"kimibot:settings:{{{IN_ORG}}}:workspace") == 1
+
+
+# ---- finding 3: encryption keys rotate; a value that cannot be read is an error, not an uninstall ------
+
+
+def test_the_encryption_key_setting_takes_several_keys() -> None:
+    new, old = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    settings = load_settings(**base(kimibot_encryption_key=f"{new},{old}"))
+    assert settings.kimibot_encryption_key == f"{new},{old}"
+    with pytest.raises(SettingsError) as caught:
+        load_settings(**base(kimibot_encryption_key=f"{new},nope"))
+    [problem] = caught.value.problems
+    assert problem.startswith("KIMIBOT_ENCRYPTION_KEY is not a Fernet key")
+
+
+def base(**values: object) -> dict[str, object]:
+    return {
+        "_env_file": None,
+        "slack_signing_secret": "s",
+        "moonshot_api_key": "sk",
+        **oauth_settings(),
+        **values,
+    }
+
+
+async def raw_install_values(redis_url: str, ident: str) -> dict[str, str]:
+    raw = await asyncio.to_thread(build_redis, redis_url)  # a cluster client on a cluster
+    try:
+        return {
+            str(k): str(await raw.get(k))
+            async for k in raw.scan_iter(match=f"kimibot:install:{{{ident}}}:*")
+            if not str(k).endswith((":org", ":rotate-lock"))
+        }
+    finally:
+        await raw.aclose()
+
+
+async def test_a_new_key_first_and_the_old_one_after_reads_and_reseals(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, redis_url: str
+) -> None:
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    first: BotHarness = await make_bot(**oauth_settings(kimibot_encryption_key=old))
+    await install(first, SECOND_TEAM, SECOND_BOT_USER, SECOND_BOT_ID)
+    await first.stop()
+    bot: BotHarness = await make_bot(**oauth_settings(kimibot_encryption_key=f"{new},{old}"))
+    assert await ask_from(bot, "rotated key?", "1700001400.000100") == 200
+    await bot.settle()
+    assert len(fake_slack.bodies(CHANNEL, "1700001400.000100")) == 1
+    # The bot's record (read for every request) is now sealed with the new key alone.
+    bot_value = (await raw_install_values(redis_url, SECOND_TEAM))[f"kimibot:install:{{{SECOND_TEAM}}}:bot"]
+    assert json.loads(Fernet(new.encode()).decrypt(bot_value.removeprefix("fernet:").encode()))
+
+
+async def test_an_install_saved_unencrypted_is_encrypted_once_a_key_is_set(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path
+) -> None:
+    first: BotHarness = await make_bot(**oauth_settings())
+    await install(first, SECOND_TEAM, SECOND_BOT_USER, SECOND_BOT_ID)
+    await first.stop()
+    key = Fernet.generate_key().decode()
+    env = {**OAUTH_ENV, "KIMIBOT_ENCRYPTION_KEY": key}
+    code, lines, _ = await doctor(fake_slack, fake_kimi, redis_url, tmp_path, **env)
+    assert code == 0
+    [line] = [x for x in lines if "installations:" in x]
+    # The bot's record and the installer's (latest, and by user).
+    assert "except 3 record(s) saved before KIMIBOT_ENCRYPTION_KEY was set" in line
+    bot: BotHarness = await make_bot(**oauth_settings(kimibot_encryption_key=key))
+    assert bot.deps.installations is not None
+    assert await bot.deps.installations.bot_for_team(SECOND_TEAM) is not None
+    values = await raw_install_values(redis_url, SECOND_TEAM)
+    assert values[f"kimibot:install:{{{SECOND_TEAM}}}:bot"].startswith("fernet:")
+    code, lines, _ = await doctor(fake_slack, fake_kimi, redis_url, tmp_path, **env)
+    [line] = [x for x in lines if "installations:" in x]
+    assert "except 2 record(s)" in line  # the installer's records, read when someone installs again
+
+
+@pytest.mark.parametrize("stored", ["another key", "no key on this replica", "garbled"])
+async def test_an_installation_that_cannot_be_read_is_an_error_not_an_uninstall(
+    make_bot: Callable[..., Any], fake_kimi: FakeKimi, stored: str
+) -> None:
+    key = "" if stored == "no key on this replica" else Fernet.generate_key().decode()
+    bot: BotHarness = await make_bot(**oauth_settings(kimibot_encryption_key=key))
+    value = (
+        '{"bot_token": "xoxb-1", trunc'
+        if stored == "garbled"
+        else "fernet:" + Fernet(Fernet.generate_key()).encrypt(b'{"bot_token":"xoxb-1"}').decode()
+    )
+    await bot.deps.redis.set(f"kimibot:install:{{{SECOND_TEAM}}}:bot", value)
+    assert await ask_from(bot, "there?", "1700001500.000100") == 503  # Slack redelivers; no silent drop
+    assert fake_kimi.requests == []
+    lease: Any = type("L", (), {"thread": type("T", (), {"team_id": SECOND_TEAM})()})()
+    with pytest.raises(RunLater):
+        await team_bot_for_job(bot.deps, lease)
