@@ -346,13 +346,15 @@ async def run(settings: Settings, problems: Sequence[str], say: Say) -> bool:
     check_settings(settings, problems, tell)
     if not _about(problems, "REDIS_URL", "REDIS_CLUSTER"):
         await check_redis(settings, tell)
-    if settings.oauth and not settings.slack_bot_token:
+    if settings.oauth:
         if not _about(problems, "SLACK_CLIENT_ID", "SLACK_CLIENT_SECRET", "SLACK_API_URL"):
             await check_oauth(settings, tell)
         if not _about(problems, "REDIS_URL", "REDIS_CLUSTER", "KIMIBOT_ENCRYPTION_KEY"):
             await check_installations(settings, tell)
-        await check_app_token(settings, problems, check_client(settings), tell)
-    elif not _about(problems, "SLACK_BOT_TOKEN", "SLACK_API_URL"):
+        if not settings.slack_bot_token:
+            await check_app_token(settings, problems, check_client(settings), tell)
+    if settings.slack_bot_token and not _about(problems, "SLACK_BOT_TOKEN", "SLACK_API_URL"):
+        # With the app credentials too: its workspace is one of the installed ones (seeded at start).
         await check_slack(settings, problems, tell)
     if not _about(problems, "MOONSHOT_API_KEY", "KIMI_BASE_URL", "KIMI_MODEL"):
         await check_kimi_key(settings, tell)

@@ -288,8 +288,10 @@ class RedisInstallationStore(AsyncInstallationStore):  # type: ignore[misc]
 
 
 class RedisOAuthStateStore(AsyncOAuthStateStore):  # type: ignore[misc]
-    """One-time, expiring OAuth states. Each is signed with SLACK_STATE_SECRET, so a forged one is refused
-    without a Redis read; consuming deletes it, so a replayed one is refused too."""
+    """One-time, expiring OAuth states (kept in Redis, and bound to the browser by Bolt's cookie). With
+    SLACK_STATE_SECRET each is also signed, so a forged one is refused without a Redis read; without it
+    the Redis entry alone decides (so any replica can finish an install another began). Consuming deletes
+    it, so a replayed one is refused too."""
 
     def __init__(self, redis: Redis, secret: str, expiration_seconds: int = STATE_TTL_S) -> None:
         self.redis = redis
@@ -304,19 +306,24 @@ class RedisOAuthStateStore(AsyncOAuthStateStore):  # type: ignore[misc]
     def key(state: str) -> str:
         return f"{STATE_PREFIX}:{state}"
 
-    def _sign(self, nonce: str) -> str:
-        return hmac.new(self.secret, nonce.encode(), hashlib.sha256).hexdigest()[:32]
+    def _sign(self, nonce: str) -> bytes:
+        return hmac.new(self.secret, nonce.encode(), hashlib.sha256).hexdigest()[:32].encode()
 
     async def async_issue(self, *args: Any, **kwargs: Any) -> str:
         nonce = secrets.token_urlsafe(24)
-        state = f"{nonce}.{self._sign(nonce)}"
+        state = f"{nonce}.{self._sign(nonce).decode()}" if self.secret else nonce
         await self.redis.set(self.key(state), str(int(time.time())), ex=self.expiration_seconds)
         return state
 
     async def async_consume(self, state: str) -> bool:
-        nonce, _, signature = (state or "").partition(".")
-        if not nonce or not hmac.compare_digest(signature, self._sign(nonce)):
+        state = state or ""
+        if not state:
             return False
+        if self.secret:
+            nonce, _, signature = state.partition(".")
+            # Bytes: a state with non-ASCII characters is refused, not a TypeError (a 500).
+            if not nonce or not hmac.compare_digest(signature.encode(), self._sign(nonce)):
+                return False
         return bool(await self.redis.delete(self.key(state)))
 
 
@@ -362,6 +369,28 @@ class Installations:
             if (value.decode() if isinstance(value, bytes) else value) == enterprise_id:
                 teams.add(name.split("{", 1)[1].split("}", 1)[0])
         return teams
+
+    async def seed(self, token: str, auth: dict[str, Any]) -> bool:
+        """SLACK_BOT_TOKEN beside the app credentials: its workspace is served like an installed one. An
+        installation is made from its auth.test answer when that workspace has none (an OAuth install of
+        it wins, now or later). True when one was made."""
+        team_id = str(auth.get("team_id") or "")
+        if not team_id:
+            return False
+        enterprise_id = str(auth.get("enterprise_id") or "") or None
+        org_wide = bool(auth.get("is_enterprise_install")) and enterprise_id is not None
+        bot = Bot(
+            app_id=str(auth.get("app_id") or "") or None,
+            enterprise_id=enterprise_id,
+            team_id=None if org_wide else team_id,
+            bot_token=token,
+            bot_id=str(auth.get("bot_id") or ""),
+            bot_user_id=str(auth.get("user_id") or ""),
+            is_enterprise_install=org_wide,
+            installed_at=time.time(),
+        )
+        key = self.store.bot_key(install_id(enterprise_id, team_id, org_wide))
+        return bool(await self.redis.set(key, self.store.sealer.seal(dict(bot.__dict__)), nx=True))
 
     async def delete(self, enterprise_id: str | None, team_id: str | None) -> None:
         """Delete an installation (team_id None: the org-wide install of the enterprise): its bot, its

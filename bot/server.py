@@ -384,6 +384,13 @@ async def _start_up(
             bot_id=str(data.get("bot_id") or ""),
             team_id=str(data.get("team_id") or ""),
         )
+        if deps.installations is not None:
+            # OAuth mode with SLACK_BOT_TOKEN too: that token's workspace is one of the installed ones.
+            seeded = await deps.installations.seed(settings.slack_bot_token, data)
+            log.info(
+                "oauth mode: SLACK_BOT_TOKEN's workspace is served as an installation",
+                extra={"team_id": data.get("team_id"), "installed_now": seeded},
+            )
 
     async def kimi() -> None:
         await until_settled("MOONSHOT_API_KEY", lambda: check_kimi(settings), health.checks)

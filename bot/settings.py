@@ -54,7 +54,7 @@ WHERE_TO_GET: dict[str, str] = {
     "SLACK_CLIENT_SECRET it turns on OAuth installs (many workspaces)",
     "SLACK_CLIENT_SECRET": "Slack app settings > Basic Information > App Credentials > Client Secret",
     "SLACK_STATE_SECRET": "any long random string, the same on every replica (it signs the OAuth state); "
-    "unset: one is generated per process",
+    "unset: states are not signed (still one-time, expiring and bound to the browser's cookie)",
     "SLACK_REDIRECT_URI": "the https URL of GET /slack/oauth_redirect as listed in the app's Redirect URLs; "
     "empty: the one configured in the app",
     "KIMIBOT_ENCRYPTION_KEY": "a Fernet key: python -c 'from cryptography.fernet import Fernet; "
@@ -169,7 +169,7 @@ class Settings(BaseSettings):
     # --- OAuth installs, many workspaces (bot/installations.py) ---
     slack_client_id: str = ""  # with slack_client_secret: OAuth mode, SLACK_BOT_TOKEN not needed
     slack_client_secret: str = ""
-    slack_state_secret: str = ""  # empty: generated per process (replicas then need it set)
+    slack_state_secret: str = ""  # empty: OAuth states are not signed (one-time in Redis, cookie-bound)
     slack_redirect_uri: str = ""  # empty: the app's configured redirect URL
     slack_install_scopes: str = ""  # empty: the OAuth manifest's bot scopes
     kimibot_encryption_key: str = ""  # a Fernet key: installation tokens encrypted at rest in Redis

@@ -16,16 +16,19 @@ from cryptography.fernet import Fernet
 from slack_sdk.oauth.installation_store.models.bot import Bot
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.health import Health
 from bot.installations import Installations
 from bot.kimi.events import Usage
 from bot.redis_client import build_redis
-from bot.server import team_bot_for_job
+from bot.server import _start_up, team_bot_for_job
 from bot.settings import SettingsError, load_settings
+from bot.slack.acting import TeamBot
+from bot.startup import check_client
 from bot.store import DEAD_LETTER_KEY
 from bot.worker import RunLater
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi
-from tests.fakes.slack_api import CLIENT_ID, CLIENT_SECRET, FakeSlack
+from tests.fakes.slack_api import BOT_ID, BOT_USER_ID, CLIENT_ID, CLIENT_SECRET, TEAM_ID, TOKEN, FakeSlack
 from tests.slack_requests import ALICE, CHANNEL
 from tests.test_doctor import doctor
 from tests.test_oauth import (
@@ -34,9 +37,11 @@ from tests.test_oauth import (
     SECOND_TEAM,
     THIRD_TEAM,
     ask_from,
+    finish_install,
     install,
     keys_of,
     oauth_settings,
+    start_install,
     team_event,
 )
 from tests.test_oauth_ops import OAUTH_ENV
@@ -83,6 +88,9 @@ async def test_a_refused_refresh_keeps_the_valid_token_in_use(
     # never outlives its lock); the answer went out with the current token.
     assert len(fake_slack.calls_of("oauth.v2.access")) == 3  # the install and two failed refreshes
     assert {str(c.args.get("token")) for c in fake_slack.calls_of("chat.postMessage")} == {token}
+    assert bot.deps.installations is not None
+    rotating_client = bot.deps.installations.rotator.client
+    assert rotating_client.retry_handlers == [] and rotating_client.timeout == 5  # well under the lock TTL
 
 
 async def test_a_busy_lock_does_not_hold_up_a_request_while_the_token_is_valid(
@@ -381,3 +389,80 @@ async def test_an_installation_that_cannot_be_read_is_an_error_not_an_uninstall(
     lease: Any = type("L", (), {"thread": type("T", (), {"team_id": SECOND_TEAM})()})()
     with pytest.raises(RunLater):
         await team_bot_for_job(bot.deps, lease)
+
+
+# ---- finding 5: SLACK_BOT_TOKEN beside the app credentials --------------------------------------------
+
+
+async def test_slack_bot_token_with_oauth_serves_its_own_workspace(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """Its workspace gets an installation from auth.test at start (when it has none) and is answered with
+    that token beside the workspaces installed through OAuth."""
+    bot: BotHarness = await make_bot(**oauth_settings(slack_bot_token=TOKEN))
+    await install(bot, SECOND_TEAM, SECOND_BOT_USER, SECOND_BOT_ID)
+    await _start_up(bot.deps, Health(checks={}), check_client(bot.settings), None, False)
+    assert bot.deps.installations is not None
+    seeded = await bot.deps.installations.bot_for_team(TEAM_ID)
+    assert seeded is not None and (seeded.token, seeded.user_id) == (TOKEN, BOT_USER_ID)
+    before = len(fake_slack.calls)
+    assert await ask_from(bot, "my own workspace?", "1700001600.000100", TEAM_ID, BOT_USER_ID) == 200
+    await bot.settle()
+    assert len(fake_slack.bodies(CHANNEL, "1700001600.000100")) == 1
+    assert {str(c.args.get("token")) for c in fake_slack.calls[before:]} == {TOKEN}
+    # An OAuth install of that workspace wins over the seed, at the next start too.
+    await install(bot, TEAM_ID, BOT_USER_ID, BOT_ID)
+    installed = fake_slack.calls_of("oauth.v2.access")[-1].args["_result"]["access_token"]
+    await _start_up(bot.deps, Health(checks={}), check_client(bot.settings), None, False)
+    latest = await bot.deps.installations.bot_for_team(TEAM_ID)
+    assert latest is not None and latest.token == installed
+
+
+async def test_doctor_with_slack_bot_token_and_oauth_checks_both(
+    fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path
+) -> None:
+    code, lines, err = await doctor(
+        fake_slack, fake_kimi, redis_url, tmp_path, **{**OAUTH_ENV, "SLACK_BOT_TOKEN": TOKEN}
+    )
+    assert code == 0, (lines, err)
+    text = "\n".join(lines)
+    assert "✓ SLACK_CLIENT_ID and SLACK_CLIENT_SECRET: Slack accepts them" in text
+    assert "✓ installations: 0 workspace(s)" in text
+    assert f"✓ SLACK_BOT_TOKEN: bot @kimibot ({BOT_USER_ID}) in workspace Fake ({TEAM_ID})" in text
+
+
+# ---- findings 7, 8, 10: state without a secret, odd states, the token out of reprs ---------------------
+
+
+async def test_without_a_state_secret_an_install_begun_on_one_replica_finishes_on_another(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack
+) -> None:
+    one: BotHarness = await make_bot(**oauth_settings(slack_state_secret=""))
+    other: BotHarness = await make_bot(**oauth_settings(slack_state_secret=""))
+    _, state = await start_install(one)
+    code = fake_slack.approve_install(SECOND_TEAM, bot_user_id=SECOND_BOT_USER, bot_id=SECOND_BOT_ID)
+    assert await finish_install(other, code, state) == 200
+    # Still one-time, and a state never issued is refused.
+    again = fake_slack.approve_install(SECOND_TEAM, bot_user_id=SECOND_BOT_USER, bot_id=SECOND_BOT_ID)
+    assert await finish_install(one, again, state) == 401
+    assert await finish_install(one, again, "never-issued") == 401
+    assert len(fake_slack.calls_of("oauth.v2.access")) == 1
+
+
+async def test_a_state_with_non_ascii_characters_is_refused_not_an_error(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack
+) -> None:
+    bot: BotHarness = await make_bot(**oauth_settings())
+    code = fake_slack.approve_install(SECOND_TEAM, bot_user_id=SECOND_BOT_USER, bot_id=SECOND_BOT_ID)
+    assert await finish_install(bot, code, "nonce.signatureé", cookie_state="nonce.signature%C3%A9") in (
+        400,
+        401,
+    )
+    assert await finish_install(bot, code, "nonce.signatureé") == 401
+    assert fake_slack.calls_of("oauth.v2.access") == []
+
+
+def test_a_team_bot_never_shows_its_token() -> None:
+    team_bot = TeamBot(token="xoxb-secret-token", team_id=SECOND_TEAM, user_id="U1", bot_id="B1")
+    assert "xoxb-secret-token" not in repr(team_bot) and "xoxb-secret-token" not in str(team_bot)
+    assert team_bot.token == "xoxb-secret-token"
