@@ -45,6 +45,7 @@ from tests.test_oauth import (
     team_event,
 )
 from tests.test_oauth_ops import OAUTH_ENV
+from tests.test_serve_process import wait_for
 
 LOCK = f"kimibot:install:{{{SECOND_TEAM}}}:rotate-lock"
 
@@ -466,3 +467,30 @@ def test_a_team_bot_never_shows_its_token() -> None:
     team_bot = TeamBot(token="xoxb-secret-token", team_id=SECOND_TEAM, user_id="U1", bot_id="B1")
     assert "xoxb-secret-token" not in repr(team_bot) and "xoxb-secret-token" not in str(team_bot)
     assert team_bot.token == "xoxb-secret-token"
+
+
+async def test_a_job_whose_token_cannot_be_had_runs_again_later(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """Queued while the token was valid; by the time the worker takes it, expired and not refreshable:
+    the job stays queued (not dead-lettered as "not installed") and is answered once the refresh works."""
+    bot: BotHarness = await make_bot(**oauth_settings(job_visibility_timeout=0.3), start_worker=False)
+    await install(bot, SECOND_TEAM, SECOND_BOT_USER, SECOND_BOT_ID, rotating=True, expires_in=3_600)
+    assert bot.deps.installations is not None
+    store = bot.deps.installations.store
+    fake_slack.fail("oauth.v2.access", "invalid_refresh_token")  # the request's refresh: current token used
+    assert await ask_from(bot, "later?", "1700001700.000100") == 200
+    stored = await store.async_find_bot(enterprise_id=None, team_id=SECOND_TEAM)
+    assert stored is not None
+    stored.bot_token_expires_at = int(time.time()) + 10  # as good as expired now
+    await store.async_save_bot(stored)
+    fake_slack.fail("oauth.v2.access", status=503, times=2)
+    bot.run_worker()
+    await wait_for(lambda: len(refreshes(fake_slack)) >= 3)  # the request's, then the job's two tries
+    assert fake_slack.bodies(CHANNEL, "1700001700.000100") == []
+    assert await bot.deps.queue.dead_letters() == []
+    await bot.settle()  # the third try refreshes: answered with the new token
+    assert len(fake_slack.bodies(CHANNEL, "1700001700.000100")) == 1
+    new_token = refreshes(fake_slack)[-1].args["_result"]["access_token"]
+    assert new_token in {str(c.args.get("token")) for c in fake_slack.calls_of("chat.postMessage")}
+    assert await bot.deps.queue.dead_letters() == []
