@@ -355,6 +355,13 @@ class Installations:
         )
         self.rotate_before_s = rotate_before_s
         self.lock_ttl_ms = lock_ttl_ms
+        self._background: set[asyncio.Task[None]] = set()  # requests' refreshes, not waited for
+
+    async def close(self) -> None:
+        """Stop the refreshes still in flight (shutdown); one cut short leaves the lock to expire."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     @staticmethod
     def lock_key(ident: str) -> str:
@@ -431,7 +438,7 @@ class Installations:
         if bot.is_enterprise_install and team_id and bot.enterprise_id:
             # So that a job of this workspace (which knows only the team) finds the org's install.
             await self.redis.set(self.store.org_key(team_id), bot.enterprise_id)
-        return await self._usable(bot, team_id, wait_s=REQUEST_LOCK_WAIT_S)
+        return await self._usable(bot, team_id, wait_s=REQUEST_LOCK_WAIT_S, in_background=True)
 
     async def bot_for_team(self, team_id: str) -> TeamBot | None:
         """The bot to act with for a job of `team_id` (run outside any request). None: not installed;
@@ -451,15 +458,23 @@ class Installations:
         expires = bot.bot_token_expires_at
         return expires is None or expires - time.time() > VALID_MARGIN_S
 
-    async def _usable(self, bot: Bot, team_id: str | None, *, wait_s: float) -> TeamBot | None:
+    async def _usable(
+        self, bot: Bot, team_id: str | None, *, wait_s: float, in_background: bool = False
+    ) -> TeamBot | None:
         """Refresh a token due for it. While the current token is valid, a refresh that fails or is
-        another replica's (lock busy: not waited for) leaves it in use; an expired one waits up to
-        `wait_s` for the refresh, then raises InstallationUnavailable."""
+        another replica's (lock busy: not waited for) leaves it in use, and a request (`in_background`)
+        does not wait for the refresh at all; an expired token waits up to `wait_s` for the refresh, then
+        raises InstallationUnavailable."""
         if (
             bot.bot_token_expires_at is not None
             and bot.bot_token_expires_at - time.time() < self.rotate_before_s
         ):
             valid = self._valid(bot)
+            if valid and in_background:
+                task = asyncio.create_task(self._refresh_quietly(bot, team_id))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+                return self._team_bot(bot, team_id)
             try:
                 refreshed = await self.refresh(bot, wait_s=0.0 if valid else wait_s)
             except RotationFailed as exc:
@@ -477,6 +492,10 @@ class Installations:
             if not self._valid(refreshed):
                 raise InstallationUnavailable("the bot token expired and was not refreshed")
             bot = refreshed
+        return self._team_bot(bot, team_id)
+
+    @staticmethod
+    def _team_bot(bot: Bot, team_id: str | None) -> TeamBot:
         return TeamBot(
             token=str(bot.bot_token),
             team_id=team_id or bot.team_id or "",
@@ -484,6 +503,18 @@ class Installations:
             bot_id=bot.bot_id or "",
             enterprise_id=bot.enterprise_id or "",
         )
+
+    async def _refresh_quietly(self, bot: Bot, team_id: str | None) -> None:
+        """A request's refresh, beside it (the token in use is still valid): a failure is logged only."""
+        try:
+            await self.refresh(bot, wait_s=0.0)
+        except RotationFailed as exc:
+            log.warning(
+                "bot token not refreshed now; the current one is used while it is valid",
+                extra={"team_id": team_id, "why": str(exc)},
+            )
+        except Exception:  # Redis trouble, a bug: the next use tries again
+            log.exception("bot token refresh failed", extra={"team_id": team_id})
 
     async def refresh(self, bot: Bot, *, wait_s: float = LOCK_WAIT_S) -> Bot | None:
         """Spend the refresh token once, whatever the number of replicas: the lock's holder refreshes and
