@@ -91,6 +91,8 @@ class Deps:
         # Connections first (quick), then the tools: an MCP server slow to exit must not keep Kimi's and
         # Redis's connections open past the shutdown budget.
         await self.kimi.close()
+        if self.installations is not None:
+            await self.installations.close()  # token refreshes in flight use Redis
         await self.redis.aclose()
         closer = getattr(self.tools, "close", None)  # a ToolBox: its MCP sessions
         if closer is not None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bot.installations import RedisInstallationStore, Sealer
+from bot.installations import ENCRYPTED, Sealer, Undecryptable
 from bot.kimi.profiles import profile_for
 from bot.redis_client import build_redis, is_cluster, probe_cluster
 from bot.settings import Settings, SettingsError, _without_password
@@ -291,14 +291,22 @@ async def check_installations(settings: Settings, say: Say) -> None:
     except SettingsError as exc:
         say(Check(False, exc.problems[0]))
         return
-    store = RedisInstallationStore(client, Sealer(settings.kimibot_encryption_key))
-    found = unreadable = 0
+    sealer = Sealer(settings.kimibot_encryption_key)
+    found = unreadable = plain = 0
     try:
         async with asyncio.timeout(REDIS_TIMEOUT_S * 10):
-            async for key in client.scan_iter(match="kimibot:install:*:bot", count=500):
-                found += 1
+            async for key in client.scan_iter(match="kimibot:install:*", count=500):
+                if str(key).endswith((":org", ":rotate-lock")):
+                    continue  # an org pointer and a lock: no tokens
                 raw = await client.get(key)
-                if raw is not None and store.sealer.open(raw) is None:
+                if raw is None:
+                    continue
+                found += str(key).endswith(":bot")
+                text = raw.decode() if isinstance(raw, bytes) else str(raw)
+                plain += not text.startswith(ENCRYPTED)
+                try:
+                    sealer.open(raw)
+                except Undecryptable:
                     unreadable += 1
     except Exception as exc:  # any failure to read is the check failing, named by its type
         say(Check(False, f"installations cannot be read from Redis ({type(exc).__name__}: {exc})"))
@@ -309,14 +317,20 @@ async def check_installations(settings: Settings, say: Say) -> None:
         say(
             Check(
                 False,
-                f"KIMIBOT_ENCRYPTION_KEY cannot decrypt {unreadable} of {found} installations "
-                "(set the key they were stored with)",
+                f"KIMIBOT_ENCRYPTION_KEY cannot decrypt {unreadable} installation record(s) "
+                "(set the key they were stored with; several keys: comma-separated, the new one first)",
             )
         )
         return
-    encrypted = (
-        "encrypted" if settings.kimibot_encryption_key else "not encrypted (KIMIBOT_ENCRYPTION_KEY unset)"
-    )
+    if not settings.kimibot_encryption_key:
+        encrypted = "not encrypted (KIMIBOT_ENCRYPTION_KEY unset)"
+    elif plain:
+        encrypted = (
+            f"encrypted, except {plain} record(s) saved before KIMIBOT_ENCRYPTION_KEY was set (each is "
+            "encrypted when kimibot next reads it)"
+        )
+    else:
+        encrypted = "encrypted"
     say(Check(True, f"installations: {found} workspace(s) or org(s) installed, readable, tokens {encrypted}"))
 
 
@@ -332,13 +346,15 @@ async def run(settings: Settings, problems: Sequence[str], say: Say) -> bool:
     check_settings(settings, problems, tell)
     if not _about(problems, "REDIS_URL", "REDIS_CLUSTER"):
         await check_redis(settings, tell)
-    if settings.oauth and not settings.slack_bot_token:
+    if settings.oauth:
         if not _about(problems, "SLACK_CLIENT_ID", "SLACK_CLIENT_SECRET", "SLACK_API_URL"):
             await check_oauth(settings, tell)
         if not _about(problems, "REDIS_URL", "REDIS_CLUSTER", "KIMIBOT_ENCRYPTION_KEY"):
             await check_installations(settings, tell)
-        await check_app_token(settings, problems, check_client(settings), tell)
-    elif not _about(problems, "SLACK_BOT_TOKEN", "SLACK_API_URL"):
+        if not settings.slack_bot_token:
+            await check_app_token(settings, problems, check_client(settings), tell)
+    if settings.slack_bot_token and not _about(problems, "SLACK_BOT_TOKEN", "SLACK_API_URL"):
+        # With the app credentials too: its workspace is one of the installed ones (seeded at start).
         await check_slack(settings, problems, tell)
     if not _about(problems, "MOONSHOT_API_KEY", "KIMI_BASE_URL", "KIMI_MODEL"):
         await check_kimi_key(settings, tell)

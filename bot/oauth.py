@@ -7,7 +7,6 @@ not browsers). oauth.v2.access goes to SLACK_API_URL through our Web API client.
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -33,13 +32,9 @@ def install_scopes(settings: Settings) -> list[str]:
 
 
 def build_oauth_flow(settings: Settings, installations: Installations) -> AsyncOAuthFlow:
+    # Without SLACK_STATE_SECRET the states are not signed: one-time entries in Redis, bound to the
+    # browser's cookie, which every replica can check (a secret made up per process could not be).
     state_secret = settings.slack_state_secret
-    if not state_secret:
-        state_secret = secrets.token_urlsafe(32)
-        log.warning(
-            "SLACK_STATE_SECRET is not set: using one made up by this process; with more than one replica "
-            "set it (the same on each), or an install begun on one replica fails on another"
-        )
     oauth_settings = AsyncOAuthSettings(
         client_id=settings.slack_client_id,
         client_secret=settings.slack_client_secret,
@@ -55,7 +50,7 @@ def build_oauth_flow(settings: Settings, installations: Installations) -> AsyncO
         state_expiration_seconds=STATE_TTL_S,
         logger=logging.getLogger("slack_bolt.kimibot.oauth"),
     )
-    return AsyncOAuthFlow(client=installations.rotator.client, settings=oauth_settings)
+    return AsyncOAuthFlow(client=installations.client, settings=oauth_settings)
 
 
 def add_oauth_routes(web_app: web.Application, flow: AsyncOAuthFlow) -> None:

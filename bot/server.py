@@ -26,6 +26,7 @@ from bot.agent.toolbox import ToolBox
 from bot.deps import BotIdentity, Deps
 from bot.errors import new_reference
 from bot.health import Health, readiness
+from bot.installations import InstallationUnavailable
 from bot.metrics import CONTENT_TYPE
 from bot.oauth import add_oauth_routes, build_oauth_flow
 from bot.queue import Job, Lease
@@ -41,7 +42,7 @@ from bot.startup import (
     until_settled,
 )
 from bot.work import adopt_legacy_jobs, run_job, show_waiting, tell_not_answered
-from bot.worker import Worker
+from bot.worker import RunLater, Worker
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,17 @@ NOT_INSTALLED = "not_installed"  # context flag: a request from a workspace with
 
 async def team_bot_for_job(deps: Deps, lease: Lease) -> TeamBot | None:
     """OAuth mode: the bot of the workspace a job's thread belongs to (jobs run outside any request, so
-    they resolve the team the way `authorize` does for requests: through deps.installations)."""
+    they resolve the team the way `authorize` does for requests: through deps.installations). An
+    installation without a usable token now is RunLater: the job runs again, never "not installed"."""
     assert deps.installations is not None
-    return await deps.installations.bot_for_team(lease.thread.team_id)
+    try:
+        return await deps.installations.bot_for_team(lease.thread.team_id)
+    except InstallationUnavailable as exc:
+        log.error(
+            "a job's workspace has no usable token now; the job runs again later",
+            extra={"team_id": lease.thread.team_id, "error": str(exc)},
+        )
+        raise RunLater(str(exc)) from exc
 
 
 def build_bolt_app(deps: Deps) -> AsyncApp:
@@ -133,6 +142,9 @@ async def on_bolt_error(error: Exception) -> BoltResponse:
     if isinstance(error, RedisError | TimeoutError):  # redis' TimeoutError is a RedisError too
         log.warning("redis unavailable while admitting a request", extra={"error": str(error)})
         return BoltResponse(status=503, body='{"ok":false,"error":"storage unavailable"}')
+    if isinstance(error, InstallationUnavailable):  # installed, no usable token now: Slack redelivers
+        log.error("a workspace's installation cannot be used now", extra={"error": str(error)})
+        return BoltResponse(status=503, body='{"ok":false,"error":"installation unavailable"}')
     reference = new_reference()
     log.error("request failed", exc_info=error, extra={"reference": reference})
     return BoltResponse(
@@ -372,6 +384,13 @@ async def _start_up(
             bot_id=str(data.get("bot_id") or ""),
             team_id=str(data.get("team_id") or ""),
         )
+        if deps.installations is not None:
+            # OAuth mode with SLACK_BOT_TOKEN too: that token's workspace is one of the installed ones.
+            seeded = await deps.installations.seed(settings.slack_bot_token, data)
+            log.info(
+                "oauth mode: SLACK_BOT_TOKEN's workspace is served as an installation",
+                extra={"team_id": data.get("team_id"), "installed_now": seeded},
+            )
 
     async def kimi() -> None:
         await until_settled("MOONSHOT_API_KEY", lambda: check_kimi(settings), health.checks)

@@ -54,11 +54,12 @@ WHERE_TO_GET: dict[str, str] = {
     "SLACK_CLIENT_SECRET it turns on OAuth installs (many workspaces)",
     "SLACK_CLIENT_SECRET": "Slack app settings > Basic Information > App Credentials > Client Secret",
     "SLACK_STATE_SECRET": "any long random string, the same on every replica (it signs the OAuth state); "
-    "unset: one is generated per process",
+    "unset: states are not signed (still one-time, expiring and bound to the browser's cookie)",
     "SLACK_REDIRECT_URI": "the https URL of GET /slack/oauth_redirect as listed in the app's Redirect URLs; "
     "empty: the one configured in the app",
     "KIMIBOT_ENCRYPTION_KEY": "a Fernet key: python -c 'from cryptography.fernet import Fernet; "
-    "print(Fernet.generate_key().decode())'; empty: tokens are stored in Redis unencrypted",
+    "print(Fernet.generate_key().decode())'; to change it, the new key, a comma, the old one (the first "
+    "encrypts); empty: tokens are stored in Redis unencrypted",
 }
 
 # Settings that hold secrets: each may instead name a file with `NAME_FILE` (Docker/Kubernetes secrets).
@@ -168,7 +169,7 @@ class Settings(BaseSettings):
     # --- OAuth installs, many workspaces (bot/installations.py) ---
     slack_client_id: str = ""  # with slack_client_secret: OAuth mode, SLACK_BOT_TOKEN not needed
     slack_client_secret: str = ""
-    slack_state_secret: str = ""  # empty: generated per process (replicas then need it set)
+    slack_state_secret: str = ""  # empty: OAuth states are not signed (one-time in Redis, cookie-bound)
     slack_redirect_uri: str = ""  # empty: the app's configured redirect URL
     slack_install_scopes: str = ""  # empty: the OAuth manifest's bot scopes
     kimibot_encryption_key: str = ""  # a Fernet key: installation tokens encrypted at rest in Redis
@@ -231,7 +232,10 @@ def problems_with(settings: Settings) -> list[str]:
         if secret and is_placeholder(secret):
             placeholder(name)
     if settings.kimibot_encryption_key and not fernet_key_ok(settings.kimibot_encryption_key):
-        malformed("KIMIBOT_ENCRYPTION_KEY", "is not a Fernet key (32 url-safe base64-encoded bytes)")
+        malformed(
+            "KIMIBOT_ENCRYPTION_KEY",
+            "is not a Fernet key (32 url-safe base64-encoded bytes), nor several separated by commas",
+        )
     if settings.slack_redirect_uri and not _check_url(settings.slack_redirect_uri, ("https", "http")):
         malformed("SLACK_REDIRECT_URI", f"is not an http(s) URL ({settings.slack_redirect_uri!r})")
     if not settings.slack_bot_token:
@@ -305,15 +309,18 @@ def problems_with(settings: Settings) -> list[str]:
     return problems
 
 
-def fernet_key_ok(key: str) -> bool:
-    """Whether `key` is a usable Fernet key (what KIMIBOT_ENCRYPTION_KEY must hold)."""
+def fernet_key_ok(keys: str) -> bool:
+    """Whether `keys` are usable Fernet keys, comma-separated (what KIMIBOT_ENCRYPTION_KEY must hold: the
+    first encrypts, the others only decrypt, for a key rotation)."""
     from cryptography.fernet import Fernet
 
+    parts = [k.strip() for k in keys.split(",")]
     try:
-        Fernet(key.encode())
+        for key in parts:
+            Fernet(key.encode())
     except (ValueError, TypeError):
         return False
-    return True
+    return bool(parts)
 
 
 def _without_password(url: str) -> str:

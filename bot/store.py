@@ -17,7 +17,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from bot.turn import ThreadKey
-from bot.usage import forget_user_usage
+from bot.usage import RESERVATION_TTL_S, UsageKeys, forget_user_usage
 
 log = logging.getLogger(__name__)
 
@@ -473,11 +473,13 @@ async def forget_user(redis: Redis, team_id: str, user: str) -> dict[str, int]:
     return done
 
 
-async def _delete_matching(redis: Redis, pattern: str) -> int:
-    """Delete every key matching `pattern`, one at a time (on a cluster, scan_iter visits every master)."""
+async def _delete_matching(redis: Redis, pattern: str, keep: tuple[str, ...] = ()) -> int:
+    """Delete every key matching `pattern` except those starting with one of `keep`, one at a time (on a
+    cluster, scan_iter visits every master)."""
     deleted = 0
     async for key in redis.scan_iter(match=pattern, count=500):
-        deleted += int(await redis.delete(key))
+        if not str(key).startswith(keep):
+            deleted += int(await redis.delete(key))
     return deleted
 
 
@@ -499,14 +501,43 @@ def team_patterns(team_id: str) -> dict[str, str]:
 
 async def forget_team(redis: Redis, team_id: str) -> dict[str, int]:
     """Delete everything kimibot keeps about one workspace (it uninstalled kimibot or revoked its token):
-    its installation, settings, usage and budgets, threads and their jobs, names, votes and access facts.
-    Other teams' keys are untouched (each pattern ends the team id with a delimiter). Left to expire: the
-    few keys without a team id (Stop marks, tool approvals; a day at most). Returns counts per kind."""
+    its settings, usage and budgets, threads and their jobs (dead-lettered ones too), names, votes and
+    access facts. Not its installation: the caller deletes that first, once (a reinstall that comes
+    between two uninstall events must survive the second). Other teams' keys are untouched (each pattern
+    ends the team id with a delimiter). A `gone` mark (an hour, no data) stops a request still in flight
+    from recording usage again. Left to expire: the few keys without a team id (Stop marks, tool
+    approvals; a day at most). Returns counts per kind."""
     if not team_id or any(c in team_id for c in "*?[]{}:\\"):
         raise ValueError(f"not a team id: {team_id!r}")
-    done = {kind: await _delete_matching(redis, pattern) for kind, pattern in team_patterns(team_id).items()}
+    gone = UsageKeys(team_id).gone
+    await redis.set(gone, "1", ex=RESERVATION_TTL_S)  # before the scan: no settlement recreates keys after
+    keep = (f"{PREFIX}:install:", gone)
+    done = {
+        kind: await _delete_matching(redis, pattern, keep) for kind, pattern in team_patterns(team_id).items()
+    }
     ready = 0
     async for member, _ in redis.zscan_iter(READY_KEY, match=f"{team_id}:*", count=500):
         ready += int(await redis.zrem(READY_KEY, member))
     done["ready"] = ready
+    done["dead_letters"] = await _forget_dead_letters(redis, team_id)
     return done
+
+
+async def _forget_dead_letters(redis: Redis, team_id: str) -> int:
+    """Remove the team's jobs (their payloads hold questions) from the dead-letter stream."""
+    deleted, start = 0, "-"
+    while True:
+        entries: Any = await redis.xrange(DEAD_LETTER_KEY, min=start, count=500)
+        if not entries:
+            return deleted
+        mine = [
+            entry_id
+            for entry_id, fields in entries
+            if str(fields.get("thread", "")).startswith(f"{team_id}:")
+        ]
+        if mine:
+            deleted += int(await redis.xdel(DEAD_LETTER_KEY, *mine))
+        last = str(entries[-1][0])
+        start = "(" + last
+        if len(entries) < 500:
+            return deleted

@@ -95,6 +95,11 @@ class UsageKeys:
     def answer(self, answer_id: str) -> str:
         return f"{self.tag}:answer:{answer_id}"
 
+    @property
+    def gone(self) -> str:
+        """Set by forget_team (bot/store.py) for an hour: the team uninstalled, record nothing more."""
+        return f"{self.tag}:gone"
+
     def channel_settings(self, channel: str) -> str:
         """The settings part's channel hash (keys.md); its `budget_usd` is the channel's monthly budget."""
         return f"{PREFIX}:settings:{{{self.team_id or '-'}}}:channel:{channel}"
@@ -205,14 +210,16 @@ return {'ok', tokens}
 """
 )
 
-# KEYS: reservations, team day, user day, month, answer mark.
+# KEYS: reservations, team day, user day, month, answer mark, gone mark.
 # ARGV: id, prompt, cached, completion, cost, channel, model, user, ttl_s, mark_ttl_s, record (1/0),
 # count the answer (1/0), reservation ttl ms. Marks the reservation settled and records the actual usage in
 # one step, so spent + reserved never counts a request twice nor drops it in between; a reservation already
-# settled (or booked at its bound) records nothing again. -> turns counted (0/1), -1 already settled
+# settled (or booked at its bound) records nothing again. Nothing once the team is gone (its data deleted: a
+# request cancelled by the uninstall must not recreate it). -> turns counted (0/1), -1 already settled
 _SETTLE = (
     _CONVERT
     + """
+if redis.call('EXISTS', KEYS[6]) == 1 then return 0 end
 local entry = redis.call('HGET', KEYS[1], ARGV[1])
 if entry and string.match(entry, '^done|') then return -1 end
 local now = now_ms()
@@ -397,12 +404,13 @@ class UsageLedger:
         day = day_of(now)
         result = await self.redis.eval(  # type: ignore[misc]
             _SETTLE,
-            5,
+            6,
             keys.reservations,
             keys.day(day),
             keys.user_day(user, day),
             keys.month(month_of(now)),
             keys.answer(answer_id or reservation_id),
+            keys.gone,
             reservation_id,
             usage.prompt_tokens if usage else 0,
             usage.cached_tokens if usage else 0,

@@ -29,6 +29,11 @@ REDIS_RETRY_S = 1.0
 SWEEP_EVERY_S = 30.0
 
 
+class RunLater(Exception):
+    """A job that cannot run now for a reason that passes (its workspace's token cannot be had yet): the
+    lease lapses and the job runs again after the visibility timeout, its attempts counting."""
+
+
 class Worker:
     def __init__(
         self,
@@ -149,6 +154,11 @@ class Worker:
                 log.info("job handed back to the queue", extra={"job": job.job_id if job else ""})
                 raise
             log.warning("lease lost mid-job: stopped writing", extra={"thread_key": str(lease.thread)})
+        except RunLater as exc:
+            log.warning(
+                "job cannot run now; it will run again",
+                extra={"thread_key": str(lease.thread), "error": str(exc)},
+            )
         except RedisError as exc:
             # Nothing can be recorded now; the lease lapses and the job runs again once Redis is back.
             log.warning(
@@ -174,7 +184,7 @@ class Worker:
             return
         try:
             await self.run_job(job, lease)
-        except (LeaseLost, asyncio.CancelledError, RedisError):
+        except (LeaseLost, asyncio.CancelledError, RedisError, RunLater):
             raise
         except Exception:  # the pipeline reports Kimi and Slack failures itself: this is a bug
             reference = new_reference()

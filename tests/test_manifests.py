@@ -83,7 +83,7 @@ def test_the_oauth_manifest_redirects_to_the_route_and_sends_uninstalls() -> Non
     manifest = yaml.safe_load((ROOT / "manifests" / "manifest-oauth.yml").read_text())
     [redirect] = manifest["oauth_config"]["redirect_urls"]
     assert redirect.startswith("https://") and redirect.endswith(REDIRECT_PATH)
-    assert {"app_uninstalled", "tokens_revoked"} <= set(
+    assert {"app_uninstalled", "tokens_revoked", "team_access_revoked"} <= set(
         manifest["settings"]["event_subscriptions"]["bot_events"]
     )
     assert manifest["settings"]["socket_mode_enabled"] is False

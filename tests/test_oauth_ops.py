@@ -94,7 +94,7 @@ async def test_doctor_names_installations_the_key_cannot_decrypt(
     code, lines, _ = await doctor(fake_slack, fake_kimi, redis_url, tmp_path, **env)
     assert code == 1
     [bad] = failing(lines)
-    assert bad.startswith("✗ KIMIBOT_ENCRYPTION_KEY cannot decrypt 1 of 1 installations")
+    assert bad.startswith("✗ KIMIBOT_ENCRYPTION_KEY cannot decrypt 1 installation record(s)")
 
 
 @pytest.mark.parametrize("mode", ["http", "socket"])

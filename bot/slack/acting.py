@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class TeamBot:
     """One workspace's bot: the token to call Slack with, and who the bot is there."""
 
-    token: str
+    token: str = field(repr=False)  # never in a log line or a traceback's locals
     team_id: str
     user_id: str
     bot_id: str
