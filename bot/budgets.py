@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from bot.context import estimate_tokens
-from bot.kimi.profiles import ModelProfile
+from bot.kimi.profiles import ModelProfile, Thinking
 
 NANO = 1_000_000_000
 METRICS = ("turns", "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_nusd")
@@ -143,13 +143,20 @@ def prompt_bound(
 
 # The fewest output tokens a request is cut to when a budget has no room for its whole output budget: less
 # would mostly end inside the model's reasoning, billed and unanswered. A budget without room for this many is
-# refused.
+# refused. Thinking models spend thousands of tokens reasoning before the first word of the answer.
 FEWEST_OUTPUT_TOKENS = 2_000
+FEWEST_THINKING_OUTPUT_TOKENS = 8_000
+
+
+def fewest_output_tokens(profile: ModelProfile, output_budget: int) -> int:
+    """The fewest output tokens worth sending a request with (see FEWEST_OUTPUT_TOKENS)."""
+    fewest = FEWEST_OUTPUT_TOKENS if profile.thinking == Thinking.NONE else FEWEST_THINKING_OUTPUT_TOKENS
+    return min(fewest, output_budget)
 
 
 def smallest_request_nusd(profile: ModelProfile, output_budget: int) -> int:
-    """What the smallest request worth sending reserves (an empty prompt, FEWEST_OUTPUT_TOKENS out)."""
-    return profile.cost_nusd(0, 0, min(FEWEST_OUTPUT_TOKENS, output_budget))
+    """What the smallest request worth sending reserves (an empty prompt, the fewest output tokens)."""
+    return profile.cost_nusd(0, 0, fewest_output_tokens(profile, output_budget))
 
 
 def budget_warnings(
@@ -170,7 +177,8 @@ def budget_warnings(
         if limit < smallest:
             lines.append(
                 f"{name}={usd} is below the smallest {profile.model_id} request ({format_usd(smallest)} for "
-                f"{min(FEWEST_OUTPUT_TOKENS, output_budget):,} output tokens): every question will be refused"
+                f"{fewest_output_tokens(profile, output_budget):,} output tokens): every question will be "
+                "refused"
             )
         elif limit < full:
             lines.append(

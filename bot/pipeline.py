@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
-from bot.admission import strip_mention
+from bot.admission import mentions, strip_mention
 from bot.agent.live import WriterView, ask_approval
 from bot.agent.loop import CAP_NOTES, AgentLoop, Caps, Outcome, Planned, Step
 from bot.channel_settings import ChannelConfig, pin, pinned
@@ -33,11 +33,12 @@ from bot.slack.reply import ReplyWriter, describe
 from bot.store import Approvals, ThreadState
 from bot.tools.base import Tool, ToolContext
 from bot.tools.registry import build_registry, offered
-from bot.turn import Turn
+from bot.turn import Source, Turn
 from bot.usage import Limits, Meter, OverBudget
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CATCH_UP_S = 2.0  # the most a mention waits to read the replies it missed ("mentions" channels)
 
 EMPTY_QUESTION = "Hi! Ask me anything: mention me with a question, or reply in this thread."
 
@@ -74,9 +75,12 @@ async def speaker_name(deps: Deps, team_id: str, user: str) -> str:
     return name
 
 
-async def backfill(deps: Deps, turn: Turn, *, oldest: str = "") -> list[dict[str, Any]]:
+async def backfill(
+    deps: Deps, turn: Turn, *, oldest: str = "", questions: bool = True
+) -> list[dict[str, Any]]:
     """Entries for the thread's messages before this one, when the bot is first called into it (or, with
-    `oldest`, only those newer than that ts: see catch_up)."""
+    `oldest`, only those newer than that ts: see catch_up). `questions=False` leaves out the messages that
+    mention the bot: each is a question with a job of its own."""
     entries: list[dict[str, Any]] = []
     cursor: str | None = None
     fetched = 0
@@ -96,6 +100,10 @@ async def backfill(deps: Deps, turn: Turn, *, oldest: str = "") -> list[dict[str
             for message in messages:
                 if oldest and float(message.get("ts") or 0) <= float(oldest):
                     continue  # the thread's parent, which Slack sends whatever `oldest` says
+                if not questions and mentions(
+                    str(message.get("text") or ""), deps.current_identity().user_id
+                ):
+                    continue
                 entry = await _history_entry(deps, turn, message)
                 if entry is not None:
                     entries.append(entry)
@@ -120,14 +128,18 @@ async def catch_up(deps: Deps, turn: Turn, entries: list[dict[str, Any]]) -> lis
     since = max(
         (str(e["ts"]) for e in entries if e.get("role") == "user" and e.get("ts")), key=float, default=""
     )
-    if not since:
+    if not since or turn.source is Source.DM:  # in a DM every reply was a question, answered and stored
         return []
     known = {str(e.get("ts")) for e in entries}
-    return [
-        entry
-        for entry in await backfill(deps, turn, oldest=since)
-        if entry.get("role") == "user" and entry.get("ts") not in known
-    ]
+    try:
+        # Bounded: a rate-limited conversations.replies (retried after Retry-After) must not hold the
+        # answer; without the catch-up it is answered as before.
+        async with asyncio.timeout(CATCH_UP_S):
+            caught = await backfill(deps, turn, oldest=since, questions=False)
+    except TimeoutError:
+        log.info("catch-up skipped: Slack was slow", extra=turn_log(turn))
+        return []
+    return [entry for entry in caught if entry.get("role") == "user" and entry.get("ts") not in known]
 
 
 async def _history_entry(deps: Deps, turn: Turn, message: dict[str, Any]) -> dict[str, Any] | None:

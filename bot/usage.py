@@ -35,7 +35,6 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot.budgets import (
-    FEWEST_OUTPUT_TOKENS,
     METRICS,
     Budget,
     Refusal,
@@ -44,6 +43,7 @@ from bot.budgets import (
     day_of,
     days_back,
     estimate_nusd,
+    fewest_output_tokens,
     month_of,
     months_back,
     next_midnight,
@@ -607,7 +607,7 @@ class Meter:
         bound = OutputBound(
             prompt_nusd=self.profile.cost_nusd(self._prompt, 0, 0),
             tokens=self.output_budget,
-            fewest=min(FEWEST_OUTPUT_TOKENS, self.output_budget),
+            fewest=fewest_output_tokens(self.profile, self.output_budget),
             price_nusd_per_token=self.profile.price_out * 1000,  # USD per 1M tokens -> nano-USD per token
         )
         # "<job id>:<run>:<n>": the answer's other reservations (a run that died, a settlement that failed)
@@ -626,9 +626,13 @@ class Meter:
                 answer_prefix=f"{self.answer_id}:",
                 output=bound,
             )
-        except asyncio.CancelledError:  # Stop while reserving: the request will not be sent
-            with contextlib.suppress(RedisError):
-                await self.ledger.release(self.team_id, reservation)
+        except OverBudget:
+            raise  # refused: nothing was reserved
+        except BaseException:
+            # Stop while reserving, or Redis's reply lost (a timeout: the script may have run): the request
+            # will not be sent, so its reservation must not stay to be booked at its bound by the re-run.
+            with contextlib.suppress(RedisError, OSError, asyncio.CancelledError, TimeoutError):
+                await asyncio.shield(self.ledger.release(self.team_id, reservation))
             raise
         self._current = reservation
         self._keeper = asyncio.create_task(self._keep(reservation))

@@ -141,8 +141,10 @@ def test_start_up_warns_of_budgets_below_one_request() -> None:
     (cut,) = budget_warnings(0.5, None, k3, k3.output_budget)  # a full request reserves $0.98
     assert cut.startswith("BUDGET_USER_DAILY_USD=0.5 is below one full kimi-k3 request ($0.9830 for 65,536")
     assert "fewer output tokens" in cut
-    (refused,) = budget_warnings(None, 0.02, k3, k3.output_budget)  # 2,000 tokens cost $0.03
-    assert refused.startswith("BUDGET_TEAM_MONTHLY_USD=0.02 is below the smallest kimi-k3 request ($0.03")
+    # A thinking model is not cut below 8,000 output tokens (it reasons first): $0.12 on kimi-k3.
+    (refused,) = budget_warnings(None, 0.02, k3, k3.output_budget)
+    assert refused.startswith("BUDGET_TEAM_MONTHLY_USD=0.02 is below the smallest kimi-k3 request ($0.12")
+    assert "8,000 output tokens" in refused
     assert budget_warnings(0.5, None, k3, 20_000) == []  # a smaller KIMI_MAX_COMPLETION_TOKENS fits
 
 

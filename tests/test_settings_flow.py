@@ -485,3 +485,43 @@ async def test_the_home_tab_lists_channels_to_admins_only_capped_in_one_round_tr
     home = json.dumps(fake_slack.home_views[BOB])
     assert "kimi-k2.6" in home and "<#C" not in home and "Channels with their own settings" not in home
     assert fake_slack.problems == []
+
+
+async def test_a_catch_up_leaves_out_a_mention_still_waiting_for_its_own_answer(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """Mention A's event is late (another replica, delivery jitter); mention B after it is answered first.
+    B's catch-up does not take A as context (A is a question with its own job), and A, answered next,
+    ends with A's own question."""
+    from tests.conftest import BOT_USER_ID
+
+    await bot.deps.channel_settings.save(TEAM_ID, CHANNEL, {"followups": "mentions"}, ALICE)
+    root = "1700000710.000100"
+    await bot.send_event(mention("hello", root))
+    await bot.settle()
+    late = "1700000710.000200"
+    fake_slack.seed(CHANNEL, user=BOB, text=f"<@{BOT_USER_ID}> what is swordfish?", ts=late, thread_ts=root)
+    await bot.send_event(mention("what is tuna?", "1700000710.000300", thread_ts=root, user=BOB))
+    await bot.settle()
+    assert "swordfish" not in json.dumps(fake_kimi.requests[1]["messages"])
+    await bot.send_event(mention("what is swordfish?", late, thread_ts=root, user=BOB))
+    await bot.settle()
+    last = fake_kimi.requests[2]["messages"][-1]
+    assert last["role"] == "user" and "swordfish" in last["content"]
+
+
+async def test_a_slow_catch_up_does_not_hold_the_answer(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """conversations.replies slower than the catch-up's bound (2 s; rate limited, say): the mention is
+    answered without the replies it missed rather than held up."""
+    await bot.deps.channel_settings.save(TEAM_ID, CHANNEL, {"followups": "mentions"}, ALICE)
+    root = "1700000720.000100"
+    await bot.send_event(mention("hello", root))
+    await bot.settle()
+    await bot.send_event(message("the code word is swordfish", "1700000720.000200", thread_ts=root, user=BOB))
+    await bot.settle()
+    fake_slack.delay["conversations.replies"] = 4.0
+    await bot.send_event(mention("what is the code word?", "1700000720.000300", thread_ts=root, user=BOB))
+    await bot.settle(limit_s=10)
+    assert len(fake_kimi.requests) == 2 and "swordfish" not in json.dumps(fake_kimi.requests[1]["messages"])

@@ -634,7 +634,7 @@ async def test_a_small_budget_cuts_the_output_instead_of_refusing(
 async def test_a_budget_below_the_smallest_request_says_so_and_is_warned_at_start(
     make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # 2,000 output tokens on kimi-k3 cost $0.03: two cents a day answers nothing.
+    # 8,000 output tokens (a thinking model's fewest) on kimi-k3 cost $0.12: two cents a day answers nothing.
     with caplog.at_level("WARNING"):
         bot: BotHarness = await make_bot(kimi_model="kimi-k3", budget_user_daily_usd=0.02)
     assert any(
@@ -730,3 +730,28 @@ async def test_a_channels_own_model_is_priced_and_recorded_as_that_model(
     today = day_of(bot.deps.usage.now())
     day = await bot.deps.redis.hgetall(keys().day(today))  # type: ignore[misc]
     assert day["m:kimi-k3:cost_nusd"] == str(expected) and "m:kimi-k2.6:cost_nusd" not in day
+
+
+async def test_a_reserve_whose_reply_is_lost_leaves_nothing_to_book(bot: BotHarness) -> None:
+    """Redis ran the reserve script but its reply never came (a timeout): the request is not sent, so
+    its reservation is dropped, not booked at its bound by the job's re-run."""
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    ledger = bot.deps.usage
+    reserve = ledger.reserve
+
+    async def reply_lost(*args: Any, **kwargs: Any) -> int:
+        await reserve(*args, **kwargs)
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    ledger.reserve = reply_lost  # type: ignore[method-assign]
+    meter = meter_for(ledger, ALICE, "job")
+    with pytest.raises(RedisTimeoutError):
+        await meter.before([{"role": "user", "content": "hi"}], None)
+    ledger.reserve = reserve  # type: ignore[method-assign]
+    assert await ledger.reserved(TEAM_ID) == {}
+    rerun = meter_for(ledger, ALICE, "job")
+    await rerun.before([{"role": "user", "content": "hi"}], None)
+    await rerun.after(Accumulator(usage=Usage(10, 5)), cancelled=False)
+    day = await bot.deps.redis.hgetall(keys().user_day(ALICE, day_of(ledger.now())))  # type: ignore[misc]
+    assert int(day["cost_nusd"]) == PROFILES["kimi-k2.6"].cost_nusd(10, 0, 5)  # nothing booked at a bound
