@@ -46,11 +46,11 @@ def peak_rss_mb(pid: int) -> float:
 class Round:
     """One round of questions: when each was sent, how long its ack took."""
 
-    def __init__(self, name: str, prefix: str, questions: int) -> None:
+    def __init__(self, name: str, prefix: str, questions: int, channels: int = CHANNELS) -> None:
         self.name = name
         self.events = []
         for i in range(questions):
-            channel, ts = f"C0{prefix}{i % CHANNELS:04d}", f"17000{prefix[-1]}1000.{i:06d}"
+            channel, ts = f"C0{prefix}{i % channels:04d}", f"17000{prefix[-1]}1000.{i:06d}"
             self.events.append(
                 (channel, ts, json_body(envelope(mention(f"question {prefix}{i}", ts, channel=channel))))
             )
@@ -119,6 +119,18 @@ def report(rnd: Round, slack: FakeSlack, kimi: FakeKimi) -> None:
         to_model.append(kimi.request_times[index] - rnd.sent_at[ts])
         if index in kimi.finished:
             after_model.append(max(calls[ts]) - kimi.finished[index])
+    # A sign of life: the placeholder in the question's thread, or a reaction on the question, whichever
+    # Slack got first.
+    signs = []
+    for _, ts, _ in rnd.events:
+        shown = [
+            c.at
+            for c in slack.calls
+            if (c.method == "chat.postMessage" and c.args.get("thread_ts") == ts)
+            or (c.method == "reactions.add" and c.args.get("timestamp") == ts)
+        ]
+        if shown:
+            signs.append(min(shown) - rnd.sent_at[ts])
     once = all(len([b for b in slack.bodies(c, t) if "kimi" in b]) == 1 for c, t, _ in rnd.events)
     n = len(rnd.events)
     print(f"{rnd.name}")
@@ -126,8 +138,14 @@ def report(rnd: Round, slack: FakeSlack, kimi: FakeKimi) -> None:
     print(f"  answered once each:              {once} ({answered}/{n})")
     print(
         f"  ack latency:                     p50 {percentile(rnd.acks, 50) * 1000:.1f} ms, "
-        f"p99 {percentile(rnd.acks, 99) * 1000:.1f} ms   (targets < 10 ms, < 50 ms)"
+        f"p99 {percentile(rnd.acks, 99) * 1000:.1f} ms, max {max(rnd.acks) * 1000:.1f} ms   "
+        "(targets p50 < 10 ms, max < 50 ms)"
     )
+    if signs:
+        print(
+            f"  sign of life (placeholder or 👀): median {statistics.median(signs):.2f} s, "
+            f"max {max(signs):.2f} s   (targets < 1 s, < 2 s)"
+        )
     print(
         f"  event -> model request:          median {statistics.median(to_model) * 1000:.1f} ms  "
         "(target < 10 ms)"
@@ -148,7 +166,7 @@ async def main(questions: int) -> None:
     # Slow answers: ~1.5 s of reasoning, then ~1,600 characters over ~2 s.
     kimi.script(
         *answers(
-            2 * questions,
+            3 * questions,
             reasoning="Let me think this through. " * 12,
             content="Part of the answer. " * 80,
             chunk_chars=40,
@@ -176,6 +194,12 @@ async def main(questions: int) -> None:
         questions,
     )
     burst = Round(f"{questions} questions in one burst (all sent at the same instant)", "BURST", questions)
+    one_channel = Round(
+        f"{questions} mentions in ONE channel at the same instant (Slack posts ~1/s per channel)",
+        "ONEC",
+        questions,
+        channels=1,
+    )
     try:
         async with aiohttp.ClientSession() as session:
             await bot.wait_healthy(session)
@@ -191,6 +215,8 @@ async def main(questions: int) -> None:
             await run_round(session, url, slack, paced, gap_s=0.05)
             await asyncio.sleep(5.0)
             await run_round(session, url, slack, burst, gap_s=0)
+            await asyncio.sleep(5.0)
+            await run_round(session, url, slack, one_channel, gap_s=0)
             rss = peak_rss_mb(bot.process.pid)
             await bot.terminate()
     finally:
@@ -204,6 +230,7 @@ async def main(questions: int) -> None:
     )
     report(paced, slack, kimi)
     report(burst, slack, kimi)
+    report(one_channel, slack, kimi)
     print(f"peak RSS of kimibot:               {rss:.0f} MB   (target < 100 MB)")
     print(f"Slack 429s:                        {len(slack.limit_hits)}   (target 0)")
     print(f"Web API call problems:             {len(slack.problems)}")

@@ -31,7 +31,8 @@ def test_tiers_are_per_method_and_workspace_and_posts_per_channel() -> None:
     pacer = Pacer()
     assert pacer.wait_estimate("chat.startStream", "T1") == 0
     bucket = pacer._bucket("chat.startStream", "T1", "C1")
-    assert bucket is not None and bucket.capacity == 20 and bucket.rate_per_s < 20 / 60  # with a margin
+    # Tier 2's burst of 20, one kept spare (a reserved call reaches Slack a little later), and a margin.
+    assert bucket is not None and bucket.capacity == 19 and bucket.rate_per_s < 20 / 60
     assert pacer._bucket("chat.startStream", "T2", "C1") is not bucket
     assert pacer._bucket("chat.postMessage", "T1", "C1") is not pacer._bucket("chat.postMessage", "T1", "C2")
     assert pacer._bucket("auth.test", "T1", "C1") is None
@@ -83,10 +84,10 @@ async def test_two_replicas_draw_on_one_shared_budget(redis_url: str) -> None:
     first, second = Redis.from_url(redis_url), Redis.from_url(redis_url)
     try:
         pacers = [SharedPacer(first), SharedPacer(second)]
-        waits = [await pacers[i % 2].reserve_shared("chat.postMessage", "T1", "C1") for i in range(6)]
-        assert waits[:3] == [0.0, 0.0, 0.0]  # the burst, whichever process asks
+        waits = [await pacers[i % 2].reserve_shared("chat.postMessage", "T1", "C1") for i in range(5)]
+        assert waits[:2] == [0.0, 0.0]  # the burst (3, one kept spare), whichever process asks
         interval = 1 / (1.0 * 0.9)  # one a second, 10% margin
-        for n, wait in enumerate(waits[3:], start=1):
+        for n, wait in enumerate(waits[2:], start=1):
             assert wait is not None and abs(wait - n * interval) < 0.5, waits
         # Another channel, another workspace's stream budget: their own buckets.
         assert await pacers[1].reserve_shared("chat.postMessage", "T1", "C2") == 0.0
@@ -104,7 +105,7 @@ async def test_without_redis_the_shared_pacer_paces_per_process() -> None:
     pacer = SharedPacer(silent)
     try:
         assert await pacer.reserve_shared("chat.postMessage", "T1", "C1") is None
-        for _ in range(3):
+        for _ in range(2):
             await pacer.acquire("chat.postMessage", "T1", "C1")  # the local burst: no wait, no error
         assert pacer.wait_estimate("chat.postMessage", "T1", "C1") > 0  # the local bucket paces now
     finally:
@@ -125,7 +126,9 @@ async def test_two_replicas_answering_one_channels_burst_draw_no_429s(
         for each in bots:
             await each.settle(limit_s=40)
     assert fake_slack.limit_hits == []
-    assert sum(len(fake_slack.bodies(CHANNEL, f"1700000006.{i:06d}")) for i in range(8)) == 8
+    bodies = {i: fake_slack.bodies(CHANNEL, f"1700000006.{i:06d}") for i in range(8)}
+    # One answer each (its footer names the model); a placeholder may stay above it as "Thought for Ns".
+    assert all(sum("kimi-k2.6" in text for text in b) == 1 for b in bodies.values()), bodies
 
 
 async def test_a_burst_in_one_channel_gets_a_reaction_at_once_where_the_placeholder_must_wait(
@@ -193,11 +196,11 @@ async def test_a_silent_redis_holds_a_slack_call_a_quarter_second_once_then_paci
     pacer = SharedPacer(silent)
     try:
         started = time.monotonic()
-        await pacer.acquire("chat.postMessage", "T1", "C1")
+        await pacer.acquire("chat.update", "T1", "C1")
         first = time.monotonic() - started
         started = time.monotonic()
         for _ in range(2):
-            await pacer.acquire("chat.postMessage", "T1", "C1")
+            await pacer.acquire("chat.update", "T1", "C1")
         later = time.monotonic() - started
         assert first < 2.0 and later < 0.2, (first, later)  # not 30 s (the client's own timeout)
         assert silent_calls == 1

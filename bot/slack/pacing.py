@@ -35,6 +35,7 @@ METHOD_TIER = {
 POST_PER_CHANNEL_PER_S = 1.0  # chat.postMessage: about one message per second per channel, short bursts ok
 POST_BURST = 3
 MARGIN = 0.9  # refill 10% slower than documented: clocks and latency differ between us and Slack
+BURST_SPARE = 1  # calls of each burst left unused (see Pacer._bucket)
 PRUNE_FLOOR = 1_024  # buckets kept before idle ones are dropped (one per channel posted to, and per tier)
 
 
@@ -85,7 +86,10 @@ class Pacer:
         if key not in self._buckets:
             if len(self._buckets) >= self._prune_at:
                 self._prune()
-            self._buckets[key] = TokenBucket(rate * self.scale * MARGIN, burst * max(self.scale, 1.0))
+            # One call of the burst is kept spare: a slot is taken when it is reserved, but the call reaches
+            # Slack later (a sleep overshot, a loaded loop), and Slack's bucket counts its arrival.
+            capacity = max(1.0, burst * max(self.scale, 1.0) - BURST_SPARE)
+            self._buckets[key] = TokenBucket(rate * self.scale * MARGIN, capacity)
         return self._buckets[key]
 
     def _prune(self) -> None:
