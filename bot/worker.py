@@ -263,6 +263,8 @@ class Worker:
             await self.show_waiting(lease)
         except (RedisError, LeaseLost):
             pass
+        except RunLater:
+            pass  # no token now: the running job says so (once per try), not this once-a-second sign of life
         except Exception:
             log.exception("showing waiting questions failed", extra={"thread_key": str(lease.thread)})
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 import bot.worker
+from bot.worker import RunLater, Worker
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi
 from tests.fakes.slack_api import FakeSlack
@@ -63,3 +65,21 @@ async def test_a_job_whose_token_cannot_be_had_for_too_long_is_given_up_on_age(
     dead = await harness.deps.queue.dead_letters()
     assert [d["reason"] for d in dead] == ["token"] and dead[0]["reference"]
     assert fake_slack.bodies(CHANNEL, "1700001700.000100") == []
+
+
+# ---- finding 7a: showing the waiting questions without a token is quiet -------------------------------
+
+
+async def test_showing_waiting_questions_without_a_token_logs_no_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The sign of life for queued questions runs about once a second per leased thread: with no token
+    (RunLater) it gives up quietly instead of logging a traceback each time."""
+
+    async def no_token(lease: Any) -> None:
+        raise RunLater("the bot token expired and was not refreshed")
+
+    worker = Worker(cast(Any, None), cast(Any, None), concurrency=1, visibility_s=1.0, show_waiting=no_token)
+    with caplog.at_level(logging.DEBUG):
+        await worker._show_waiting(cast(Any, None))
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info] == []
