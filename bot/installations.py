@@ -221,8 +221,31 @@ class RedisInstallationStore(AsyncInstallationStore):  # type: ignore[misc]
             return  # as FileInstallationStore: nothing to keep without a bot token
         ident = install_id(bot.enterprise_id, bot.team_id, bot.is_enterprise_install)
         await self.redis.set(self.bot_key(ident), self.sealer.seal(dict(bot.__dict__)))
-        if bot.team_id:  # installed again after an uninstall: its usage is recorded again
-            await self.redis.delete(UsageKeys(bot.team_id).gone)
+        # Installed again after an uninstall: its usage is recorded again (an org-wide install: that of the
+        # workspaces it still points to; the others' marks go when they are next served, see point_to_org).
+        teams = {bot.team_id} if bot.team_id else set()
+        if bot.is_enterprise_install and bot.enterprise_id:
+            teams |= await self.teams_of_org(bot.enterprise_id)
+        for team in sorted(teams):
+            await self.redis.delete(UsageKeys(team).gone)
+
+    async def teams_of_org(self, enterprise_id: str) -> set[str]:
+        """The workspaces an org-wide install has served (their `org` pointers)."""
+        teams: set[str] = set()
+        async for key in self.redis.scan_iter(match=f"{PREFIX}:*:org", count=500):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            value = await self.redis.get(name)
+            if (value.decode() if isinstance(value, bytes) else value) == enterprise_id:
+                teams.add(name.split("{", 1)[1].split("}", 1)[0])
+        return teams
+
+    async def point_to_org(self, team_id: str, enterprise_id: str) -> None:
+        """Note that the org's install serves this workspace (a job knows only the team). Newly noted (an
+        org-wide reinstall, or access granted again after team_access_revoked): the workspace's usage is
+        recorded again."""
+        before = await self.redis.set(self.org_key(team_id), enterprise_id, get=True)
+        if (before.decode() if isinstance(before, bytes) else before) != enterprise_id:
+            await self.redis.delete(UsageKeys(team_id).gone)
 
     async def async_find_bot(
         self,
@@ -369,13 +392,7 @@ class Installations:
 
     async def teams_of_org(self, enterprise_id: str) -> set[str]:
         """The workspaces an org-wide install has served (their `org` pointers), for its uninstall."""
-        teams: set[str] = set()
-        async for key in self.redis.scan_iter(match=f"{PREFIX}:*:org", count=500):
-            name = key.decode() if isinstance(key, bytes) else str(key)
-            value = await self.redis.get(name)
-            if (value.decode() if isinstance(value, bytes) else value) == enterprise_id:
-                teams.add(name.split("{", 1)[1].split("}", 1)[0])
-        return teams
+        return await self.store.teams_of_org(enterprise_id)
 
     async def seed(self, token: str, auth: dict[str, Any]) -> bool:
         """SLACK_BOT_TOKEN beside the app credentials: its workspace is served like an installed one. An
@@ -437,7 +454,7 @@ class Installations:
             return None
         if bot.is_enterprise_install and team_id and bot.enterprise_id:
             # So that a job of this workspace (which knows only the team) finds the org's install.
-            await self.redis.set(self.store.org_key(team_id), bot.enterprise_id)
+            await self.store.point_to_org(team_id, bot.enterprise_id)
         return await self._usable(bot, team_id, wait_s=REQUEST_LOCK_WAIT_S, in_background=True)
 
     async def bot_for_team(self, team_id: str) -> TeamBot | None:

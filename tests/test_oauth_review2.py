@@ -10,13 +10,15 @@ from typing import Any, cast
 import pytest
 
 import bot.worker
+from bot.kimi.events import Usage
+from bot.usage import Limits, UsageKeys
 from bot.worker import RunLater, Worker
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi
 from tests.fakes.slack_api import FakeSlack
-from tests.slack_requests import CHANNEL
+from tests.slack_requests import ALICE, CHANNEL
 from tests.test_oauth import SECOND_BOT_ID, SECOND_BOT_USER, SECOND_TEAM, ask_from, install, oauth_settings
-from tests.test_oauth_review import refreshes
+from tests.test_oauth_review import ALSO_IN_ORG, IN_ORG, ORG, org_event, refreshes
 from tests.test_serve_process import wait_for
 
 # ---- finding 1: token trouble hands the job back without counting attempts ----------------------------
@@ -83,3 +85,54 @@ async def test_showing_waiting_questions_without_a_token_logs_no_traceback(
     with caplog.at_level(logging.DEBUG):
         await worker._show_waiting(cast(Any, None))
     assert [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info] == []
+
+
+# ---- finding 4: the gone mark does not outlive a reinstall, and holds no reservation ------------------
+
+
+async def test_a_settlement_after_the_uninstall_releases_its_reservation(
+    make_bot: Callable[..., Any],
+) -> None:
+    """While the gone mark stands nothing is recorded, and the reservation goes too (it must not count
+    against budgets, then be booked at its bound)."""
+    harness: BotHarness = await make_bot(**oauth_settings())
+    usage = harness.deps.usage
+    await usage.reserve(SECOND_TEAM, "job-1:0", 5_000, user=ALICE, channel=CHANNEL, limits=Limits())
+    assert await usage.reserved(SECOND_TEAM) == {"job-1:0": 5_000}
+    await harness.deps.redis.set(UsageKeys(SECOND_TEAM).gone, "1", ex=3_600)  # uninstalled meanwhile
+    counted = await usage.settle(
+        SECOND_TEAM, "job-1:0", Usage(100, 20), 5_000, user=ALICE, channel=CHANNEL, model="kimi-k2.6"
+    )
+    assert counted is False
+    assert await harness.deps.redis.hgetall(UsageKeys(SECOND_TEAM).reservations) == {}  # type: ignore[misc]
+
+
+async def test_an_org_wide_reinstall_lifts_the_gone_marks_of_its_workspaces(
+    make_bot: Callable[..., Any],
+) -> None:
+    harness: BotHarness = await make_bot(**oauth_settings())
+    redis = harness.deps.redis
+    await install(harness, IN_ORG, "U0ORGBOT", "B0ORGBOT", enterprise_id=ORG, is_enterprise_install=True)
+    # A workspace the org's install serves (still pointed to), with a mark left by an earlier uninstall.
+    await redis.set(f"kimibot:install:{{{ALSO_IN_ORG}}}:org", ORG)
+    await redis.set(UsageKeys(ALSO_IN_ORG).gone, "1", ex=3_600)
+    await install(harness, IN_ORG, "U0ORGBOT", "B0ORGBOT", enterprise_id=ORG, is_enterprise_install=True)
+    assert not await redis.exists(UsageKeys(ALSO_IN_ORG).gone)
+
+
+async def test_access_granted_again_to_a_workspace_of_the_org_lifts_its_gone_mark(
+    make_bot: Callable[..., Any],
+) -> None:
+    """team_access_revoked, then the org grants the workspace access again: its first request (served by
+    the org's install) lifts the mark, so its usage is recorded again."""
+    harness: BotHarness = await make_bot(**oauth_settings())
+    redis = harness.deps.redis
+    await install(harness, IN_ORG, "U0ORGBOT", "B0ORGBOT", enterprise_id=ORG, is_enterprise_install=True)
+    event = {"type": "team_access_revoked", "team_ids": [ALSO_IN_ORG], "event_ts": f"{time.time():.6f}"}
+    assert (await harness.post(org_event(event, org_wide=True), "application/json"))[0] == 200
+    assert await redis.exists(UsageKeys(ALSO_IN_ORG).gone) == 1
+    assert harness.deps.installations is not None
+    served = await harness.deps.installations.bot_for(ORG, ALSO_IN_ORG, False)
+    assert served is not None and served.bot_id == "B0ORGBOT"
+    assert not await redis.exists(UsageKeys(ALSO_IN_ORG).gone)
+    assert await redis.get(f"kimibot:install:{{{ALSO_IN_ORG}}}:org") == ORG
