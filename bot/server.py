@@ -508,7 +508,9 @@ async def serve(deps: Deps) -> None:
             await asyncio.wait([health.worker_task], timeout=3.0)
             health.worker_task.cancel()
         await _bounded(runner.cleanup(), 3.0, "http server")
-        await _bounded(deps.close(), 3.0, "connections")
+        # Token refreshes in flight finish and store their new tokens first (Installations.close).
+        refreshes_s = deps.installations.close_timeout_s if deps.installations is not None else 0.0
+        await _bounded(deps.close(), 3.0 + refreshes_s, "connections")
     if isinstance(failure, Rejected):
         failure.after_start = started.is_set()
         raise failure

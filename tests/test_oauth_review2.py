@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from tests.fakes.kimi_api import FakeKimi
 from tests.fakes.slack_api import FakeSlack
 from tests.slack_requests import ALICE, CHANNEL
 from tests.test_oauth import SECOND_BOT_ID, SECOND_BOT_USER, SECOND_TEAM, ask_from, install, oauth_settings
-from tests.test_oauth_review import ALSO_IN_ORG, IN_ORG, ORG, org_event, refreshes
+from tests.test_oauth_review import ALSO_IN_ORG, IN_ORG, LOCK, ORG, org_event, refreshes, rotating_install
 from tests.test_serve_process import wait_for
 
 # ---- finding 1: token trouble hands the job back without counting attempts ----------------------------
@@ -136,3 +137,80 @@ async def test_access_granted_again_to_a_workspace_of_the_org_lifts_its_gone_mar
     assert served is not None and served.bot_id == "B0ORGBOT"
     assert not await redis.exists(UsageKeys(ALSO_IN_ORG).gone)
     assert await redis.get(f"kimibot:install:{{{ALSO_IN_ORG}}}:org") == ORG
+
+
+# ---- finding 3: a refresh Slack processed is always stored ------------------------------------------
+
+
+def is_refresh(args: dict[str, Any]) -> bool:
+    return args.get("grant_type") == "refresh_token"
+
+
+async def stored_token(harness: BotHarness) -> str:
+    assert harness.deps.installations is not None
+    stored = await harness.deps.installations.store.async_find_bot(enterprise_id=None, team_id=SECOND_TEAM)
+    assert stored is not None
+    return str(stored.bot_token)
+
+
+async def test_a_job_cancelled_mid_refresh_still_stores_the_new_token(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack
+) -> None:
+    harness: BotHarness = await make_bot(**oauth_settings())
+    await rotating_install(harness, 30)  # as good as expired: the job waits for the refresh
+    installations = harness.deps.installations
+    assert installations is not None
+    hold = fake_slack.hold("oauth.v2.access", when=is_refresh)
+    try:
+        job = asyncio.create_task(installations.bot_for_team(SECOND_TEAM))
+        await hold.wait()  # Slack has rotated the pair; its answer is on the way
+        job.cancel()  # shutdown cancels the job
+        await asyncio.gather(job, return_exceptions=True)
+    finally:
+        hold.release()
+    await installations.close()
+    [refresh] = refreshes(fake_slack)
+    assert await stored_token(harness) == refresh.args["_result"]["access_token"]
+    assert not await harness.deps.redis.exists(LOCK)
+
+
+async def test_shutdown_waits_for_a_refresh_in_flight(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack
+) -> None:
+    harness: BotHarness = await make_bot(**oauth_settings())
+    await rotating_install(harness, 3_600)  # valid: a request refreshes beside it
+    installations = harness.deps.installations
+    assert installations is not None
+    hold = fake_slack.hold("oauth.v2.access", when=is_refresh)
+    try:
+        assert await installations.bot_for(None, SECOND_TEAM, False) is not None
+        await hold.wait()
+        closing = asyncio.create_task(installations.close())
+        await asyncio.sleep(0.2)
+    finally:
+        hold.release()
+    await closing
+    [refresh] = refreshes(fake_slack)
+    assert await stored_token(harness) == refresh.args["_result"]["access_token"]
+
+
+async def test_a_refresh_whose_lock_lapsed_still_stores_its_token(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack
+) -> None:
+    """The stored bot is still the one whose refresh token was spent: the new pair is stored even though
+    the lock lapsed meanwhile (the old pair is dead)."""
+    harness: BotHarness = await make_bot(**oauth_settings())
+    await rotating_install(harness, 3_600)
+    installations = harness.deps.installations
+    assert installations is not None
+    hold = fake_slack.hold("oauth.v2.access", when=is_refresh)
+    try:
+        refreshing = asyncio.create_task(installations.bot_for_team(SECOND_TEAM))
+        await hold.wait()
+        await harness.deps.redis.delete(LOCK)  # as if it had lapsed
+    finally:
+        hold.release()
+    got = await refreshing
+    new_token = refreshes(fake_slack)[0].args["_result"]["access_token"]
+    assert got is not None and got.token == new_token
+    assert await stored_token(harness) == new_token
