@@ -9,14 +9,18 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 import bot.worker
+from bot.health import Health
 from bot.kimi.events import Usage
+from bot.server import _start_up
+from bot.startup import check_client
 from bot.usage import Limits, UsageKeys
 from bot.worker import RunLater, Worker
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi
-from tests.fakes.slack_api import FakeSlack
+from tests.fakes.slack_api import TEAM_ID, TOKEN, FakeSlack
 from tests.slack_requests import ALICE, CHANNEL
 from tests.test_oauth import SECOND_BOT_ID, SECOND_BOT_USER, SECOND_TEAM, ask_from, install, oauth_settings
 from tests.test_oauth_review import ALSO_IN_ORG, IN_ORG, LOCK, ORG, org_event, refreshes, rotating_install
@@ -214,3 +218,46 @@ async def test_a_refresh_whose_lock_lapsed_still_stores_its_token(
     new_token = refreshes(fake_slack)[0].args["_result"]["access_token"]
     assert got is not None and got.token == new_token
     assert await stored_token(harness) == new_token
+
+
+# ---- finding 2: SLACK_BOT_TOKEN beside OAuth never stops the bot for the other workspaces --------------
+
+
+async def test_a_revoked_slack_bot_token_beside_oauth_is_a_warning_not_a_crash(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """SLACK_BOT_TOKEN's workspace uninstalled kimibot (Slack revoked the token): at the next start the
+    bot still serves the workspaces installed through OAuth, and that one is not seeded."""
+    harness: BotHarness = await make_bot(**oauth_settings(slack_bot_token=TOKEN))
+    await install(harness, SECOND_TEAM, SECOND_BOT_USER, SECOND_BOT_ID)
+    fake_slack.fail("auth.test", "token_revoked")
+    health = Health(checks={"SLACK_BOT_TOKEN": "checking"})
+    await _start_up(harness.deps, health, check_client(harness.settings), None, False)
+    assert health.checks == {"SLACK_BOT_TOKEN": "ok"}
+    assert harness.deps.installations is not None
+    assert await harness.deps.installations.bot_for_team(TEAM_ID) is None  # not seeded
+    assert await ask_from(harness, "still there?", "1700001800.000100") == 200
+    await harness.settle()
+    assert len(fake_slack.bodies(CHANNEL, "1700001800.000100")) == 1
+
+
+async def test_seeding_slack_bot_tokens_workspace_waits_out_a_redis_error(
+    make_bot: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness: BotHarness = await make_bot(**oauth_settings(slack_bot_token=TOKEN))
+    installations = harness.deps.installations
+    assert installations is not None
+    seed, tries = installations.seed, []
+
+    async def flaky_seed(token: str, auth: dict[str, Any]) -> bool:
+        tries.append(token)
+        if len(tries) == 1:
+            raise RedisConnectionError("Redis is restarting")
+        return await seed(token, auth)
+
+    monkeypatch.setattr(installations, "seed", flaky_seed)
+    health = Health(checks={"SLACK_BOT_TOKEN": "checking"})
+    await _start_up(harness.deps, health, check_client(harness.settings), None, False)
+    assert len(tries) == 2 and health.checks == {"SLACK_BOT_TOKEN": "ok"}
+    seeded = await installations.bot_for_team(TEAM_ID)
+    assert seeded is not None and seeded.token == TOKEN
