@@ -6,13 +6,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from cryptography.fernet import Fernet
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 import bot.worker
 from bot.health import Health
+from bot.installations import Sealer, Undecryptable
 from bot.kimi.events import Usage
 from bot.server import _start_up
 from bot.startup import check_client
@@ -261,3 +264,31 @@ async def test_seeding_slack_bot_tokens_workspace_waits_out_a_redis_error(
     assert len(tries) == 2 and health.checks == {"SLACK_BOT_TOKEN": "ok"}
     seeded = await installations.bot_for_team(TEAM_ID)
     assert seeded is not None and seeded.token == TOKEN
+
+
+# ---- finding 5: changing the encryption key in a rolling deploy -------------------------------------
+
+
+def readable_by_each_other(*settings: str) -> bool:
+    """Replicas with these KIMIBOT_ENCRYPTION_KEY settings, side by side: each reads what any other
+    writes (a fresh record, and one it re-sealed on reading)."""
+    for writer in settings:
+        written = Sealer(writer).seal({"bot_token": "xoxb-t"})
+        for reader in settings:
+            try:
+                if Sealer(reader).open(written) != {"bot_token": "xoxb-t"}:
+                    return False
+            except Undecryptable:
+                return False
+    return True
+
+
+def test_the_documented_key_change_keeps_every_replica_reading_during_both_rollouts() -> None:
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Installing in many workspaces") :]
+    first, second = section.index("first `old,new` on every replica"), section.index("`new,old`")
+    assert first < second  # two rollouts, in this order
+    assert readable_by_each_other(old, f"{old},{new}")  # during the first rollout
+    assert readable_by_each_other(f"{old},{new}", f"{new},{old}")  # during the second
+    assert not readable_by_each_other(old, f"{new},{old}")  # what going straight to new,old would do
