@@ -165,7 +165,13 @@ class Worker:
                 raise
             log.warning("lease lost mid-job: stopped writing", extra={"thread_key": str(lease.thread)})
         except RunLater as exc:
-            await self._run_later(lease, job, exc)
+            try:
+                await self._run_later(lease, job, exc)
+            except (RedisError, LeaseLost) as err:  # the lease lapses; the job runs again after it
+                log.warning(
+                    "job cannot run now, nor be handed back",
+                    extra={"thread_key": str(lease.thread), "error": repr(err)},
+                )
         except RedisError as exc:
             # Nothing can be recorded now; the lease lapses and the job runs again once Redis is back.
             log.warning(

@@ -17,6 +17,7 @@ import bot.worker
 from bot.health import Health
 from bot.installations import Sealer, Undecryptable
 from bot.kimi.events import Usage
+from bot.queue import Lease
 from bot.server import _start_up
 from bot.startup import check_client
 from bot.usage import Limits, UsageKeys
@@ -292,3 +293,33 @@ def test_the_documented_key_change_keeps_every_replica_reading_during_both_rollo
     assert readable_by_each_other(old, f"{old},{new}")  # during the first rollout
     assert readable_by_each_other(f"{old},{new}", f"{new},{old}")  # during the second
     assert not readable_by_each_other(old, f"{new},{old}")  # what going straight to new,old would do
+
+
+async def test_a_job_that_cannot_run_nor_be_handed_back_waits_for_its_lease_to_lapse(
+    make_bot: Callable[..., Any],
+    fake_slack: FakeSlack,
+    fake_kimi: FakeKimi,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis fails just as the job is handed back: the thread's task ends cleanly (no stray exception);
+    the lease lapses and the job runs once the token can be had."""
+    harness: BotHarness = await make_bot(**oauth_settings(job_visibility_timeout=0.3), start_worker=False)
+    await queued_then_expired(harness, fake_slack, "1700001900.000100")
+    fake_slack.fail("oauth.v2.access", status=503, times=2)
+    hand_back, failed = Lease.hand_back, []
+
+    async def flaky_hand_back(self: Lease, job: Any, *, after_ms: int = 0) -> None:
+        if not failed:
+            failed.append(job)
+            raise RedisConnectionError("Redis is restarting")
+        await hand_back(self, job, after_ms=after_ms)
+
+    monkeypatch.setattr(Lease, "hand_back", flaky_hand_back)
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+    harness.run_worker()
+    await harness.settle(limit_s=20)
+    assert failed and errors == []
+    assert len(fake_slack.bodies(CHANNEL, "1700001900.000100")) == 1
+    assert await harness.deps.queue.dead_letters() == []
