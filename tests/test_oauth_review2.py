@@ -20,6 +20,7 @@ from bot.kimi.events import Usage
 from bot.queue import Lease
 from bot.server import _start_up
 from bot.startup import check_client
+from bot.store import READY_KEY, ThreadKeys, thread_from_member
 from bot.usage import Limits, UsageKeys
 from bot.worker import RunLater, Worker
 from tests.conftest import BotHarness
@@ -323,3 +324,23 @@ async def test_a_job_that_cannot_run_nor_be_handed_back_waits_for_its_lease_to_l
     assert failed and errors == []
     assert len(fake_slack.bodies(CHANNEL, "1700001900.000100")) == 1
     assert await harness.deps.queue.dead_letters() == []
+
+
+async def test_a_job_past_its_attempts_is_told_once_the_token_can_be_had(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """The attempt limit is applied once the token works: telling the asker needs it, so the job is not
+    dead-lettered untold while the token cannot be had."""
+    harness: BotHarness = await make_bot(**oauth_settings(job_visibility_timeout=0.3), start_worker=False)
+    await queued_then_expired(harness, fake_slack, "1700002000.000100")
+    [member] = await harness.deps.redis.zrange(READY_KEY, 0, -1)
+    thread = thread_from_member(str(member))
+    [raw] = await harness.deps.queue.waiting(thread)
+    await harness.deps.redis.hset(ThreadKeys(thread).attempts, raw, 3)  # type: ignore[misc]  # the next is the 4th
+    fake_slack.fail("oauth.v2.access", status=503, times=3)
+    harness.run_worker()
+    await wait_for(lambda: len(refreshes(fake_slack)) >= 4, limit_s=20)
+    assert await harness.deps.queue.dead_letters() == []  # not given up while the asker cannot be told
+    await harness.settle(limit_s=20)
+    assert [d["reason"] for d in await harness.deps.queue.dead_letters()] == ["attempts"]
+    assert len(fake_slack.bodies(CHANNEL, "1700002000.000100")) == 1  # told, with the new token
