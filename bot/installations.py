@@ -64,13 +64,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-# Store a refreshed bot only if the lock is still ours and the stored bot is the one whose refresh token
-# was spent (not a reinstall's, nor another refresh's). KEYS: lock, bot. ARGV: holder, the value read
-# under the lock, the new value. -> 1 stored | 0 the bot changed meanwhile | -1 the lock was lost
+# Store a refreshed bot only if the stored bot is still the one whose refresh token was spent (not a
+# reinstall's, nor another refresh's): that comparison is what keeps a newer token. Stored even when the
+# lock lapsed meanwhile (Slack has revoked the old pair by now: dropping the new one would strand the
+# workspace). KEYS: lock, bot. ARGV: holder, the value read under the lock, the new value.
+# -> 1 stored | 2 stored, though the lock had lapsed | 0 the bot changed meanwhile (not stored)
 _SAVE_REFRESHED = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[2], ARGV[3])
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 2 end
 return 1
 """
 
@@ -221,8 +223,31 @@ class RedisInstallationStore(AsyncInstallationStore):  # type: ignore[misc]
             return  # as FileInstallationStore: nothing to keep without a bot token
         ident = install_id(bot.enterprise_id, bot.team_id, bot.is_enterprise_install)
         await self.redis.set(self.bot_key(ident), self.sealer.seal(dict(bot.__dict__)))
-        if bot.team_id:  # installed again after an uninstall: its usage is recorded again
-            await self.redis.delete(UsageKeys(bot.team_id).gone)
+        # Installed again after an uninstall: its usage is recorded again (an org-wide install: that of the
+        # workspaces it still points to; the others' marks go when they are next served, see point_to_org).
+        teams = {bot.team_id} if bot.team_id else set()
+        if bot.is_enterprise_install and bot.enterprise_id:
+            teams |= await self.teams_of_org(bot.enterprise_id)
+        for team in sorted(teams):
+            await self.redis.delete(UsageKeys(team).gone)
+
+    async def teams_of_org(self, enterprise_id: str) -> set[str]:
+        """The workspaces an org-wide install has served (their `org` pointers)."""
+        teams: set[str] = set()
+        async for key in self.redis.scan_iter(match=f"{PREFIX}:*:org", count=500):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            value = await self.redis.get(name)
+            if (value.decode() if isinstance(value, bytes) else value) == enterprise_id:
+                teams.add(name.split("{", 1)[1].split("}", 1)[0])
+        return teams
+
+    async def point_to_org(self, team_id: str, enterprise_id: str) -> None:
+        """Note that the org's install serves this workspace (a job knows only the team). Newly noted (an
+        org-wide reinstall, or access granted again after team_access_revoked): the workspace's usage is
+        recorded again."""
+        before = await self.redis.set(self.org_key(team_id), enterprise_id, get=True)
+        if (before.decode() if isinstance(before, bytes) else before) != enterprise_id:
+            await self.redis.delete(UsageKeys(team_id).gone)
 
     async def async_find_bot(
         self,
@@ -355,13 +380,28 @@ class Installations:
         )
         self.rotate_before_s = rotate_before_s
         self.lock_ttl_ms = lock_ttl_ms
-        self._background: set[asyncio.Task[None]] = set()  # requests' refreshes, not waited for
+        self.refresh_timeout_s = refresh_timeout_s
+        # Refreshes in flight: requests' (not waited for) and every call-and-store (shielded from its
+        # caller's cancellation: once the refresh token is spent, the new pair must be stored).
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def close(self) -> None:
-        """Stop the refreshes still in flight (shutdown); one cut short leaves the lock to expire."""
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        """Shutdown: let the refreshes in flight finish and store their tokens (a refresh Slack processed
+        has revoked the old pair: cancelling it would strand the workspace); bounded by one call's time."""
+        if self._background:
+            _, pending = await asyncio.wait(set(self._background), timeout=self.close_timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    @property
+    def close_timeout_s(self) -> float:
+        """How long close() may wait: one refresh call, and its store."""
+        return self.refresh_timeout_s + 1
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @staticmethod
     def lock_key(ident: str) -> str:
@@ -369,13 +409,7 @@ class Installations:
 
     async def teams_of_org(self, enterprise_id: str) -> set[str]:
         """The workspaces an org-wide install has served (their `org` pointers), for its uninstall."""
-        teams: set[str] = set()
-        async for key in self.redis.scan_iter(match=f"{PREFIX}:*:org", count=500):
-            name = key.decode() if isinstance(key, bytes) else str(key)
-            value = await self.redis.get(name)
-            if (value.decode() if isinstance(value, bytes) else value) == enterprise_id:
-                teams.add(name.split("{", 1)[1].split("}", 1)[0])
-        return teams
+        return await self.store.teams_of_org(enterprise_id)
 
     async def seed(self, token: str, auth: dict[str, Any]) -> bool:
         """SLACK_BOT_TOKEN beside the app credentials: its workspace is served like an installed one. An
@@ -437,7 +471,7 @@ class Installations:
             return None
         if bot.is_enterprise_install and team_id and bot.enterprise_id:
             # So that a job of this workspace (which knows only the team) finds the org's install.
-            await self.redis.set(self.store.org_key(team_id), bot.enterprise_id)
+            await self.store.point_to_org(team_id, bot.enterprise_id)
         return await self._usable(bot, team_id, wait_s=REQUEST_LOCK_WAIT_S, in_background=True)
 
     async def bot_for_team(self, team_id: str) -> TeamBot | None:
@@ -471,9 +505,7 @@ class Installations:
         ):
             valid = self._valid(bot)
             if valid and in_background:
-                task = asyncio.create_task(self._refresh_quietly(bot, team_id))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._track(asyncio.create_task(self._refresh_quietly(bot, team_id)))
                 return self._team_bot(bot, team_id)
             try:
                 refreshed = await self.refresh(bot, wait_s=0.0 if valid else wait_s)
@@ -522,7 +554,6 @@ class Installations:
         None: uninstalled meanwhile. Raises RotationFailed when no refresh happened now."""
         ident = install_id(bot.enterprise_id, bot.team_id, bot.is_enterprise_install)
         lock = self.lock_key(ident)
-        bot_key = self.store.bot_key(ident)
         mine = secrets.token_hex(8)
         deadline = time.monotonic() + wait_s
         waited = False
@@ -531,6 +562,16 @@ class Installations:
                 raise RotationFailed("another replica is refreshing the token")
             waited = True
             await asyncio.sleep(0.05)
+        # Holding the lock from here: re-read, call Slack, store, unlock, whatever happens to our caller
+        # (a job cancelled at shutdown must not drop a token pair Slack has already issued).
+        locked = asyncio.create_task(self._refresh_locked(bot, ident, mine, waited))
+        self._track(locked)
+        return await asyncio.shield(locked)
+
+    async def _refresh_locked(self, bot: Bot, ident: str, mine: str, waited: bool) -> Bot | None:
+        """refresh() with the lock held: the rest of it, then unlock."""
+        lock = self.lock_key(ident)
+        bot_key = self.store.bot_key(ident)
         renewing = asyncio.create_task(self._renew(lock, mine))
         try:
             # Re-read under the lock: another replica may have refreshed it while we waited.
@@ -558,8 +599,10 @@ class Installations:
             stored = await self.redis.eval(  # type: ignore[misc]
                 _SAVE_REFRESHED, 2, lock, bot_key, mine, raw, self.store.sealer.seal(dict(refreshed.__dict__))
             )
-            if int(stored) != 1:
-                # Our lock lapsed, or the bot changed (a reinstall): the stored one is the newer.
+            if int(stored) == 2:
+                log.warning("refreshed token stored after the lock lapsed", extra={"install": ident})
+            if int(stored) == 0:
+                # The bot changed meanwhile (a reinstall, another refresh): the stored one is the newer.
                 log.warning("refreshed token not stored: the installation changed", extra={"install": ident})
                 latest, _ = await self.store.read(ident, bot_key)
                 return Bot(**latest) if latest is not None else None

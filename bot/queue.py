@@ -187,8 +187,9 @@ return 1
 # The `ready` listing, always against the Redis server's clock (hosts' clocks may differ). KEYS: ready.
 # ARGV: op, member, ms from now, score seen. Ops: 'now' (list for now, or pull forward: a new job), 'later'
 # (push an existing listing to now + ms, never back: a claim or renewal), 'add' (list for now if absent),
-# 'set' (list for now), 'due' (members due now, with scores; ARGV[2] = how many), 'forget' (unlist only if
-# nobody listed it anew since we saw ARGV[4]), 'forget_later' (unlist if it is still ours: in the future).
+# 'set' (list for now), 'after' (list for now + ms, whatever the listing was: a job that cannot run yet),
+# 'due' (members due now, with scores; ARGV[2] = how many), 'forget' (unlist only if nobody listed it anew
+# since we saw ARGV[4]), 'forget_later' (unlist if it is still ours: in the future).
 _READY = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -197,6 +198,7 @@ if op == 'now' then return redis.call('ZADD', KEYS[1], 'LT', now, ARGV[2]) end
 if op == 'later' then return redis.call('ZADD', KEYS[1], 'XX', 'GT', now + tonumber(ARGV[3]), ARGV[2]) end
 if op == 'add' then return redis.call('ZADD', KEYS[1], 'NX', now, ARGV[2]) end
 if op == 'set' then return redis.call('ZADD', KEYS[1], now, ARGV[2]) end
+if op == 'after' then return redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2]) end
 if op == 'due' then
   return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
 end
@@ -225,6 +227,7 @@ class Job:
     kind: str  # "turn", "command", "greet"
     data: dict[str, Any]
     attempt: int = 1
+    queued_at: float = 0.0  # epoch s when queued (its message's ts for a job queued before jobs had it)
 
     @property
     def job_id(self) -> str:
@@ -245,7 +248,11 @@ class Job:
         parsed = json.loads(raw)
         if not isinstance(parsed, dict) or not isinstance(parsed.get("data"), dict):
             raise ValueError("not a job")
-        return Job(thread, raw, str(parsed.get("kind") or ""), parsed["data"], attempt)
+        try:
+            queued_at = float(parsed.get("at") or parsed.get("order") or 0)
+        except (TypeError, ValueError):
+            queued_at = 0.0
+        return Job(thread, raw, str(parsed.get("kind") or ""), parsed["data"], attempt, queued_at)
 
 
 class JobQueue:
@@ -586,10 +593,14 @@ class Lease:
         await self.queue.forget(self.thread, 0.0, op="forget_later")
         return True
 
-    async def hand_back(self, job: Job | None) -> None:
-        """Shutdown: let another worker have the thread now; the interrupted job is not an attempt."""
+    async def hand_back(self, job: Job | None, *, after_ms: int = 0) -> None:
+        """Let another worker have the thread (now, or in `after_ms`: a job that cannot run yet); the
+        interrupted job is not an attempt."""
         result = await self.redis.eval(  # type: ignore[misc]
             _HAND_BACK, 2, self.keys.lease, self.keys.attempts, self.holder, job.raw if job else ""
         )
         if int(result) != LOST:
-            await self.queue.listing("set", self.thread)
+            if after_ms > 0:
+                await self.queue.listing("after", self.thread, after_ms)
+            else:
+                await self.queue.listing("set", self.thread)

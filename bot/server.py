@@ -34,6 +34,7 @@ from bot.slack import acting
 from bot.slack.acting import TeamBot
 from bot.socket_mode import SocketConnection
 from bot.startup import (
+    NotYet,
     Rejected,
     check_bot_token,
     check_client,
@@ -378,15 +379,40 @@ async def _start_up(
             )
             log.info("oauth mode: installations readable", extra={"installations": count})
             return
-        data = await until_settled("SLACK_BOT_TOKEN", lambda: check_bot_token(checks), health.checks)
+        try:
+            data = await until_settled("SLACK_BOT_TOKEN", lambda: check_bot_token(checks), health.checks)
+        except Rejected as exc:
+            if deps.installations is None:
+                raise
+            # OAuth mode: a refused SLACK_BOT_TOKEN (its workspace uninstalled kimibot: Slack revoked it)
+            # must not stop the bot for every other workspace.
+            log.warning(
+                "oauth mode: SLACK_BOT_TOKEN was refused by Slack; its workspace is not seeded (served only "
+                "if installed through OAuth)",
+                extra={"error": exc.line()},
+            )
+            await until_settled(
+                "SLACK_BOT_TOKEN", lambda: check_installations(deps.installations), health.checks
+            )
+            return
         deps.identity = BotIdentity(
             user_id=str(data.get("user_id") or ""),
             bot_id=str(data.get("bot_id") or ""),
             team_id=str(data.get("team_id") or ""),
         )
-        if deps.installations is not None:
+        installations = deps.installations
+        if installations is not None:
             # OAuth mode with SLACK_BOT_TOKEN too: that token's workspace is one of the installed ones.
-            seeded = await deps.installations.seed(settings.slack_bot_token, data)
+
+            async def seed() -> bool:
+                try:
+                    return await installations.seed(settings.slack_bot_token, data)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    raise NotYet(
+                        f"SLACK_BOT_TOKEN's workspace cannot be saved as an installation ({exc!r})"
+                    ) from None
+
+            seeded = await until_settled("SLACK_BOT_TOKEN", seed, health.checks)
             log.info(
                 "oauth mode: SLACK_BOT_TOKEN's workspace is served as an installation",
                 extra={"team_id": data.get("team_id"), "installed_now": seeded},
@@ -508,7 +534,9 @@ async def serve(deps: Deps) -> None:
             await asyncio.wait([health.worker_task], timeout=3.0)
             health.worker_task.cancel()
         await _bounded(runner.cleanup(), 3.0, "http server")
-        await _bounded(deps.close(), 3.0, "connections")
+        # Token refreshes in flight finish and store their new tokens first (Installations.close).
+        refreshes_s = deps.installations.close_timeout_s if deps.installations is not None else 0.0
+        await _bounded(deps.close(), 3.0 + refreshes_s, "connections")
     if isinstance(failure, Rejected):
         failure.after_start = started.is_set()
         raise failure

@@ -215,11 +215,12 @@ return {'ok', tokens}
 # count the answer (1/0), reservation ttl ms. Marks the reservation settled and records the actual usage in
 # one step, so spent + reserved never counts a request twice nor drops it in between; a reservation already
 # settled (or booked at its bound) records nothing again. Nothing once the team is gone (its data deleted: a
-# request cancelled by the uninstall must not recreate it). -> turns counted (0/1), -1 already settled
+# request cancelled by the uninstall must not recreate it; its reservation goes).
+# -> turns counted (0/1), -1 already settled
 _SETTLE = (
     _CONVERT
     + """
-if redis.call('EXISTS', KEYS[6]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[6]) == 1 then redis.call('HDEL', KEYS[1], ARGV[1]) return 0 end
 local entry = redis.call('HGET', KEYS[1], ARGV[1])
 if entry and string.match(entry, '^done|') then return -1 end
 local now = now_ms()

@@ -3,8 +3,9 @@ threads at a time (a waiting question holds no slot; only a thread's head job ru
 
 Every job ends in exactly one of: answered (the runner recorded it), the user told why with a reference
 (a bug, or too many attempts: then it is also dead-lettered), or back on the queue (shutdown, a lost lease,
-or Redis gone: the lease lapses and another run picks the job up). The loop itself survives Redis outages
-and malformed entries; `loop_heartbeat` says it is alive.
+or Redis gone: the lease lapses and another run picks the job up; its workspace's token cannot be had yet:
+handed back, no attempt counted, run again after a backoff, dead-lettered once LATER_GIVE_UP_S old).
+The loop itself survives Redis outages and malformed entries; `loop_heartbeat` says it is alive.
 """
 
 from __future__ import annotations
@@ -29,9 +30,17 @@ REDIS_RETRY_S = 1.0
 SWEEP_EVERY_S = 30.0
 
 
+# A job that cannot run yet (RunLater) is handed back without counting an attempt and tried again after a
+# pause that grows with its age (from LATER_FIRST_S, or the visibility timeout when shorter, up to
+# LATER_MAX_S); one still not run LATER_GIVE_UP_S after it was queued is dead-lettered ("token").
+LATER_FIRST_S = 5.0
+LATER_MAX_S = 60.0
+LATER_GIVE_UP_S = 30 * 60.0
+
+
 class RunLater(Exception):
-    """A job that cannot run now for a reason that passes (its workspace's token cannot be had yet): the
-    lease lapses and the job runs again after the visibility timeout, its attempts counting."""
+    """A job that cannot run now for a reason that passes (its workspace's token cannot be had yet): it is
+    handed back without counting an attempt and runs again after a backoff, until it is too old."""
 
 
 class Worker:
@@ -55,6 +64,7 @@ class Worker:
         self.show_waiting = show_waiting  # gives questions queued behind a running one their sign of life
         self.concurrency = concurrency
         self.max_attempts = max_attempts
+        self.visibility_s = visibility_s
         self.renew_s = max(visibility_s / 4, 0.05)
         self.poll_s = min(max(block_ms, 10), 250) / 1000  # how often an idle worker looks for due threads
         self.running: dict[str, asyncio.Task[None]] = {}  # thread -> the task running its jobs
@@ -155,10 +165,13 @@ class Worker:
                 raise
             log.warning("lease lost mid-job: stopped writing", extra={"thread_key": str(lease.thread)})
         except RunLater as exc:
-            log.warning(
-                "job cannot run now; it will run again",
-                extra={"thread_key": str(lease.thread), "error": str(exc)},
-            )
+            try:
+                await self._run_later(lease, job, exc)
+            except (RedisError, LeaseLost) as err:  # the lease lapses; the job runs again after it
+                log.warning(
+                    "job cannot run now, nor be handed back",
+                    extra={"thread_key": str(lease.thread), "error": repr(err)},
+                )
         except RedisError as exc:
             # Nothing can be recorded now; the lease lapses and the job runs again once Redis is back.
             log.warning(
@@ -192,11 +205,34 @@ class Worker:
             await self._tell(job, lease, "internal", reference)
         await lease.complete(job)  # a no-op when the runner already recorded it
 
+    async def _run_later(self, lease: Lease, job: Job | None, exc: RunLater) -> None:
+        """Hand the job back without counting an attempt, to run again after a pause that grows with its
+        age; give it up (dead-letter it, telling nobody: that needs the token it lacks) once too old."""
+        first = min(LATER_FIRST_S, self.visibility_s)
+        age = max(time.time() - job.queued_at, 0.0) if job is not None and job.queued_at else 0.0
+        extra = {"thread_key": str(lease.thread), "error": str(exc), "age_s": round(age, 1)}
+        if job is not None and age > LATER_GIVE_UP_S:
+            reference = new_reference()
+            log.error(
+                "job could not run for too long (its workspace's token); dead-lettered, nobody told",
+                extra={**extra, "job": job.job_id, "reference": reference},
+            )
+            await lease.dead_letter(job, "token", reference)
+            await lease.hand_back(None)  # the thread's next job, if any, runs (or waits) in its turn
+            return
+        pause = min(max(first, age / 4), LATER_MAX_S)
+        log.warning("job cannot run now; it will run again", extra={**extra, "in_s": round(pause, 1)})
+        await lease.hand_back(job, after_ms=int(pause * 1000))
+
     async def _tell(self, job: Job, lease: Lease, why: str, reference: str) -> None:
+        """Best effort, except that a report that cannot be sent yet (RunLater: no token) is not given up:
+        the job is handed back and told (or run) once the token can be had."""
         if self.report is None:
             return
         try:
             await self.report(job, lease, why, reference)
+        except RunLater:
+            raise
         except Exception:
             log.exception("could not tell the user about a failed job", extra={"reference": reference})
 
@@ -233,6 +269,8 @@ class Worker:
             await self.show_waiting(lease)
         except (RedisError, LeaseLost):
             pass
+        except RunLater:
+            pass  # no token now: the running job says so (once per try), not this once-a-second sign of life
         except Exception:
             log.exception("showing waiting questions failed", extra={"thread_key": str(lease.thread)})
 
