@@ -207,3 +207,24 @@ async def test_a_silent_redis_holds_a_slack_call_a_quarter_second_once_then_paci
     finally:
         server.close()
         await silent.aclose()
+
+
+async def test_the_mirror_counts_reservations_still_on_their_way_to_redis(redis_url: str) -> None:
+    """Answers decide (stream or not, flush or wait) from the local mirror while their reservations are
+    on their way to Redis: it must count them at once, or a burst of answers all see room and over-commit
+    Slack's Tier 2 budget (each extra stream then waits 3 s per call)."""
+    client = Redis.from_url(redis_url)
+    try:
+        pacer = SharedPacer(client)
+        capacity = pacer._bucket("chat.startStream", "T1", "")
+        assert capacity is not None
+        tasks = [
+            asyncio.create_task(pacer.reserve_shared("chat.startStream", "T1"))
+            for _ in range(int(capacity.capacity))
+        ]
+        await asyncio.sleep(0)  # each has sent its reservation; no reply has been read yet
+        assert pacer.wait_estimate("chat.startStream", "T1") > 0  # the burst is taken, as far as we know
+        waits = await asyncio.gather(*tasks)
+        assert waits == [0.0] * len(tasks) and pacer.wait_estimate("chat.startStream", "T1") > 0
+    finally:
+        await client.aclose()

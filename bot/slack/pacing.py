@@ -162,6 +162,7 @@ class SharedPacer(Pacer):
         self.prefix = prefix
         self._failed_logged_at = -SHARED_FALLBACK_LOG_S
         self._local_until = 0.0  # Redis failed lately: the local buckets pace alone until then
+        self._in_flight: dict[str, int] = {}  # reservations sent to Redis, not answered yet, per key
 
     def key(self, method: str, team: str, channel: str) -> str | None:
         if method == "chat.postMessage":
@@ -184,17 +185,30 @@ class SharedPacer(Pacer):
         interval_ms = 1000.0 / bucket.rate_per_s
         if time.monotonic() < self._local_until:
             return None
+        # The mirror counts this call at once: answers deciding meanwhile (stream or not, flush or wait)
+        # must see the budget as it will be, not as it was before the round trip.
+        bucket.delay(time.monotonic())
+        bucket.take()
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
             async with asyncio.timeout(SHARED_TIMEOUT_S):
                 delay_ms, backlog_ms = await self.redis.eval(_RESERVE, 1, key, interval_ms, bucket.capacity)
         except Exception as exc:  # RedisError, a timeout: pace locally rather than hold every Slack call
+            bucket.tokens += 1  # the local bucket takes it again (Pacer.reserve)
             now = time.monotonic()
             self._local_until = now + SHARED_COOL_OFF_S
             if now - self._failed_logged_at >= SHARED_FALLBACK_LOG_S:
                 self._failed_logged_at = now
                 log.warning("shared pacing unavailable; pacing per process", extra={"error": str(exc)})
             return None
-        # The mirror: as many calls left as the shared backlog leaves room for.
-        bucket.updated = time.monotonic()
-        bucket.tokens = bucket.capacity - float(backlog_ms) / interval_ms
+        finally:
+            self._in_flight[key] -= 1
+            if not self._in_flight[key]:
+                del self._in_flight[key]
+        # The mirror: as many calls left as the shared backlog leaves room for, less this process's calls
+        # whose reservations are still on their way; never more than it already counts (replies come back
+        # in any order: an older one knows less).
+        bucket.delay(time.monotonic())
+        shared = bucket.capacity - float(backlog_ms) / interval_ms - self._in_flight.get(key, 0)
+        bucket.tokens = min(bucket.tokens, shared)
         return float(delay_ms) / 1000.0
