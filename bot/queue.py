@@ -255,6 +255,11 @@ class Job:
         return Job(thread, raw, str(parsed.get("kind") or ""), parsed["data"], attempt, queued_at)
 
 
+def _listing_args(op: str, thread: ThreadKey | str, ms: int = 0, seen: float = 0.0) -> tuple[Any, ...]:
+    """EVAL's arguments for one operation of the `ready` listing script (alone, or in a pipeline)."""
+    return (_READY, 1, READY_KEY, op, str(thread), ms, repr(seen))
+
+
 class JobQueue:
     """Queues jobs into threads' inboxes and hands threads to workers (see the module docstring)."""
 
@@ -302,7 +307,7 @@ class JobQueue:
         # One round trip on the intake path: queue (deduplicated) and list, both sent at once, in order.
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.eval(*enqueue)
-            pipe.eval(_READY, 1, READY_KEY, "now", str(thread), 0, repr(0.0))
+            pipe.eval(*_listing_args("now", thread))
             result, _ = await pipe.execute()
         self.wakeup.set()
         return int(result) >= 0
@@ -314,7 +319,7 @@ class JobQueue:
 
     async def listing(self, op: str, thread: ThreadKey | str, ms: int = 0, seen: float = 0.0) -> Any:
         """One change to (or look at) the `ready` listing, timed by the Redis server's clock."""
-        return await self.redis.eval(_READY, 1, READY_KEY, op, str(thread), ms, repr(seen))  # type: ignore[misc]
+        return await self.redis.eval(*_listing_args(op, thread, ms, seen))  # type: ignore[misc]
 
     async def due(self, count: int, exclude: Iterable[str] = ()) -> list[tuple[ThreadKey, float]]:
         """Threads whose time to look has come, oldest first."""
