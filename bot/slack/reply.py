@@ -380,9 +380,13 @@ class ReplyWriter:
         async def remove() -> None:
             # Not fenced: the job may be complete (its lease gone) by now, and removing twice is harmless.
             with contextlib.suppress(Exception):
-                await self.pacer.acquire("reactions.remove", self.turn.team_id, self.turn.channel)
-                args = {"channel": self.turn.channel, "timestamp": self.turn.ts, "name": name}
-                await api_call(self.client, "reactions.remove", args)
+                await self._call(
+                    "reactions.remove",
+                    fenced=False,
+                    channel=self.turn.channel,
+                    timestamp=self.turn.ts,
+                    name=name,
+                )
 
         self._side_tasks.append(asyncio.create_task(remove()))
 
@@ -1122,13 +1126,14 @@ class ReplyWriter:
         self.placeholder_free = False
 
     # ---- the wire -----------------------------------------------------------------------------
-    async def _call(self, method: str, *, paced: bool = True, **args: Any) -> Any:
+    async def _call(self, method: str, *, paced: bool = True, fenced: bool = True, **args: Any) -> Any:
         # Paced first, fenced last: a wait for Slack's budget must not stand between the lease check and
         # the write (another worker may have taken the thread over meanwhile). `paced=False`: the
-        # caller reserved the call's slot and waited for it already.
+        # caller reserved the call's slot and waited for it already. `fenced=False`: a call that may
+        # follow the job's end and is harmless twice.
         if paced:
             await self.pacer.acquire(method, self.turn.team_id, self.turn.channel)
-        if self.fence is not None:
+        if fenced and self.fence is not None:
             await self.fence()
         self._last_call = time.monotonic()
         response = await api_call(self.client, method, {k: v for k, v in args.items() if v is not None})
