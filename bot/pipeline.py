@@ -85,6 +85,7 @@ async def backfill(
     cursor: str | None = None
     fetched = 0
     limit = deps.settings.backfill_limit
+    me = deps.current_identity().user_id  # OAuth mode: this workspace's bot
     try:
         while fetched < limit:
             response = await deps.slack.conversations_replies(
@@ -100,9 +101,7 @@ async def backfill(
             for message in messages:
                 if oldest and float(message.get("ts") or 0) <= float(oldest):
                     continue  # the thread's parent, which Slack sends whatever `oldest` says
-                if not questions and mentions(
-                    str(message.get("text") or ""), deps.current_identity().user_id
-                ):
+                if not questions and mentions(str(message.get("text") or ""), me):
                     continue
                 entry = await _history_entry(deps, turn, message)
                 if entry is not None:
