@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from bot.slack.pacing import Pacer, SharedPacer, TokenBucket
@@ -179,9 +180,15 @@ async def test_a_question_marked_heard_by_a_run_that_stopped_loses_the_mark_when
     assert len(fake_slack.bodies(CHANNEL, ts)) == 1 and len(fake_slack.calls_of("reactions.add")) == 1
 
 
-async def test_a_silent_redis_holds_a_slack_call_a_quarter_second_once_then_pacing_is_local() -> None:
+async def test_a_silent_redis_holds_a_slack_call_a_quarter_second_once_then_pacing_is_local(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A Redis that takes the connection and never answers (SIGSTOP, a dead proxy): the first paced call
-    gives up on it after 0.25 s, the next ones within 10 s do not ask it at all."""
+    gives up on it after 0.25 s, the next ones within the cool-off (10 s; shortened here) do not ask it at
+    all, and the first one after it asks again."""
+    import bot.slack.pacing
+
+    monkeypatch.setattr(bot.slack.pacing, "SHARED_COOL_OFF_S", 1.0)
     silent_calls = 0
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -204,6 +211,10 @@ async def test_a_silent_redis_holds_a_slack_call_a_quarter_second_once_then_paci
         later = time.monotonic() - started
         assert first < 2.0 and later < 0.2, (first, later)  # not 30 s (the client's own timeout)
         assert silent_calls == 1
+        await asyncio.sleep(1.0)  # the cool-off is over: Redis is asked (and waited for) again
+        started = time.monotonic()
+        await pacer.acquire("chat.update", "T1", "C1")
+        assert time.monotonic() - started >= bot.slack.pacing.SHARED_TIMEOUT_S * 0.9
     finally:
         server.close()
         await silent.aclose()
