@@ -239,3 +239,31 @@ async def test_the_mirror_counts_reservations_still_on_their_way_to_redis(redis_
         assert waits == [0.0] * len(tasks) and pacer.wait_estimate("chat.startStream", "T1") > 0
     finally:
         await client.aclose()
+
+
+async def test_a_heard_question_whose_answer_fails_loses_the_mark_too(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """The 👀 goes when the failure's sentence lands, as when an answer does."""
+    bot: BotHarness = await make_bot()
+    bot.deps.pacer = Pacer()  # Slack's documented pace
+    for _ in range(3):  # the channel's burst is spent: the placeholder is over a second away
+        await bot.deps.pacer.reserve("chat.postMessage", TEAM_ID, CHANNEL)
+    fake_kimi.script(Reply(status=400, error_type="invalid_request_error", error_message="bad request"))
+    ts = "1700000006.000950"
+    await bot.send_event(mention("question", ts))
+    await bot.settle(limit_s=20)
+    assert [c.args["timestamp"] for c in fake_slack.calls_of("reactions.add")] == [ts]
+    assert not fake_slack.reactions.get((CHANNEL, ts))
+    assert len(fake_slack.bodies(CHANNEL, ts)) == 1 and "kimi-k2.6" not in fake_slack.bodies(CHANNEL, ts)[0]
+
+
+def test_reactions_are_paced_per_workspace_not_per_channel() -> None:
+    """A burst in one channel waits for that channel's posting budget; its reactions draw on the
+    workspace's Tier 3 budget, which other channels' posts do not touch."""
+    pacer = Pacer()
+    bucket = pacer._bucket("reactions.add", "T1", "C1")
+    assert bucket is not None and bucket is pacer._bucket("reactions.add", "T1", "C2")
+    assert bucket is not pacer._bucket("reactions.add", "T2", "C1")
+    assert bucket.capacity == 49  # Tier 3: 50 a minute, one kept spare
+    assert pacer._bucket("reactions.remove", "T1", "C1") is not bucket
