@@ -13,6 +13,33 @@ class Source(StrEnum):
     DM = "dm"  # a direct message
     COMMAND = "command"  # /kimi <question>
     REGENERATE = "regenerate"  # the Regenerate button under an answer
+    SHORTCUT = "shortcut"  # a message shortcut: "Ask Kimi about this" or "Summarize thread"
+
+
+# What a Turn keeps of each Slack file object: enough to name it, classify it and download it.
+FILE_REF_KEYS = (
+    "id",
+    "name",
+    "title",
+    "mimetype",
+    "filetype",
+    "size",
+    "url_private_download",
+    "url_private",
+    "mode",
+)
+
+
+def file_refs(files: Any) -> tuple[dict[str, Any], ...]:
+    """The files of a message event (or of a stored Turn) as small dicts of FILE_REF_KEYS; anything that
+    is not a file object with an id is left out."""
+    if not isinstance(files, list | tuple):
+        return ()
+    return tuple(
+        {k: f[k] for k in FILE_REF_KEYS if k in f}
+        for f in files
+        if isinstance(f, dict) and isinstance(f.get("id"), str) and f["id"]
+    )
 
 
 @dataclass(frozen=True)
@@ -42,6 +69,8 @@ class Turn:
     response_url: str = ""  # /kimi in a channel the bot is not in: answer through this instead
     assistant_thread: bool = False  # a thread in Slack's assistant panel: status instead of a placeholder
     action_token: str = ""  # from the message event, when Slack sends one: lets slack_search search
+    # The Slack file objects attached to the question (trimmed by `file_refs`): read into its context.
+    files: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,7 +78,9 @@ class Turn:
     @staticmethod
     def from_dict(data: dict[str, Any]) -> Turn:
         known = {f.name for f in fields(Turn)}
-        return Turn(**{**{k: v for k, v in data.items() if k in known}, "source": Source(data["source"])})
+        values = {k: v for k, v in data.items() if k in known}
+        values["files"] = file_refs(values.get("files"))
+        return Turn(**{**values, "source": Source(data["source"])})
 
     @property
     def job_id(self) -> str:
