@@ -115,6 +115,10 @@ def test_tools_off_are_the_unchecked_ones_and_unlisted_ones_keep_their_state() -
 def test_a_valid_budget_is_kept_and_the_workspace_form_has_none() -> None:
     assert validate(form(budget_usd="25.5"), offered_tools=TOOLS).values["budget_usd"] == "25.5"  # type: ignore[arg-type]
     assert validate(form(budget_usd="1e2"), offered_tools=TOOLS).values["budget_usd"] == "100"  # type: ignore[arg-type]
+    # More decimals than cents are rounded to cents (the README says so), whatever the notation typed.
+    assert validate(form(budget_usd="2.345"), offered_tools=TOOLS).values["budget_usd"] == "2.34"  # type: ignore[arg-type]
+    assert validate(form(budget_usd="0.0049"), offered_tools=TOOLS).values["budget_usd"] == "0.00"  # type: ignore[arg-type]
+    assert validate(form(budget_usd="1e-999999999"), offered_tools=TOOLS).values["budget_usd"] == "0.00"  # type: ignore[arg-type]
     workspace = validate(form(budget_usd="-1"), offered_tools=TOOLS, workspace=True)  # type: ignore[arg-type]
     assert workspace.errors == {} and "budget_usd" not in workspace.values
 
