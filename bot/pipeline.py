@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from bot.admission import mentions, strip_mention
 from bot.agent.live import WriterView, ask_approval
-from bot.agent.loop import CAP_NOTES, AgentLoop, Caps, Outcome, Planned, Step
+from bot.agent.loop import CAP_NOTES, AgentLoop, Cap, Caps, Outcome, Planned, Step
 from bot.channel_settings import ChannelConfig, pin, pinned
 from bot.context import Fit, calibrate, fit, user_entry
 from bot.deps import Deps
@@ -461,6 +461,13 @@ async def _think_and_deliver(
     ctx = tool_context(turn, deps)
     available = list(await deps.tools(ctx)) if deps.tools is not None else []
     tools, definitions = offer([t for t in available if t.name not in config.tools_off], ctx)
+    # Kimi's whole answer, when an earlier run of this job got it and died before recording it.
+    saved = finished_answer(writer.resume)
+    if saved is not None and not tools:
+        await _replay_final(
+            turn, deps, writer, lease, job, saved, left_out, fitted.estimated_tokens, call, history
+        )
+        return
     if tools:
         await _agent_answer(
             turn,
@@ -479,6 +486,7 @@ async def _think_and_deliver(
             meter,
             calibration,
             call,
+            saved,
         )
         return
     log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=left_out))
@@ -493,6 +501,14 @@ async def _think_and_deliver(
         if not writer.stopped:
             raise
         acc = Accumulator(reasoning=[writer.reasoning_text], content=[writer.answer], finish_reason="stopped")
+    else:
+        # Kimi's whole answer, kept with the job before its last Slack write: a run that dies between that
+        # write and the record is replayed from it (never asked again: no second cost, no budget refusal
+        # replacing an answer the thread already shows, no different text).
+        await writer.text_complete()
+        await lease.save_progress(
+            job, final=dump_finished(acc, time.monotonic() - started, writer.thinking_s)
+        )
     elapsed, thinking_s, reply_ts = await _deliver_final(
         turn,
         deps,
@@ -512,6 +528,107 @@ async def _think_and_deliver(
         acc,
         left_out,
         fitted.estimated_tokens,
+        reply_ts,
+        elapsed,
+        history=history,
+        thinking_s=thinking_s,
+        call=call,
+    )
+
+
+def dump_finished(
+    acc: Accumulator, elapsed_s: float, thinking_s: float | None, cap: Cap | None = None
+) -> str:
+    """Kimi's finished answer as a job keeps it (see finished_answer); `cap`: the agent loop's, if one ended
+    it (its footer note)."""
+    usage = acc.usage.__dict__ if acc.usage else None
+    return json.dumps(
+        {
+            "message": acc.message(),
+            "finish_reason": acc.finish_reason,
+            "usage": usage,
+            "elapsed_s": elapsed_s,
+            "thinking_s": thinking_s,
+            "cap": str(cap) if cap else None,
+        },
+        ensure_ascii=False,
+    )
+
+
+def finished_answer(progress: dict[str, str]) -> dict[str, Any] | None:
+    """The finished answer an earlier run of the job kept, or None (none kept, or unreadable)."""
+    raw = progress.get("final")
+    if not raw:
+        return None
+    try:
+        saved = json.loads(raw)
+        message = saved["message"]
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            return None
+        return dict(saved)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def saved_accumulator(saved: dict[str, Any]) -> Accumulator:
+    """The Accumulator of a kept finished answer (see dump_finished)."""
+    message = saved["message"]
+    usage = saved.get("usage")
+    return Accumulator(
+        reasoning=[str(message.get("reasoning_content") or "")],
+        content=[message["content"]],
+        usage=Usage(**usage) if isinstance(usage, dict) else None,
+        finish_reason=saved.get("finish_reason"),
+        saw_reasoning_field="reasoning_content" in message,
+    )
+
+
+def _replay_text(writer: ReplyWriter, acc: Accumulator, saved: dict[str, Any]) -> float:
+    """Write a saved answer's text as the earlier run did, with its thinking time; returns the `started` that
+    gives the earlier run's elapsed time in the footer."""
+    writer.text(acc.text)
+    if isinstance(saved.get("thinking_s"), int | float):
+        writer.thinking_s = float(saved["thinking_s"])
+    return time.monotonic() - float(saved.get("elapsed_s") or 0)
+
+
+async def _replay_final(
+    turn: Turn,
+    deps: Deps,
+    writer: ReplyWriter,
+    lease: Lease,
+    job: Job,
+    saved: dict[str, Any],
+    left_out: int,
+    estimated: int,
+    call: ModelCall,
+    history: bool,
+) -> None:
+    """Deliver and record the answer an earlier run of this job got from Kimi, without asking Kimi again."""
+    acc = saved_accumulator(saved)
+    log.info("replaying the answer an earlier run got from kimi", extra=turn_log(turn))
+    writer.start()
+    writer.reasoning(acc.reasoning_text)
+    started = _replay_text(writer, acc, saved)
+    elapsed, thinking_s, reply_ts = await _deliver_final(
+        turn,
+        deps,
+        writer,
+        started,
+        acc.usage,
+        left_out,
+        acc.finish_reason,
+        bool(acc.reasoning_text),
+        model=call.model,
+    )
+    await _record(
+        turn,
+        deps,
+        lease,
+        job,
+        acc,
+        left_out,
+        estimated,
         reply_ts,
         elapsed,
         history=history,
@@ -694,6 +811,7 @@ async def _agent_answer(
     meter: Meter,
     calibration: float,
     call: ModelCall,
+    saved: dict[str, Any] | None = None,
 ) -> None:
     """The answer with tools: the agent loop asks Kimi, runs the calls it makes and asks again until it
     answers; each call shows as a task card. Every finished step is checkpointed (fenced) in the job's
@@ -754,15 +872,32 @@ async def _agent_answer(
         "asking kimi with tools",
         extra=turn_log(turn, messages=len(fitted.messages), tools=len(tools), resumed_steps=len(resume)),
     )
-    task = asyncio.create_task(loop.run(fitted.messages, resume))
-    kimi_task.append(task)
-    writer.start()
-    try:
-        outcome = await task
-    except asyncio.CancelledError:
-        if not writer.stopped:
-            raise
-        outcome = loop.partial("", writer.answer)
+    if saved is not None:  # an earlier run had the final answer and died before recording it: no new request
+        log.info("replaying the answer an earlier run got from kimi", extra=turn_log(turn))
+        final = saved_accumulator(saved)
+        writer.start()
+        outcome = loop.replayed(
+            fitted.messages, resume, final, Cap(saved["cap"]) if saved.get("cap") else None
+        )
+        started = _replay_text(writer, final, saved)
+    else:
+        task = asyncio.create_task(loop.run(fitted.messages, resume))
+        kimi_task.append(task)
+        writer.start()
+        try:
+            outcome = await task
+        except asyncio.CancelledError:
+            if not writer.stopped:
+                raise
+            outcome = loop.partial("", writer.answer)
+        else:  # kept before the last Slack write: a run that dies after it is replayed (see the plain path)
+            await writer.text_complete()
+            await lease.save_progress(
+                job,
+                final=dump_finished(
+                    outcome.final, time.monotonic() - started, writer.thinking_s, outcome.cap
+                ),
+            )
     elapsed, thinking_s, reply_ts = await _deliver_final(
         turn,
         deps,

@@ -574,6 +574,20 @@ class AgentLoop:
             acc, self.steps, cap, self.usage, "\n\n".join(self.reasoning), self.overheads, self.work
         )
 
+    def replayed(
+        self, messages: list[dict[str, Any]], resume: Sequence[Step], final: Accumulator, cap: Cap | None
+    ) -> Outcome:
+        """The outcome of an earlier run of this turn that got its final answer and died before recording it:
+        its steps back into the view and the outcome, and that answer, without asking Kimi again."""
+        self.messages = list(messages)
+        for step in resume:
+            self._replay(step)
+        self.view.step_started(len(self.steps))
+        if final.reasoning_text:
+            self.reasoning.append(final.reasoning_text)
+        self.usage = add_usage(self.usage, final.usage)  # recorded by the earlier run
+        return self._outcome(final, cap)
+
     def partial(self, reasoning: str, text: str) -> Outcome:
         """What a stopped turn has: its steps, and the text the interrupted step had written so far."""
         acc = Accumulator(reasoning=[reasoning] if reasoning else [], content=[text], finish_reason="stopped")

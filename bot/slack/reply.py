@@ -487,6 +487,13 @@ class ReplyWriter:
             self.answer_ts = []
             await self._report(answer_ts="[]")
 
+    async def text_complete(self) -> None:
+        """Kimi has finished: from here nothing goes out on time or size, so a pause before finish() (the
+        answer kept with the job) does not start a stream for a short answer that finish() would simply put
+        in the placeholder. finish() does this too."""
+        await self._after_begin()
+        await self._stop_flusher()
+
     async def finish(self, closing_blocks: list[dict[str, Any]], *, note: str = "") -> list[str]:
         """Deliver whatever is left, end the answer with its footer and buttons; return the message ts."""
         try:
@@ -495,8 +502,7 @@ class ReplyWriter:
             await self._remove_reaction()
 
     async def _finish(self, closing_blocks: list[dict[str, Any]], *, note: str) -> list[str]:
-        await self._after_begin()
-        await self._stop_flusher()
+        await self.text_complete()
         self.answer += self._broadcasts.flush()  # the answer is complete: nothing more is held back
         self._final = True
         if not self.turn.in_slack_thread:
