@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Callable
@@ -65,6 +66,9 @@ async def ask(bot: BotHarness, ts: str, text: str = "question") -> None:
 async def test_transient_kimi_failures_are_retried_and_answered_once(
     bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi, failure: Reply
 ) -> None:
+    # Nothing is shown before the retry however slow the machine (the first chunk of a cut stream would
+    # otherwise go out after FAST_PACE's 50 ms, and the answer start again below a note: other tests).
+    bot.deps.pace = dataclasses.replace(bot.deps.pace, first_flush_s=60.0)
     fake_kimi.script(failure, Reply(content="the full answer"))
     await ask(bot, "1700000002.000100")
     texts = thread_texts(fake_slack, "1700000002.000100")
