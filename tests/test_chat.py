@@ -4,9 +4,17 @@ and the pure parts of bot/chat.py."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import os
+import pty
+import re
+import select
+import signal
+import struct
 import subprocess
+import termios
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -303,3 +311,125 @@ def test_script_face_writes_answers_only_to_stdout() -> None:
     shown = ScriptFace(out := io.StringIO(), err := io.StringIO(), show_reasoning=True)
     shown.finish(Finished("A.", "because", "footer"))
     assert out.getvalue() == "A.\n\n" and "because" in err.getvalue()
+
+
+# ---- a terminal (stdin and stdout a pseudo-terminal) ---------------------------------------------
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
+
+
+class Terminal:
+    """`kimibot chat` on a pseudo-terminal: what a person at the keyboard sees and types."""
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+        self.process = subprocess.Popen(
+            [*kimibot_command(), "chat"], stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd
+        )
+        os.close(slave)
+        self.raw = b""
+
+    @property
+    def screen(self) -> str:
+        """Everything written so far, escape codes left out."""
+        return ANSI.sub("", self.raw.decode(errors="replace"))
+
+    def _read(self, timeout: float) -> None:
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if ready:
+            try:
+                self.raw += os.read(self.master, 65536)
+            except OSError:  # the process has exited and closed the terminal
+                time.sleep(timeout)
+
+    async def wait_for(self, text: str, after: int = 0, limit_s: float = 30.0) -> int:
+        """Until `text` shows (after position `after` of the screen); returns where it ends."""
+        async with asyncio.timeout(limit_s):
+            while (found := self.screen.find(text, after)) < 0:
+                await asyncio.to_thread(self._read, 0.05)
+        return found + len(text)
+
+    async def reading(self) -> None:
+        """Until the line editor reads the keyboard (it turns the terminal's line mode off): a Ctrl-D typed
+        before that would be taken by the terminal's own line mode and lost."""
+        async with asyncio.timeout(30):
+            while termios.tcgetattr(self.master)[3] & termios.ICANON:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    async def exit_code(self) -> int:
+        async def drain() -> int:
+            while (code := self.process.poll()) is None:
+                await asyncio.to_thread(self._read, 0.05)
+            return code
+
+        async with asyncio.timeout(30):
+            return await drain()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.master)
+
+
+async def test_terminal_streams_collapses_reasoning_renders_markdown_and_ctrl_c_stops_an_answer(
+    fake_kimi: FakeKimi, redis_url: str, tmp_path: Path
+) -> None:
+    story = "Once upon a time " + "there was a very long story that went on and on. " * 40
+    fake_kimi.script(
+        Reply(reasoning="Pondering the question deeply.", content="**Bold answer** here."),
+        Reply(reasoning="Planning the story.", content=story, chunk_chars=20, chunk_delay=0.1),
+    )
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "USER": "alice",
+        "TERM": "xterm-256color",
+        "MOONSHOT_API_KEY": API_KEY,
+        "KIMI_BASE_URL": fake_kimi.base_url,
+        "KIMI_MODEL": "kimi-k2.6",
+        "REDIS_URL": redis_url,
+    }
+    terminal = Terminal(env, tmp_path)
+    try:
+        at = await terminal.wait_for("New thread chat-")
+        name = terminal.screen[at - len("chat-") :].split(";", 1)[0]
+        at = await terminal.wait_for("›", at)
+        terminal.type("hello\r")
+        at = await terminal.wait_for("kimi-k2.6 · ", at)  # the footer: the answer is done
+        shown = terminal.screen
+        assert "Thought for 1 s — /reasoning to show" in shown  # the reasoning, collapsed
+        assert "Bold answer here." in shown and "**" not in shown  # Markdown rendered
+        assert "Traceback" not in shown
+
+        at = await terminal.wait_for("›", at)
+        terminal.type("/reasoning\r")
+        at = await terminal.wait_for("Pondering the question deeply.", at)
+
+        at = await terminal.wait_for("›", at)
+        terminal.type("tell me a long story\r")
+        at = await terminal.wait_for("Once upon a time", at)
+        terminal.process.send_signal(signal.SIGINT)  # Ctrl-C
+        at = await terminal.wait_for("stopped", at)
+        at = await terminal.wait_for("›", at)  # the conversation goes on
+        await terminal.reading()
+        terminal.type("\x04")  # Ctrl-D
+        assert await terminal.exit_code() == 0
+        assert "Traceback" not in terminal.screen
+    finally:
+        terminal.close()
+
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        state = await ThreadStore(redis, 3600).load(chat_thread(name))
+    finally:
+        await redis.aclose()
+    assert [e["role"] for e in state.entries] == ["user", "assistant", "user", "assistant"]
+    stopped = state.entries[-1]
+    assert stopped["stopped"] is True
+    assert stopped["content"].startswith("Once upon a time")
+    assert len(stopped["content"]) < len(story)  # what was said before Ctrl-C, not the whole story
+    assert state.entries[1]["reasoning_content"] == "Pondering the question deeply."
