@@ -101,10 +101,11 @@ def error_sentence(error: AnswerError) -> str:
 
 
 def parse_command(line: str) -> str | None:
-    """A terminal line's command (`/exit`, `/reasoning`, ...), "?" for an unknown one, None for a question."""
-    word = line.strip().split(maxsplit=1)[0].lower() if line.strip() else ""
-    if not word.startswith("/"):
+    """A terminal line's command (`/exit`, `/reasoning`, ...), "?" for an unknown one, None for a question
+    (a line starting with a space is always a question)."""
+    if not line.startswith("/"):
         return None
+    word = line.split(maxsplit=1)[0].lower()
     if word == "/quit":
         return "/exit"
     return word if word in COMMANDS else "?"
@@ -269,6 +270,7 @@ class TerminalFace:
         self.state = AnswerState(time.monotonic())
         self.live: Any = None
         self.last_reasoning = ""
+        self.tool_lines: dict[str, int] = {}  # call id -> its line in state.tools
 
     def note(self, text: str) -> None:
         self.console.print(text, style="dim", markup=False)
@@ -297,6 +299,7 @@ class TerminalFace:
         from rich.live import Live
 
         self.state = AnswerState(time.monotonic())
+        self.tool_lines = {}
         self.live = Live(
             console=self.console, get_renderable=self._render, refresh_per_second=8, transient=False
         )
@@ -342,7 +345,7 @@ class TerminalFace:
             live.stop()
         try:
             arguments = call.arguments if len(call.arguments) <= 2_000 else call.arguments[:2_000] + "…"
-            reply = self.console.input(f"Allow [bold]{call.name}[/bold] with {_escape(arguments)}? [y/N] ")
+            reply = self.console.input(f"Allow [bold]{call.name}[/bold] with {_escape(arguments)}? \\[y/N] ")
         except (EOFError, KeyboardInterrupt):
             reply = ""
         finally:
@@ -355,6 +358,7 @@ class TerminalFace:
         pass
 
     def call_planned(self, call: Planned) -> None:
+        self.tool_lines[call.id] = len(self.state.tools)
         self.state.tools.append(f"⚙ {call.title or call.name}…")
 
     def call_running(self, call: Planned) -> None:
@@ -362,11 +366,11 @@ class TerminalFace:
 
     def call_done(self, record: CallRecord, detail: str) -> None:
         line = f"{'✓' if record.ok else '✗'} {record.title or record.name}"
-        for index, shown in enumerate(self.state.tools):
-            if shown.endswith("…") and (record.title or record.name) in shown:
-                self.state.tools[index] = line
-                return
-        self.state.tools.append(line)
+        index = self.tool_lines.get(record.id)
+        if index is not None and index < len(self.state.tools):
+            self.state.tools[index] = line
+        else:
+            self.state.tools.append(line)
 
 
 def _escape(text: str) -> str:
@@ -739,6 +743,8 @@ def _terminal(runner: asyncio.Runner, session: ChatSession, face: TerminalFace) 
         elif command == "/thread":
             face.note(f"Thread {session.thread_name}: kimibot chat --thread {session.thread_name}")
         elif command in ("/help", "?"):
+            if command == "?":
+                face.note(f"Unknown command {line.split()[0]}; to ask it as a question, start with a space.")
             face.note("\n".join(f"{name:<11} {what}" for name, what in COMMANDS.items()))
         elif line.strip():
             try:

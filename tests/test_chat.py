@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import io
+import json
 import os
 import pty
 import re
@@ -13,6 +14,7 @@ import select
 import signal
 import struct
 import subprocess
+import sys
 import termios
 import time
 from collections.abc import Awaitable, Callable
@@ -40,11 +42,12 @@ from bot.kimi.events import Reasoning, Text, Usage
 from bot.kimi.profiles import profile_for
 from bot.settings import SettingsError, load_settings, load_settings_without_slack
 from bot.store import ThreadStore
-from tests.fakes.kimi_api import API_KEY, FakeKimi, Reply
+from tests.fakes.kimi_api import API_KEY, Call, FakeKimi, Reply
 from tests.test_serve_process import free_port
 from tests.test_settings_cli import kimibot_command
 
 Chat = Callable[..., Awaitable[subprocess.CompletedProcess[str]]]
+MCP_FAKE = str(Path(__file__).resolve().parent / "fakes" / "mcp_server.py")
 
 
 @pytest.fixture
@@ -89,7 +92,7 @@ async def test_two_questions_get_two_answers_in_order_with_context_and_no_reason
         Reply(reasoning="SECRET-REASONING-ONE", content="Four."),
         Reply(reasoning="SECRET-REASONING-TWO", content="Sixteen.\n\nThat is 4 squared."),
     )
-    result = await chat(lines=["What is 2+2?", "", "And squared?"])
+    result = await chat(lines=["What is 2+2?", "", "And squared?"], SYSTEM_PROMPT="You are a terse test bot.")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Four.\n\nSixteen.\n\nThat is 4 squared.\n\n"  # blank lines skipped, not asked
     assert "SECRET-REASONING" not in result.stdout + result.stderr
@@ -98,8 +101,7 @@ async def test_two_questions_get_two_answers_in_order_with_context_and_no_reason
     first, second = fake_kimi.requests
     assert contents(first)[-1] == "alice: What is 2+2?"  # the OS user speaks, as a Slack name would
     assert contents(second)[1:] == ["alice: What is 2+2?", "Four.", "alice: And squared?"]
-    assert first["messages"][0]["role"] == "system"  # the bot's system prompt
-    assert "Kimi" in first["messages"][0]["content"]
+    assert first["messages"][0] == {"role": "system", "content": "You are a terse test bot."}
     # The thread's name is said on stderr, to resume it; stdout holds answers only.
     assert "New thread chat-" in result.stderr and "kimibot chat --thread chat-" in result.stderr
     # The Slack tools are not offered; the web ones are.
@@ -133,8 +135,13 @@ async def test_thread_resumes_in_a_second_process_and_is_stored_like_the_bot(
     redis = Redis.from_url(redis_url, decode_responses=True)
     try:
         state = await ThreadStore(redis, 3600).load(chat_thread("demo"))
+        keys = await redis.keys("*")
+        history_ttl = await redis.ttl(ThreadStore.history_key(chat_thread("demo")))
     finally:
         await redis.aclose()
+    # Only the chat threads' own keys: no usage records, no jobs, nothing of Slack's.
+    assert keys and all(key.startswith("kimibot:thread:{cli:chat:") for key in keys), keys
+    assert 29 * 86_400 < history_ttl <= 30 * 86_400  # THREAD_TTL_DAYS, like a Slack thread
     roles = [e["role"] for e in state.entries]
     assert roles == ["user", "assistant", "user", "assistant"]
     answer = state.entries[1]
@@ -171,6 +178,14 @@ async def test_overloaded_is_retried_then_answered(chat: Chat, fake_kimi: FakeKi
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Made it.\n\n"
     assert len(fake_kimi.requests) == 2
+    assert "kimi call failed" not in result.stderr  # a retry's warning does not interrupt the conversation
+
+    fake_kimi.script(
+        Reply(status=429, error_type="engine_overloaded_error", error_message="overloaded", retry_after=0)
+    )
+    debug = await chat(lines=["hello"], LOG_LEVEL="DEBUG")
+    assert debug.returncode == 0 and debug.stdout.startswith("You said:")
+    assert '"msg": "kimi call failed"' in debug.stderr  # JSON log lines, on stderr only
 
 
 async def test_missing_api_key_exits_2_with_one_clear_line_and_slack_is_not_asked_for(chat: Chat) -> None:
@@ -222,6 +237,31 @@ async def test_reasoning_flag_writes_reasoning_to_stderr_only(chat: Chat, fake_k
     assert "SHOW-ME-REASONING" in result.stderr
 
 
+async def test_mcp_tools_are_offered_and_a_write_is_declined_without_a_terminal(
+    chat: Chat, fake_kimi: FakeKimi, tmp_path: Path
+) -> None:
+    config = tmp_path / "mcp.json"
+    config.write_text(json.dumps({"mcpServers": {"fake": {"command": sys.executable, "args": [MCP_FAKE]}}}))
+    fake_kimi.script(
+        Reply(
+            tool_calls=[
+                Call("mcp__fake__echo", '{"text": "hi"}'),
+                Call("mcp__fake__write_note", '{"note": "x"}'),
+            ]
+        ),
+        Reply(content="Echoed; the note was not written."),
+    )
+    result = await chat(lines=["echo hi and write a note"], MCP_CONFIG=str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Echoed; the note was not written.\n\n"
+    assert "mcp__fake__write_note needs approval, which needs a terminal; it was not run." in result.stderr
+    first, second = fake_kimi.requests
+    offered = {t["function"]["name"] for t in first["tools"]}
+    assert {"mcp__fake__echo", "mcp__fake__write_note", "web_search", "fetch_url"} <= offered
+    results = [m["content"] for m in second["messages"] if m["role"] == "tool"]
+    assert results == ["echo: hi", "The user declined this action; it was not run."]
+
+
 async def test_tools_disabled_sends_no_tools(chat: Chat, fake_kimi: FakeKimi) -> None:
     result = await chat(lines=["hi"], TOOLS_ENABLED="false")
     assert result.returncode == 0, result.stderr
@@ -259,7 +299,8 @@ def test_thinking_switch_follows_the_profile() -> None:
 
 def test_commands_and_thread_names() -> None:
     assert parse_command("/exit") == "/exit"
-    assert parse_command("  /QUIT ") == "/exit"
+    assert parse_command("/QUIT ") == "/exit"
+    assert parse_command(" /exit") is None  # a leading space: a question
     assert parse_command("/reasoning please") == "/reasoning"
     assert parse_command("/nope") == "?"
     assert parse_command("what is /etc?") is None
@@ -344,9 +385,12 @@ class Terminal:
 
     async def wait_for(self, text: str, after: int = 0, limit_s: float = 30.0) -> int:
         """Until `text` shows (after position `after` of the screen); returns where it ends."""
-        async with asyncio.timeout(limit_s):
-            while (found := self.screen.find(text, after)) < 0:
-                await asyncio.to_thread(self._read, 0.05)
+        try:
+            async with asyncio.timeout(limit_s):
+                while (found := self.screen.find(text, after)) < 0:
+                    await asyncio.to_thread(self._read, 0.05)
+        except TimeoutError:
+            raise AssertionError(f"{text!r} never showed; the screen ends: {self.screen[-1500:]!r}") from None
         return found + len(text)
 
     async def reading(self) -> None:
@@ -381,8 +425,12 @@ async def test_terminal_streams_collapses_reasoning_renders_markdown_and_ctrl_c_
     story = "Once upon a time " + "there was a very long story that went on and on. " * 40
     fake_kimi.script(
         Reply(reasoning="Pondering the question deeply.", content="**Bold answer** here."),
+        Reply(tool_calls=[Call("mcp__fake__write_note", '{"note": "buy milk"}')]),
+        Reply(content="Written."),
         Reply(reasoning="Planning the story.", content=story, chunk_chars=20, chunk_delay=0.1),
     )
+    config = tmp_path / "mcp.json"
+    config.write_text(json.dumps({"mcpServers": {"fake": {"command": sys.executable, "args": [MCP_FAKE]}}}))
     env = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(tmp_path),
@@ -392,6 +440,7 @@ async def test_terminal_streams_collapses_reasoning_renders_markdown_and_ctrl_c_
         "KIMI_BASE_URL": fake_kimi.base_url,
         "KIMI_MODEL": "kimi-k2.6",
         "REDIS_URL": redis_url,
+        "MCP_CONFIG": str(config),
     }
     terminal = Terminal(env, tmp_path)
     try:
@@ -410,11 +459,24 @@ async def test_terminal_streams_collapses_reasoning_renders_markdown_and_ctrl_c_
         at = await terminal.wait_for("Pondering the question deeply.", at)
 
         at = await terminal.wait_for("›", at)
+        terminal.type("write a note\r")
+        at = await terminal.wait_for('Allow mcp__fake__write_note with {"note": "buy milk"}? [y/N]', at)
+        await terminal.reading()
+        terminal.type("y\r")
+        at = await terminal.wait_for("Written.", at)
+        assert [m["content"] for m in fake_kimi.requests[2]["messages"] if m["role"] == "tool"] == [
+            "noted: buy milk"
+        ]
+
+        at = await terminal.wait_for("›", at)
         terminal.type("tell me a long story\r")
         at = await terminal.wait_for("Once upon a time", at)
         terminal.process.send_signal(signal.SIGINT)  # Ctrl-C
         at = await terminal.wait_for("stopped", at)
         at = await terminal.wait_for("›", at)  # the conversation goes on
+        terminal.type("/thread\r")
+        at = await terminal.wait_for(f"Thread {name}: kimibot chat --thread {name}", at)
+        at = await terminal.wait_for("›", at)
         await terminal.reading()
         terminal.type("\x04")  # Ctrl-D
         assert await terminal.exit_code() == 0
@@ -427,7 +489,10 @@ async def test_terminal_streams_collapses_reasoning_renders_markdown_and_ctrl_c_
         state = await ThreadStore(redis, 3600).load(chat_thread(name))
     finally:
         await redis.aclose()
-    assert [e["role"] for e in state.entries] == ["user", "assistant", "user", "assistant"]
+    assert [e["role"] for e in state.entries] == ["user", "assistant"] * 3
+    assert state.entries[3]["tools"] == [
+        {"name": "mcp__fake__write_note", "title": "Running write_note on fake", "ok": True}
+    ]
     stopped = state.entries[-1]
     assert stopped["stopped"] is True
     assert stopped["content"].startswith("Once upon a time")
