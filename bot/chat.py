@@ -476,6 +476,12 @@ class ChatSession:
             log.info("chat answer failed", extra={"reason": str(exc.reason), "detail": exc.detail})
             self.face.failed(error_sentence(exc))
             return False
+        except RedisError:
+            raise  # the callers say so: the question may not be stored
+        except Exception:  # a bug: the bot's sentence, the traceback in the log (LOG_LEVEL=DEBUG)
+            log.info("chat answer failed", exc_info=True)
+            self.face.failed(USER_MESSAGES[Reason.INTERNAL])
+            return False
 
     async def _ask(self, question: str, *, on_sigint: bool) -> bool:
         state = await self.threads.load(self.thread)
@@ -508,18 +514,21 @@ class ChatSession:
         stopped = False
         try:
             acc, outcome = await self._task
+            shown_reasoning = outcome.reasoning if outcome is not None else acc.reasoning_text
         except asyncio.CancelledError:
             if not self._stopping:
                 raise
             stopped = True
+            # What was shown: every step's reasoning, and the text so far (kept as the pipeline keeps a
+            # stopped answer: with tools, the final text only, the finished steps in the tool record).
             face_state = getattr(self.face, "state", None)
-            reasoning = face_state.reasoning_text if isinstance(face_state, AnswerState) else ""
+            shown_reasoning = face_state.reasoning_text if isinstance(face_state, AnswerState) else ""
             text = face_state.answer_text if isinstance(face_state, AnswerState) else ""
-            outcome = self._loop.partial(reasoning, text) if self._loop is not None else None
+            outcome = self._loop.partial("", text) if self._loop is not None else None
             acc = (
                 outcome.final
                 if outcome is not None
-                else Accumulator(reasoning=[reasoning], content=[text], finish_reason="stopped")
+                else Accumulator(reasoning=[shown_reasoning], content=[text], finish_reason="stopped")
             )
         finally:
             if on_sigint:
@@ -527,11 +536,10 @@ class ChatSession:
             self._task = None
         elapsed = time.monotonic() - started
         usage = outcome.usage if outcome is not None else acc.usage
-        reasoning_all = outcome.reasoning if outcome is not None else acc.reasoning_text
         self.face.finish(
             Finished(
                 acc.text,
-                reasoning_all,
+                shown_reasoning,
                 footer_line(self.call.model, elapsed, usage, notes=_agent_notes(outcome), stopped=stopped),
                 stopped,
             )
@@ -647,9 +655,7 @@ def _problems(lines: list[str]) -> int:
     return 2
 
 
-def run(
-    *, model: str | None, thread: str | None, no_thinking: bool, show_reasoning: bool
-) -> int:  # pragma: no cover - exercised as a process by tests/test_chat.py
+def run(*, model: str | None, thread: str | None, no_thinking: bool, show_reasoning: bool) -> int:
     """`kimibot chat`: 0 at the end of input, 1 when an answer failed (stdin not a terminal), 2 when it
     cannot start (settings, Redis)."""
     from bot.settings import SettingsError, load_settings_without_slack
