@@ -684,6 +684,9 @@ def run(*, model: str | None, thread: str | None, no_thinking: bool, show_reason
         except (RedisError, OSError) as exc:
             runner.run(session.close())
             return _problems([f"Redis at REDIS_URL cannot be reached ({type(exc).__name__}: {exc})."])
+        except KeyboardInterrupt:
+            runner.run(session.close())
+            return 130
         if note:
             face.note(note)
         if not profile.known:
