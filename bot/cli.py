@@ -1,4 +1,5 @@
-"""The `kimibot` command: `kimibot serve` runs the bot; `kimibot doctor` checks its settings and services."""
+"""The `kimibot` command: `kimibot serve` runs the bot; `kimibot doctor` checks its settings and services;
+`kimibot chat` talks to Kimi in the terminal."""
 
 from __future__ import annotations
 
@@ -42,6 +43,28 @@ def _parser() -> argparse.ArgumentParser:
         "MCP_CONFIG. Prints one line per check (✓ or ✗) and exits with 1 when any fails. Changes nothing; "
         "works before the first serve.",
     )
+    chat = sub.add_parser(
+        "chat",
+        help="talk to Kimi in the terminal through the bot's pipeline (needs no Slack settings)",
+        description="A conversation with Kimi through the bot's pipeline: context in Redis, model profiles, "
+        "tools (web_search, fetch_url, MCP), streaming with the reasoning shown dimmed. Needs only "
+        "MOONSHOT_API_KEY and REDIS_URL. With stdin not a terminal: one question per line, each answer on "
+        "stdout followed by a blank line; exit 1 at the first answer that fails.",
+    )
+    chat.add_argument("--model", metavar="ID", help="the model to talk to (default: KIMI_MODEL)")
+    chat.add_argument(
+        "--thread", metavar="NAME", help="resume the thread NAME (default: a new thread; its name is printed)"
+    )
+    chat.add_argument(
+        "--no-thinking",
+        action="store_true",
+        help="ask without thinking, where the model allows it (kimi-k2.5, kimi-k2.6); others say so",
+    )
+    chat.add_argument(
+        "--reasoning",
+        action="store_true",
+        help="stdin not a terminal: write each answer's reasoning (and tool calls) to stderr",
+    )
     return parser
 
 
@@ -49,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "doctor":
         return doctor()
+    if args.command == "chat":
+        from bot.chat import run
+
+        return run(
+            model=args.model, thread=args.thread, no_thinking=args.no_thinking, show_reasoning=args.reasoning
+        )
     if args.command not in ("serve", "worker"):
         _parser().print_help()
         return 2

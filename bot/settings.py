@@ -362,8 +362,26 @@ def secrets_from_files(
     return values, problems
 
 
+# Settings only the Slack side reads: a command that never talks to Slack (`kimibot chat`) does not need them
+# set, nor right. Every problem sentence starts with its variable's name.
+SLACK_ONLY_SETTINGS = (
+    "SLACK_",
+    "KIMIBOT_ENCRYPTION_KEY",
+    "ALLOWED_USERS",
+    "ALLOWED_CHANNELS",
+    "ADMIN_USERS",
+)
+
+
+def load_settings_without_slack(**overrides: object) -> Settings:
+    """`load_settings` for a command that never talks to Slack (`kimibot chat`): problems with the
+    Slack-only settings are not reported."""
+    return load_settings(**overrides, _slack=False)
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read and check the settings; raise SettingsError with plain sentences when they cannot work."""
+    slack = overrides.pop("_slack", True)
     env_file = overrides.get("_env_file", Settings.model_config.get("env_file"))
     from_files, malformed = secrets_from_files(
         env_file if isinstance(env_file, str | Path) else None, overrides
@@ -385,6 +403,8 @@ def load_settings(**overrides: object) -> Settings:
         # Read the rest with the bad values replaced by defaults, so missing ones are reported too.
         settings = Settings(**{**overrides, **bad_fields})  # type: ignore[arg-type]
     found = malformed + problems_with(settings)
+    if not slack:
+        found = [problem for problem in found if not problem.startswith(SLACK_ONLY_SETTINGS)]
     if found:
         raise SettingsError(found, settings)
     return settings
