@@ -15,6 +15,7 @@ from bot.deps import Deps
 from bot.errors import USER_MESSAGES, Reason
 from bot.pipeline import answer, stop_value
 from bot.queue import Job, Lease, LeaseLost
+from bot.shortcuts import SHORTCUT_JOB, run_shortcut
 from bot.slack.blocks import waiting_view
 from bot.slack.reply import announce_question, find_announcement, greet_assistant_thread
 from bot.store import forget_thread, forget_user
@@ -68,6 +69,8 @@ async def run_job(job: Job, lease: Lease, deps: Deps) -> None:
         await forget_me(deps, lease, job)
     elif job.kind == "usage":
         await show_usage(deps, lease, job)
+    elif job.kind == SHORTCUT_JOB:
+        await run_shortcut(deps, lease, job, queue_turn)
     else:
         log.warning("unknown job kind dropped", extra={"kind": job.kind, "job": job.job_id})
         await lease.dead_letter(job, "unknown kind")
