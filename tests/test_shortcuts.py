@@ -347,3 +347,9 @@ async def test_an_asked_post_of_a_run_that_died_before_noting_it_is_not_posted_t
     await paused.settle()
     assert len(announcements(fake_slack, root)) == 1  # found again, not posted twice
     assert len(fake_slack.bodies(CHANNEL, root)) == 2 and len(fake_kimi.requests) == 1
+
+
+async def test_kimi_help_names_the_shortcuts(bot: BotHarness) -> None:
+    status, body = await bot.command("help")
+    assert status == 200
+    assert "*Ask Kimi about this* and *Summarize thread*" in json.loads(body)["text"]
