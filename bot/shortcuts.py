@@ -19,7 +19,7 @@ from bot.admission import NOT_ENABLED, Access, AccessPolicy
 from bot.deps import Deps
 from bot.pipeline import speaker_name
 from bot.queue import Job, Lease
-from bot.slack.reply import api_call, slack_error
+from bot.slack.reply import CANNOT_POST_HERE, api_call, slack_error
 from bot.store import AccessFacts
 from bot.turn import Source, ThreadKey, Turn, file_refs
 
@@ -129,7 +129,8 @@ async def author_of(deps: Deps, team: str, message: dict[str, Any]) -> str:
 
 async def announce_in_thread(deps: Deps, channel: str, thread_ts: str, text: str, key: str) -> str | None:
     """Post "@user asked …" in the thread; its ts is the question the answer goes under. None when the bot
-    cannot post there. The post carries the job's key as metadata, so a re-run can find it."""
+    cannot post there (not a member, an archived channel…); other errors raise. The post carries the job's
+    key as metadata, so a re-run can find it."""
     args = {
         "channel": channel,
         "thread_ts": thread_ts,
@@ -140,6 +141,8 @@ async def announce_in_thread(deps: Deps, channel: str, thread_ts: str, text: str
     try:
         response = await api_call(deps.slack, "chat.postMessage", args)
     except SlackApiError as exc:
+        if slack_error(exc) not in CANNOT_POST_HERE:
+            raise  # Slack failing, not refusing: the job runs again (and, given up, tells the asker)
         log.info(
             "cannot post in the shortcut's thread", extra={"channel": channel, "error": slack_error(exc)}
         )

@@ -227,11 +227,13 @@ async def tell_not_answered(deps: Deps, job: Job, lease: Lease, why: str, refere
         command = job.data.get("command") or {}
         channel, thread_ts = str(command.get("channel_id") or ""), ""
         response_url = str(command.get("response_url") or "")
+    elif job.kind == SHORTCUT_JOB and job.data.get("response_url"):  # its turn was not queued: privately
+        channel, thread_ts, response_url = "", "", str(job.data["response_url"])
     else:
         return  # a greeting nobody asked for: nobody to tell
     deps.metrics.answer("gave_up" if why == "attempts" else "internal")
     await lease.guard()
-    if (response_url and job.kind == "command") or (job.kind == "turn" and response_url):
+    if response_url and job.kind in ("command", "turn", SHORTCUT_JOB):
         await AsyncWebhookClient(response_url).send(text=sentence, response_type="ephemeral")
         return
     progress = await lease.progress(job)

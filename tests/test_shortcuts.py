@@ -353,3 +353,16 @@ async def test_kimi_help_names_the_shortcuts(bot: BotHarness) -> None:
     status, body = await bot.command("help")
     assert status == 200
     assert "*Ask Kimi about this* and *Summarize thread*" in json.loads(body)["text"]
+
+
+async def test_slack_failing_to_post_is_not_taken_for_not_a_member_and_the_asker_hears_why(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    target = seeded(fake_slack, "1700000510.000100", user=BOB, text="Anything")
+    fake_slack.fail("chat.postMessage", "internal_error")
+    await bot.interact(shortcut_payload(fake_slack, SUMMARIZE_THREAD, target))
+    await bot.settle()
+    [told] = fake_slack.responses
+    assert told["response_type"] == "ephemeral" and NOT_IN_CHANNEL not in told["text"]
+    assert "(ref `" in told["text"]
+    assert fake_kimi.requests == []
