@@ -14,7 +14,15 @@ from slack_bolt.async_app import AsyncAck, AsyncApp
 
 from bot.admission import NOT_ENABLED, Access
 from bot.deps import Deps
-from bot.shortcuts import ASK, SHORTCUT_JOB, SUMMARY, shortcut_job, shortcut_thread, target_message
+from bot.shortcuts import (
+    ASK,
+    NOT_IN_CHANNEL,
+    SHORTCUT_JOB,
+    SUMMARY,
+    shortcut_job,
+    shortcut_thread,
+    target_message,
+)
 from bot.slack.settings_view import notice_modal
 from bot.store import ShortcutMessages
 from bot.turn import ThreadKey
@@ -30,7 +38,8 @@ QUESTION_BLOCK = QUESTION_ACTION = "question"
 QUESTION_MAX_CHARS = 3_000  # a plain_text_input holds at most 3,000 characters
 PREVIEW_CHARS = 280
 # Slack waits 3 s for the ack, and the trigger_id for views.open lives as long: the access check (users.info
-# when guests or user groups are restricted) gets a second; the job checks again in any case.
+# when guests or user groups are restricted) and the membership check (conversations.info) get a second,
+# side by side; the job checks both again in any case.
 ACCESS_CHECK_S = 1.0
 OPEN_DEADLINE_S = 2.5
 FORM_GONE = "This form is out of date: close it and use the shortcut on the message again."
@@ -86,6 +95,18 @@ def ask_modal(token: str, preview: str) -> dict[str, Any]:
 def question_of(view: dict[str, Any]) -> str:
     values = ((view.get("state") or {}).get("values") or {}).get(QUESTION_BLOCK) or {}
     return str((values.get(QUESTION_ACTION) or {}).get("value") or "").strip()
+
+
+async def _bot_absent(deps: Deps, channel: str) -> bool:
+    """True when Slack says the bot is not a member of the channel (conversations.info `is_member`), so the
+    form would be filled in for nothing. Anything less certain (a private channel or DM Slack hides from the
+    bot, an error, a slow answer) is False: the job finds out when it posts, and says so then."""
+    try:
+        async with asyncio.timeout(ACCESS_CHECK_S):
+            response = await deps.slack.conversations_info(channel=channel)
+    except Exception:
+        return False
+    return (response.get("channel") or {}).get("is_member") is False
 
 
 async def _refused(access: Access | None, team: str, user: str, channel: str) -> bool:
@@ -160,8 +181,11 @@ def register(app: AsyncApp, deps: Deps, access: Access | None = None) -> None:
             return
         deadline = asyncio.get_running_loop().time() + OPEN_DEADLINE_S  # the trigger_id's life
         try:
-            if await _refused(access, team, user, channel):
-                view = notice_modal(NOT_ENABLED)
+            refused, absent = await asyncio.gather(
+                _refused(access, team, user, channel), _bot_absent(deps, channel)
+            )
+            if refused or absent:
+                view = notice_modal(NOT_ENABLED if refused else NOT_IN_CHANNEL)
             else:
                 token = secrets.token_hex(16)
                 where = {"team": team, "channel": channel, "user": user}

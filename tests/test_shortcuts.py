@@ -243,17 +243,38 @@ async def test_a_redelivered_shortcut_or_form_is_answered_once(
 async def test_where_the_bot_is_not_a_member_the_asker_is_told_privately(
     bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
 ) -> None:
-    elsewhere = "C0NOTMINE1"
-    fake_slack.not_member_of.add(elsewhere)
+    # A private channel Slack hides from the bot (conversations.info: channel_not_found): the form opens,
+    # and the job, whose post is refused, says so through the shortcut's response_url.
+    hidden = "G0HIDDEN01"
+    fake_slack.not_member_of.add(hidden)
     message = {"type": "message", "user": BOB, "ts": "1700000506.000100", "text": "Secret plans"}
-    await bot.interact(shortcut_payload(fake_slack, SUMMARIZE_THREAD, message, channel=elsewhere))
-    await bot.interact(shortcut_payload(fake_slack, ASK_ABOUT_MESSAGE, message, channel=elsewhere))
+    await bot.interact(shortcut_payload(fake_slack, SUMMARIZE_THREAD, message, channel=hidden))
+    await bot.interact(shortcut_payload(fake_slack, ASK_ABOUT_MESSAGE, message, channel=hidden))
+    assert fake_slack.views[-1]["callback_id"] == ASK_VIEW
     values = {"question": {"question": {"type": "plain_text_input", "value": "What plans?"}}}
     await bot.submit_view(fake_slack.views[-1], values)
     await bot.settle()
     assert [r["text"] for r in fake_slack.responses] == [NOT_IN_CHANNEL, NOT_IN_CHANNEL]
     assert all(r["response_type"] == "ephemeral" for r in fake_slack.responses)
-    assert fake_kimi.requests == [] and fake_slack.posts(elsewhere) == []
+    assert fake_kimi.requests == [] and fake_slack.posts(hidden) == []
+
+
+async def test_ask_in_a_channel_slack_says_the_bot_is_not_in_says_so_before_the_question(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    public = "C0NOTMINE1"
+    fake_slack.add_conversation(public, "elsewhere")
+    fake_slack.not_member_of.add(public)
+    message = {"type": "message", "user": BOB, "ts": "1700000506.000200", "text": "Public plans"}
+    await bot.interact(shortcut_payload(fake_slack, ASK_ABOUT_MESSAGE, message, channel=public))
+    notice = fake_slack.views[-1]
+    assert "callback_id" not in notice and NOT_IN_CHANNEL in json.dumps(notice["blocks"], ensure_ascii=False)
+    await bot.settle()
+    assert fake_kimi.requests == [] and fake_slack.posts(public) == []
+    fake_slack.not_member_of.discard(public)  # invited: the form opens
+    await bot.interact(shortcut_payload(fake_slack, ASK_ABOUT_MESSAGE, message, channel=public))
+    assert fake_slack.views[-1]["callback_id"] == ASK_VIEW
+    assert fake_slack.problems == []
 
 
 async def test_a_user_the_access_rules_leave_out_is_told_privately(
