@@ -299,7 +299,9 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
         on_progress=save_progress,
         fence=lease.guard,
     )
-    details = {"question": turn.text}
+    details: dict[str, Any] = {"question": turn.text}
+    if turn.reads_thread:  # Regenerate and Retry read the thread again too
+        details["reads_thread"] = True
     try:
         progress, name, state, config = await asyncio.gather(  # what the job needs, fetched at once
             lease.progress(job),
@@ -592,6 +594,8 @@ async def _record(
         calibration_usage = agent.steps[0].usage if agent.steps else acc.usage  # the prompt `fit` estimated
     reasoning = agent.reasoning if agent is not None else acc.reasoning_text
     details = {"question": turn.text, "reasoning": reasoning, "thinking_s": round(thinking_s, 3)}
+    if turn.reads_thread:  # Regenerate reads the thread again too
+        details["reads_thread"] = True
     entries: list[dict[str, Any]] = []
     meta: dict[str, str | int | float] = {}
     if history:

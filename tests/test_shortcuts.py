@@ -13,6 +13,7 @@ import pytest
 
 import bot.work as work
 from bot.shortcuts import NOT_IN_CHANNEL, SUMMARY_QUESTION
+from bot.slack.blocks import ACTION_REGENERATE
 from bot.turn import Turn
 from handlers.shortcuts import ASK_ABOUT_MESSAGE, ASK_VIEW, FORM_GONE, SUMMARIZE_THREAD
 from tests.conftest import BotHarness
@@ -188,6 +189,13 @@ async def test_summarize_covers_every_message_of_the_thread_even_those_the_bot_n
     for user, text in said:  # every message, beyond BACKFILL_LIMIT=3 and beyond what was stored
         assert f"{'bob' if user == BOB else 'alice'}: {text}" in saw
     assert "who decided what" in saw
+    # Regenerate makes the summary again from the thread as Slack has it now.
+    fake_slack.seed(CHANNEL, user=BOB, text="Late news: Friday moved to Monday", thread_ts=root)
+    summary = fake_slack.replies(CHANNEL, root)[-1]
+    assert (await bot_.click(summary, ACTION_REGENERATE))[0] == 200
+    await bot_.settle()
+    saw = kimi_saw(fake_kimi)
+    assert "bob: Late news: Friday moved to Monday" in saw and "bob: I decided we ship on Friday" in saw
     # The summary is part of the thread's history: a follow-up sees it.
     await bot_.send_event(mention("Thanks, and what next?", "1700000503.000900", thread_ts=root))
     await bot_.settle()
