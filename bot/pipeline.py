@@ -39,6 +39,8 @@ from bot.usage import Limits, Meter, OverBudget
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CATCH_UP_S = 2.0  # the most a mention waits to read the replies it missed ("mentions" channels)
+# "Summarize thread" reads this many of the thread's messages at most (fit() then leaves out the oldest).
+THREAD_READ_LIMIT = 2_000
 
 EMPTY_QUESTION = "Hi! Ask me anything: mention me with a question, or reply in this thread."
 
@@ -76,15 +78,16 @@ async def speaker_name(deps: Deps, team_id: str, user: str) -> str:
 
 
 async def backfill(
-    deps: Deps, turn: Turn, *, oldest: str = "", questions: bool = True
+    deps: Deps, turn: Turn, *, oldest: str = "", questions: bool = True, limit: int | None = None
 ) -> list[dict[str, Any]]:
     """Entries for the thread's messages before this one, when the bot is first called into it (or, with
     `oldest`, only those newer than that ts: see catch_up). `questions=False` leaves out the messages that
-    mention the bot: each is a question with a job of its own."""
+    mention the bot: each is a question with a job of its own. `limit`: how many messages to read at most
+    (BACKFILL_LIMIT when None)."""
     entries: list[dict[str, Any]] = []
     cursor: str | None = None
     fetched = 0
-    limit = deps.settings.backfill_limit
+    limit = deps.settings.backfill_limit if limit is None else limit
     me = deps.current_identity().user_id  # OAuth mode: this workspace's bot
     try:
         while fetched < limit:
@@ -296,7 +299,9 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
         on_progress=save_progress,
         fence=lease.guard,
     )
-    details = {"question": turn.text}
+    details: dict[str, Any] = {"question": turn.text}
+    if turn.reads_thread:  # Regenerate and Retry read the thread again too
+        details["reads_thread"] = True
     try:
         progress, name, state, config = await asyncio.gather(  # what the job needs, fetched at once
             lease.progress(job),
@@ -424,10 +429,16 @@ async def _think_and_deliver(
     call = ModelCall(config.model, profile, config.effort, config.thinking)
     budget = call.profile.context_window - kimi.budget_of(call)
     calibration = float(meta.get("calibration", "1.0"))
+    start = max(int(meta.get("start", "0")) - offset, 0)
+    if turn.reads_thread:
+        # "Summarize thread": the model reads the thread as Slack has it now, not only what was stored (the
+        # stored history keeps its question and answer, and its start; see _record).
+        thread = await backfill(deps, turn, limit=THREAD_READ_LIMIT)
+        entries, start, offset = [*thread, question], 0, 0
     fitted = fit(
         config.system_prompt(settings.system_prompt),
         entries,
-        start=max(int(meta.get("start", "0")) - offset, 0),
+        start=start,
         budget_tokens=budget,
         calibration=calibration,
         replays_reasoning=call.profile.replays_reasoning,
@@ -701,6 +712,8 @@ async def _record(
         calibration_usage = agent.steps[0].usage if agent.steps else acc.usage  # the prompt `fit` estimated
     reasoning = agent.reasoning if agent is not None else acc.reasoning_text
     details = {"question": turn.text, "reasoning": reasoning, "thinking_s": round(thinking_s, 3)}
+    if turn.reads_thread:  # Regenerate reads the thread again too
+        details["reads_thread"] = True
     entries: list[dict[str, Any]] = []
     meta: dict[str, str | int | float] = {}
     if history:
@@ -721,7 +734,8 @@ async def _record(
                 **({"tools": tool_record(agent)} if agent is not None and agent.steps else {}),
             }
         )
-        meta["start"] = start
+        if not turn.reads_thread:  # its `start` counted the thread read from Slack, not the stored history
+            meta["start"] = start
         if calibration_usage and calibration_usage.prompt_tokens:
             meta["calibration"] = round(calibrate(estimated, calibration_usage.prompt_tokens), 4)
     await lease.complete(job, *entries, details=(turn.ts, details), **meta)

@@ -253,6 +253,34 @@ return 'ok'
 """
 
 
+SHORTCUT_MESSAGE_TTL_S = 86_400  # a modal may stay open a while; its form is refused after this
+
+
+class ShortcutMessages:
+    """The message an "Ask Kimi about this" modal is about, from the shortcut until the form is sent: a
+    message (up to 40,000 characters, and its files) does not fit in the modal's private_metadata."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    @staticmethod
+    def key(token: str) -> str:
+        return f"{PREFIX}:shortcut:{token}"
+
+    async def put(self, token: str, message: dict[str, Any]) -> None:
+        await self.redis.set(self.key(token), json.dumps(message), ex=SHORTCUT_MESSAGE_TTL_S)
+
+    async def get(self, token: str) -> dict[str, Any] | None:
+        raw = await self.redis.get(self.key(token))
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+
 class Approvals:
     """Approve/Deny for a tool call that changes things: opened by the answering job, decided by the
     asker's click (in whichever process receives it), read by the job while it waits."""

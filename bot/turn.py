@@ -71,6 +71,8 @@ class Turn:
     action_token: str = ""  # from the message event, when Slack sends one: lets slack_search search
     # The Slack file objects attached to the question (trimmed by `file_refs`): read into its context.
     files: tuple[dict[str, Any], ...] = ()
+    # "Summarize thread": the answer reads every message of the thread from Slack, not the stored history.
+    reads_thread: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,6 +15,7 @@ from bot.deps import Deps
 from bot.errors import USER_MESSAGES, Reason
 from bot.pipeline import answer, stop_value
 from bot.queue import Job, Lease, LeaseLost
+from bot.shortcuts import SHORTCUT_JOB, run_shortcut
 from bot.slack.blocks import waiting_view
 from bot.slack.reply import announce_question, find_announcement, greet_assistant_thread
 from bot.store import forget_thread, forget_user
@@ -68,6 +69,8 @@ async def run_job(job: Job, lease: Lease, deps: Deps) -> None:
         await forget_me(deps, lease, job)
     elif job.kind == "usage":
         await show_usage(deps, lease, job)
+    elif job.kind == SHORTCUT_JOB:
+        await run_shortcut(deps, lease, job, queue_turn)
     else:
         log.warning("unknown job kind dropped", extra={"kind": job.kind, "job": job.job_id})
         await lease.dead_letter(job, "unknown kind")
@@ -224,11 +227,13 @@ async def tell_not_answered(deps: Deps, job: Job, lease: Lease, why: str, refere
         command = job.data.get("command") or {}
         channel, thread_ts = str(command.get("channel_id") or ""), ""
         response_url = str(command.get("response_url") or "")
+    elif job.kind == SHORTCUT_JOB and job.data.get("response_url"):  # its turn was not queued: privately
+        channel, thread_ts, response_url = "", "", str(job.data["response_url"])
     else:
         return  # a greeting nobody asked for: nobody to tell
     deps.metrics.answer("gave_up" if why == "attempts" else "internal")
     await lease.guard()
-    if (response_url and job.kind == "command") or (job.kind == "turn" and response_url):
+    if response_url and job.kind in ("command", "turn", SHORTCUT_JOB):
         await AsyncWebhookClient(response_url).send(text=sentence, response_type="ephemeral")
         return
     progress = await lease.progress(job)

@@ -17,7 +17,7 @@ def register(app: AsyncApp, deps: Deps) -> None:
     events.register(app, deps, access)
     commands.register(app, deps, access)
     actions.register(app, deps, access)
-    shortcuts.register(app, deps)
+    shortcuts.register(app, deps, access)
     settings.register(app, deps)
     installs.register(app, deps)  # OAuth mode: app_uninstalled, tokens_revoked
     fallback.register(app)  # last: only what nothing above took

@@ -78,7 +78,10 @@ def register(app: AsyncApp, deps: Deps, access: Access | None = None) -> None:
         if details is None:
             await tell(channel, user, ref.thread_ts, GONE)
             return None
-        question = {"text": str(details.get("question") or "")}
+        question = {
+            "text": str(details.get("question") or ""),
+            "reads_thread": bool(details.get("reads_thread")),
+        }
         reply = None
         if "reasoning" in details:
             reply = {"reasoning_content": details["reasoning"], "thinking_s": details.get("thinking_s") or 0}
@@ -137,6 +140,7 @@ def register(app: AsyncApp, deps: Deps, access: Access | None = None) -> None:
             text,
             ts=clicked_at,
             thread_ts=thread.thread_ts,
+            reads_thread=bool(question.get("reads_thread")),  # a summary is made again from the thread
         )
         await queue_turn(deps, turn)  # deduplicated by action_ts: a click delivered twice counts once
 

@@ -28,6 +28,7 @@ def usage_text(command: str) -> str:
         "• Mention me in a channel (`@Kimi ...`) and I answer in the thread; keep talking there, no need "
         "to mention me again.\n"
         "• DM me for a private conversation; each DM thread is its own conversation.\n"
+        "• On a message (its ⋮ menu): *Ask Kimi about this* and *Summarize thread* answer in its thread.\n"
         f"• `{command} help`: this message.\n"
         f"• `{command} usage`: what you used today and this month (tokens, cost, answers); admins also see "
         "this channel and the workspace.\n"

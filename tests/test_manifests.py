@@ -89,3 +89,16 @@ def test_the_oauth_manifest_redirects_to_the_route_and_sends_uninstalls() -> Non
     assert manifest["settings"]["socket_mode_enabled"] is False
     http = yaml.safe_load((ROOT / "manifests" / "manifest-http.yml").read_text())
     assert manifest["oauth_config"]["scopes"] == http["oauth_config"]["scopes"]
+
+
+@pytest.mark.parametrize("name", ["manifest-http.yml", "manifest-socket-mode.yml", "manifest-oauth.yml"])
+def test_manifest_lists_every_message_shortcut_the_app_answers(name: str) -> None:
+    from handlers.shortcuts import ASK_ABOUT_MESSAGE, FORGET_THREAD, SUMMARIZE_THREAD
+
+    manifest = yaml.safe_load((ROOT / "manifests" / name).read_text())
+    shortcuts = manifest["features"]["shortcuts"]
+    assert {s["callback_id"] for s in shortcuts} == {ASK_ABOUT_MESSAGE, SUMMARIZE_THREAD, FORGET_THREAD}
+    for shortcut in shortcuts:  # Slack's limits: a name of at most 24 characters, a description of 150
+        assert shortcut["type"] == "message"
+        assert 0 < len(shortcut["name"]) <= 24 and 0 < len(shortcut["description"]) <= 150
+    assert "commands" in manifest["oauth_config"]["scopes"]["bot"]  # what shortcuts need

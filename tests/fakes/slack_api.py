@@ -1200,6 +1200,8 @@ class FakeSlack:
 
     def _m_conversations_info(self, args: dict[str, Any]) -> dict[str, Any]:
         info = self._readable(args["channel"])
+        if info and not info["is_im"]:  # Slack says whether the bot is a member of a channel (not of a DM)
+            info = {**info, "is_member": args["channel"] not in self.not_member_of}
         return {"channel": dict(info)} if info else {"ok": False, "error": "channel_not_found"}
 
     def _m_conversations_members(self, args: dict[str, Any]) -> dict[str, Any]:
