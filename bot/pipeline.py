@@ -20,7 +20,7 @@ from bot.admission import mentions, strip_mention
 from bot.agent.live import WriterView, ask_approval
 from bot.agent.loop import CAP_NOTES, AgentLoop, Caps, Outcome, Planned, Step
 from bot.channel_settings import ChannelConfig, pin, pinned
-from bot.context import Fit, calibrate, fit, user_entry
+from bot.context import Fit, calibrate, user_entry
 from bot.deps import Deps
 from bot.errors import ADMIN_REASONS, RETRYABLE_REASONS, AnswerError, Reason
 from bot.kimi.client import ModelCall
@@ -31,6 +31,7 @@ from bot.slack.blocks import ACTION_STOP, AnswerRef, answer_blocks, failure_bloc
 from bot.slack.render import footer
 from bot.slack.reply import ReplyWriter, describe
 from bot.store import Approvals, ThreadState
+from bot.summaries import fit_thread
 from bot.tools.base import Tool, ToolContext
 from bot.tools.registry import build_registry, offered
 from bot.turn import Source, Turn
@@ -424,13 +425,20 @@ async def _think_and_deliver(
     call = ModelCall(config.model, profile, config.effort, config.thinking)
     budget = call.profile.context_window - kimi.budget_of(call)
     calibration = float(meta.get("calibration", "1.0"))
-    fitted = fit(
-        config.system_prompt(settings.system_prompt),
-        entries,
+    fitted = await fit_thread(  # bot/context.py fit, with the earlier turns summarised (bot/summaries.py)
+        deps,
+        turn,
+        lease,
+        job,
+        call,
+        system_prompt=config.system_prompt(settings.system_prompt),
+        entries=entries,
+        offset=offset,
         start=max(int(meta.get("start", "0")) - offset, 0),
-        budget_tokens=budget,
+        budget=budget,
         calibration=calibration,
-        replays_reasoning=call.profile.replays_reasoning,
+        history=history,
+        before_call=writer.start,
     )
     if fitted.too_long:
         raise AnswerError(Reason.TOO_LONG, f"question alone exceeds {budget} tokens")
@@ -498,9 +506,10 @@ async def _think_and_deliver(
         writer,
         started,
         acc.usage,
-        left_out,
+        left_out - fitted.summarised,  # the rest is in the summary at the head
         acc.finish_reason,
         bool(acc.reasoning_text),
+        extra=fitted.notes,
         model=call.model,
     )
     await _record(
@@ -768,10 +777,10 @@ async def _agent_answer(
         writer,
         started,
         outcome.usage,
-        left_out,
+        left_out - fitted.summarised,  # the rest is in the summary at the head
         outcome.final.finish_reason,
         bool(outcome.reasoning),
-        extra=agent_notes(outcome),
+        extra=(*fitted.notes, *agent_notes(outcome)),
         model=call.model,
     )
     log.info(
