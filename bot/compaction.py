@@ -206,7 +206,8 @@ def summary_request(
 
 def summary_text(raw: str, *, budget_tokens: int, calibration: float = 1.0) -> str:
     """The model's summary, cut to fit the room kept for it (the window's sums count on that room)."""
-    room = summary_room(budget_tokens) / max(calibration, 0.01) - MESSAGE_OVERHEAD_TOKENS - 20
+    label = (len(HEAD_LABEL) + 24) / CHARS_PER_TOKEN  # the label with its numbers filled in
+    room = summary_room(budget_tokens) / max(calibration, 0.01) - MESSAGE_OVERHEAD_TOKENS - label - 2
     limit = max(int(room * CHARS_PER_TOKEN), 0)
     text = raw.strip()
     return text if len(text) <= limit else text[: max(limit - 1, 0)].rstrip() + "…"
