@@ -200,10 +200,12 @@ def test_the_summary_request_thinks_as_little_as_each_model_allows() -> None:
         call = quick_call(ModelCall(model, profile_for(model), "high", True))
         return call.profile.request_params(call.reasoning_effort, 100, thinking=call.thinking)
 
-    assert params("kimi-k2.6")["extra_body"] == {"thinking": {"type": "disabled"}}
-    assert params("kimi-k3")["reasoning_effort"] == "low"
-    always = params("kimi-k2.7-code")  # thinks whatever is sent: nothing that could earn a 400
-    assert "extra_body" not in always and "reasoning_effort" not in always
+    for model in ("kimi-k2.6", "kimi-k2.5"):
+        assert params(model)["extra_body"] == {"thinking": {"type": "disabled"}}
+    assert params("kimi-k3")["reasoning_effort"] == params("kimi-k3.1-pro")["reasoning_effort"] == "low"
+    for model in ("kimi-k2.7-code", "kimi-k2-thinking"):  # think whatever is sent: nothing to earn a 400
+        always = params(model)
+        assert "extra_body" not in always and "reasoning_effort" not in always
 
 
 # ---- whole threads through the app ---------------------------------------------------------------
