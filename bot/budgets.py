@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from bot.context import estimate_tokens
-from bot.kimi.profiles import ModelProfile, Thinking
+from bot.kimi.profiles import ModelProfile
 
 NANO = 1_000_000_000
 METRICS = ("turns", "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_nusd")
@@ -148,9 +148,10 @@ FEWEST_OUTPUT_TOKENS = 2_000
 FEWEST_THINKING_OUTPUT_TOKENS = 8_000
 
 
-def fewest_output_tokens(profile: ModelProfile, output_budget: int) -> int:
-    """The fewest output tokens worth sending a request with (see FEWEST_OUTPUT_TOKENS)."""
-    fewest = FEWEST_OUTPUT_TOKENS if profile.thinking == Thinking.NONE else FEWEST_THINKING_OUTPUT_TOKENS
+def fewest_output_tokens(profile: ModelProfile, output_budget: int, *, thinking: bool = True) -> int:
+    """The fewest output tokens worth sending a request with (see FEWEST_OUTPUT_TOKENS); `thinking` is the
+    request's switch (a kimi-k2.6 channel with thinking off needs no room to reason)."""
+    fewest = FEWEST_THINKING_OUTPUT_TOKENS if profile.thinks(thinking) else FEWEST_OUTPUT_TOKENS
     return min(fewest, output_budget)
 
 

@@ -464,6 +464,7 @@ async def _think_and_deliver(
         kimi.budget_of(call),
         Limits.from_settings(settings),
         calibration,
+        thinking=call.thinking,
     )
     ctx = tool_context(turn, deps)
     available = list(await deps.tools(ctx)) if deps.tools is not None else []

@@ -588,6 +588,7 @@ class Meter:
     output_budget: int
     limits: Limits
     calibration: float = 1.0
+    thinking: bool = True  # the requests' thinking switch (the channel's): a non-thinking one is cut further
     # This run of the job: two runs of one job (a lease lost while the first still ran) never share an id.
     run: str = field(default_factory=lambda: secrets.token_hex(4))
     # How long a reservation lasts unless extended; while its request runs it is extended every third of it.
@@ -608,7 +609,7 @@ class Meter:
         bound = OutputBound(
             prompt_nusd=self.profile.cost_nusd(self._prompt, 0, 0),
             tokens=self.output_budget,
-            fewest=fewest_output_tokens(self.profile, self.output_budget),
+            fewest=fewest_output_tokens(self.profile, self.output_budget, thinking=self.thinking),
             price_nusd_per_token=self.profile.price_out * 1000,  # USD per 1M tokens -> nano-USD per token
         )
         # "<job id>:<run>:<n>": the answer's other reservations (a run that died, a settlement that failed)

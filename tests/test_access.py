@@ -167,6 +167,54 @@ async def test_a_disallowed_channel_gets_no_kimi_call_and_one_notice(
     assert fake_slack.problems == []
 
 
+@pytest.mark.parametrize(
+    ("user", "channel", "why"),
+    [("UALICE", "C2", None), ("UALICE", "C1", "channel"), ("UBOB", "C2", "user"), ("UBOB", "C1", "channel")],
+)
+def test_with_both_lists_the_person_and_the_channel_must_each_be_allowed(
+    user: str, channel: str, why: str | None
+) -> None:
+    access = policy(users={"UALICE"}, channels={"C2"})
+    decision = decide(event(user=user, channel=channel), bot_user_id=ME, bot_id=MY_BOT, access=access)
+    assert decision.answer is (why is None)
+    if why is not None:
+        assert decision.refused and decision.why.startswith(f"not allowed: {why}")
+
+
+async def test_a_user_group_slack_cannot_read_lets_no_one_in_through_it(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    fake_slack.usergroups[GROUP] = [ALICE]
+    fake_slack.fail("usergroups.users.list", "missing_scope", times=10)
+    bot: BotHarness = await make_bot(allowed_users=GROUP)
+    await bot.send_event(mention("am I in?", "1700000907.000100"))
+    await bot.settle()
+    assert fake_kimi.requests == [] and len(refusals(fake_slack, ALICE)) == 1
+
+
+async def test_a_guest_check_slack_cannot_answer_lets_the_person_in_with_a_warning(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi, caplog: pytest.LogCaptureFixture
+) -> None:
+    bot: BotHarness = await make_bot(allow_guests=False)
+    fake_slack.fail("users.info", "internal_error", status=500, times=20)
+    with caplog.at_level("WARNING"):
+        await bot.send_event(mention("am I in?", "1700000908.000100"))
+        await bot.settle()
+    assert len(fake_kimi.requests) == 1 and not refusals(fake_slack)
+    assert any("guest" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+async def test_kimi_command_refuses_every_time_not_once_an_hour(
+    make_bot: Callable[..., Any], fake_kimi: FakeKimi
+) -> None:
+    bot: BotHarness = await make_bot(allowed_users=BOB)
+    for question in ("first?", "second?"):
+        status, body = await bot.command(question)
+        assert status == 200 and json.loads(body) == {"response_type": "ephemeral", "text": NOT_ENABLED}
+    await bot.settle()
+    assert fake_kimi.requests == []
+
+
 async def test_a_follow_up_from_a_disallowed_user_in_an_answered_thread_is_refused(
     make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
 ) -> None:

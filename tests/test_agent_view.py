@@ -52,3 +52,23 @@ async def test_opening_the_home_tab_does_not_greet(bot: BotHarness, fake_slack: 
     await bot.settle()
     assert fake_slack.calls_of("chat.postMessage") == []
     assert fake_slack.calls_of("assistant.threads.setSuggestedPrompts") == []
+
+
+async def test_the_messages_tab_greets_again_once_thread_ttl_days_have_passed(
+    bot: BotHarness, fake_slack: FakeSlack
+) -> None:
+    from bot.store import ThreadKeys
+    from bot.turn import ThreadKey
+    from handlers.assistant import MESSAGES_TAB
+    from tests.fakes.slack_api import TEAM_ID
+
+    await bot.send_event(home_opened("messages"), seed=False)
+    await bot.settle()
+    claim = ThreadKeys(ThreadKey(TEAM_ID, DM, MESSAGES_TAB)).seen(f"greet:{ALICE}")
+    ttl_s = await bot.deps.redis.ttl(claim)
+    kept_s = bot.deps.settings.thread_ttl_seconds
+    assert kept_s - 60 < ttl_s <= kept_s  # the greeting is remembered for THREAD_TTL_DAYS
+    await bot.deps.redis.delete(claim)  # ... which have now passed
+    await bot.send_event(home_opened("messages", ts="1700000006.000400"), seed=False)
+    await bot.settle()
+    assert len(fake_slack.calls_of("chat.postMessage")) == 2

@@ -115,6 +115,10 @@ def test_tools_off_are_the_unchecked_ones_and_unlisted_ones_keep_their_state() -
 def test_a_valid_budget_is_kept_and_the_workspace_form_has_none() -> None:
     assert validate(form(budget_usd="25.5"), offered_tools=TOOLS).values["budget_usd"] == "25.5"  # type: ignore[arg-type]
     assert validate(form(budget_usd="1e2"), offered_tools=TOOLS).values["budget_usd"] == "100"  # type: ignore[arg-type]
+    # More decimals than cents are rounded to cents (the README says so), whatever the notation typed.
+    assert validate(form(budget_usd="2.345"), offered_tools=TOOLS).values["budget_usd"] == "2.34"  # type: ignore[arg-type]
+    assert validate(form(budget_usd="0.0049"), offered_tools=TOOLS).values["budget_usd"] == "0.00"  # type: ignore[arg-type]
+    assert validate(form(budget_usd="1e-999999999"), offered_tools=TOOLS).values["budget_usd"] == "0.00"  # type: ignore[arg-type]
     workspace = validate(form(budget_usd="-1"), offered_tools=TOOLS, workspace=True)  # type: ignore[arg-type]
     assert workspace.errors == {} and "budget_usd" not in workspace.values
 
@@ -274,3 +278,16 @@ def test_hostile_numbers_and_nesting_neither_hang_nor_crash(make_settings: Calla
     assert config.tools_off == frozenset() and config.budget_usd is None
     assert resolve(make_settings(), {}, {"tools_off": '["a", ["b"], 3]'}).tools_off == frozenset({"a"})
     assert pinned(config, nested) == config
+
+
+def test_the_form_lists_an_unknown_kimi_model_and_shows_thinking_only_where_it_switches() -> None:
+    third_party = ChannelConfig("vendor/kimi-k2-thinking", True, "high", "", frozenset(), "all", None)
+    view = settings_modal("C123", third_party, [], team="T123")
+    by_id = {b.get("block_id"): b for b in view["blocks"]}
+    options = [o["value"] for o in by_id["model"]["element"]["options"]]
+    assert options == ["vendor/kimi-k2-thinking", *PROFILES]  # KIMI_MODEL from another host, then the table
+    for model in PROFILES:
+        config = ChannelConfig(model, False, "high", "", frozenset(), "all", None)
+        shown = {b.get("block_id") for b in settings_modal("C123", config, [], team="T123")["blocks"]}
+        assert ("thinking" in shown) is (model in ("kimi-k2.5", "kimi-k2.6")), model
+        assert ("effort" in shown) is model.startswith("kimi-k3"), model

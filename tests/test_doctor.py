@@ -87,6 +87,10 @@ async def test_good_settings_pass_every_check(
         ({"MOONSHOT_API_KEY": "sk-wrong"}, "MOONSHOT_API_KEY", "rejected by Kimi"),
         ({"SLACK_APP_TOKEN": "xapp-wrong", "SLACK_SIGNING_SECRET": ""}, "SLACK_APP_TOKEN", "invalid_auth"),
         ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL", "not a log level"),
+        ({"KIMI_PRICES": "{not json"}, "KIMI_PRICES", "KIMI_PRICES"),
+        # Asked once, no retries: an unreachable service is a line saying so, not a hang or a traceback.
+        ({"SLACK_API_URL": "http://127.0.0.1:1/api/"}, "SLACK_BOT_TOKEN", "reach"),
+        ({"KIMI_BASE_URL": "http://127.0.0.1:1/v1"}, "MOONSHOT_API_KEY", "reach"),
     ],
 )
 async def test_a_broken_setting_fails_with_a_line_naming_it(
@@ -169,3 +173,20 @@ async def test_a_redis_cluster_is_recognised_and_a_wrong_redis_cluster_setting_n
     other_db = cluster_url.rsplit("/", 1)[0] + "/3"
     code, lines, _ = await doctor(fake_slack, fake_kimi, other_db, tmp_path)
     assert code == 1 and "REDIS_URL selects database 3" in failing(lines)[0], lines
+
+
+async def test_the_doctor_changes_nothing_in_redis(
+    fake_slack: FakeSlack, fake_kimi: FakeKimi, redis_url: str, tmp_path: Path
+) -> None:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    await redis.set("kimibot:test:bystander", "kept")
+    before = {key: await redis.dump(key) for key in await redis.keys("*")}
+    code, lines, err = await doctor(fake_slack, fake_kimi, redis_url, tmp_path)
+    assert code == 0, (lines, err)
+    after = {key: await redis.dump(key) for key in await redis.keys("*")}
+    assert after == before
+    await redis.aclose()
+    # Nor in Slack: only reads (auth.test, apps.connections.open when set), no message, no reaction.
+    assert {call.method for call in fake_slack.calls} <= {"auth.test", "apps.connections.open"}

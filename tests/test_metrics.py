@@ -146,6 +146,14 @@ async def test_queue_depth_and_oldest_job_age_are_read_when_scraped(make_bot: An
     samples, _ = await scrape(bot)
     assert value(samples, "kimibot_queue_threads") == 2
     assert 0 <= value(samples, "kimibot_queue_oldest_job_age_seconds") < 5  # queued just now
+    # Redis stops answering: the gauges keep their last values and /metrics still answers.
+    kwargs = dict(bot.deps.redis.connection_pool.connection_kwargs)
+    await bot.deps.redis.connection_pool.disconnect()
+    bot.deps.redis.connection_pool.connection_kwargs.update(port=1, host="127.0.0.1")
+    samples, _ = await scrape(bot)
+    assert value(samples, "kimibot_queue_threads") == 2
+    await bot.deps.redis.connection_pool.disconnect()
+    bot.deps.redis.connection_pool.connection_kwargs.update(kwargs)
     bot.run_worker()
     await bot.settle()
     samples, _ = await scrape(bot)

@@ -77,7 +77,7 @@ async def start_serve(
     processes: list[ServeProcess] = []
     port = free_port()
 
-    def start(**extra: str) -> ServeProcess:
+    def start(command: str = "serve", **extra: str) -> ServeProcess:
         env = {
             "PATH": os.environ.get("PATH", ""),
             "HOME": str(tmp_path),
@@ -91,7 +91,7 @@ async def start_serve(
             "PORT": str(port),
             **extra,
         }
-        process = ServeProcess(env, tmp_path)
+        process = ServeProcess(env, tmp_path, command)
         processes.append(process)
         return process
 
@@ -200,4 +200,31 @@ async def test_an_answer_cut_by_kill_9_is_completed_after_a_restart_exactly_once
     ]
     assert len([c for c in fake_slack.calls_of("chat.postMessage") if c.args.get("text") == "Thinking…"]) == 1
     assert len(fake_kimi.requests) == 2
+    assert fake_slack.problems == []
+
+
+async def test_a_receiver_and_a_worker_split_the_work_and_each_serves_its_probes_and_metrics(
+    start_serve: Callable[..., ServeProcess], fake_slack: FakeSlack
+) -> None:
+    """KIMIBOT_ROLE=receiver acks and queues; a separate `kimibot worker` answers. Both serve /healthz,
+    /livez and /metrics on their PORT; the worker has no /slack/events."""
+    async with aiohttp.ClientSession() as session:
+        receiver = start_serve(KIMIBOT_ROLE="receiver")
+        await receiver.wait_healthy(session)
+        root = "1700000004.000900"
+        fake_slack.seed(CHANNEL, user="U04RZ8N2PQM", text="split", ts=root)
+        assert await receiver.send(session, mention("who answers me?", root)) == 200
+        await asyncio.sleep(0.5)
+        assert fake_slack.bodies(CHANNEL, root) == []  # queued: the receiver does not answer
+        worker = start_serve("worker", PORT=str(free_port()), SLACK_SIGNING_SECRET="")
+        await worker.wait_healthy(session)
+        await wait_for(lambda: answered(fake_slack, CHANNEL, root, 1))
+        for process in (receiver, worker):
+            for path in ("/livez", "/metrics"):
+                async with session.get(f"{process.base}{path}") as response:
+                    assert response.status == 200, (process.port, path)
+        async with session.post(f"{worker.base}/slack/events", data=b"{}") as response:
+            assert response.status == 404
+        assert (await worker.terminate())[0] == 0
+        assert (await receiver.terminate())[0] == 0
     assert fake_slack.problems == []

@@ -37,6 +37,12 @@ async def test_socket_mode_acks_envelopes_and_answers_once(
     try:
         async with aiohttp.ClientSession() as session:
             await bot.wait_healthy(session)  # /healthz is served in Socket Mode too
+            # PORT serves only the probes and metrics there: Slack's events come over the socket.
+            for path, status in (("/livez", 200), ("/metrics", 200)):
+                async with session.get(f"{bot.base}{path}") as response:
+                    assert response.status == status, path
+            async with session.post(f"{bot.base}/slack/events", data=b"{}") as response:
+                assert response.status == 404
         await wait_for(lambda: bool(fake_slack.sockets))
         root = fake_slack.seed(CHANNEL, user="U04RZ8N2PQM", text="hello over sockets")
         payload = envelope(mention("hello over sockets", root))

@@ -650,7 +650,14 @@ async def test_a_budget_below_the_smallest_request_says_so_and_is_warned_at_star
     ]
 
 
-def meter_for(ledger: UsageLedger, user: str, answer_id: str, **kwargs: Any) -> Any:
+def meter_for(
+    ledger: UsageLedger,
+    user: str,
+    answer_id: str,
+    output_budget: int = 1000,
+    limits: Limits | None = None,
+    **kwargs: Any,
+) -> Any:
     from bot.metrics import Metrics
     from bot.usage import Meter
 
@@ -663,8 +670,8 @@ def meter_for(ledger: UsageLedger, user: str, answer_id: str, **kwargs: Any) -> 
         answer_id,
         "kimi-k2.6",
         PROFILES["kimi-k2.6"],
-        1000,
-        Limits(),
+        output_budget,
+        limits or Limits(),
         **kwargs,
     )
 
@@ -755,3 +762,23 @@ async def test_a_reserve_whose_reply_is_lost_leaves_nothing_to_book(bot: BotHarn
     await rerun.after(Accumulator(usage=Usage(10, 5)), cancelled=False)
     day = await bot.deps.redis.hgetall(keys().user_day(ALICE, day_of(ledger.now())))  # type: ignore[misc]
     assert int(day["cost_nusd"]) == PROFILES["kimi-k2.6"].cost_nusd(10, 0, 5)  # nothing booked at a bound
+
+
+async def test_a_channel_with_thinking_off_is_cut_to_the_plain_floor_not_refused(
+    make_bot: Callable[..., Any],
+) -> None:
+    """kimi-k2.6 with thinking off needs no room to reason: a budget with room for 3,000 output tokens
+    answers (cut to them) where, thinking, it is refused for want of 8,000."""
+    bot: BotHarness = await make_bot()
+    k26 = PROFILES["kimi-k2.6"]
+    messages = [{"role": "user", "content": "hi"}]
+    room = k26.cost_nusd(0, 0, 3_000) + k26.cost_nusd(100, 0, 0)  # 3,000 output tokens and a short prompt
+    limits = Limits(user_daily_nusd=room)
+    thinking = meter_for(bot.deps.usage, ALICE, "thinking", output_budget=k26.output_budget, limits=limits)
+    with pytest.raises(OverBudget):
+        await thinking.before(messages, None)
+    plain = meter_for(
+        bot.deps.usage, BOB, "plain", output_budget=k26.output_budget, limits=limits, thinking=False
+    )
+    tokens = await plain.before(messages, None)
+    assert tokens is not None and 2_000 <= tokens < 8_000

@@ -58,6 +58,13 @@ class ModelProfile:
             params["reasoning_effort"] = reasoning_effort
         return params
 
+    def thinks(self, thinking: bool = True) -> bool:
+        """Whether a request with this `thinking` switch reasons before it answers: only a model that can
+        switch thinking (Thinking.EXTRA_BODY) follows the switch; an unknown model is taken not to think."""
+        if self.thinking is Thinking.EXTRA_BODY:
+            return thinking
+        return self.thinking is not Thinking.NONE
+
     def cost_nusd(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> int:
         """Cost in nano-USD (1e-9 USD), an integer: budgets add and compare these exactly in Redis.
         `prompt_tokens` counts all input, cached included (Kimi's usage, like OpenAI's); the cached part is
