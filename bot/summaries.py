@@ -87,6 +87,7 @@ async def summarise(
         cap,
         Limits.from_settings(deps.settings),
         calibration,
+        thinking=quick.thinking,
     )
     acc = await deps.kimi.complete(messages, meter=CappedMeter(meter, cap), call=quick)
     text = summary_text(acc.text, budget_tokens=budget, calibration=calibration)
