@@ -66,6 +66,8 @@ class Fit:
     messages: list[dict[str, Any]]
     estimated_tokens: int  # uncalibrated estimate of `messages`, to calibrate against the real count
     too_long: bool = False
+    summarised: int = 0  # earlier entries a summary at the head of `messages` stands for (bot/compaction.py)
+    notes: tuple[str, ...] = ()  # what the footer should say about the window (a summary, or its failure)
 
     @property
     def left_out(self) -> int:

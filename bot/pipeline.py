@@ -20,7 +20,7 @@ from bot.admission import mentions, strip_mention
 from bot.agent.live import WriterView, ask_approval
 from bot.agent.loop import CAP_NOTES, AgentLoop, Cap, Caps, Outcome, Planned, Step
 from bot.channel_settings import ChannelConfig, pin, pinned
-from bot.context import Fit, calibrate, fit, user_entry
+from bot.context import Fit, calibrate, user_entry
 from bot.deps import Deps
 from bot.errors import ADMIN_REASONS, RETRYABLE_REASONS, AnswerError, Reason
 from bot.kimi.client import ModelCall
@@ -31,6 +31,7 @@ from bot.slack.blocks import ACTION_STOP, AnswerRef, answer_blocks, failure_bloc
 from bot.slack.render import footer
 from bot.slack.reply import ReplyWriter, describe
 from bot.store import Approvals, ThreadState
+from bot.summaries import fit_thread
 from bot.tools.base import Tool, ToolContext
 from bot.tools.registry import build_registry, offered
 from bot.turn import Source, Turn
@@ -430,18 +431,27 @@ async def _think_and_deliver(
     budget = call.profile.context_window - kimi.budget_of(call)
     calibration = float(meta.get("calibration", "1.0"))
     start = max(int(meta.get("start", "0")) - offset, 0)
+    summaries = history
     if turn.reads_thread:
         # "Summarize thread": the model reads the thread as Slack has it now, not only what was stored (the
         # stored history keeps its question and answer, and its start; see _record).
         thread = await backfill(deps, turn, limit=THREAD_READ_LIMIT)
         entries, start, offset = [*thread, question], 0, 0
-    fitted = fit(
-        config.system_prompt(settings.system_prompt),
-        entries,
+        summaries = False  # a fresh read: its indexes are not the stored history's, so no stored summary
+    fitted = await fit_thread(  # bot/context.py fit, with the earlier turns summarised (bot/summaries.py)
+        deps,
+        turn,
+        lease,
+        job,
+        call,
+        system_prompt=config.system_prompt(settings.system_prompt),
+        entries=entries,
+        offset=offset,
         start=start,
-        budget_tokens=budget,
+        budget=budget,
         calibration=calibration,
-        replays_reasoning=call.profile.replays_reasoning,
+        history=summaries,
+        before_call=writer.start,
     )
     if fitted.too_long:
         raise AnswerError(Reason.TOO_LONG, f"question alone exceeds {budget} tokens")
@@ -475,9 +485,7 @@ async def _think_and_deliver(
     # Kimi's whole answer, when an earlier run of this job got it and died before recording it.
     saved = finished_answer(writer.resume)
     if saved is not None and not tools:
-        await _replay_final(
-            turn, deps, writer, lease, job, saved, left_out, fitted.estimated_tokens, call, history
-        )
+        await _replay_final(turn, deps, writer, lease, job, saved, left_out, fitted, call, history)
         return
     if tools:
         await _agent_answer(
@@ -526,9 +534,10 @@ async def _think_and_deliver(
         writer,
         started,
         acc.usage,
-        left_out,
+        left_out - fitted.summarised,  # the rest is in the summary at the head
         acc.finish_reason,
         bool(acc.reasoning_text),
+        extra=fitted.notes,
         model=call.model,
     )
     await _record(
@@ -611,7 +620,7 @@ async def _replay_final(
     job: Job,
     saved: dict[str, Any],
     left_out: int,
-    estimated: int,
+    fitted: Fit,
     call: ModelCall,
     history: bool,
 ) -> None:
@@ -627,9 +636,10 @@ async def _replay_final(
         writer,
         started,
         acc.usage,
-        left_out,
+        left_out - fitted.summarised,  # the rest is in the summary at the head
         acc.finish_reason,
         bool(acc.reasoning_text),
+        extra=fitted.notes,
         model=call.model,
     )
     await _record(
@@ -639,7 +649,7 @@ async def _replay_final(
         job,
         acc,
         left_out,
-        estimated,
+        fitted.estimated_tokens,
         reply_ts,
         elapsed,
         history=history,
@@ -918,10 +928,10 @@ async def _agent_answer(
         writer,
         started,
         outcome.usage,
-        left_out,
+        left_out - fitted.summarised,  # the rest is in the summary at the head
         outcome.final.finish_reason,
         bool(outcome.reasoning),
-        extra=agent_notes(outcome),
+        extra=(*fitted.notes, *agent_notes(outcome)),
         model=call.model,
     )
     log.info(

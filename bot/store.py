@@ -440,18 +440,20 @@ class AccessFacts:
         self._local.pop(self.guest_key(team_id, user), None)
 
 
-# KEYS: lease, meta, history, turns (one thread's tag). ARGV: holder, the forget message's ts, thread ttl s.
+# KEYS: lease, meta, history, turns, summaries (one thread's tag). ARGV: holder, the forget message's ts,
+# thread ttl s.
 # Run by the worker holding the thread, so no answer of the thread is running meanwhile and none is
-# half-recorded. Deletes the history, the answers' details and the metadata, keeping only whether the bot
-# answers in the thread (`answered`, `assistant`) and the newest message it posted there (`posted_ts`, which
-# re-runs rely on), none of them content; `forgotten` then marks the thread so that the next question does
-# not read the forgotten messages back from Slack (the backfill of a thread the bot is new to).
+# half-recorded. Deletes the history, the answers' details, the summaries and the metadata, keeping only
+# whether the bot answers in the thread (`answered`, `assistant`) and the newest message it posted there
+# (`posted_ts`, which re-runs rely on), none of them content; `forgotten` then marks the thread so that the
+# next question does not read the forgotten messages back from Slack (the backfill of a thread the bot is
+# new to).
 # -> keys deleted | -1 lost
 _FORGET_THREAD = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local names = {'answered', 'assistant', 'posted_ts'}
 local keep = redis.call('HMGET', KEYS[2], unpack(names))
-local n = redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+local n = redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 for i = 1, #names do if keep[i] then redis.call('HSET', KEYS[2], names[i], keep[i]) end end
 redis.call('HSET', KEYS[2], 'forgotten', ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
@@ -460,14 +462,24 @@ return n
 
 
 async def forget_thread(redis: Redis, thread: ThreadKey, holder: str, forget_ts: str, ttl_s: int) -> int:
-    """Delete a thread's stored context (history, metadata, answers' details) as the holder of its lease.
+    """Delete a thread's stored context (history, metadata, answers' details, summaries) as the holder of
+    its lease.
     Left alone: the inbox, lease, fencing token, attempts and progress of jobs (the questions still waiting,
     and what answering them needs) and the dedup claims (a message timestamp each, no content, expiring after
     DEDUP_TTL_SECONDS: without them a redelivered message would be answered, and stored, again). Returns
     how many keys were deleted; -1 when the lease was lost."""
     keys = ThreadKeys(thread)
     result = await redis.eval(  # type: ignore[misc]
-        _FORGET_THREAD, 4, keys.lease, keys.meta, keys.history, keys.turns, holder, forget_ts, ttl_s
+        _FORGET_THREAD,
+        5,
+        keys.lease,
+        keys.meta,
+        keys.history,
+        keys.turns,
+        ThreadSummaries.key(thread),
+        holder,
+        forget_ts,
+        ttl_s,
     )
     return int(result)
 
@@ -569,3 +581,41 @@ async def _forget_dead_letters(redis: Redis, team_id: str) -> int:
         start = "(" + last
         if len(entries) < 500:
             return deleted
+
+
+# --- Summaries of long threads' earlier turns (bot/summaries.py) ---
+
+# KEYS: lease, summaries. ARGV: holder, field, value, ttl s. Written only while the thread is ours (a run that
+# lost its lease must not write after a `forget`). -> 1 | -1 lost
+_PUT_SUMMARY = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+
+class ThreadSummaries:
+    """A thread's summaries of earlier turns: one hash (the thread's hash tag, so `forget_thread` deletes it
+    with the rest), one field per summary, named by the end of the range it covers (where the window that
+    follows it begins); the value holds the whole range and the text. Expires like the thread."""
+
+    def __init__(self, redis: Redis, ttl_seconds: int) -> None:
+        self.redis = redis
+        self.ttl = ttl_seconds
+
+    @staticmethod
+    def key(thread: ThreadKey) -> str:
+        return f"{_thread_tag(thread)}:summaries"
+
+    async def get(self, thread: ThreadKey, end: int) -> str | None:
+        """The stored summary that ends where history entry `end` begins (its JSON), if any."""
+        raw = await self.redis.hget(self.key(thread), str(end))  # type: ignore[misc]
+        return None if raw is None else str(raw)
+
+    async def put(self, thread: ThreadKey, lease_key: str, holder: str, end: int, value: str) -> bool:
+        """Store a summary as the holder of the thread's lease; False when the lease was lost."""
+        result = await self.redis.eval(  # type: ignore[misc]
+            _PUT_SUMMARY, 2, lease_key, self.key(thread), holder, str(end), value, self.ttl
+        )
+        return int(result) == 1

@@ -93,10 +93,11 @@ async def test_thread_history_expires_after_the_ttl_setting(bot: BotHarness) -> 
     assert 29 * 86_400 < ttl <= 30 * 86_400
 
 
-async def test_long_threads_leave_out_the_oldest_turns_and_say_so(
+async def test_long_threads_summarise_the_oldest_turns_and_say_so(
     make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
 ) -> None:
     # An unknown model (128k window) with a 120k output budget leaves ~8k tokens for the prompt.
+    # (tests/test_compaction.py has the details, and the fallback to leaving turns out.)
     small: BotHarness = await make_bot(kimi_model="mystery-model", kimi_max_completion_tokens=120_000)
     root = "1700000003.000300"
     await small.send_event(mention("start " + "a" * 6_000, root))
@@ -105,10 +106,11 @@ async def test_long_threads_leave_out_the_oldest_turns_and_say_so(
         await small.send_event(message(f"more {i} " + "b" * 6_000, f"1700000003.00030{i}", thread_ts=root))
         await small.settle()
     last = fake_slack.bodies(CHANNEL, root)[-1]
-    assert re.search(r"\d+ earlier messages? left out to fit the context window", last)
+    assert re.search(r"\d+ earlier messages? summarised to fit the context window", last)
     sent = fake_kimi.requests[-1]["messages"]
     assert sent[-1]["content"].startswith("alice: more 5")
-    assert sent[1]["role"] == "user"
+    assert sent[1]["content"].startswith("Summary of the earlier conversation")
+    assert sent[2]["role"] == "user"
     assert len(sent) < 1 + 11
 
 

@@ -40,6 +40,10 @@ class ModelProfile:
     # Trained with preserved thinking: earlier answers go back with their reasoning (kimi-k2.7-code, k3).
     # Others ignore earlier turns' reasoning, so the history keeps it out (KIMI_API.md section 3).
     replays_reasoning: bool = False
+    # A quick side request (a long thread's summary) goes with thinking off where the model allows it
+    # (Thinking.EXTRA_BODY) and with this reasoning_effort where effort is what it takes (Thinking.EFFORT):
+    # the lowest it accepts (KIMI_API.md section 9).
+    quick_effort: str = "low"
 
     def request_params(
         self, reasoning_effort: str, max_completion_tokens: int = 0, *, thinking: bool = True
