@@ -541,3 +541,24 @@ async def _forget_dead_letters(redis: Redis, team_id: str) -> int:
         start = "(" + last
         if len(entries) < 500:
             return deleted
+
+
+class FileCache:
+    """What was read from a Slack file (its text, or its re-encoded image), by team and file id, for the
+    thread's TTL: a file in a thread is downloaded and read once, and renders to the same bytes on every
+    later turn (the prompt prefix stays cached). Keys are tagged by team, so forget_team removes them."""
+
+    def __init__(self, redis: Redis, ttl_seconds: int) -> None:
+        self.redis = redis
+        self.ttl_seconds = ttl_seconds
+
+    @staticmethod
+    def key(team_id: str, file_id: str) -> str:
+        return f"{PREFIX}:file:{{{team_id}}}:{file_id}"
+
+    async def get(self, team_id: str, file_id: str) -> str | None:
+        raw = await self.redis.get(self.key(team_id, file_id))
+        return None if raw is None else str(raw)
+
+    async def put(self, team_id: str, file_id: str, value: str) -> None:
+        await self.redis.set(self.key(team_id, file_id), value, ex=self.ttl_seconds)
