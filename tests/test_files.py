@@ -15,11 +15,21 @@ from PIL import Image
 from bot.admission import turn_from_event
 from bot.context import IMAGE_TOKENS, estimate_tokens, user_entry
 from bot.files.download import allowed_hosts, looks_like_html, may_send_token
-from bot.files.extract import Unreadable, cut, prepare_image, read_document, read_pdf, read_text
+from bot.files.extract import (
+    PDF_PAGE_CHARS,
+    Unreadable,
+    cut,
+    prepare_image,
+    read_document,
+    read_pdf,
+    read_text,
+)
 from bot.files.kinds import Kind, classify
 from bot.files.parts import FileRead, content_with_files, file_notes, footer_name
 from bot.kimi import profiles
 from bot.kimi.profiles import learn_models, profile_for
+from bot.redis_client import build_redis
+from bot.store import FileCache, forget_team
 from bot.turn import Source
 from tests.files_data import docx, noisy_png, pdf, png, pptx, xlsx
 
@@ -67,6 +77,23 @@ def test_pdf_text_is_read_page_by_page_and_a_page_is_capped() -> None:
     assert "--- page 1 ---\nHello PDF world" in text and "--- page 2 ---\nSecond page here" in text
     capped = read_pdf(pdf("A" * 100), 10_000, page_limit=20)
     assert "A" * 20 in capped and "A" * 21 not in capped and "80 more characters" in capped
+
+
+def test_the_documented_caps_and_costs() -> None:
+    assert PDF_PAGE_CHARS == 20_000 and IMAGE_TOKENS == 3_000
+
+
+async def test_forgetting_a_workspace_deletes_what_was_read_from_its_files(redis_url: str) -> None:
+    redis = build_redis(redis_url)
+    try:
+        cache = FileCache(redis, 60)
+        await cache.put("T0FILES", "F1", "{}")
+        await cache.put("T0OTHER", "F1", "{}")
+        await forget_team(redis, "T0FILES")
+        assert await cache.get("T0FILES", "F1") is None and await cache.get("T0OTHER", "F1") == "{}"
+        assert 0 < await redis.ttl(FileCache.key("T0OTHER", "F1")) <= 60
+    finally:
+        await redis.aclose()
 
 
 def test_a_scanned_pdf_without_text_and_a_broken_one_say_so() -> None:

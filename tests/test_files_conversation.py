@@ -98,7 +98,8 @@ async def test_later_turns_send_the_same_bytes_and_do_not_download_again(
     root = "1700000510.000100"
     shot = fake_slack.add_file("graph.png", png(30, 20), mimetype="image/png", filetype="png")
     notes = fake_slack.add_file("notes.md", b"# Plan\nship it", mimetype="text/plain", filetype="markdown")
-    await bot.send_event({**mention("look at these", root), "files": [shot, notes]})
+    odd = fake_slack.add_file("x.bin", b"\x00", mimetype="application/octet-stream", filetype="binary")
+    await bot.send_event({**mention("look at these", root), "files": [shot, notes, odd]})
     await bot.settle()
     await bot.send_event(message("and now?", "1700000510.000300", thread_ts=root))
     await bot.settle()
@@ -108,6 +109,11 @@ async def test_later_turns_send_the_same_bytes_and_do_not_download_again(
     cached = await bot.deps.redis.get(FileCache.key(TEAM_ID, notes["id"]))
     assert cached is not None and "ship it" in cached
     assert second[-1]["content"] == "alice: and now?"
+    answers = [
+        next(line for line in body.splitlines() if line.startswith("_kimi"))
+        for body in fake_slack.bodies(CHANNEL, root)
+    ]
+    assert "couldn't use x.bin" in answers[0] and "couldn't use" not in answers[1]  # named once
 
 
 async def test_an_oversized_and_an_unsupported_file_are_named_in_the_footer(
