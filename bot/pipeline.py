@@ -413,7 +413,7 @@ async def _think_and_deliver(
         elif entries and not stored and config.followups == "mentions" and not turn.assistant_thread:
             new_entries = await catch_up(deps, turn, entries)
         if turn.assistant_thread and not offset and not any(e.get("role") == "user" for e in entries):
-            writer.title(turn.text)
+            writer.title(turn.text.strip() or ", ".join(str(f.get("name") or "a file") for f in turn.files))
         if not stored:
             new_entries.append(question)
         # Stored before Kimi is asked, so no failure loses it (fenced: only while the thread is ours).

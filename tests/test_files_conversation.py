@@ -5,6 +5,7 @@ cannot be used are named in the footer; a message with only a file is a question
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -226,3 +227,24 @@ async def test_the_agent_path_gets_the_same_files_and_footer_notes(
     request = fake_kimi.requests[0]
     assert request.get("tools") and images_in(request) == [png()]
     assert "couldn't use model.stl (can't read this type yet)" in footer_of(fake_slack, root)
+
+
+async def test_in_oauth_mode_a_file_is_fetched_with_the_token_of_the_workspace_asking(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    from tests.test_oauth import SECOND_TEAM, install_second, oauth_settings, second_team_mention
+
+    bot: BotHarness = await make_bot(**oauth_settings())
+    await install_second(bot, fake_slack)
+    installed = fake_slack.calls_of("oauth.v2.access")[0].args["_result"]["access_token"]
+    notes = fake_slack.add_file("notes.txt", b"second team notes", mimetype="text/plain", filetype="text")
+    ts = "1700000570.000100"
+    body = json.loads(second_team_mention("summarize", ts))
+    body["event"]["files"] = [notes]
+    fake_slack.messages[CHANNEL].append({k: v for k, v in body["event"].items() if k != "channel"})
+    status, _ = await bot.post(json.dumps(body).encode(), "application/json")
+    assert status == 200
+    await bot.settle()
+    assert fake_slack.file_downloads == [(notes["id"], installed)]
+    assert "second team notes" in all_text(fake_kimi.requests[0])
+    assert await bot.deps.redis.exists(FileCache.key(SECOND_TEAM, notes["id"])) == 1
