@@ -279,3 +279,20 @@ def test_base64_of_a_data_url_round_trips() -> None:
     assert isinstance(content, list)
     url = content[1]["image_url"]["url"]
     assert base64.b64decode(url.split(",", 1)[1]) == png()
+
+
+def test_the_fake_kimi_refuses_image_parts_kimi_would_refuse() -> None:
+    from tests.fakes.kimi_api import check_request
+
+    def body(model: str, url: str) -> dict[str, Any]:
+        parts = [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": url}}]
+        return {"model": model, "messages": [{"role": "user", "content": parts}]}
+
+    good = "data:image/png;base64," + base64.b64encode(png()).decode()
+    assert check_request(body("kimi-k2.6", good)) == ""
+    assert "does not support image input" in check_request(body("kimi-k2-thinking", good))
+    assert "base64 data URL" in check_request(body("kimi-k2.6", "https://example.com/a.png"))
+    assert "base64 data URL" in check_request(body("kimi-k2.6", "data:image/bmp;base64,AAAA"))
+    assert "not valid base64" in check_request(body("kimi-k2.6", "data:image/png;base64,A"))
+    unknown = {"model": "kimi-k2.6", "messages": [{"role": "user", "content": [{"type": "video_url"}]}]}
+    assert "unknown content type" in check_request(unknown)
