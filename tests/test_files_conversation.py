@@ -10,7 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from bot.files.resolve import TOO_BIG
+from bot.kimi import profiles
+from bot.kimi.profiles import profile_for
+from bot.startup import check_kimi
 from bot.store import FileCache
 from bot.tools.base import ToolContext, ToolResult
 from tests.conftest import BotHarness
@@ -109,6 +114,8 @@ async def test_later_turns_send_the_same_bytes_and_do_not_download_again(
     assert len(fake_slack.file_downloads) == 2  # each file once; the second turn read Redis
     cached = await bot.deps.redis.get(FileCache.key(TEAM_ID, notes["id"]))
     assert cached is not None and "ship it" in cached
+    ttl = await bot.deps.redis.ttl(FileCache.key(TEAM_ID, notes["id"]))
+    assert bot.settings.thread_ttl_seconds - 60 < ttl <= bot.settings.thread_ttl_seconds
     assert second[-1]["content"] == "alice: and now?"
     answers = [
         next(line for line in body.splitlines() if line.startswith("_kimi"))
@@ -248,3 +255,13 @@ async def test_in_oauth_mode_a_file_is_fetched_with_the_token_of_the_workspace_a
     assert fake_slack.file_downloads == [(notes["id"], installed)]
     assert "second team notes" in all_text(fake_kimi.requests[0])
     assert await bot.deps.redis.exists(FileCache.key(SECOND_TEAM, notes["id"])) == 1
+
+
+async def test_the_start_up_check_learns_image_input_from_get_models(
+    make_settings: Callable[..., Any], fake_kimi: FakeKimi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(profiles, "LISTED_IMAGE_IN", {})
+    assert profile_for("kimi-k3").supports_image_in is False  # the table does not say K3 reads images
+    assert await check_kimi(make_settings()) is True
+    assert profile_for("kimi-k3").supports_image_in is True  # the fake's GET /models says it does
+    assert profile_for("kimi-k2-thinking").supports_image_in is False
