@@ -265,3 +265,27 @@ async def test_the_start_up_check_learns_image_input_from_get_models(
     assert await check_kimi(make_settings()) is True
     assert profile_for("kimi-k3").supports_image_in is True  # the fake's GET /models says it does
     assert profile_for("kimi-k2-thinking").supports_image_in is False
+
+
+async def test_a_scanned_pdf_and_a_parser_that_fails_are_named_and_the_answer_still_comes(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bot.files import resolve
+
+    real = resolve.read_document
+
+    def flaky(kind: Any, data: bytes, limit: int) -> str:
+        if data.startswith(b"boom"):
+            raise RecursionError("a parser bug")
+        return real(kind, data, limit)
+
+    monkeypatch.setattr(resolve, "read_document", flaky)
+    root = "1700000580.000100"
+    scan = fake_slack.add_file("scan.pdf", pdf(""), mimetype="application/pdf", filetype="pdf")
+    boom = fake_slack.add_file("boom.txt", b"boom", mimetype="text/plain", filetype="text")
+    await bot.send_event({**mention("read these", root), "files": [scan, boom]})
+    await bot.settle()
+    footer = footer_of(fake_slack, root)
+    assert "couldn't use scan.pdf (a scanned PDF without text)" in footer
+    assert "couldn't use boom.txt (could not be read)" in footer
+    assert len(fake_kimi.requests) == 1

@@ -3,6 +3,7 @@ read once (downloaded, extracted) and cached in Redis by team and file id for th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ NO_ACCESS = "no access"
 TOO_BIG = "too big"
 TOO_BIG_TOGETHER = "too big together with the message's other files"
 UNSUPPORTED = "can't read this type yet"
+UNREADABLE = "could not be read"
 # Slack file modes whose bytes Slack does not serve: a Google Drive link, a deleted file.
 NOT_HOSTED = {"external": "not stored in Slack", "tombstone": "deleted"}
 
@@ -91,13 +93,21 @@ class FileReader:
             log.info("file not downloaded", extra={"file": file_id, "why": str(exc)})
             return FileRead(file_id, name, kind, problem=NO_ACCESS)
         try:
-            if kind is Kind.IMAGE:
-                image = prepare_image(data, settings.files_image_max_bytes, settings.files_image_max_pixels)
-                b64 = base64.b64encode(image.data).decode("ascii")
-                return FileRead(file_id, name, kind, image_mime=image.mime, image_b64=b64, size=len(data))
-            text = read_document(kind, data, settings.files_max_text_chars)
+            # In a thread: parsing a big PDF or decoding an image is CPU work that must not stall the loop.
+            return await asyncio.to_thread(self._extract, file_id, name, kind, data)
         except Unreadable as exc:
             return FileRead(file_id, name, kind, problem=str(exc), size=len(data))
+        except Exception:  # a parser's bug on someone's file must not cost the answer
+            log.exception("file not read: its parser failed", extra={"file": file_id, "kind": str(kind)})
+            return FileRead(file_id, name, kind, problem=UNREADABLE, size=len(data))
+
+    def _extract(self, file_id: str, name: str, kind: Kind, data: bytes) -> FileRead:
+        settings = self.settings
+        if kind is Kind.IMAGE:
+            image = prepare_image(data, settings.files_image_max_bytes, settings.files_image_max_pixels)
+            b64 = base64.b64encode(image.data).decode("ascii")
+            return FileRead(file_id, name, kind, image_mime=image.mime, image_b64=b64, size=len(data))
+        text = read_document(kind, data, settings.files_max_text_chars)
         return FileRead(file_id, name, kind, text=text, size=len(data))
 
 
