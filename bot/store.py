@@ -438,9 +438,12 @@ async def forget_thread(redis: Redis, thread: ThreadKey, holder: str, forget_ts:
     DEDUP_TTL_SECONDS: without them a redelivered message would be answered, and stored, again). Returns
     how many keys were deleted; -1 when the lease was lost."""
     keys = ThreadKeys(thread)
+    history = await redis.lrange(keys.history, 0, -1)  # type: ignore[misc]
     result = await redis.eval(  # type: ignore[misc]
         _FORGET_THREAD, 4, keys.lease, keys.meta, keys.history, keys.turns, holder, forget_ts, ttl_s
     )
+    if int(result) >= 0:  # and what was read from the thread's files (bot/files)
+        await FileCache(redis, ttl_s).forget(thread.team_id, [_entry(thread, str(raw)) for raw in history])
     return int(result)
 
 
@@ -562,3 +565,13 @@ class FileCache:
 
     async def put(self, team_id: str, file_id: str, value: str) -> None:
         await self.redis.set(self.key(team_id, file_id), value, ex=self.ttl_seconds)
+
+    async def forget(self, team_id: str, entries: list[dict[str, Any]]) -> int:
+        """Delete what was read from the files of these history entries (a forgotten thread's)."""
+        ids = {
+            str(f["id"]) for e in entries for f in e.get("files") or [] if isinstance(f, dict) and f.get("id")
+        }
+        deleted = 0
+        for file_id in sorted(ids):  # one key at a time: the keys may sit in different cluster slots
+            deleted += int(await self.redis.delete(self.key(team_id, file_id)))
+        return deleted

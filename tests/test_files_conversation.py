@@ -289,3 +289,17 @@ async def test_a_scanned_pdf_and_a_parser_that_fails_are_named_and_the_answer_st
     assert "couldn't use scan.pdf (a scanned PDF without text)" in footer
     assert "couldn't use boom.txt (could not be read)" in footer
     assert len(fake_kimi.requests) == 1
+
+
+async def test_forgetting_a_thread_deletes_what_was_read_from_its_files(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    root = "1700000590.000100"
+    notes = fake_slack.add_file("notes.txt", b"private notes", mimetype="text/plain", filetype="text")
+    await bot.send_event({**mention("read this", root), "files": [notes]})
+    await bot.settle()
+    assert await bot.deps.redis.exists(FileCache.key(TEAM_ID, notes["id"])) == 1
+    await bot.send_event(mention("forget", "1700000590.000200", thread_ts=root))
+    await bot.settle()
+    assert fake_slack.bodies(CHANNEL, root)[-1].startswith("Done: I have forgotten")
+    assert await bot.deps.redis.exists(FileCache.key(TEAM_ID, notes["id"])) == 0
