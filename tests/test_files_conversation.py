@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bot.files.resolve import TOO_BIG
+from bot.files.resolve import FOOTER_NOTES, TOO_BIG
 from bot.kimi import profiles
 from bot.kimi.profiles import profile_for
 from bot.startup import check_kimi
@@ -303,3 +303,18 @@ async def test_forgetting_a_thread_deletes_what_was_read_from_its_files(
     await bot.settle()
     assert fake_slack.bodies(CHANNEL, root)[-1].startswith("Done: I have forgotten")
     assert await bot.deps.redis.exists(FileCache.key(TEAM_ID, notes["id"])) == 0
+
+
+async def test_many_unusable_files_are_counted_past_the_first_few_named(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    root = "1700000600.000100"
+    files = [
+        fake_slack.add_file(f"blob{i}.bin", b"\x00", mimetype="application/octet-stream", filetype="binary")
+        for i in range(12)
+    ]
+    await bot.send_event({**mention("what are these?", root), "files": files})
+    await bot.settle()
+    footer = footer_of(fake_slack, root)
+    assert footer.count("couldn't use blob") == FOOTER_NOTES - 1
+    assert f"couldn't use {12 - FOOTER_NOTES + 1} more files" in footer

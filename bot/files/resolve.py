@@ -25,6 +25,7 @@ TOO_BIG = "too big"
 TOO_BIG_TOGETHER = "too big together with the message's other files"
 UNSUPPORTED = "can't read this type yet"
 UNREADABLE = "could not be read"
+FOOTER_NOTES = 8  # files named in the footer at most; the rest are counted
 # Slack file modes whose bytes Slack does not serve: a Google Drive link, a deleted file.
 NOT_HOSTED = {"external": "not stored in Slack", "tombstone": "deleted"}
 
@@ -132,4 +133,7 @@ async def with_files(
         }
         if index > last_answer:
             notes.extend(file_notes(reads, images=images, model=model))
+    if len(notes) > FOOTER_NOTES:  # the footer is one short line (a context block: 3,000 characters)
+        rest = len(notes) - FOOTER_NOTES + 1
+        notes = [*notes[: FOOTER_NOTES - 1], f"couldn't use {rest} more files"]
     return out, tuple(notes)
