@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from bot.store import AccessFacts, ThreadStore
-from bot.turn import Source, ThreadKey, Turn
+from bot.turn import Source, ThreadKey, Turn, file_refs
 
 if TYPE_CHECKING:
     from slack_sdk.web.async_client import AsyncWebClient
@@ -266,6 +266,7 @@ def turn_from_event(body: dict[str, Any], event: dict[str, Any], source: Source,
         action_token=str(
             event.get("action_token") or (event.get("assistant_thread") or {}).get("action_token") or ""
         ),
+        files=file_refs(event.get("files")),
     )
 
 

@@ -20,9 +20,45 @@ TRIM_HEADROOM = 0.8  # when trimming, leave room for a few more turns before tri
 MIN_CALIBRATION, MAX_CALIBRATION = 0.25, 4.0
 
 
-def user_entry(name: str, text: str, *, ts: str, user: str) -> dict[str, Any]:
-    """A user turn; the speaker's name leads so the model can tell people apart."""
-    return {"role": "user", "content": f"{name}: {text}", "ts": ts, "user": user, "text": text}
+# An image part's token cost. Kimi does not document it; vision encoders of its kind cost about one token
+# per 28x28-pixel patch, so an image at the default pixel cap (FILES_IMAGE_MAX_PIXELS, 1536 x 1536) is
+# about 3,000. The calibration factor corrects it from the API's count like everything else.
+IMAGE_TOKENS = 3_000
+FILE_ONLY_TEXT = "(no message text: a question about the attached file{s})"
+
+
+def user_entry(
+    name: str, text: str, *, ts: str, user: str, files: tuple[dict[str, Any], ...] | list[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """A user turn; the speaker's name leads so the model can tell people apart. `files` (Slack file
+    refs) are kept with it and read into its content when it is sent (bot/files); a message with only
+    files asks about them."""
+    said = text
+    if files and not text.strip():
+        said = FILE_ONLY_TEXT.format(s="s" if len(files) > 1 else "")
+    entry: dict[str, Any] = {
+        "role": "user",
+        "content": f"{name}: {said}",
+        "ts": ts,
+        "user": user,
+        "text": text,
+    }
+    if files:
+        entry["files"] = [dict(f) for f in files]
+    return entry
+
+
+def content_chars(content: Any) -> tuple[int, int]:
+    """The text characters and the images of a message's content (a string or a list of parts)."""
+    if isinstance(content, str):
+        return len(content), 0
+    chars = images = 0
+    for part in content or []:
+        if isinstance(part, dict) and part.get("type") == "image_url":
+            images += 1
+        elif isinstance(part, dict):
+            chars += len(str(part.get("text") or ""))
+    return chars, images
 
 
 def to_message(entry: dict[str, Any], *, replays_reasoning: bool = True) -> dict[str, Any]:
@@ -47,10 +83,11 @@ def to_messages(
 
 def estimate_tokens(message: dict[str, Any], calibration: float = 1.0) -> int:
     """A cheap upper-leaning token estimate, scaled by what the API reported last time."""
-    chars = len(message.get("content") or "") + len(message.get("reasoning_content") or "")
+    chars, images = content_chars(message.get("content"))
+    chars += len(message.get("reasoning_content") or "")
     if message.get("tool_calls"):
         chars += len(json.dumps(message["tool_calls"]))
-    return int((chars / CHARS_PER_TOKEN + MESSAGE_OVERHEAD_TOKENS) * calibration) + 1
+    return int((chars / CHARS_PER_TOKEN + images * IMAGE_TOKENS + MESSAGE_OVERHEAD_TOKENS) * calibration) + 1
 
 
 def calibrate(estimated: int, actual_prompt_tokens: int) -> float:

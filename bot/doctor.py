@@ -40,6 +40,7 @@ BOT_SCOPES = (
     "search:read.public",
     "usergroups:read",
     "reactions:write",
+    "files:read",
 )
 REDIS_TIMEOUT_S = 3.0
 SCOPES_WHERE = (

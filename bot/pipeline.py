@@ -8,6 +8,7 @@ a failure never loses it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -23,18 +24,20 @@ from bot.channel_settings import ChannelConfig, pin, pinned
 from bot.context import Fit, calibrate, user_entry
 from bot.deps import Deps
 from bot.errors import ADMIN_REASONS, RETRYABLE_REASONS, AnswerError, Reason
+from bot.files.resolve import FileReader, with_files
 from bot.kimi.client import ModelCall
 from bot.kimi.events import Accumulator, Event, Text, Usage
 from bot.kimi.profiles import parse_prices, profile_for
 from bot.queue import Job, Lease, LeaseLost
+from bot.slack import acting
 from bot.slack.blocks import ACTION_STOP, AnswerRef, answer_blocks, failure_blocks
 from bot.slack.render import footer
 from bot.slack.reply import ReplyWriter, describe
-from bot.store import Approvals, ThreadState
+from bot.store import Approvals, FileCache, ThreadState
 from bot.summaries import fit_thread
 from bot.tools.base import Tool, ToolContext
 from bot.tools.registry import build_registry, offered
-from bot.turn import Source, Turn
+from bot.turn import Source, Turn, file_refs
 from bot.usage import Limits, Meter, OverBudget
 
 log = logging.getLogger(__name__)
@@ -148,7 +151,8 @@ async def catch_up(deps: Deps, turn: Turn, entries: list[dict[str, Any]]) -> lis
 async def _history_entry(deps: Deps, turn: Turn, message: dict[str, Any]) -> dict[str, Any] | None:
     ts = str(message.get("ts", ""))
     text = str(message.get("text") or "")
-    if not ts or float(ts) >= float(turn.ts) or not text.strip():
+    files = file_refs(message.get("files"))  # a message with only files is kept: they are read for it
+    if not ts or float(ts) >= float(turn.ts) or not (text.strip() or files):
         return None
     if message.get("subtype") not in (None, "bot_message", "thread_broadcast", "file_share"):
         return None
@@ -159,10 +163,10 @@ async def _history_entry(deps: Deps, turn: Turn, message: dict[str, Any]) -> dic
         return {"role": "assistant", "content": text, "ts": ts}
     if message.get("bot_id") or message.get("subtype") == "bot_message":
         name = str((message.get("bot_profile") or {}).get("name") or message.get("username") or "a bot")
-        return user_entry(f"{name} (bot)", text, ts=ts, user=str(message.get("bot_id", "")))
+        return user_entry(f"{name} (bot)", text, ts=ts, user=str(message.get("bot_id", "")), files=files)
     user = str(message.get("user") or "")
     name = await speaker_name(deps, turn.team_id, user) if user else "someone"
-    return user_entry(name, strip_mention(text, me.user_id), ts=ts, user=user)
+    return user_entry(name, strip_mention(text, me.user_id), ts=ts, user=user, files=files)
 
 
 def _ours(message: dict[str, Any], deps: Deps) -> bool:
@@ -332,7 +336,7 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
             await lease.complete(job, details=(turn.ts, details))
             deps.metrics.answer("stopped")
             return
-        if not turn.text.strip():
+        if not turn.text.strip() and not turn.files:  # a message with only a file asks about the file
             await writer.notice(EMPTY_QUESTION)
             await lease.complete(job)
             return
@@ -399,7 +403,7 @@ async def _think_and_deliver(
     `config` the channel's settings (pinned for the job by its first run)."""
     settings = deps.settings
     history = state is not None
-    question = user_entry(name, turn.text, ts=turn.ts, user=turn.user)
+    question = user_entry(name, turn.text, ts=turn.ts, user=turn.user, files=turn.files)
 
     kimi = deps.kimi
     entries: list[dict[str, Any]] = []
@@ -416,7 +420,7 @@ async def _think_and_deliver(
         elif entries and not stored and config.followups == "mentions" and not turn.assistant_thread:
             new_entries = await catch_up(deps, turn, entries)
         if turn.assistant_thread and not offset and not any(e.get("role") == "user" for e in entries):
-            writer.title(turn.text)
+            writer.title(turn.text.strip() or ", ".join(str(f.get("name") or "a file") for f in turn.files))
         if not stored:
             new_entries.append(question)
         # Stored before Kimi is asked, so no failure loses it (fenced: only while the thread is ours).
@@ -438,6 +442,8 @@ async def _think_and_deliver(
         thread = await backfill(deps, turn, limit=THREAD_READ_LIMIT)
         entries, start, offset = [*thread, question], 0, 0
         summaries = False  # a fresh read: its indexes are not the stored history's, so no stored summary
+    # The files of the messages being sent, read into them (and what could not be used, for the footer).
+    entries, notes = await _with_files(deps, turn, entries, start, call)
     fitted = await fit_thread(  # bot/context.py fit, with the earlier turns summarised (bot/summaries.py)
         deps,
         turn,
@@ -455,6 +461,8 @@ async def _think_and_deliver(
     )
     if fitted.too_long:
         raise AnswerError(Reason.TOO_LONG, f"question alone exceeds {budget} tokens")
+    if notes:
+        fitted = dataclasses.replace(fitted, notes=(*notes, *fitted.notes))
 
     started = time.monotonic()
 
@@ -656,6 +664,26 @@ async def _replay_final(
         thinking_s=thinking_s,
         call=call,
     )
+
+
+async def _with_files(
+    deps: Deps, turn: Turn, entries: list[dict[str, Any]], first: int, call: ModelCall
+) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+    """The entries to send with their files read in (bot/files; cached per file, so every turn sends the
+    same bytes), and footer notes naming the files of the unanswered messages that could not be used.
+    Files are fetched with the bot token of the workspace this job acts for."""
+    if not any(e.get("files") for e in entries[first:]):
+        return entries, ()
+    team_bot = acting.current()
+    token = team_bot.token if team_bot is not None else str(deps.slack.token or "")
+    cache = FileCache(deps.redis, deps.settings.thread_ttl_seconds)
+    reader = FileReader(deps.settings, cache, turn.team_id, token)
+    try:
+        return await with_files(
+            reader, entries, first, images=call.profile.supports_image_in, model=call.model
+        )
+    finally:
+        await reader.close()
 
 
 async def _deliver_final(

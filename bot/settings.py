@@ -138,6 +138,13 @@ class Settings(BaseSettings):
     backfill_limit: int = Field(default=200, ge=0)
     slash_command: str = "/kimi"
 
+    # --- Files in the conversation (bot/files) ---
+    files_max_bytes: int = Field(default=20_000_000, ge=1_000)  # one file is downloaded up to this size
+    files_max_message_bytes: int = Field(default=50_000_000, ge=1_000)  # one message's files together
+    files_max_text_chars: int = Field(default=100_000, ge=1_000)  # text read from one file (cut after)
+    files_image_max_bytes: int = Field(default=3_000_000, ge=10_000)  # an image sent to Kimi, re-encoded
+    files_image_max_pixels: int = Field(default=2_359_296, ge=10_000)  # width x height (1536 x 1536)
+
     # --- Built-in tools (bot/tools) ---
     tool_call_timeout: float = Field(default=60.0, gt=0)  # seconds one tool call may take
     tool_result_max_chars: int = Field(default=20_000, ge=1_000)  # longer results are cut or paged

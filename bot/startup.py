@@ -18,6 +18,7 @@ import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.kimi.profiles import learn_models
 from bot.settings import WHERE_TO_GET, Settings
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ async def check_kimi(settings: Settings) -> bool:
         )
         return False
     offered = [str(m.get("id")) for m in body["data"] if isinstance(m, dict) and m.get("id")]
+    learn_models(body["data"])  # which models read images, where the host says
     if settings.kimi_model not in offered:
         shown = ", ".join(offered[:MODELS_SHOWN]) + (", ..." if len(offered) > MODELS_SHOWN else "")
         raise Rejected(

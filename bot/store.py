@@ -469,6 +469,7 @@ async def forget_thread(redis: Redis, thread: ThreadKey, holder: str, forget_ts:
     DEDUP_TTL_SECONDS: without them a redelivered message would be answered, and stored, again). Returns
     how many keys were deleted; -1 when the lease was lost."""
     keys = ThreadKeys(thread)
+    history = await redis.lrange(keys.history, 0, -1)  # type: ignore[misc]
     result = await redis.eval(  # type: ignore[misc]
         _FORGET_THREAD,
         5,
@@ -481,6 +482,8 @@ async def forget_thread(redis: Redis, thread: ThreadKey, holder: str, forget_ts:
         forget_ts,
         ttl_s,
     )
+    if int(result) >= 0:  # and what was read from the thread's files (bot/files)
+        await FileCache(redis, ttl_s).forget(thread.team_id, [_entry(thread, str(raw)) for raw in history])
     return int(result)
 
 
@@ -619,3 +622,34 @@ class ThreadSummaries:
             _PUT_SUMMARY, 2, lease_key, self.key(thread), holder, str(end), value, self.ttl
         )
         return int(result) == 1
+
+
+class FileCache:
+    """What was read from a Slack file (its text, or its re-encoded image), by team and file id, for the
+    thread's TTL: a file in a thread is downloaded and read once, and renders to the same bytes on every
+    later turn (the prompt prefix stays cached). Keys are tagged by team, so forget_team removes them."""
+
+    def __init__(self, redis: Redis, ttl_seconds: int) -> None:
+        self.redis = redis
+        self.ttl_seconds = ttl_seconds
+
+    @staticmethod
+    def key(team_id: str, file_id: str) -> str:
+        return f"{PREFIX}:file:{{{team_id}}}:{file_id}"
+
+    async def get(self, team_id: str, file_id: str) -> str | None:
+        raw = await self.redis.get(self.key(team_id, file_id))
+        return None if raw is None else str(raw)
+
+    async def put(self, team_id: str, file_id: str, value: str) -> None:
+        await self.redis.set(self.key(team_id, file_id), value, ex=self.ttl_seconds)
+
+    async def forget(self, team_id: str, entries: list[dict[str, Any]]) -> int:
+        """Delete what was read from the files of these history entries (a forgotten thread's)."""
+        ids = {
+            str(f["id"]) for e in entries for f in e.get("files") or [] if isinstance(f, dict) and f.get("id")
+        }
+        deleted = 0
+        for file_id in sorted(ids):  # one key at a time: the keys may sit in different cluster slots
+            deleted += int(await self.redis.delete(self.key(team_id, file_id)))
+        return deleted

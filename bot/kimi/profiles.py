@@ -44,6 +44,9 @@ class ModelProfile:
     # (Thinking.EXTRA_BODY) and with this reasoning_effort where effort is what it takes (Thinking.EFFORT):
     # the lowest it accepts (KIMI_API.md section 9).
     quick_effort: str = "low"
+    # Reads images (`image_url` content parts). From this table, and from GET /models' `supports_image_in`
+    # where the host lists it (`learn_models`). Text-only models get a sentence instead of the image.
+    supports_image_in: bool = False
 
     def request_params(
         self, reasoning_effort: str, max_completion_tokens: int = 0, *, thinking: bool = True
@@ -95,8 +98,12 @@ K3_WINDOW = 1_048_576
 PROFILES: dict[str, ModelProfile] = {
     p.model_id: p
     for p in (
-        ModelProfile("kimi-k2.6", K2_WINDOW, 32_768, Thinking.EXTRA_BODY, {}, 0.95, 0.16, 4.00),
-        ModelProfile("kimi-k2.5", K2_WINDOW, 32_768, Thinking.EXTRA_BODY, {}, 0.60, 0.10, 3.00),
+        ModelProfile(
+            "kimi-k2.6", K2_WINDOW, 32_768, Thinking.EXTRA_BODY, {}, 0.95, 0.16, 4.00, supports_image_in=True
+        ),
+        ModelProfile(
+            "kimi-k2.5", K2_WINDOW, 32_768, Thinking.EXTRA_BODY, {}, 0.60, 0.10, 3.00, supports_image_in=True
+        ),
         ModelProfile(
             "kimi-k2.7-code", K2_WINDOW, 32_768, Thinking.ALWAYS, {}, 0.95, 0.19, 4.00, replays_reasoning=True
         ),
@@ -199,14 +206,39 @@ def parse_prices(text: str) -> Prices:
     return prices
 
 
+# What the Kimi host said about its models' image input (GET /models `supports_image_in`), by bare id:
+# learned once at start-up (bot/startup.py check_kimi), a fact about the host for the process's life.
+LISTED_IMAGE_IN: dict[str, bool] = {}
+
+
+def learn_models(listed: Any) -> dict[str, bool]:
+    """Take `supports_image_in` from GET /models' `data` list where the host gives it (a boolean); models
+    it does not describe keep the table's value. Returns what was learned."""
+    learned = {
+        _normalise(str(m["id"])): m["supports_image_in"]
+        for m in (listed if isinstance(listed, list) else [])
+        if isinstance(m, dict) and m.get("id") and isinstance(m.get("supports_image_in"), bool)
+    }
+    LISTED_IMAGE_IN.update(learned)
+    return learned
+
+
 def profile_for(model_id: str, prices: Prices | None = None) -> ModelProfile:
     """The profile for a model id; unknown ids get CONSERVATIVE with `known=False` (callers warn).
-    `prices` (parsed KIMI_PRICES) override the table's prices for the ids they name."""
+    `prices` (parsed KIMI_PRICES) override the table's prices for the ids they name; image input is as
+    GET /models said where it did (`learn_models`)."""
     bare = _normalise(model_id)
-    override = (prices or {}).get(bare)
+    profile = _table_profile(bare).with_prices((prices or {}).get(bare))
+    listed = LISTED_IMAGE_IN.get(bare)
+    if listed is not None and listed != profile.supports_image_in:
+        profile = replace(profile, supports_image_in=listed)
+    return profile
+
+
+def _table_profile(bare: str) -> ModelProfile:
     if bare in PROFILES:
-        return PROFILES[bare].with_prices(override)
+        return PROFILES[bare]
     for prefix, profile in PREFIX_PROFILES:
         if bare.startswith(prefix):
-            return profile.with_prices(override)
-    return CONSERVATIVE.with_prices(override)
+            return profile
+    return CONSERVATIVE

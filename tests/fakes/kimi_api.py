@@ -16,6 +16,7 @@ parameters not an object).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import time
@@ -46,6 +47,11 @@ LISTED_MODELS = (
 )
 
 
+# Models that read text only (KIMI_API.md: kimi-k2-thinking is text only): an image part is refused.
+TEXT_ONLY_MODELS = frozenset({"kimi-k2-thinking", "kimi-k2-thinking-turbo"})
+DATA_URL = re.compile(r"^data:(image/(?:png|jpeg|gif|webp));base64,([A-Za-z0-9+/=]+)$")
+IMAGE_TOKENS = 1_000  # what the fake counts an image as in `usage.prompt_tokens`
+
 TOOL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_-]{2,63}$")
 TOOL_CHOICES = ("auto", "none", "required")
 
@@ -59,10 +65,21 @@ class Call:
     id: str = ""  # default: "<name>:<n>" like Kimi's ids (unique per fake)
 
 
+def text_of(content: Any) -> str:
+    """A message's text: its content, or the text parts of a list of parts (images as "[image]")."""
+    if isinstance(content, str):
+        return content
+    return "\n\n".join(
+        p.get("text", "") if p.get("type") == "text" else "[image]"
+        for p in content or []
+        if isinstance(p, dict)
+    )
+
+
 def default_answer(request: dict[str, Any]) -> str:
     """Echo what the model was given, so tests can see which context reached it."""
     users = [m for m in request["messages"] if m["role"] == "user"]
-    last = users[-1]["content"] if users else ""
+    last = text_of(users[-1]["content"]) if users else ""
     return f"You said: {last} (I saw {len(request['messages'])} messages)"
 
 
@@ -139,9 +156,11 @@ class FakeKimi:
 
     def prompt_tokens(self, request: dict[str, Any]) -> int:
         chars = sum(
-            len(m.get("content") or "") + len(m.get("reasoning_content") or "") for m in request["messages"]
+            len(text_of(m.get("content"))) + len(m.get("reasoning_content") or "")
+            for m in request["messages"]
         )
-        return int(chars * self.tokens_per_char) + 4 * len(request["messages"])
+        images = sum(len(image_parts(m)) for m in request["messages"])
+        return int(chars * self.tokens_per_char) + 4 * len(request["messages"]) + IMAGE_TOKENS * images
 
     @staticmethod
     def _error(status: int, error_type: str, message: str, retry_after: float | None = None) -> web.Response:
@@ -177,7 +196,7 @@ class FakeKimi:
                 "parent": None,
                 "permission": [],
                 "context_length": 262_144,
-                "supports_image_in": True,
+                "supports_image_in": model not in TEXT_ONLY_MODELS,
                 "supports_video_in": False,
                 "supports_reasoning": True,
             }
@@ -322,8 +341,46 @@ def thinking_on(body: dict[str, Any]) -> bool:
     return not (isinstance(thinking, dict) and thinking.get("type") == "disabled")
 
 
+def image_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return []
+    return [p for p in content if isinstance(p, dict) and p.get("type") == "image_url"]
+
+
+def content_problem(body: dict[str, Any]) -> str:
+    """Why Kimi would refuse a message's content parts: unknown part types, an image that is not a
+    base64 data URL of PNG/JPEG/GIF/WebP, or any image for a model that reads text only."""
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list) or message.get("role") != "user":
+            return "Invalid request: content must be a string"
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                continue
+            if kind != "image_url":
+                return f"Invalid request: unknown content type {kind!r}"
+            if body.get("model") in TEXT_ONLY_MODELS:
+                return f"Invalid request: the model {body.get('model')} does not support image input"
+            url = str((part.get("image_url") or {}).get("url") or "")
+            match = DATA_URL.match(url)
+            if not match:
+                return "Invalid request: image_url must be a base64 data URL"
+            try:
+                base64.b64decode(match.group(2), validate=True)
+            except ValueError:
+                return "Invalid request: image_url is not valid base64"
+    return ""
+
+
 def check_request(body: dict[str, Any]) -> str:
     """Why Kimi would refuse this request with a 400 (empty when it would not): Kimi's own messages."""
+    problem = content_problem(body)
+    if problem:
+        return problem
     tools = body.get("tools") or []
     names: set[str] = set()
     for tool in tools:

@@ -280,6 +280,9 @@ class FakeSlack:
     grants: dict[str, Grant] = field(default_factory=dict)
     refresh_tokens: dict[str, Workspace] = field(default_factory=dict)
     token_expires: dict[str, float] = field(default_factory=dict)  # token -> time.time() it stops working
+    # Files (url_private_download): file id -> its bytes; the downloads asked for (file id, token)
+    file_bodies: dict[str, bytes] = field(default_factory=dict)
+    file_downloads: list[tuple[str, str]] = field(default_factory=list)
     server: TestServer | None = None
     _clock: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -388,6 +391,41 @@ class FakeSlack:
         self.messages[channel].append(message)
         return ts
 
+    def add_file(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        mimetype: str = "text/plain",
+        filetype: str = "text",
+        size: int | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """A file uploaded to the fake workspace: its Slack file object (for an event's or a seeded
+        message's `files`), whose url_private_download serves `data` to the bot token (with files:read)."""
+        file_id = f"F{next(self._clock):09d}"
+        self.file_bodies[file_id] = data
+        url = f"{self.url}/files-pri/{TEAM_ID}-{file_id}/download/{name}"
+        return {
+            "id": file_id,
+            "created": 1_760_000_000,
+            "name": name,
+            "title": name,
+            "mimetype": mimetype,
+            "filetype": filetype,
+            "pretty_type": filetype.upper(),
+            "user": "U04RZ8N2PQM",
+            "mode": "hosted",
+            "editable": False,
+            "is_external": False,
+            "external_type": "",
+            "size": len(data) if size is None else size,
+            "url_private": url.replace("/download/", "/"),
+            "url_private_download": url,
+            "permalink": f"https://example.slack.com/files/U04RZ8N2PQM/{file_id}/{name}",
+            **extra,
+        }
+
     def calls_of(self, method: str) -> list[Call]:
         return [c for c in self.calls if c.method == method]
 
@@ -439,6 +477,7 @@ class FakeSlack:
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_post("/response/{name}", self._response_url)
         app.router.add_get("/socket-mode", self._socket_mode)
+        app.router.add_get("/files-pri/{team_file}/download/{name}", self._file_download)
         self.server = TestServer(app, host="127.0.0.1")
         await self.server.start_server()
 
@@ -505,6 +544,20 @@ class FakeSlack:
             return False
         self._allowance[key] = (tokens - 1, now)
         return True
+
+    async def _file_download(self, request: web.Request) -> web.Response:
+        """url_private_download as Slack serves it: the bytes for a bot token with files:read; without
+        one, Slack's sign-in page (HTML, HTTP 200); 404 for a file that is not there."""
+        file_id = request.match_info["team_file"].rsplit("-", 1)[-1]
+        auth = request.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else ""
+        self.file_downloads.append((file_id, token))
+        if (token != TOKEN and token not in self.workspaces) or "files:read" not in self.scopes:
+            page = "<!DOCTYPE html><html><head><title>Slack</title></head><body>Sign in</body></html>"
+            return web.Response(text=page, content_type="text/html")
+        if file_id not in self.file_bodies:
+            return web.Response(status=404, text="file not found")
+        return web.Response(body=self.file_bodies[file_id], content_type="application/octet-stream")
 
     async def _response_url(self, request: web.Request) -> web.Response:
         self.responses.append(await request.json())
