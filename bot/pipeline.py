@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from bot.admission import mentions, strip_mention
 from bot.agent.live import WriterView, ask_approval
-from bot.agent.loop import CAP_NOTES, AgentLoop, Cap, Caps, Outcome, Planned, Step
+from bot.agent.loop import CAP_NOTES, AgentLoop, Cap, Caps, Outcome, Planned, Step, replayed_outcome
 from bot.channel_settings import ChannelConfig, pin, pinned
 from bot.context import Fit, calibrate, user_entry
 from bot.deps import Deps
@@ -330,7 +330,9 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
             progress = await placeholder_below_answers(deps, turn, lease, job, progress, state)
         writer.resume = progress
         who = await deps.stops.requested_by(turn.channel, turn.ts)
-        if who is not None:  # stopped while it waited for the answer before it
+        # Stopped while it waited for the answer before it; not a run that had Kimi's whole answer already
+        # (the Stop came after it, while it was being shown): that answer is delivered below.
+        if who is not None and finished_answer(progress) is None:
             writer.start()
             await writer.fail(f"_:black_square_for_stop: Stopped by <@{who}> before I began._")
             await lease.complete(job, details=(turn.ts, details))
@@ -434,6 +436,13 @@ async def _think_and_deliver(
     call = ModelCall(config.model, profile, config.effort, config.thinking)
     budget = call.profile.context_window - kimi.budget_of(call)
     calibration = float(meta.get("calibration", "1.0"))
+    # Kimi's whole answer, when an earlier run of this job got it and died before recording it: delivered
+    # and recorded as it was, before anything that could ask Kimi (a summary) or read Slack again.
+    saved = finished_answer(writer.resume)
+    if saved is not None:
+        await _replay_final(turn, deps, writer, lease, job, saved, call, history)
+        return
+    started = time.monotonic()  # the footer's time counts a summary request and the files' reading too
     start = max(int(meta.get("start", "0")) - offset, 0)
     summaries = history
     if turn.reads_thread:
@@ -464,8 +473,6 @@ async def _think_and_deliver(
     if notes:
         fitted = dataclasses.replace(fitted, notes=(*notes, *fitted.notes))
 
-    started = time.monotonic()
-
     async def on_event(event: Event) -> None:
         if isinstance(event, Text):
             writer.text(event.text)
@@ -490,11 +497,6 @@ async def _think_and_deliver(
     ctx = tool_context(turn, deps)
     available = list(await deps.tools(ctx)) if deps.tools is not None else []
     tools, definitions = offer([t for t in available if t.name not in config.tools_off], ctx)
-    # Kimi's whole answer, when an earlier run of this job got it and died before recording it.
-    saved = finished_answer(writer.resume)
-    if saved is not None and not tools:
-        await _replay_final(turn, deps, writer, lease, job, saved, left_out, fitted, call, history)
-        return
     if tools:
         await _agent_answer(
             turn,
@@ -513,29 +515,45 @@ async def _think_and_deliver(
             meter,
             calibration,
             call,
-            saved,
         )
         return
-    log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=left_out))
-    task = asyncio.create_task(
-        kimi.complete(fitted.messages, on_event=on_event, on_restart=writer.restarted, meter=meter, call=call)
-    )
-    kimi_task.append(task)
-    writer.start()  # the sign of life goes out right behind the request to Kimi (a no-op if already shown)
-    try:
-        acc = await task
-    except asyncio.CancelledError:
-        if not writer.stopped:
-            raise
-        acc = Accumulator(reasoning=[writer.reasoning_text], content=[writer.answer], finish_reason="stopped")
+    if writer.stopped:  # Stop was pressed while the thread was summarised: Kimi is not asked for the answer
+        acc = Accumulator(content=[writer.answer], finish_reason="stopped")
     else:
-        # Kimi's whole answer, kept with the job before its last Slack write: a run that dies between that
-        # write and the record is replayed from it (never asked again: no second cost, no budget refusal
-        # replacing an answer the thread already shows, no different text).
-        await writer.text_complete()
-        await lease.save_progress(
-            job, final=dump_finished(acc, time.monotonic() - started, writer.thinking_s)
+        log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=left_out))
+        task = asyncio.create_task(
+            kimi.complete(
+                fitted.messages, on_event=on_event, on_restart=writer.restarted, meter=meter, call=call
+            )
         )
+        kimi_task.append(task)
+        writer.start()  # the sign of life goes right behind the request to Kimi (a no-op if already shown)
+        try:
+            acc = await task
+        except asyncio.CancelledError:
+            if not writer.stopped:
+                raise
+            acc = Accumulator(
+                reasoning=[writer.reasoning_text], content=[writer.answer], finish_reason="stopped"
+            )
+        else:
+            # Kimi's whole answer, kept with the job before its last Slack write: a run that dies between
+            # that write and the record is replayed from it (never asked again: no second cost, no budget
+            # refusal replacing an answer the thread already shows, no different text).
+            await writer.text_complete()
+            await _keep_finished(
+                lease,
+                job,
+                dump_finished(
+                    acc,
+                    time.monotonic() - started,
+                    writer.thinking_s,
+                    left_out=left_out,
+                    shown_left_out=left_out - fitted.summarised,
+                    notes=fitted.notes,
+                    estimated=fitted.estimated_tokens,
+                ),
+            )
     elapsed, thinking_s, reply_ts = await _deliver_final(
         turn,
         deps,
@@ -565,10 +583,20 @@ async def _think_and_deliver(
 
 
 def dump_finished(
-    acc: Accumulator, elapsed_s: float, thinking_s: float | None, cap: Cap | None = None
+    acc: Accumulator,
+    elapsed_s: float,
+    thinking_s: float | None,
+    *,
+    cap: Cap | None = None,
+    left_out: int,
+    shown_left_out: int,
+    notes: tuple[str, ...],
+    estimated: int,
+    agent: bool = False,
 ) -> str:
-    """Kimi's finished answer as a job keeps it (see finished_answer); `cap`: the agent loop's, if one ended
-    it (its footer note)."""
+    """Kimi's finished answer as a job keeps it (see finished_answer), with what its delivery and record need
+    besides: the window's start (`left_out`), the footer's count and notes, the prompt's estimate (for the
+    calibration), and for an agent turn (`agent`) the cap that ended its loop."""
     usage = acc.usage.__dict__ if acc.usage else None
     return json.dumps(
         {
@@ -578,21 +606,37 @@ def dump_finished(
             "elapsed_s": elapsed_s,
             "thinking_s": thinking_s,
             "cap": str(cap) if cap else None,
+            "left_out": left_out,
+            "shown_left_out": shown_left_out,
+            "notes": list(notes),
+            "estimated": estimated,
+            "agent": agent,
         },
         ensure_ascii=False,
     )
 
 
 def finished_answer(progress: dict[str, str]) -> dict[str, Any] | None:
-    """The finished answer an earlier run of the job kept, or None (none kept, or unreadable)."""
+    """The finished answer an earlier run of the job kept, or None (none kept, or not readable as one: then
+    Kimi is asked again, as before answers were kept)."""
     raw = progress.get("final")
     if not raw:
         return None
     try:
         saved = json.loads(raw)
         message = saved["message"]
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+        usage = saved.get("usage")
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("content"), str)
+            or not all(isinstance(saved.get(k), int) for k in ("left_out", "shown_left_out", "estimated"))
+            or not isinstance(saved.get("notes"), list)
+            or (saved.get("cap") is not None and saved["cap"] not in {str(c) for c in Cap})
+            or (usage is not None and not isinstance(usage, dict))
+        ):
             return None
+        if usage is not None:
+            Usage(**usage)  # readable as one (a TypeError otherwise)
         return dict(saved)
     except (ValueError, KeyError, TypeError):
         return None
@@ -611,13 +655,14 @@ def saved_accumulator(saved: dict[str, Any]) -> Accumulator:
     )
 
 
-def _replay_text(writer: ReplyWriter, acc: Accumulator, saved: dict[str, Any]) -> float:
-    """Write a saved answer's text as the earlier run did, with its thinking time; returns the `started` that
-    gives the earlier run's elapsed time in the footer."""
-    writer.text(acc.text)
-    if isinstance(saved.get("thinking_s"), int | float):
-        writer.thinking_s = float(saved["thinking_s"])
-    return time.monotonic() - float(saved.get("elapsed_s") or 0)
+async def _keep_finished(lease: Lease, job: Job, value: str) -> None:
+    """Keep Kimi's finished answer with the job (fenced: a lost lease still stops the run). Best effort
+    otherwise: a Redis that does not answer now must not cost the answer in hand (the run goes on to
+    deliver it; only a crash in the next moments would ask Kimi again, as before answers were kept)."""
+    try:
+        await lease.save_progress(job, final=value)
+    except RedisError as exc:
+        log.warning("finished answer not kept; delivering it anyway", extra={"error": describe(exc)})
 
 
 async def _replay_final(
@@ -627,27 +672,35 @@ async def _replay_final(
     lease: Lease,
     job: Job,
     saved: dict[str, Any],
-    left_out: int,
-    fitted: Fit,
     call: ModelCall,
     history: bool,
 ) -> None:
-    """Deliver and record the answer an earlier run of this job got from Kimi, without asking Kimi again."""
+    """Deliver and record the answer an earlier run of this job got from Kimi, as it was (its window, footer
+    and, for an agent turn, its checkpointed steps as cards), without asking Kimi or reading Slack again."""
     acc = saved_accumulator(saved)
     log.info("replaying the answer an earlier run got from kimi", extra=turn_log(turn))
+    outcome: Outcome | None = None
+    if saved.get("agent"):
+        writer.timeline = True
+        cap = Cap(saved["cap"]) if saved.get("cap") else None
+        outcome = replayed_outcome(resumed_steps(writer.resume), acc, cap, WriterView(writer))
     writer.start()
     writer.reasoning(acc.reasoning_text)
-    started = _replay_text(writer, acc, saved)
+    writer.text(acc.text)
+    if isinstance(saved.get("thinking_s"), int | float):
+        writer.thinking_s = float(saved["thinking_s"])
+    started = time.monotonic() - float(saved.get("elapsed_s") or 0)  # the earlier run's time in the footer
+    notes = tuple(str(note) for note in saved["notes"])
     elapsed, thinking_s, reply_ts = await _deliver_final(
         turn,
         deps,
         writer,
         started,
-        acc.usage,
-        left_out - fitted.summarised,  # the rest is in the summary at the head
+        outcome.usage if outcome is not None else acc.usage,
+        saved["shown_left_out"],
         acc.finish_reason,
-        bool(acc.reasoning_text),
-        extra=fitted.notes,
+        bool(outcome.reasoning if outcome is not None else acc.reasoning_text),
+        extra=notes + agent_notes(outcome) if outcome is not None else notes,
         model=call.model,
     )
     await _record(
@@ -656,13 +709,14 @@ async def _replay_final(
         lease,
         job,
         acc,
-        left_out,
-        fitted.estimated_tokens,
+        saved["left_out"],
+        saved["estimated"],
         reply_ts,
         elapsed,
         history=history,
         thinking_s=thinking_s,
         call=call,
+        agent=outcome,
     )
 
 
@@ -863,7 +917,6 @@ async def _agent_answer(
     meter: Meter,
     calibration: float,
     call: ModelCall,
-    saved: dict[str, Any] | None = None,
 ) -> None:
     """The answer with tools: the agent loop asks Kimi, runs the calls it makes and asks again until it
     answers; each call shows as a task card. Every finished step is checkpointed (fenced) in the job's
@@ -924,14 +977,8 @@ async def _agent_answer(
         "asking kimi with tools",
         extra=turn_log(turn, messages=len(fitted.messages), tools=len(tools), resumed_steps=len(resume)),
     )
-    if saved is not None:  # an earlier run had the final answer and died before recording it: no new request
-        log.info("replaying the answer an earlier run got from kimi", extra=turn_log(turn))
-        final = saved_accumulator(saved)
-        writer.start()
-        outcome = loop.replayed(
-            fitted.messages, resume, final, Cap(saved["cap"]) if saved.get("cap") else None
-        )
-        started = _replay_text(writer, final, saved)
+    if writer.stopped:  # Stop was pressed while the thread was summarised: Kimi is not asked for the answer
+        outcome = loop.partial("", writer.answer)
     else:
         task = asyncio.create_task(loop.run(fitted.messages, resume))
         kimi_task.append(task)
@@ -944,10 +991,19 @@ async def _agent_answer(
             outcome = loop.partial("", writer.answer)
         else:  # kept before the last Slack write: a run that dies after it is replayed (see the plain path)
             await writer.text_complete()
-            await lease.save_progress(
+            await _keep_finished(
+                lease,
                 job,
-                final=dump_finished(
-                    outcome.final, time.monotonic() - started, writer.thinking_s, outcome.cap
+                dump_finished(
+                    outcome.final,
+                    time.monotonic() - started,
+                    writer.thinking_s,
+                    cap=outcome.cap,
+                    left_out=left_out,
+                    shown_left_out=left_out - fitted.summarised,
+                    notes=fitted.notes,
+                    estimated=fitted.estimated_tokens,
+                    agent=True,
                 ),
             )
     elapsed, thinking_s, reply_ts = await _deliver_final(

@@ -574,20 +574,6 @@ class AgentLoop:
             acc, self.steps, cap, self.usage, "\n\n".join(self.reasoning), self.overheads, self.work
         )
 
-    def replayed(
-        self, messages: list[dict[str, Any]], resume: Sequence[Step], final: Accumulator, cap: Cap | None
-    ) -> Outcome:
-        """The outcome of an earlier run of this turn that got its final answer and died before recording it:
-        its steps back into the view and the outcome, and that answer, without asking Kimi again."""
-        self.messages = list(messages)
-        for step in resume:
-            self._replay(step)
-        self.view.step_started(len(self.steps))
-        if final.reasoning_text:
-            self.reasoning.append(final.reasoning_text)
-        self.usage = add_usage(self.usage, final.usage)  # recorded by the earlier run
-        return self._outcome(final, cap)
-
     def partial(self, reasoning: str, text: str) -> Outcome:
         """What a stopped turn has: its steps, and the text the interrupted step had written so far."""
         acc = Accumulator(reasoning=[reasoning] if reasoning else [], content=[text], finish_reason="stopped")
@@ -728,3 +714,22 @@ class AgentLoop:
             return f"Error: result {ref} has pages 1 to {len(pages)}."
         total = sum(len(p) for p in pages)
         return pages[page - 1] + paged_note(ref, page, len(pages), total)
+
+
+def replayed_outcome(resume: Sequence[Step], final: Accumulator, cap: Cap | None, view: View) -> Outcome:
+    """The outcome of an earlier run of a turn that got its final answer and died before recording it: its
+    checkpointed steps back into the view (their cards) and the outcome, and that answer; nothing is asked
+    or run again."""
+    usage: Usage | None = None
+    reasoning: list[str] = []
+    for index, step in enumerate(resume):
+        usage = add_usage(usage, step.usage)  # recorded by the earlier run, as was the final answer's
+        if step.message.get("reasoning_content"):
+            reasoning.append(str(step.message["reasoning_content"]))
+        view.step_started(index)
+        for record in step.calls:
+            view.call_done(record, "")
+    view.step_started(len(resume))
+    if final.reasoning_text:
+        reasoning.append(final.reasoning_text)
+    return Outcome(final, list(resume), cap, add_usage(usage, final.usage), "\n\n".join(reasoning))
