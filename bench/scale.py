@@ -99,6 +99,7 @@ class ScaleFigures:
     answers: int
     teams: int
     answer_s: float
+    arrival_s: float
     lag_buckets: list[tuple[float, float]] = field(default_factory=list)  # (le, samples in the round)
     idle_rss_mb: float = 0.0
     peak_rss_mb: float = 0.0
@@ -109,6 +110,9 @@ class ScaleFigures:
     problems: int = 0
     acks_max_s: float = 0.0
     wall_s: float = 0.0
+    cpu_s: float = 0.0
+    peak_in_flight: int = 0  # Kimi streams open at the same moment (the fake Kimi's clock)
+    refused: int = 0  # deliveries answered with other than 200 (Slack redelivers them)
     first_done_s: float = 0.0
 
     @property
@@ -165,6 +169,12 @@ class ScaleFigures:
                 self.limit_hits == 0,
             ),
             (
+                "answers in flight at once (peak)",
+                f"{self.peak_in_flight} Kimi streams open at the same moment",
+                f"{self.answers}",
+                self.peak_in_flight >= self.answers,
+            ),
+            (
                 "answers complete, exactly once each",
                 f"{self.complete}/{self.answers} complete, {self.once}/{self.answers} once",
                 "all",
@@ -178,6 +188,18 @@ class ScaleFigures:
                 True,
             ),
         ]
+
+
+def peak_open(started: list[float], finished: dict[int, float]) -> int:
+    """The most requests open at one moment, from when each started and (if it did) finished."""
+    moments = sorted(
+        [(at, 1) for at in started] + [(at, -1) for at in finished.values()], key=lambda m: (m[0], m[1])
+    )
+    open_now = peak = 0
+    for _, change in moments:
+        open_now += change
+        peak = max(peak, open_now)
+    return peak
 
 
 def rss_mb(pid: int, field_name: str) -> float:
@@ -209,13 +231,21 @@ def lag_buckets(text: str) -> dict[float, float]:
 class BotProcess:
     """`kimibot serve` with its output in a file (a pipe nobody reads would block its logging)."""
 
-    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+    def __init__(self, env: dict[str, str], workdir: Path, profile: str = "") -> None:
         self.port = int(env["PORT"])
         self.log_path = workdir / "kimibot.log"
         self.log = self.log_path.open("w")
+        command = [*kimibot_command(), "serve"]
+        if profile:  # cProfile writes its figures when serve exits (SIGTERM: a graceful stop)
+            command = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "bot.cli", "serve"]
         self.process = subprocess.Popen(
-            [*kimibot_command(), "serve"], env=env, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT
+            command, env=env, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT
         )
+
+    def cpu_s(self) -> float:
+        """CPU time the process has used (user + system)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     @property
     def base(self) -> str:
@@ -307,7 +337,9 @@ def check_answers(slack: FakeSlack, questions: list[Question], parts: int) -> tu
     return complete, once, unfinished
 
 
-async def run_scale(answers: int = 300, teams: int = 10, answer_s: float = 30.0) -> ScaleFigures:
+async def run_scale(
+    answers: int = 300, teams: int = 10, answer_s: float = 30.0, arrival_s: float = 10.0, profile: str = ""
+) -> ScaleFigures:
     """One round of `answers` questions at once across `teams` workspaces; its figures."""
     slack, kimi = await start_fakes()
     events = 1 + len(REASONING) // CHUNK_CHARS + 1  # role, reasoning events, the finish
@@ -344,10 +376,9 @@ async def run_scale(answers: int = 300, teams: int = 10, answer_s: float = 30.0)
         "PORT": str(free_port()),
         "KIMI_CONCURRENCY": str(answers),
         "LOG_LEVEL": "WARNING",
-        **{k: v for k, v in os.environ.items() if k.startswith("KIMIBOT_PROFILE")},
     }
-    bot = BotProcess(env, workdir)
-    figures = ScaleFigures(answers, teams, answer_s)
+    bot = BotProcess(env, workdir, profile)
+    figures = ScaleFigures(answers, teams, answer_s, arrival_s)
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -361,25 +392,38 @@ async def run_scale(answers: int = 300, teams: int = 10, answer_s: float = 30.0)
             acks: list[float] = []
 
             async def send(q: Question) -> None:
+                """Deliver the event; a non-200 is redelivered like Slack does (after ~1 s, 3 times)."""
                 body = q.body()
-                headers = {"Content-Type": "application/json", **sign(body)}
-                sent = time.monotonic()
-                async with session.post(url, data=body, headers=headers) as response:
-                    assert response.status == 200, response.status
-                acks.append(time.monotonic() - sent)
+                for attempt in range(4):
+                    headers = {"Content-Type": "application/json", **sign(body)}
+                    if attempt:
+                        headers |= {"X-Slack-Retry-Num": str(attempt), "X-Slack-Retry-Reason": "http_error"}
+                    sent = time.monotonic()
+                    async with session.post(url, data=body, headers=headers) as response:
+                        status = response.status
+                    acks.append(time.monotonic() - sent)
+                    if status == 200:
+                        return
+                    figures.refused += 1
+                    await asyncio.sleep(1.0)
 
-            started = time.monotonic()
-            await asyncio.gather(*(send(q) for q in questions))
+            started, cpu = time.monotonic(), bot.cpu_s()
+            sends = []
+            for q in questions:
+                sends.append(asyncio.create_task(send(q)))
+                await asyncio.sleep(arrival_s / len(questions))
+            await asyncio.gather(*sends)
             figures.acks_max_s = max(acks)
-            async with asyncio.timeout(answer_s * 6 + 120):
-                while True:
-                    complete, _, unfinished = check_answers(slack, questions, parts)
-                    if complete and not figures.first_done_s:
-                        figures.first_done_s = time.monotonic() - started
-                    if not unfinished:
-                        break
-                    await asyncio.sleep(0.25)
+            give_up = started + answer_s * 4 + 60  # then report what got done
+            while time.monotonic() < give_up:
+                complete, _, unfinished = check_answers(slack, questions, parts)
+                if complete and not figures.first_done_s:
+                    figures.first_done_s = time.monotonic() - started
+                if not unfinished:
+                    break
+                await asyncio.sleep(1.0)
             figures.wall_s = time.monotonic() - started
+            figures.cpu_s = bot.cpu_s() - cpu
             await asyncio.sleep(1.0)  # a duplicate write would land now
             after = await bot.metrics(session)
             figures.peak_rss_mb = rss_mb(bot.process.pid, "VmHWM")
@@ -387,6 +431,7 @@ async def run_scale(answers: int = 300, teams: int = 10, answer_s: float = 30.0)
         figures.lag_buckets = [(le, last[le] - first.get(le, 0.0)) for le in sorted(last)]
         figures.bot_rate_limited = sum(metric_values(after, RATE_LIMITED_METRIC).values())
         figures.limit_hits = len(slack.limit_hits)
+        figures.peak_in_flight = peak_open(kimi.request_times, kimi.finished)
         figures.problems = len(slack.problems)
         figures.complete, figures.once, _ = check_answers(slack, questions, parts)
     finally:
@@ -400,17 +445,24 @@ def print_figures(figures: ScaleFigures) -> None:
     print(
         f"{figures.answers} answers in flight at once in one process (KIMI_CONCURRENCY={figures.answers}; "
         f"{figures.teams} workspaces x {figures.answers // figures.teams} channels; each answer streams "
-        f"~{figures.answer_s:.0f} s)"
+        f"~{figures.answer_s:.0f} s; the questions arrive over {figures.arrival_s:.0f} s)"
     )
     for name, measured, target, met in figures.lines():
         mark = "" if not target else ("  ok" if met else "  MISSED")
         print(f"  {name + ':':38s} {measured}" + (f"   (target {target}){mark}" if target else ""))
-    print(f"  {'ack max during the burst:':38s} {figures.acks_max_s * 1000:.0f} ms")
+    print(
+        f"  {'ack max while they arrive:':38s} {figures.acks_max_s * 1000:.0f} ms; deliveries refused "
+        f"(5xx, redelivered as Slack does): {figures.refused}"
+    )
+    print(
+        f"  {'CPU of the bot process in the round:':38s} {figures.cpu_s:.1f} s "
+        f"({figures.cpu_s / figures.wall_s:.0%} of one core)"
+    )
     print(f"  {'Web API call problems:':38s} {figures.problems}")
 
 
-async def main(answers: int, teams: int, answer_s: float) -> None:
-    print_figures(await run_scale(answers, teams, answer_s))
+async def main(answers: int, teams: int, answer_s: float, arrival_s: float, profile: str) -> None:
+    print_figures(await run_scale(answers, teams, answer_s, arrival_s, profile))
 
 
 if __name__ == "__main__":
@@ -420,5 +472,8 @@ if __name__ == "__main__":
     parser.add_argument("--answers", type=int, default=300)
     parser.add_argument("--teams", type=int, default=10)
     parser.add_argument("--answer-s", type=float, default=30.0)
+    parser.add_argument("--arrival-s", type=float, default=10.0, help="the questions arrive over this long")
+    parser.add_argument("--profile", default="", help="run the bot under cProfile, its figures to this file")
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.answers, args.teams, args.answer_s)))
+    profile = os.path.abspath(args.profile) if args.profile else ""
+    sys.exit(asyncio.run(main(args.answers, args.teams, args.answer_s, args.arrival_s, profile)))
