@@ -31,13 +31,22 @@ from tests.slack_requests import SIGNING_SECRET, mention
 # (label, pattern matched against "file:line(function)" of the profile): the parts of one event's intake.
 PARTS = [
     ("the request in all (bot/server.py slack_events)", "bot/server.py", "slack_events"),
-    ("  Bolt: dispatch in all (AsyncApp.async_dispatch)", "slack_bolt/app/async_app.py", "async_dispatch"),
-    ("  Bolt: request object (AsyncBoltRequest)", "slack_bolt/request/async_request.py", "__init__"),
-    ("  Bolt: signature verification", "slack_sdk/signature/__init__.py", "is_valid_request"),
-    ("  authorize (bot/server.py)", "bot/server.py", "authorize"),
-    ("  our listener (handlers/events.py)", "handlers/events.py", "on_message_event"),
-    ("  our admission (bot/admission.py admit)", "bot/admission.py", "admit"),
-    ("  Redis commands (all)", "bot/metrics.py", "execute_command"),
+    ("  Bolt: dispatch in all, our listener included", "slack_bolt/app/async_app.py", "async_dispatch"),
+    ("    Bolt: request object (AsyncBoltRequest)", "slack_bolt/request/async_request.py", "__init__"),
+    ("    Bolt: signature verification", "slack_sdk/signature/__init__.py", "is_valid"),
+    ("    Bolt: context, a WebClient per request", "slack_bolt/app/async_app.py", "_init_context"),
+    ("    Bolt: listener matching", "slack_bolt/listener/async_listener.py", "async_matches"),
+    (
+        "    Bolt: listener arguments",
+        "slack_bolt/kwargs_injection/async_utils.py",
+        "build_async_required_kwargs",
+    ),
+    ("    authorize (bot/server.py)", "bot/server.py", "authorize"),
+    ("    our listener (handlers/events.py)", "handlers/events.py", "on_message_event"),
+    ("      our admission (bot/admission.py admit)", "bot/admission.py", "admit"),
+    ("      queueing the job (bot/queue.py put)", "bot/queue.py", "put"),
+    ("  Redis pipelines (incl. sending)", "bot/metrics.py", "counted_execute"),
+    ("  Redis single commands (incl. sending)", "bot/metrics.py", "execute_command"),
     ("  JSON log lines (bot/logs.py format)", "bot/logs.py", "format"),
 ]
 
