@@ -23,7 +23,7 @@ from typing import Any, Literal, cast
 from urllib.parse import urlparse
 
 import redis
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import AbstractStrategy, ClusterPipeline, RedisCluster, TransactionStrategy
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -46,6 +46,10 @@ CONNECT_TIMEOUT_S = 1.0  # longest wait for a new connection
 MAX_BLOCK_S = 1.0  # longest timeout a blocking command may ask for; below SOCKET_TIMEOUT_S
 HEALTH_CHECK_S = 30  # PING a pooled connection idle for this long before using it again
 PROBE_TIMEOUT_S = 1.0
+# Connections per process to a single Redis (redis-py's default pool size). A caller that finds them all in
+# use waits for one, up to SOCKET_TIMEOUT_S: a burst of events (300 answers starting at once) queues for a
+# moment instead of failing with "Too many connections" (a 503 to Slack, a job run again).
+POOL_SIZE = 100
 
 ClusterSetting = Literal["auto", "true", "false"]
 CLUSTER_RETRIED = (ConnectionError, ClusterDownError, SlotNotCoveredError)  # not TimeoutError
@@ -231,14 +235,21 @@ def database_of(url: str) -> int:
     return int(path) if path.isdigit() else 0
 
 
+def _waiting_pool(url: str) -> BlockingConnectionPool:
+    """At most POOL_SIZE connections; more callers wait their turn (see POOL_SIZE)."""
+    return BlockingConnectionPool.from_url(
+        url, max_connections=POOL_SIZE, timeout=SOCKET_TIMEOUT_S, **_common_options()
+    )
+
+
 def build_redis(url: str, setting: ClusterSetting = "auto") -> Redis:
     """The client for REDIS_URL. Typed as `Redis`: a RedisCluster answers the same commands, and kimibot
     keeps every multi-key script, transaction and pipeline within one hash slot (bot/store.py)."""
     cluster = use_cluster(url, setting)
     if cluster is None:
-        return UnprobedRedis.from_url(url, **_common_options())
+        return UnprobedRedis.from_pool(_waiting_pool(url))
     if not cluster:
-        return Redis.from_url(url, **_common_options())
+        return Redis.from_pool(_waiting_pool(url))
     if database_of(url) != 0:
         # Imported here: settings imports nothing from us, and this is the one error it does not catch.
         from bot.settings import SettingsError

@@ -568,3 +568,46 @@ async def test_removing_one_workspace_of_an_org_keeps_the_org_wide_install(redis
         )
     finally:
         await redis.aclose()
+
+
+async def test_in_oauth_mode_a_question_waiting_behind_another_gets_its_placeholder_with_its_workspaces_token(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """The once-a-second check for waiting questions reads the workspace's token only when one waits (300
+    running answers would otherwise read 300 installations a second): when one does, its placeholder is
+    posted with that workspace's token."""
+    from tests.fakes.kimi_api import Reply
+
+    bot: BotHarness = await make_bot(**oauth_settings())
+    await install_second(bot, fake_slack)
+    installed = fake_slack.calls_of("oauth.v2.access")[0].args["_result"]["access_token"]
+    fake_kimi.script(Reply(content="first answer", first_byte_delay=2.5), Reply(content="second answer"))
+    root, follow = "1700000008.000900", "1700000008.000901"
+    assert await ask_from(bot, "a slow one", root) == 200
+    fake_slack.messages[CHANNEL].append({"type": "message", "user": ALICE, "text": "and this", "ts": follow})
+    event = {
+        "type": "message",
+        "user": ALICE,
+        "text": "and this",
+        "ts": follow,
+        "thread_ts": root,
+        "channel": CHANNEL,
+        "event_ts": follow,
+        "channel_type": "channel",
+        "team": SECOND_TEAM,
+    }
+    assert (await bot.post(team_event(SECOND_TEAM, event), "application/json"))[0] == 200
+
+    def waiting() -> list[dict[str, Any]]:
+        return [m for m in fake_slack.replies(CHANNEL, root) if "Waiting for the answer above" in str(m)]
+
+    async with asyncio.timeout(2.0):  # well before the first answer is done
+        while not waiting():  # noqa: ASYNC110 - effects on the fake server
+            await asyncio.sleep(0.02)
+    posts = [c for c in fake_slack.calls_of("chat.postMessage") if "Waiting" in json.dumps(c.args)]
+    assert [c.args.get("token") for c in posts] == [installed]
+    await bot.settle()
+    assert [b.split("\n")[0] for b in fake_slack.bodies(CHANNEL, root)][:2] == [
+        "first answer",
+        "second answer",
+    ]

@@ -3,6 +3,7 @@ ever uses a Redis it was told about or started itself."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bot.redis_client import MAX_BLOCK_S, SOCKET_TIMEOUT_S, build_redis
+from bot.redis_client import MAX_BLOCK_S, POOL_SIZE, SOCKET_TIMEOUT_S, build_redis, is_cluster
 from tests.conftest import BotHarness
 from tests.fakes.slack_api import FakeSlack
 from tests.redis_servers import ENV, PrivateRedis, suite_redis
@@ -112,3 +113,22 @@ def test_the_suite_uses_the_redis_it_is_told_to_use_and_starts_none(
         assert target.url == "redis://127.0.0.1:1/7"
         assert not target.started_here
     assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_burst_of_more_commands_than_pooled_connections_waits_for_connections_instead_of_failing(
+    redis_url: str,
+) -> None:
+    """300 answers starting at once issue more concurrent commands than the pool holds: each waits for a
+    connection (redis-py's plain pool raised "Too many connections", a 503 to Slack). The pool is shrunk
+    to 4 here, so the test does not open POOL_SIZE connections at once on a busy machine."""
+    assert POOL_SIZE >= 100
+    client = build_redis(redis_url)
+    try:
+        if is_cluster(client):
+            pytest.skip("the cluster client keeps a pool per node")
+        client.connection_pool.max_connections = 4
+        key = "{kimibot-test}:burst"
+        results = await asyncio.gather(*(client.incr(key) for _ in range(50)))
+        assert sorted(results) == list(range(1, 51))
+    finally:
+        await client.aclose()

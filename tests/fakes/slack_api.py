@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import itertools
 import json
 import time
@@ -229,6 +230,13 @@ def view_problems(view: dict[str, Any], kind: str) -> list[str]:
     if len(str(view.get("private_metadata", ""))) > PRIVATE_METADATA_LIMIT:
         problems.append("private_metadata over 3000")
     return problems
+
+
+@functools.cache
+def method_reference(method: str) -> dict[str, Any] | None:
+    """Slack's reference data for a method (read once: the benchmarks make thousands of calls)."""
+    path = REF_DIR / f"{method}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def manifest_scopes() -> set[str]:
@@ -525,17 +533,24 @@ class FakeSlack:
         self.sockets.remove(socket)
         return socket
 
+    def team_of(self, token: Any) -> str:
+        """The workspace a bot token acts in: an installed workspace's, or the default one's."""
+        workspace = self.workspaces.get(str(token or ""))
+        return workspace.team_id if workspace is not None else TEAM_ID
+
     def _allowed(self, method: str, args: dict[str, Any]) -> bool:
-        """Slack's documented rates: postMessage about 1/s per channel (bursts of 3), tiers per minute."""
+        """Slack's documented rates, per app per workspace: postMessage about 1/s per channel (bursts of
+        3), the tiers per minute per method per workspace (the token says which workspace)."""
         per_minute = {"t2": 20, "t3": 50, "t4": 100}
         if method == "chat.postMessage":
             key, capacity, per_s = f"post:{args.get('channel')}", 3.0, 1.0
         else:
-            path = REF_DIR / f"{method}.json"
-            tier = json.loads(path.read_text()).get("rate_limits") if path.exists() else None
+            reference = method_reference(method)
+            tier = reference.get("rate_limits") if reference is not None else None
             if tier not in per_minute:
                 return True
-            key, capacity, per_s = method, float(per_minute[tier]), per_minute[tier] / 60
+            team = self.team_of(args.get("token"))
+            key, capacity, per_s = f"{team}:{method}", float(per_minute[tier]), per_minute[tier] / 60
         now = time.monotonic()
         tokens, last = self._allowance.get(key, (capacity, now))
         tokens = min(capacity, tokens + (now - last) * per_s)
@@ -728,11 +743,11 @@ class FakeSlack:
 
     def _check_reference(self, method: str, args: dict[str, Any]) -> str | None:
         """Required and known arguments per Slack's reference data; a miss is a bot bug."""
-        path = REF_DIR / f"{method}.json"
-        if not path.exists():
+        reference = method_reference(method)
+        if reference is None:
             self.problems.append(f"{method}: no reference data (not a documented method?)")
             return "unknown_method"
-        spec = json.loads(path.read_text())["args"]
+        spec = reference["args"]
         known = set(spec.get("properties", {}))
         for name in spec.get("required", []):
             if name == "markdown_text" and args.get("chunks"):
