@@ -91,6 +91,9 @@ class Deps:
         # Connections first (quick), then the tools: an MCP server slow to exit must not keep Kimi's and
         # Redis's connections open past the shutdown budget.
         await self.kimi.close()
+        closer_of_slack = getattr(self.slack, "close", None)
+        if closer_of_slack is not None:
+            await closer_of_slack()
         if self.installations is not None:
             await self.installations.close()  # token refreshes in flight use Redis
         await self.redis.aclose()
@@ -99,13 +102,15 @@ class Deps:
             await closer()
 
 
-def slack_client(settings: Settings, metrics: Metrics) -> AsyncWebClient:
-    """One Web API client for everything, pointed at SLACK_API_URL, with slack_sdk's retry handlers."""
+def slack_client(settings: Settings, metrics: Metrics, *, pooled: bool = False) -> CountingWebClient:
+    """A Web API client pointed at SLACK_API_URL, with slack_sdk's retry handlers; `pooled`: its calls share
+    kept-alive connections (see CountingWebClient)."""
     base_url = (
         settings.slack_api_url if settings.slack_api_url.endswith("/") else settings.slack_api_url + "/"
     )
     return CountingWebClient(
         metrics=metrics,
+        pooled=pooled,
         token=settings.slack_bot_token,
         base_url=base_url,
         timeout=30,
@@ -146,7 +151,8 @@ def build_deps(settings: Settings) -> Deps:
         concurrency=settings.kimi_concurrency,
     )
     kimi.metrics = metrics
-    slack = slack_client(settings, metrics)
+    # The workers' and handlers' client: every answer's calls over a few kept-alive connections.
+    slack = slack_client(settings, metrics, pooled=True)
     installations = None
     if settings.oauth:
         installations = Installations(

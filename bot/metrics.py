@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
 from redis.exceptions import ClusterDownError, RedisError, ResponseError
@@ -248,9 +249,28 @@ TOKEN_REJECTED = frozenset(
 class CountingWebClient(AsyncWebClient):  # type: ignore[misc]
     """slack_sdk's client, counting every Web API call by method (every method goes through api_call)."""
 
-    def __init__(self, *args: Any, metrics: Metrics, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, metrics: Metrics, pooled: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.metrics = metrics
+        # `pooled`: one aiohttp session (its kept-alive connections) for every call, made on the first call
+        # (inside the running loop) and closed by `close`. Without it slack_sdk opens, and closes, a session
+        # (a TCP and TLS handshake with Slack) per call. Not for Bolt's own client: Bolt deep-copies a
+        # request's client (with its session) for lazy listeners, and a session cannot be copied.
+        self.pooled = pooled
+
+    async def _request(self, *, http_verb: str, api_url: str, req_args: dict[str, Any]) -> dict[str, Any]:
+        if self.pooled and (self.session is None or self.session.closed):
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        result: dict[str, Any] = await super()._request(
+            http_verb=http_verb, api_url=api_url, req_args=req_args
+        )
+        return result
+
+    async def close(self) -> None:
+        """Close the pooled session (a no-op without one)."""
+        session, self.session = self.session, None
+        if self.pooled and session is not None and not session.closed:
+            await session.close()
 
     async def api_call(self, api_method: str, *args: Any, **kwargs: Any) -> Any:
         self.metrics.slack_calls.labels(api_method).inc()

@@ -23,7 +23,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 import handlers
 from bot.agent.toolbox import ToolBox
-from bot.deps import BotIdentity, Deps
+from bot.deps import BotIdentity, Deps, slack_client
 from bot.errors import new_reference
 from bot.health import Health, readiness
 from bot.installations import InstallationUnavailable
@@ -117,7 +117,9 @@ def build_bolt_app(deps: Deps) -> AsyncApp:
     # Bolt warns that the client's token is ignored when authorize is given; it is the same token.
     previous_level, bolt_logger.level = bolt_logger.level, logging.ERROR
     app = AsyncApp(
-        client=deps.slack,
+        # Its own client, without the pooled session of deps.slack: Bolt deep-copies a request's client for
+        # lazy listeners. The same token, URL and retry handlers; handlers call Slack through deps.slack.
+        client=slack_client(settings, deps.metrics),
         authorize=authorize,
         signing_secret=settings.slack_signing_secret or None,
         request_verification_enabled=not settings.socket_mode,

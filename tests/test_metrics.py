@@ -254,3 +254,23 @@ async def test_event_loop_lag_is_measured_while_serving() -> None:
     samples = {s.name: s.value for f in metrics.registry.collect() for s in f.samples if "lag" in s.name}
     assert samples["kimibot_event_loop_lag_seconds_count"] >= 3
     assert samples["kimibot_event_loop_lag_seconds_sum"] >= 0.1
+
+
+async def test_the_workers_slack_calls_share_one_kept_alive_connection(
+    bot: BotHarness, fake_slack: FakeSlack
+) -> None:
+    """deps.slack keeps one aiohttp session: successive calls reuse its connection (one TCP and TLS handshake
+    with Slack, not one per call); closing the deps closes it. Bolt's own client stays session-less (Bolt
+    deep-copies it for lazy listeners)."""
+    from bot.server import build_bolt_app
+
+    before = len(fake_slack.calls)
+    for _ in range(3):
+        await bot.deps.slack.auth_test()
+    peers = {call.peer for call in fake_slack.calls[before:]}
+    assert len(peers) == 1 and "" not in peers
+    session = bot.deps.slack.session
+    assert session is not None and not session.closed
+    assert build_bolt_app(bot.deps).client.session is None
+    await bot.deps.slack.close()  # what Deps.close does at shutdown
+    assert session.closed

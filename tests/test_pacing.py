@@ -267,3 +267,16 @@ def test_reactions_are_paced_per_workspace_not_per_channel() -> None:
     assert bucket is not pacer._bucket("reactions.add", "T2", "C1")
     assert bucket.capacity == 49  # Tier 3: 50 a minute, one kept spare
     assert pacer._bucket("reactions.remove", "T1", "C1") is not bucket
+
+
+def test_every_paced_method_has_the_tier_slacks_reference_data_gives() -> None:
+    import json
+    from pathlib import Path
+
+    from bot.slack.pacing import METHOD_TIER
+
+    reference = Path(__file__).parent / "fakes" / "slack_api_ref"
+    for method, tier in METHOD_TIER.items():
+        path = reference / f"{method}.json"
+        assert path.exists(), f"no reference data for {method}"
+        assert json.loads(path.read_text())["rate_limits"] == tier, method

@@ -30,7 +30,7 @@ METHOD_TIER = {
     "assistant.threads.setSuggestedPrompts": "t4",
     "assistant.threads.setTitle": "t4",
     "reactions.add": "t3",
-    "reactions.remove": "t3",
+    "reactions.remove": "t2",  # Tier 2, unlike reactions.add (Slack's reference data)
 }
 POST_PER_CHANNEL_PER_S = 1.0  # chat.postMessage: about one message per second per channel, short bursts ok
 POST_BURST = 3

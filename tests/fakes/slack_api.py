@@ -84,6 +84,7 @@ class Call:
     args: dict[str, Any]
     at: float
     basic: tuple[str, str] | None = None  # HTTP Basic credentials (oauth.v2.access: client id, secret)
+    peer: str = ""  # the client's address and port: calls over one kept-alive connection share it
 
 
 @dataclass
@@ -581,7 +582,13 @@ class FakeSlack:
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
         args = await self._args(request)
-        call = Call(method, args, time.monotonic(), basic=self._basic(request))
+        call = Call(
+            method,
+            args,
+            time.monotonic(),
+            basic=self._basic(request),
+            peer=str(request.transport.get_extra_info("peername") if request.transport else ""),
+        )
         self.calls.append(call)
         held = None
         for hold in self.holds:
