@@ -39,15 +39,19 @@ SUMMARY_INSTRUCTION = (
     "Write in the conversation's language. Reply with the summary only."
 )
 HEAD_LABEL = "Summary of the earlier conversation (messages {first} to {end}, no longer shown):"
+# The line a summary kept through a failed fold ends with (bot/summaries.py): what it does not hold.
+GAP_LINE = "(Messages {first} to {end} could not be summarised and are left out.)"
 
 
 @dataclass(frozen=True)
 class Summary:
-    """A summary of the history entries [first, end) (indexes in the whole history)."""
+    """A summary of the history entries [first, end) (indexes in the whole history); `missing` of them are
+    not in it (left out when a fold failed: its text says which), so the footer does not count them."""
 
     first: int
     end: int
     text: str
+    missing: int = 0
 
     def message(self) -> dict[str, Any]:
         """The fixed message at the head of the window, right after the system prompt."""
@@ -58,8 +62,16 @@ class Summary:
     def covers(self) -> int:
         return self.end - self.first
 
+    @property
+    def summarised(self) -> int:
+        """The entries the text stands for."""
+        return self.covers - self.missing
+
     def dump(self) -> str:
-        return json.dumps({"first": self.first, "end": self.end, "text": self.text}, ensure_ascii=False)
+        data: dict[str, Any] = {"first": self.first, "end": self.end, "text": self.text}
+        if self.missing:
+            data["missing"] = self.missing
+        return json.dumps(data, ensure_ascii=False)
 
     @staticmethod
     def load(raw: str) -> Summary | None:
@@ -67,13 +79,16 @@ class Summary:
         try:
             data = json.loads(raw)
             first, end, text = data["first"], data["end"], data["text"]
-        except (ValueError, KeyError, TypeError):
+            missing = data.get("missing", 0)
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
-        if not (isinstance(first, int) and isinstance(end, int) and isinstance(text, str)):
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in (first, end, missing)):
             return None
-        if not 0 <= first < end or not text.strip():
+        if not isinstance(text, str) or not 0 <= first < end or not text.strip():
             return None
-        return Summary(first, end, text)
+        if not 0 <= missing < end - first:
+            return None
+        return Summary(first, end, text, missing)
 
 
 @dataclass(frozen=True)
@@ -124,7 +139,9 @@ def plan(
 
     `entries` are the history from `offset` on; `start` indexes them; `head` is the summary that ended
     where the window began on the last turn (ignored unless it ends exactly at `offset + start`). Never
-    moves the start backwards and never leaves out the last entry (the question)."""
+    moves the start backwards and never leaves out the last entry (the question). A question too long on
+    its own (beside the system prompt) compacts nothing: the turn is refused, and a summary would be paid
+    for nothing."""
     start = min(max(start, 0), max(len(entries) - 1, 0))
     if head is not None and head.end != offset + start:
         head = None
@@ -137,6 +154,8 @@ def plan(
     system = estimate_tokens({"role": "system", "content": system_prompt}, calibration)
     head_cost = estimate_tokens(head.message(), calibration) if head is not None else 0
     if not entries or system + head_cost + after[start] <= budget_tokens:
+        return Plan(start, head)
+    if system + costs[-1] > budget_tokens:  # the question alone is too long: fit refuses it, so no summary
         return Plan(start, head)
     target = budget_tokens * TRIM_HEADROOM - summary_room(budget_tokens)
     last = len(entries) - 1
@@ -204,13 +223,30 @@ def summary_request(
     ]
 
 
-def summary_text(raw: str, *, budget_tokens: int, calibration: float = 1.0) -> str:
-    """The model's summary, cut to fit the room kept for it (the window's sums count on that room)."""
+def summary_text(raw: str, *, budget_tokens: int, calibration: float = 1.0, reserve_chars: int = 0) -> str:
+    """The model's summary, cut to fit the room kept for it (the window's sums count on that room), less
+    `reserve_chars` for a line to add after it."""
     label = (len(HEAD_LABEL) + 24) / CHARS_PER_TOKEN  # the label with its numbers filled in
     room = summary_room(budget_tokens) / max(calibration, 0.01) - MESSAGE_OVERHEAD_TOKENS - label - 2
-    limit = max(int(room * CHARS_PER_TOKEN), 0)
+    limit = max(int(room * CHARS_PER_TOKEN) - reserve_chars, 0)
     text = raw.strip()
     return text if len(text) <= limit else text[: max(limit - 1, 0)].rstrip() + "…"
+
+
+def kept_summary(compaction: Compaction, *, budget_tokens: int, calibration: float = 1.0) -> Summary | None:
+    """When the fold of `compaction` fails: the summary at the head so far, carried to the new end with a
+    line saying which messages it does not hold (so nothing summarised before is lost); None when there was
+    none."""
+    previous = compaction.previous
+    if previous is None:
+        return None
+    first_dropped = compaction.end - len(compaction.dropped)
+    line = GAP_LINE.format(first=first_dropped + 1, end=compaction.end)
+    text = summary_text(
+        previous.text, budget_tokens=budget_tokens, calibration=calibration, reserve_chars=len(line) + 1
+    )
+    missing = previous.missing + len(compaction.dropped)
+    return Summary(compaction.first, compaction.end, f"{text}\n{line}" if text else line, missing)
 
 
 def window(
@@ -237,7 +273,7 @@ def window(
     too_long = bool(entries) and cost > budget_tokens
     if summary is None:
         return Fit(start, messages, raw_estimate, too_long)
-    n = summary.covers
+    n = summary.summarised
     note = f"{n} earlier message{'s' if n != 1 else ''} summarised to fit the context window"
     return Fit(start, messages, raw_estimate, too_long, summarised=n, notes=(note,))
 

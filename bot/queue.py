@@ -122,7 +122,8 @@ redis.call('EXPIRE', KEYS[3], ARGV[2])
 return 1
 """
 
-# KEYS: lease, history, meta. ARGV: holder, thread ttl s, n entries, entries..., meta field, value...
+# KEYS: lease, history, meta, summaries (expiring with them).
+# ARGV: holder, thread ttl s, n entries, entries..., meta field, value...
 _APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local n = tonumber(ARGV[3])
@@ -130,13 +131,14 @@ for i = 4, 3 + n do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 for i = 4 + n, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('EXPIRE', KEYS[3], ARGV[2])
+redis.call('EXPIRE', KEYS[4], ARGV[2])
 return 1
 """
 
 # Record a job's outcome and take it off the inbox in one step, so a crash can never leave an answer
 # recorded but its job still waiting (a re-run would answer again), nor the reverse. The newest message the
 # job posted (progress `posted_ts`) becomes the thread's `posted_ts`: later runs leave everything up to it.
-# KEYS: lease, inbox, attempts, progress, history, meta, turns.
+# KEYS: lease, inbox, attempts, progress, history, meta, turns, summaries (expiring with the meta).
 # ARGV: holder, thread ttl s, job (inbox entry), details field ('' for none), details value,
 #       n entries, entries..., meta field, value...   -> 1 taken off | 0 not the head (already done) | -1 lost
 _COMPLETE = """
@@ -150,7 +152,10 @@ if ARGV[4] ~= '' then
   redis.call('EXPIRE', KEYS[7], ARGV[2])
 end
 if n > 0 then redis.call('EXPIRE', KEYS[5], ARGV[2]) end
-if #ARGV > 6 + n then redis.call('EXPIRE', KEYS[6], ARGV[2]) end
+if #ARGV > 6 + n then
+  redis.call('EXPIRE', KEYS[6], ARGV[2])
+  redis.call('EXPIRE', KEYS[8], ARGV[2])
+end
 local posted = redis.call('HGET', KEYS[4], 'posted_ts')
 if posted then
   local before = redis.call('HGET', KEYS[6], 'posted_ts')
@@ -524,10 +529,11 @@ class Lease:
         args = [x for pair in meta.items() for x in (pair[0], str(pair[1]))]
         result = await self.redis.eval(  # type: ignore[misc]
             _APPEND,
-            3,
+            4,
             self.keys.lease,
             self.keys.history,
             self.keys.meta,
+            self.keys.summaries,
             self.holder,
             self.queue.thread_ttl_s,
             len(entries),
@@ -550,7 +556,7 @@ class Lease:
         args = [x for pair in meta.items() for x in (pair[0], str(pair[1]))]
         result = await self.redis.eval(  # type: ignore[misc]
             _COMPLETE,
-            7,
+            8,
             self.keys.lease,
             self.keys.inbox,
             self.keys.attempts,
@@ -558,6 +564,7 @@ class Lease:
             self.keys.history,
             self.keys.meta,
             self.keys.turns,
+            self.keys.summaries,
             self.holder,
             self.queue.thread_ttl_s,
             raw,

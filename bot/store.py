@@ -98,6 +98,11 @@ class ThreadKeys:
     def progress(self, job_id: str) -> str:
         return f"{self.tag}:job:{job_id}"
 
+    @property
+    def summaries(self) -> str:
+        """Summaries of the earlier turns of a long thread (ThreadSummaries); expire with history and meta."""
+        return f"{self.tag}:summaries"
+
 
 def dump_entry(entry: dict[str, Any]) -> str:
     # Fixed key order and escaping: what we store is what we replay, byte for byte.
@@ -150,7 +155,8 @@ class ThreadStore:
         return ThreadState([_entry(thread, item) for item in raw], meta, int(start))
 
     async def append(self, thread: ThreadKey, *entries: dict[str, Any], **meta: str | int | float) -> None:
-        """Add entries (and set metadata) atomically, and push both keys' expiry out again."""
+        """Add entries (and set metadata) atomically, and push their expiry out again, and the summaries'
+        (the head summary lives as long as the thread it leads)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             if entries:
                 pipe.rpush(self.history_key(thread), *(dump_entry(e) for e in entries))
@@ -158,6 +164,7 @@ class ThreadStore:
                 pipe.hset(self.meta_key(thread), mapping={k: str(v) for k, v in meta.items()})
             pipe.expire(self.history_key(thread), self.ttl)
             pipe.expire(self.meta_key(thread), self.ttl)
+            pipe.expire(ThreadKeys(thread).summaries, self.ttl)
             await pipe.execute()
 
     async def turn_details(self, thread: ThreadKey, question_ts: str) -> dict[str, Any] | None:
@@ -588,12 +595,19 @@ async def _forget_dead_letters(redis: Redis, team_id: str) -> int:
 
 # --- Summaries of long threads' earlier turns (bot/summaries.py) ---
 
-# KEYS: lease, summaries. ARGV: holder, field, value, ttl s. Written only while the thread is ours (a run that
-# lost its lease must not write after a `forget`). -> 1 | -1 lost
+# KEYS: lease, summaries, meta. ARGV: holder, field (the summary's end), value, ttl s. Written only while the
+# thread is ours (a run that lost its lease must not write after a `forget`). The thread's window start
+# (meta `start`, an index into the whole history) moves to the summary's end in the same step, never back:
+# a turn that fails after paying for a summary leaves the next turn to begin where it ends, with it at the
+# head, instead of planning a slightly different range and paying again. -> 1 | -1 lost
 _PUT_SUMMARY = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+if tonumber(ARGV[2]) > (tonumber(redis.call('HGET', KEYS[3], 'start') or '0') or 0) then
+  redis.call('HSET', KEYS[3], 'start', ARGV[2])
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+end
 return 1
 """
 
@@ -601,7 +615,8 @@ return 1
 class ThreadSummaries:
     """A thread's summaries of earlier turns: one hash (the thread's hash tag, so `forget_thread` deletes it
     with the rest), one field per summary, named by the end of the range it covers (where the window that
-    follows it begins); the value holds the whole range and the text. Expires like the thread."""
+    follows it begins); the value holds the whole range and the text. Expires like the thread: every write
+    to the thread's history or metadata pushes its expiry out too."""
 
     def __init__(self, redis: Redis, ttl_seconds: int) -> None:
         self.redis = redis
@@ -609,7 +624,7 @@ class ThreadSummaries:
 
     @staticmethod
     def key(thread: ThreadKey) -> str:
-        return f"{_thread_tag(thread)}:summaries"
+        return ThreadKeys(thread).summaries
 
     async def get(self, thread: ThreadKey, end: int) -> str | None:
         """The stored summary that ends where history entry `end` begins (its JSON), if any."""
@@ -617,9 +632,18 @@ class ThreadSummaries:
         return None if raw is None else str(raw)
 
     async def put(self, thread: ThreadKey, lease_key: str, holder: str, end: int, value: str) -> bool:
-        """Store a summary as the holder of the thread's lease; False when the lease was lost."""
+        """Store a summary as the holder of the thread's lease, and move the thread's start to its `end`;
+        False when the lease was lost."""
         result = await self.redis.eval(  # type: ignore[misc]
-            _PUT_SUMMARY, 2, lease_key, self.key(thread), holder, str(end), value, self.ttl
+            _PUT_SUMMARY,
+            3,
+            lease_key,
+            self.key(thread),
+            ThreadKeys(thread).meta,
+            holder,
+            str(end),
+            value,
+            self.ttl,
         )
         return int(result) == 1
 

@@ -1,9 +1,11 @@
 """The window of a long thread, with the summary of its earlier turns at the head: the I/O around
 bot/compaction.py (the summary request to Kimi, metered like any other; its cache in Redis).
 
-A summary is made once per range: a re-run of the turn (after a crash, or a lost lease) finds it in Redis
-and does not pay for it again. A summary that cannot be had (Kimi fails, a budget is reached) never costs
-the answer: the turns are left out as before, and the footer says they could not be summarised.
+A summary is made once per range: storing it moves the thread's window start to where it ends, so neither a
+re-run of the turn (after a crash, or a lost lease) nor the next turn after a failed answer pays for it
+again. A summary that cannot be had (Kimi fails, a budget is reached) never costs the answer: the turns are
+left out as before, the summary already at the head (if any) is kept, with a line saying which messages it
+does not hold, and the footer says they could not be summarised.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from bot.compaction import (
     SUMMARY_FAILED_NOTE,
     Compaction,
     Summary,
+    kept_summary,
     plan,
     summary_output_cap,
     summary_request,
@@ -93,7 +96,8 @@ async def summarise(
     text = summary_text(acc.text, budget_tokens=budget, calibration=calibration)
     if not text:
         raise ValueError("the summary came back empty")
-    return Summary(compaction.first, compaction.end, text)
+    missing = compaction.previous.missing if compaction.previous is not None else 0
+    return Summary(compaction.first, compaction.end, text, missing)
 
 
 async def fit_thread(
@@ -149,7 +153,7 @@ async def fit_thread(
         calibration=calibration,
         replays_reasoning=call.profile.replays_reasoning,
     )
-    return replace(fitted, notes=(*fitted.notes, *notes)) if notes else fitted
+    return replace(fitted, notes=(*notes, *fitted.notes)) if notes else fitted  # "they" are the left out
 
 
 async def _new_summary(
@@ -164,19 +168,25 @@ async def _new_summary(
     calibration: float,
     before_call: Callable[[], None],
 ) -> tuple[Summary | None, tuple[str, ...]]:
-    """A summary made now and cached (fenced: only while the thread is ours), or None and the footer's note
-    that the turns were left out unsummarised."""
+    """A summary made now and stored (fenced: only while the thread is ours; the thread's start moves to its
+    end), or, when it cannot be made, the footer's note that the turns were left out unsummarised and the
+    summary at the head so far, kept and stored under the new end (None when there was none)."""
     before_call()
     context = {"thread_key": str(turn.thread), "first": compaction.first, "end": compaction.end}
+    notes: tuple[str, ...] = ()
     try:
         summary = await summarise(deps, turn, job, call, compaction, budget=budget, calibration=calibration)
     except (asyncio.CancelledError, LeaseLost, RedisError):
         raise
     except Exception as exc:  # the answer goes on without it: the turns are left out, as before summaries
         log.warning("thread summary failed; earlier turns left out", extra={**context, "error": repr(exc)})
-        return None, (SUMMARY_FAILED_NOTE,)
+        kept = kept_summary(compaction, budget_tokens=budget, calibration=calibration)
+        if kept is None:
+            return None, (SUMMARY_FAILED_NOTE,)
+        summary, notes = kept, (SUMMARY_FAILED_NOTE,)
     await lease.guard()
     if not await store.put(turn.thread, lease.keys.lease, lease.holder, summary.end, summary.dump()):
         raise LeaseLost(str(turn.thread))
-    log.info("earlier turns summarised", extra={**context, "chars": len(summary.text)})
-    return summary, ()
+    if not notes:
+        log.info("earlier turns summarised", extra={**context, "chars": len(summary.text)})
+    return summary, notes
