@@ -471,7 +471,7 @@ async def _think_and_deliver(
     if fitted.too_long:
         raise AnswerError(Reason.TOO_LONG, f"question alone exceeds {budget} tokens")
     if notes:
-        fitted = dataclasses.replace(fitted, notes=(*notes, *fitted.notes))
+        fitted = dataclasses.replace(fitted, notes=(*fitted.notes, *notes))  # summary notes follow "left out"
 
     async def on_event(event: Event) -> None:
         if isinstance(event, Text):
