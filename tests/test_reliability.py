@@ -104,7 +104,11 @@ async def test_two_replicas_answer_ten_questions_once_each_while_retries_hit_the
     await one.settle()
     await two.settle()
     for i in range(10):
-        assert len(fake_slack.bodies(CHANNEL, f"1700000007.{400 + i:06d}")) == 1
+        bodies = fake_slack.bodies(CHANNEL, f"1700000007.{400 + i:06d}")
+        # One answer each (on a loaded machine a slow stream may leave the placeholder above it as a
+        # one-line "Thought for Ns": that is not a second answer).
+        answers = [b for b in bodies if not b.startswith(":thought_balloon: Thought for")]
+        assert len(answers) == 1 and f"question {i}" in answers[0], bodies
     assert len(fake_kimi.requests) == 10
 
 
