@@ -92,15 +92,24 @@ async def test_two_replicas_answer_ten_questions_once_each_while_retries_hit_the
 ) -> None:
     one: BotHarness = await make_bot()
     two: BotHarness = await make_bot()
+
+    async def deliver(bot: BotHarness, event: dict[str, Any], event_id: str, retry_num: int = 0) -> int:
+        """As Slack does: a 503 (Redis slow on a loaded machine) is delivered again, up to 3 retries."""
+        for attempt in range(retry_num, retry_num + 4):
+            status, _ = await bot.send_event(event, event_id=event_id, retry_num=attempt or None)
+            if status != 503:
+                return status
+        return status
+
     sends = []
     for i in range(10):
         event = mention(f"question {i}", f"1700000007.{400 + i:06d}")
         first, other = (one, two) if i % 2 else (two, one)
-        sends.append(first.send_event(event, event_id=f"EvR{i}"))
-        sends.append(other.send_event(event, event_id=f"EvR{i}", retry_num=1))
-        sends.append(other.send_event(message(event["text"], event["ts"]), event_id=f"EvM{i}"))
+        sends.append(deliver(first, event, f"EvR{i}"))
+        sends.append(deliver(other, event, f"EvR{i}", retry_num=1))
+        sends.append(deliver(other, message(event["text"], event["ts"]), f"EvM{i}"))
     statuses = await asyncio.gather(*sends)
-    assert {status for status, _ in statuses} == {200}
+    assert set(statuses) == {200}
     await one.settle()
     await two.settle()
     for i in range(10):
