@@ -17,7 +17,7 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot.admission import NOT_ENABLED, Access, AccessPolicy
 from bot.deps import Deps
-from bot.pipeline import speaker_name
+from bot.pipeline import SHORTCUT_EVENT, speaker_name
 from bot.queue import Job, Lease
 from bot.slack.reply import CANNOT_POST_HERE, api_call, slack_error
 from bot.store import AccessFacts
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 SHORTCUT_JOB = "shortcut"
 ASK, SUMMARY = "ask", "summary"
-SHORTCUT_EVENT = "kimibot_shortcut"  # message metadata on the "asked" post, to find it again after a crash
 ANNOUNCE_LIMIT = 3_000  # the "asked" post quotes the question; the full text goes to the model
 QUOTE_LIMIT = 30_000  # a Slack message is at most 40,000 characters; this keeps the quote in one turn
 
