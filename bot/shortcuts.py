@@ -236,7 +236,10 @@ async def run_shortcut(
     ts = progress.get("announce_ts")
     if not ts and progress.get("announcing"):  # an earlier run may have posted it and died before noting it
         try:
-            ts = await find_in_thread(deps, channel, thread_ts, key, search_from(progress["announcing"]))
+            since = search_from(progress["announcing"])
+            ts = await find_in_thread(deps, channel, thread_ts, key, since)
+            if not ts and since:  # our clock ahead of Slack's by more than the skew: the whole thread
+                ts = await find_in_thread(deps, channel, thread_ts, key)
         except SlackApiError as exc:  # posting again while it is unknown could post it twice: later
             raise RunLater(f"could not look for an earlier shortcut post: {slack_error(exc)}") from exc
     if not ts:

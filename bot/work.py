@@ -90,7 +90,10 @@ async def answer_command(deps: Deps, command: dict[str, Any], lease: Lease, job:
     ts = progress.get("announce_ts")
     if not ts and progress.get("announcing"):  # an earlier run may have posted it and died before noting it
         try:
-            ts = await find_announcement(deps.slack, channel, trigger, search_from(progress["announcing"]))
+            since = search_from(progress["announcing"])
+            ts = await find_announcement(deps.slack, channel, trigger, since)
+            if not ts and since:  # our clock ahead of Slack's by more than the skew: the newest messages
+                ts = await find_announcement(deps.slack, channel, trigger)
         except SlackApiError as exc:  # posting again while it is unknown could post it twice: later
             raise RunLater(f"could not look for an earlier /kimi question: {slack_error(exc)}") from exc
     if not ts:

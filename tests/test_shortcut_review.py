@@ -242,11 +242,14 @@ async def test_ask_submission_acks_in_time_with_a_sentence_when_redis_hangs_and_
 # ---- F5: the search for an earlier "asked" post fails ---------------------------------------------
 
 
+@pytest.mark.parametrize("clock", ["in step", "ours ahead of Slack's"])
 async def test_a_rerun_that_cannot_search_the_thread_does_not_post_the_asked_line_twice(
-    make_bot: Any, fake_slack: FakeSlack, fake_kimi: FakeKimi
+    make_bot: Any, fake_slack: FakeSlack, fake_kimi: FakeKimi, clock: str
 ) -> None:
     """A kill -9 between the "asked" post and its note, then one failed conversations.replies: unknown is
-    not "never posted"; the job runs again later, finds the post, and answers under it."""
+    not "never posted"; the job runs again later, finds the post, and answers under it. When our clock is
+    ahead of Slack's (announcing_now() is after the fake's timestamps) the whole thread is searched."""
+    announcing = ANNOUNCING if clock == "in step" else announcing_now()
     root = "1700000604.000100"
     target = seeded(fake_slack, root, user=BOB, text="A long debate")
     paused: BotHarness = await make_bot(start_worker=False, job_visibility_timeout=0.5)
@@ -256,7 +259,7 @@ async def test_a_rerun_that_cannot_search_the_thread_does_not_post_the_asked_lin
     assert dead is not None
     job = await dead.next_job()
     assert job is not None and not isinstance(job, str)
-    await dead.save_progress(job, announcing=ANNOUNCING)
+    await dead.save_progress(job, announcing=announcing)
     await announce_in_thread(paused.deps, CHANNEL, root, announcement(SUMMARY, ALICE, ""), job.data["key"])
     await paused.deps.redis.delete(f"kimibot:thread:{{{thread}}}:lease")
     fake_slack.fail("conversations.replies", "internal_error")  # the re-run's first search fails
@@ -266,7 +269,7 @@ async def test_a_rerun_that_cannot_search_the_thread_does_not_post_the_asked_lin
     assert len(announcements(fake_slack, root)) == 1
     assert len(fake_kimi.requests) == 1  # answered once, under that post
     # The search starts at the time the run was about to post, not at the thread's first message.
-    assert {c.args.get("oldest") for c in fake_slack.calls_of("conversations.replies")} >= {ANNOUNCING}
+    assert {c.args.get("oldest") for c in fake_slack.calls_of("conversations.replies")} >= {announcing}
 
 
 async def test_a_kimi_rerun_that_cannot_search_the_channel_does_not_post_the_question_twice(
@@ -290,7 +293,7 @@ async def test_a_kimi_rerun_that_cannot_search_the_channel_does_not_post_the_que
     await paused.settle()
     asked = [p for p in fake_slack.posts(CHANNEL) if "thread_ts" not in p]
     assert len(asked) == 1
-    assert {c.args.get("oldest") for c in fake_slack.calls_of("conversations.history")} == {ANNOUNCING}
+    assert {c.args.get("oldest") for c in fake_slack.calls_of("conversations.history")} >= {ANNOUNCING}
     assert len(fake_slack.bodies(CHANNEL, asked[0]["_result"]["ts"])) == 1
 
 
@@ -298,3 +301,20 @@ def test_the_announcing_mark_is_a_time_a_little_before_now_and_an_old_mark_searc
     since = float(search_from(announcing_now()))
     assert time.time() - 2 * ANNOUNCE_SKEW_S < since < time.time()
     assert search_from("1") == "" and search_from("junk") == ""
+
+
+async def test_summarize_a_thread_beyond_the_page_cap_says_only_its_first_pages_were_read(
+    bot: BotHarness, fake_slack: FakeSlack, fake_kimi: FakeKimi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "THREAD_READ_PAGES", 1)
+    monkeypatch.setattr(pipeline, "THREAD_READ_LIMIT", 5)
+    root = "1700000605.000100"
+    target = seeded(fake_slack, root, user=ALICE, text="kick-off")
+    for i in range(1, 206):
+        fake_slack.seed(CHANNEL, user=BOB, text=f"reply {i}.", ts=f"1700000605.{100 + i:06d}", thread_ts=root)
+    await bot.interact(shortcut_payload(fake_slack, SUMMARIZE_THREAD, target))
+    await bot.settle()
+    assert "reply 199." in kimi_saw(fake_kimi) and "reply 200." not in kimi_saw(fake_kimi)
+    shown = json.dumps(fake_slack.messages[CHANNEL])
+    assert "195 older messages of the thread left out" in shown
+    assert "only the thread's first 200 messages read" in shown
