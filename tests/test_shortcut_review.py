@@ -33,6 +33,7 @@ from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi
 from tests.fakes.slack_api import BOT_ID, BOT_USER_ID, TEAM_ID, FakeSlack
 from tests.slack_requests import ALICE, BOB, CHANNEL
+from tests.test_metrics import scrape, value
 from tests.test_shortcuts import announcements, ask, kimi_saw, seeded, shortcut_payload
 
 # What a run that is about to post saves as `announcing` (announcing_now(): now, less the skew); the fake
@@ -150,6 +151,8 @@ async def test_summarize_when_slack_cannot_read_the_thread_says_so_with_a_retry_
     # The question stays recorded with the thread, as any question that was not answered.
     state = await bot.deps.threads.load(ThreadKey(TEAM_ID, CHANNEL, root))
     assert any(e.get("role") == "user" for e in state.entries)
+    samples, _ = await scrape(bot)
+    assert value(samples, "kimibot_answers_total", outcome="thread_unreadable") == 1
 
 
 # ---- F4: the Ask form with a slow or failing Redis ------------------------------------------------
