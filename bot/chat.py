@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import io
 import logging
 import re
 import secrets
@@ -698,7 +699,7 @@ def run(*, model: str | None, thread: str | None, no_thinking: bool, show_reason
                 assert isinstance(face, TerminalFace)
                 code = _terminal(runner, session, face)
             else:
-                code = _script(runner, session, sys.stdin)
+                code = _script(runner, session, _lenient(sys.stdin))
         except KeyboardInterrupt:
             code = 130
         finally:
@@ -712,6 +713,14 @@ def _quiet_logs(level: str) -> None:
     from bot.logs import setup_logging
 
     setup_logging("DEBUG" if level.upper() == "DEBUG" else "ERROR")
+
+
+def _lenient(stream: TextIO) -> TextIO:
+    """stdin with bytes that are not UTF-8 (a Latin-1 file, a binary piped in by mistake) read as U+FFFD:
+    the line is still asked, instead of the whole run failing with a UnicodeDecodeError."""
+    if isinstance(stream, io.TextIOWrapper):
+        stream.reconfigure(errors="replace")
+    return stream
 
 
 def _script(runner: asyncio.Runner, session: ChatSession, lines: TextIO) -> int:

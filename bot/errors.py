@@ -21,6 +21,7 @@ class Reason(StrEnum):
     INVALID = "invalid"
     UNAVAILABLE = "unavailable"
     NO_ANSWER = "no_answer"
+    THREAD_UNREADABLE = "thread_unreadable"
     INTERNAL = "internal"
 
 
@@ -40,12 +41,21 @@ USER_MESSAGES: dict[Reason, str] = {
     Reason.UNAVAILABLE: "I couldn't reach Kimi. Please try again in a few minutes.",
     Reason.NO_ANSWER: "Kimi spent its whole output budget thinking and gave no answer. "
     "Please try a narrower question.",
+    Reason.THREAD_UNREADABLE: "Slack wouldn't let me read this thread just now, so I can't summarize it. "
+    "Please try again in a minute.",
     Reason.INTERNAL: "Something went wrong on my side while answering.",
 }
 
 # Reasons that may pass if the user simply asks again later: their message gets a Retry button.
 RETRYABLE_REASONS = frozenset(
-    {Reason.OVERLOADED, Reason.RATE_LIMITED, Reason.UNAVAILABLE, Reason.INTERNAL, Reason.NO_ANSWER}
+    {
+        Reason.OVERLOADED,
+        Reason.RATE_LIMITED,
+        Reason.UNAVAILABLE,
+        Reason.INTERNAL,
+        Reason.NO_ANSWER,
+        Reason.THREAD_UNREADABLE,
+    }
 )
 
 # Reasons an admin must act on: logged at ERROR so they stand out.

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -32,7 +33,7 @@ from bot.queue import Job, Lease, LeaseLost
 from bot.slack import acting
 from bot.slack.blocks import ACTION_STOP, AnswerRef, answer_blocks, failure_blocks
 from bot.slack.render import footer
-from bot.slack.reply import ReplyWriter, describe
+from bot.slack.reply import QUESTION_EVENT, ReplyWriter, describe
 from bot.store import Approvals, FileCache, ThreadState
 from bot.summaries import fit_thread
 from bot.tools.base import Tool, ToolContext
@@ -43,8 +44,14 @@ from bot.usage import Limits, Meter, OverBudget
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CATCH_UP_S = 2.0  # the most a mention waits to read the replies it missed ("mentions" channels)
-# "Summarize thread" reads this many of the thread's messages at most (fit() then leaves out the oldest).
+# "Summarize thread" reads this many of the thread's messages at most: its parent and its newest (fit() then
+# leaves out the oldest of those if the window is too small) ...
 THREAD_READ_LIMIT = 2_000
+THREAD_READ_PAGES = 100  # ... of the newest of its first 100 pages of 200 (a bound on conversations.replies)
+SHORTCUT_EVENT = "kimibot_shortcut"  # message metadata on a shortcut's "asked" post (bot/shortcuts.py)
+# Posts of ours in a thread that are not an answer: the "asked" lines of /kimi and of the message shortcuts,
+# each marked with message metadata of these types (a dead run's re-run must not take them back).
+ANNOUNCEMENT_EVENTS = frozenset({QUESTION_EVENT, SHORTCUT_EVENT})
 
 EMPTY_QUESTION = "Hi! Ask me anything: mention me with a question, or reply in this thread."
 
@@ -123,6 +130,46 @@ async def backfill(
         )
         return []
     return entries
+
+
+async def read_thread(deps: Deps, turn: Turn, *, limit: int) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+    """Entries for the whole thread before this turn, as Slack has it now ("Summarize thread"), and the
+    footer's note when some of it was left out. Slack pages a thread oldest first: the pages are read
+    through (THREAD_READ_PAGES at most) keeping the parent and the newest `limit` - 1 messages, so a long
+    thread is summarised by its latest part. Unlike backfill a failed read raises (a summary of a thread
+    that could not be read would be an answer that is wrong)."""
+    parent: dict[str, Any] | None = None
+    newest: deque[dict[str, Any]] = deque(maxlen=max(limit - 1, 1))
+    read, cursor, pages = 0, None, 0
+    while pages < THREAD_READ_PAGES:
+        try:
+            response = await deps.slack.conversations_replies(
+                channel=turn.channel, ts=turn.thread_ts, limit=200, cursor=cursor
+            )
+        except Exception as exc:
+            raise AnswerError(Reason.THREAD_UNREADABLE, describe(exc)) from exc
+        pages += 1
+        messages = [m for m in response.get("messages") or [] if isinstance(m, dict)]
+        for message in messages:
+            if float(message.get("ts") or 0) >= float(turn.ts):
+                continue  # the question itself, and what came after it
+            read += 1
+            if parent is None and message.get("ts") == turn.thread_ts:
+                parent = message
+            else:
+                newest.append(message)
+        cursor = (response.get("response_metadata") or {}).get("next_cursor") or None
+        if not cursor or not messages:
+            break
+    kept = [parent] if parent is not None else []
+    kept.extend(newest)
+    entries = [e for e in [await _history_entry(deps, turn, m) for m in kept] if e is not None]
+    notes: list[str] = []
+    if read > len(kept):
+        notes.append(f"{read - len(kept)} older messages of the thread left out")
+    if cursor:
+        notes.append(f"only the thread's first {read} messages read")
+    return entries, tuple(notes)
 
 
 async def catch_up(deps: Deps, turn: Turn, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -230,7 +277,9 @@ async def recover_orphans(
     """A re-run of a job whose run died: find what that run put in the thread but had no time to note
     (it died between Slack's answer and the progress write). Its placeholder carries this turn's Stop
     button: adopt it. After its placeholder, nobody else writes in the thread (one job per thread at a
-    time), so any later message of ours is that run's partial answer: take it back with the rest."""
+    time), so any later message of ours is that run's partial answer: take it back with the rest. Except
+    the "asked" posts of message shortcuts (their jobs run in queues of their own) and of /kimi, which
+    their message metadata marks."""
     placeholder = progress.get("placeholder_ts", "")
     answer_ts: list[str] = json.loads(progress.get("answer_ts") or "[]")
     # A waiting question's placeholder comes before the answers to the questions ahead of it: those
@@ -239,9 +288,14 @@ async def recover_orphans(
     await deps.whoami()
     try:
         response = await deps.slack.conversations_replies(
-            channel=turn.channel, ts=turn.thread_ts, oldest=after, inclusive=False, limit=200
+            channel=turn.channel,
+            ts=turn.thread_ts,
+            oldest=after,
+            inclusive=False,
+            limit=200,
+            include_all_metadata=True,
         )
-        messages = [m for m in response.get("messages") or [] if isinstance(m, dict)]
+        messages = [m for m in response.get("messages") or [] if isinstance(m, dict) and not _announced(m)]
     except Exception as exc:  # best effort: without it, at worst a stray message stays
         log.info("could not look for a dead run's messages", extra=turn_log(turn, error=describe(exc)))
         return progress
@@ -266,6 +320,12 @@ async def recover_orphans(
     if found:
         log.info("a dead run's messages found", extra=turn_log(turn, **found))
     return {**progress, **found}
+
+
+def _announced(message: dict[str, Any]) -> bool:
+    """A post of ours that says who asked what (/kimi, a message shortcut), not an answer."""
+    metadata = message.get("metadata")
+    return isinstance(metadata, dict) and metadata.get("event_type") in ANNOUNCEMENT_EVENTS
 
 
 async def _given(value: T) -> T:
@@ -445,14 +505,16 @@ async def _think_and_deliver(
     started = time.monotonic()  # the footer's time counts a summary request and the files' reading too
     start = max(int(meta.get("start", "0")) - offset, 0)
     summaries = history
+    read_notes: tuple[str, ...] = ()
     if turn.reads_thread:
         # "Summarize thread": the model reads the thread as Slack has it now, not only what was stored (the
         # stored history keeps its question and answer, and its start; see _record).
-        thread = await backfill(deps, turn, limit=THREAD_READ_LIMIT)
+        thread, read_notes = await read_thread(deps, turn, limit=THREAD_READ_LIMIT)
         entries, start, offset = [*thread, question], 0, 0
         summaries = False  # a fresh read: its indexes are not the stored history's, so no stored summary
     # The files of the messages being sent, read into them (and what could not be used, for the footer).
     entries, notes = await _with_files(deps, turn, entries, start, call)
+    notes = (*read_notes, *notes)
     fitted = await fit_thread(  # bot/context.py fit, with the earlier turns summarised (bot/summaries.py)
         deps,
         turn,

@@ -9,6 +9,7 @@ the shortcut's response_url.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,18 +18,21 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot.admission import NOT_ENABLED, Access, AccessPolicy
 from bot.deps import Deps
-from bot.pipeline import speaker_name
+from bot.pipeline import SHORTCUT_EVENT, speaker_name
 from bot.queue import Job, Lease
 from bot.slack.reply import CANNOT_POST_HERE, api_call, slack_error
 from bot.store import AccessFacts
 from bot.turn import Source, ThreadKey, Turn, file_refs
+from bot.worker import RunLater
 
 log = logging.getLogger(__name__)
 
 SHORTCUT_JOB = "shortcut"
 ASK, SUMMARY = "ask", "summary"
-SHORTCUT_EVENT = "kimibot_shortcut"  # message metadata on the "asked" post, to find it again after a crash
 ANNOUNCE_LIMIT = 3_000  # the "asked" post quotes the question; the full text goes to the model
+# A run notes when it is about to post "asked" (progress `announcing`, a Unix time): a re-run looks for that
+# post only among messages since then, less this much (our clock and Slack's may differ).
+ANNOUNCE_SKEW_S = 300.0
 QUOTE_LIMIT = 30_000  # a Slack message is at most 40,000 characters; this keeps the quote in one turn
 
 NOT_IN_CHANNEL = (
@@ -150,27 +154,44 @@ async def announce_in_thread(deps: Deps, channel: str, thread_ts: str, text: str
     return str(response["ts"])
 
 
-async def find_in_thread(deps: Deps, channel: str, thread_ts: str, key: str) -> str | None:
-    """The ts of the "asked" post an earlier run of this job made and died before noting."""
-    cursor: str | None = None
+def announcing_now() -> str:
+    """The progress value `announcing` (set just before an "asked" post): when, for a re-run's search."""
+    return f"{time.time() - ANNOUNCE_SKEW_S:.6f}"
+
+
+def search_from(announcing: str) -> str:
+    """The `oldest` a re-run's search for its "asked" post starts at ('' for a job noted before this was
+    kept: `announcing` was "1", and the search reads everything)."""
     try:
-        while True:
-            response = await deps.slack.conversations_replies(
-                channel=channel, ts=thread_ts, limit=200, cursor=cursor, include_all_metadata=True
-            )
-            for message in response.get("messages") or []:
-                metadata = (message.get("metadata") or {}) if isinstance(message, dict) else {}
-                if (
-                    metadata.get("event_type") == SHORTCUT_EVENT
-                    and (metadata.get("event_payload") or {}).get("key") == key
-                ):
-                    return str(message.get("ts") or "") or None
-            cursor = (response.get("response_metadata") or {}).get("next_cursor") or None
-            if not cursor:
-                return None
-    except SlackApiError as exc:
-        log.info("could not look for an earlier shortcut post", extra={"error": slack_error(exc)})
-        return None
+        since = float(announcing)
+    except ValueError:
+        return ""
+    return f"{since:.6f}" if since > 1 else ""
+
+
+async def find_in_thread(deps: Deps, channel: str, thread_ts: str, key: str, oldest: str = "") -> str | None:
+    """The ts of the "asked" post an earlier run of this job made and died before noting; None when there
+    is none (since `oldest`). A failed search raises SlackApiError: unknown is not "never posted"."""
+    cursor: str | None = None
+    while True:
+        response = await deps.slack.conversations_replies(
+            channel=channel,
+            ts=thread_ts,
+            limit=200,
+            cursor=cursor,
+            oldest=oldest or None,  # None: not sent
+            include_all_metadata=True,
+        )
+        for message in response.get("messages") or []:
+            metadata = (message.get("metadata") or {}) if isinstance(message, dict) else {}
+            if (
+                metadata.get("event_type") == SHORTCUT_EVENT
+                and (metadata.get("event_payload") or {}).get("key") == key
+            ):
+                return str(message.get("ts") or "") or None
+        cursor = (response.get("response_metadata") or {}).get("next_cursor") or None
+        if not cursor:
+            return None
 
 
 async def tell_privately(deps: Deps, job: Job, text: str) -> None:
@@ -214,7 +235,13 @@ async def run_shortcut(
     progress = await lease.progress(job)
     ts = progress.get("announce_ts")
     if not ts and progress.get("announcing"):  # an earlier run may have posted it and died before noting it
-        ts = await find_in_thread(deps, channel, thread_ts, key)
+        try:
+            since = search_from(progress["announcing"])
+            ts = await find_in_thread(deps, channel, thread_ts, key, since)
+            if not ts and since:  # our clock ahead of Slack's by more than the skew: the whole thread
+                ts = await find_in_thread(deps, channel, thread_ts, key)
+        except SlackApiError as exc:  # posting again while it is unknown could post it twice: later
+            raise RunLater(f"could not look for an earlier shortcut post: {slack_error(exc)}") from exc
     if not ts:
         if not progress.get("announcing"):  # the access rule, as for a mention (once: a re-run has passed)
             access = Access(AccessPolicy.from_settings(deps.settings), AccessFacts(deps.redis), deps.slack)
@@ -224,7 +251,7 @@ async def run_shortcut(
                 await lease.complete(job)
                 await tell_privately(deps, job, NOT_ENABLED)
                 return
-        await lease.save_progress(job, announcing="1")
+        await lease.save_progress(job, announcing=announcing_now())
         ts = await announce_in_thread(deps, channel, thread_ts, announcement(kind, user, question), key)
     if ts is None:
         await lease.complete(job)

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from redis.exceptions import ResponseError
+from slack_sdk.errors import SlackApiError
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot.budgets import report_text
@@ -15,12 +16,13 @@ from bot.deps import Deps
 from bot.errors import USER_MESSAGES, Reason
 from bot.pipeline import answer, stop_value
 from bot.queue import Job, Lease, LeaseLost
-from bot.shortcuts import SHORTCUT_JOB, run_shortcut
+from bot.shortcuts import SHORTCUT_JOB, announcing_now, run_shortcut, search_from
 from bot.slack.blocks import waiting_view
-from bot.slack.reply import announce_question, find_announcement, greet_assistant_thread
+from bot.slack.reply import announce_question, find_announcement, greet_assistant_thread, slack_error
 from bot.store import forget_thread, forget_user
 from bot.turn import Source, ThreadKey, Turn
 from bot.usage import usage_report
+from bot.worker import RunLater
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +89,15 @@ async def answer_command(deps: Deps, command: dict[str, Any], lease: Lease, job:
     progress = await lease.progress(job)
     ts = progress.get("announce_ts")
     if not ts and progress.get("announcing"):  # an earlier run may have posted it and died before noting it
-        ts = await find_announcement(deps.slack, channel, trigger)
+        try:
+            since = search_from(progress["announcing"])
+            ts = await find_announcement(deps.slack, channel, trigger, since)
+            if not ts and since:  # our clock ahead of Slack's by more than the skew: the newest messages
+                ts = await find_announcement(deps.slack, channel, trigger)
+        except SlackApiError as exc:  # posting again while it is unknown could post it twice: later
+            raise RunLater(f"could not look for an earlier /kimi question: {slack_error(exc)}") from exc
     if not ts:
-        await lease.save_progress(job, announcing="1")
+        await lease.save_progress(job, announcing=announcing_now())
         ts = await announce_question(deps.slack, channel, user, question, trigger)
     if ts is not None:
         await lease.save_progress(job, announce_ts=ts)

@@ -10,6 +10,7 @@ import logging
 import secrets
 from typing import Any
 
+from redis.exceptions import RedisError
 from slack_bolt.async_app import AsyncAck, AsyncApp
 
 from bot.admission import NOT_ENABLED, Access
@@ -41,9 +42,15 @@ PREVIEW_CHARS = 280
 # when guests or user groups are restricted) and the membership check (conversations.info) get a second,
 # side by side; the job checks both again in any case.
 ACCESS_CHECK_S = 1.0
+# The checks and the form's stash (Redis) run side by side within PREPARE_S, views.open by OPEN_DEADLINE_S;
+# a submission's two Redis calls get SUBMIT_DEADLINE_S: whatever is slow, the ack goes out before 3 s.
+PREPARE_S = 1.5
 OPEN_DEADLINE_S = 2.5
+SUBMIT_DEADLINE_S = 2.5
 FORM_GONE = "This form is out of date: close it and use the shortcut on the message again."
 EMPTY = "Type a question about the message."
+FORM_UNAVAILABLE = "I couldn't open the question form just now. Please use the shortcut again in a moment."
+NOT_TAKEN = "I couldn't take your question just now. Please press Ask again in a moment."
 
 
 def _where(body: dict[str, Any]) -> tuple[str, str, str]:
@@ -110,14 +117,25 @@ async def _bot_absent(deps: Deps, channel: str) -> bool:
 
 
 async def _refused(access: Access | None, team: str, user: str, channel: str) -> bool:
-    """The access rule within ACCESS_CHECK_S; a slower check lets the form open (the job checks again)."""
+    """The access rule within ACCESS_CHECK_S; a slower or failed check lets the form open (the job checks
+    again)."""
     if access is None or access.policy.open:
         return False
     try:
         async with asyncio.timeout(ACCESS_CHECK_S):
             return await access.refusal(team, user, channel) is not None
-    except TimeoutError:
+    except (TimeoutError, RedisError):
         return False
+
+
+async def _stashed(stash: ShortcutMessages, token: str, form: dict[str, Any]) -> bool:
+    """Keep the message for the form's submission; False when Redis fails (no form to open then)."""
+    try:
+        await stash.put(token, form)
+    except RedisError as exc:
+        log.warning("ask form not stashed", extra={"error": type(exc).__name__})
+        return False
+    return True
 
 
 def register(app: AsyncApp, deps: Deps, access: Access | None = None) -> None:
@@ -179,20 +197,28 @@ def register(app: AsyncApp, deps: Deps, access: Access | None = None) -> None:
             log.info("ask shortcut without its message, channel, user or trigger", extra={"channel": channel})
             await ack()
             return
-        deadline = asyncio.get_running_loop().time() + OPEN_DEADLINE_S  # the trigger_id's life
-        try:
-            refused, absent = await asyncio.gather(
-                _refused(access, team, user, channel), _bot_absent(deps, channel)
-            )
-            if refused or absent:
-                view = notice_modal(NOT_ENABLED if refused else NOT_IN_CHANNEL)
-            else:
-                token = secrets.token_hex(16)
-                where = {"team": team, "channel": channel, "user": user}
-                await stash.put(
-                    token, {**where, "message": message, "response_url": str(body.get("response_url") or "")}
+        started = asyncio.get_running_loop().time()
+        deadline = started + OPEN_DEADLINE_S  # the trigger_id's life
+        token = secrets.token_hex(16)
+        form = {"team": team, "channel": channel, "user": user, "message": message}
+        form["response_url"] = str(body.get("response_url") or "")
+        try:  # the stash is written while the checks run: a refused form's stash just expires
+            async with asyncio.timeout_at(started + PREPARE_S):
+                refused, absent, stashed = await asyncio.gather(
+                    _refused(access, team, user, channel),
+                    _bot_absent(deps, channel),
+                    _stashed(stash, token, form),
                 )
-                view = ask_modal(token, str(message.get("text") or ""))
+        except TimeoutError:
+            log.warning("ask form not ready in time", extra={"channel": channel})
+            refused, absent, stashed = False, False, False
+        if refused or absent:
+            view = notice_modal(NOT_ENABLED if refused else NOT_IN_CHANNEL)
+        elif not stashed:  # Redis slow or failing: say so, rather than open nothing
+            view = notice_modal(FORM_UNAVAILABLE)
+        else:
+            view = ask_modal(token, str(message.get("text") or ""))
+        try:
             async with asyncio.timeout_at(deadline):
                 await deps.slack.views_open(trigger_id=trigger, view=view)
         except Exception as exc:  # nothing was queued; the shortcut can be used again
@@ -206,11 +232,26 @@ def register(app: AsyncApp, deps: Deps, access: Access | None = None) -> None:
         if not question:
             await ack(response_action="errors", errors={QUESTION_BLOCK: EMPTY})
             return
+        try:  # both Redis calls before the ack, bounded: a slow Redis gets the form a sentence, not silence
+            async with asyncio.timeout(SUBMIT_DEADLINE_S):
+                queued = await _queue_question(token, submitter, question)
+        except (TimeoutError, RedisError) as exc:
+            log.warning("ask form not taken", extra={"error": type(exc).__name__})
+            await ack(response_action="errors", errors={QUESTION_BLOCK: NOT_TAKEN})
+            return
+        if not queued:
+            await ack(response_action="errors", errors={QUESTION_BLOCK: FORM_GONE})
+            return
+        await ack()
+
+    async def _queue_question(token: str, submitter: str, question: str) -> bool:
+        """Queue the submitted question as a job; False when its form is gone (expired, or not theirs).
+        Deduplicated by the form's token: a submission delivered twice (or sent again after a timeout
+        whose write went through) is answered once."""
         form = await stash.get(token) if token else None
         message = target_message((form or {}).get("message"))
         if form is None or message is None or form.get("user") != submitter:
-            await ack(response_action="errors", errors={QUESTION_BLOCK: FORM_GONE})
-            return
+            return False
         team, channel = str(form.get("team") or ""), str(form.get("channel") or "")
         job = shortcut_job(
             ASK,
@@ -222,7 +263,6 @@ def register(app: AsyncApp, deps: Deps, access: Access | None = None) -> None:
             response_url=str(form.get("response_url") or ""),
             question=question,
         )
-        # Deduplicated by the form's token: a submission delivered twice is answered once.
         await deps.queue.put(
             shortcut_thread(team, channel, token),
             SHORTCUT_JOB,
@@ -230,7 +270,7 @@ def register(app: AsyncApp, deps: Deps, access: Access | None = None) -> None:
             dedup_ts=f"shortcut.{token}",
             dedup_ttl_s=deps.settings.dedup_ttl_seconds,
         )
-        await ack()
+        return True
 
     app.shortcut(FORGET_THREAD)(on_forget_thread)
     app.shortcut(SUMMARIZE_THREAD)(on_summarize)

@@ -498,3 +498,37 @@ async def test_terminal_streams_collapses_reasoning_renders_markdown_and_ctrl_c_
     assert stopped["content"].startswith("Once upon a time")
     assert len(stopped["content"]) < len(story)  # what was said before Ctrl-C, not the whole story
     assert state.entries[1]["reasoning_content"] == "Pondering the question deeply."
+
+
+async def test_stdin_that_is_not_utf8_is_still_asked_with_the_bad_bytes_replaced(
+    fake_kimi: FakeKimi, redis_url: str, tmp_path: Path
+) -> None:
+    """A Latin-1 line (or any byte that is not UTF-8) on stdin is asked with U+FFFD in its place, not
+    turned into a failure of the whole run."""
+    fake_kimi.script(Reply(content="Bien sûr."), Reply(content="Four."))
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "USER": "alice",
+        "MOONSHOT_API_KEY": API_KEY,
+        "KIMI_BASE_URL": fake_kimi.base_url,
+        "KIMI_MODEL": "kimi-k2.6",
+        "REDIS_URL": redis_url,
+    }
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [*kimibot_command(), "chat"],
+        input="Un café, s'il vous plaît?\nWhat is 2+2?\n".encode("latin-1"),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+    )
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 0, stderr
+    assert result.stdout.decode() == "Bien sûr.\n\nFour.\n\n"
+    assert "went wrong" not in stderr and "Traceback" not in stderr
+    assert [contents(r)[-1] for r in fake_kimi.requests] == [
+        "alice: Un caf\ufffd, s'il vous pla\ufffdt?",
+        "alice: What is 2+2?",
+    ]

@@ -144,6 +144,7 @@ async def api_call(client: AsyncWebClient, method: str, args: dict[str, Any]) ->
 
 
 QUESTION_EVENT = "kimibot_question"  # message metadata on a /kimi question, to find it again after a crash
+ANNOUNCEMENT_SEARCH_PAGES = 10  # of 200 messages: a channel's messages in the minutes since it was posted
 
 
 async def announce_question(
@@ -172,30 +173,26 @@ async def announce_question(
     return str(response["ts"])
 
 
-async def find_announcement(client: AsyncWebClient, channel: str, trigger_id: str) -> str | None:
+async def find_announcement(
+    client: AsyncWebClient, channel: str, trigger_id: str, oldest: str = ""
+) -> str | None:
     """The ts of a /kimi question posted earlier for this trigger (a run that died before noting it): it
-    is recent, so among the channel's newest messages."""
-    try:
-        response = await api_call(
-            client,
-            "conversations.history",
-            {
-                "channel": channel,
-                "limit": 200,
-                "include_all_metadata": True,
-            },
-        )
-    except SlackApiError as exc:
-        log.info(
-            "could not look for an earlier /kimi question",
-            extra={"channel": channel, "error": slack_error(exc)},
-        )
-        return None
-    for message in response.get("messages") or []:
-        metadata = message.get("metadata") or {} if isinstance(message, dict) else {}
-        payload = metadata.get("event_payload") or {}
-        if metadata.get("event_type") == QUESTION_EVENT and payload.get("trigger_id") == trigger_id:
-            return str(message.get("ts") or "") or None
+    is recent, so among the channel's messages since `oldest` (when the run was about to post), else among
+    its newest 200. None when there is none; a failed search raises SlackApiError (unknown is not "never
+    posted")."""
+    args: dict[str, Any] = {"channel": channel, "limit": 200, "include_all_metadata": True}
+    if oldest:
+        args["oldest"] = oldest
+    for _ in range(ANNOUNCEMENT_SEARCH_PAGES if oldest else 1):
+        response = await api_call(client, "conversations.history", args)
+        for message in response.get("messages") or []:
+            metadata = message.get("metadata") or {} if isinstance(message, dict) else {}
+            payload = metadata.get("event_payload") or {}
+            if metadata.get("event_type") == QUESTION_EVENT and payload.get("trigger_id") == trigger_id:
+                return str(message.get("ts") or "") or None
+        args["cursor"] = (response.get("response_metadata") or {}).get("next_cursor") or ""
+        if not args["cursor"]:
+            break
     return None
 
 
