@@ -198,6 +198,28 @@ async def test_a_file_that_needs_more_memory_than_allowed_is_too_big() -> None:
         Kind.IMAGE, data, sandbox.Limits(100_000, 3_000_000, 2_359_296, 256 << 20, 30)
     )
     assert got == sandbox.Extracted(problem="too big")
+    small = await sandbox.extract(
+        Kind.IMAGE, png_bomb(600, 600), sandbox.Limits(1, 3_000_000, 2_359_296, 256 << 20, 30)
+    )
+    assert small.image_mime == "image/png" and not small.problem  # the same limit reads a real one
+
+
+async def test_a_file_that_takes_too_long_is_named_in_the_footer_and_the_answer_comes(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    bot: BotHarness = await make_bot(files_read_timeout=1.0)
+    root = "1700000930.000100"
+    slow = fake_slack.add_file("slow.pdf", slow_pdf(40, 100_000), mimetype="application/pdf", filetype="pdf")
+    fine = fake_slack.add_file("fine.pdf", pdf("all good"), mimetype="application/pdf", filetype="pdf")
+    await bot.send_event({**mention("read these", root), "files": [slow, fine]})
+    await bot.settle()
+    [footer] = [
+        line for line in fake_slack.bodies(CHANNEL, root)[-1].splitlines() if line.startswith("_kimi")
+    ]
+    assert "couldn't use slow.pdf (took too long to read)" in footer and "fine.pdf" not in footer
+    sent = str(fake_kimi.requests[0]["messages"][-1]["content"])
+    assert '<file name="slow.pdf">not read: took too long to read</file>' in sent and "all good" in sent
+    assert children() == []
 
 
 async def test_the_sandbox_reads_like_the_functions_it_runs() -> None:
@@ -383,5 +405,7 @@ async def test_summarize_thread_reads_only_the_newest_files_of_a_long_thread(
     sent = "\n".join(str(m.get("content")) for m in fake_kimi.requests[-1]["messages"])
     assert "line 29" in sent and "line 10" in sent and "line 9" not in sent
     assert '<file name="part9.log">not read: only the newest 20 files are read for an answer</file>' in sent
-    answer = fake_slack.bodies(CHANNEL, root)[-1]
-    assert "didn't read 10 older files (only the newest 20 files are read for an answer)" in answer
+    [footer] = [
+        line for line in fake_slack.bodies(CHANNEL, root)[-1].splitlines() if line.startswith("_kimi")
+    ]
+    assert "didn't read 10 older files (only the newest 20 files are read for an answer)" in footer
