@@ -409,3 +409,57 @@ async def test_summarize_thread_reads_only_the_newest_files_of_a_long_thread(
         line for line in fake_slack.bodies(CHANNEL, root)[-1].splitlines() if line.startswith("_kimi")
     ]
     assert "didn't read 10 older files (only the newest 20 files are read for an answer)" in footer
+
+
+def test_file_texts_are_cut_to_one_share_the_short_ones_kept_whole() -> None:
+    from bot.files.parts import CUT_NOTE_CHARS, FileRead, cut_texts
+
+    reads = [
+        FileRead("F1", "short.txt", Kind.TEXT, text="s" * 100),
+        FileRead("F2", "long.txt", Kind.TEXT, text="l" * 10_000),
+        FileRead("F3", "shot.png", Kind.IMAGE, image_mime="image/png", image_b64="aGk="),
+        FileRead("F4", "longer.txt", Kind.TEXT, text="m" * 20_000),
+    ]
+    assert cut_texts(reads, 30_100) == reads  # it all fits: nothing cut
+    out = cut_texts(reads, 4_100 + 3 * CUT_NOTE_CHARS)  # room for the notes of 3 texts, then 4,100
+    assert out[0] == reads[0] and out[2] == reads[2]
+    assert out[1].text.startswith("l" * 2_000 + "\n[… cut here: 8,000 more")
+    assert out[3].text.startswith("m" * 2_000 + "\n[… cut here: 18,000 more")
+    assert sum(len(r.text) for r in out) <= 4_100 + 3 * CUT_NOTE_CHARS
+    assert cut_texts(reads, 0)[1].text.startswith("\n[… cut here: 10,000 more")
+
+
+async def test_a_message_whose_files_overflow_the_window_gets_them_cut_to_fit(
+    make_settings: Callable[..., Settings], fake_slack: FakeSlack, redis_url: str
+) -> None:
+    from bot.context import estimate_tokens
+    from bot.files.resolve import with_files
+
+    redis = build_redis(redis_url)
+    settings = make_settings()
+    reader = FileReader(settings, FileCache(redis, settings.thread_ttl_seconds), TEAM_ID, TOKEN)
+    big = fake_slack.add_file("big.log", b"c" * 40_000, mimetype="text/plain", filetype="text")
+    small = fake_slack.add_file("small.txt", b"the key line", mimetype="text/plain", filetype="text")
+    entries = [
+        {"role": "user", "content": "alice: old", "files": [big]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "alice: what failed?", "files": [big, small]},
+    ]
+    try:
+        out, notes = await with_files(
+            reader, entries, 0, images=True, model="m", max_message_tokens=5_000, calibration=1.2
+        )
+        for entry in (out[0], out[2]):
+            assert estimate_tokens(entry, 1.2) <= 5_000  # each message fits alone: none is refused
+        assert "the key line" in out[2]["content"] and "more characters not read]" in out[2]["content"]
+        assert out[0]["content"] != entries[0]["content"]
+        assert notes == ("read part of big.log (too long for the window)",)  # named for the question only
+        again, _ = await with_files(
+            reader, entries, 0, images=True, model="m", max_message_tokens=5_000, calibration=1.2
+        )
+        assert again == out  # the same cut on every turn: a byte-stable prompt
+        whole, notes = await with_files(reader, entries, 0, images=True, model="m")
+        assert "c" * 40_000 in whole[2]["content"] and notes == ()  # without a budget: as before
+    finally:
+        await reader.close()
+        await redis.aclose()

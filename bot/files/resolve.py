@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
+from bot.context import CHARS_PER_TOKEN, estimate_tokens
 from bot.files import sandbox
 from bot.files.download import Busy, NoAccess, TooBig, download, may_send_token
 from bot.files.extract import Unreadable, read_document
 from bot.files.kinds import Kind, classify
-from bot.files.parts import FileRead, content_with_files, file_name, file_notes
+from bot.files.parts import FileRead, content_with_files, cut_texts, file_name, file_notes, footer_name
 from bot.settings import Settings
 from bot.store import FileCache
 
@@ -151,14 +153,46 @@ def _refs(entry: dict[str, Any]) -> list[dict[str, Any]]:
     return [f for f in entry.get("files") or [] if isinstance(f, dict) and f.get("id")]
 
 
+def fit_message(
+    entry: dict[str, Any],
+    reads: list[FileRead],
+    max_tokens: int,
+    calibration: float,
+    *,
+    images: bool,
+    model: str,
+) -> list[FileRead]:
+    """`reads` with their texts cut so that the message they are read into fits `max_tokens` alone (as
+    bot/context estimates it): a question with a long file is answered from part of the file rather than
+    refused as too long. Pure; the same message, files and budget give the same cut on every turn."""
+    message = {
+        "role": entry.get("role"),
+        "content": content_with_files(entry["content"], reads, images=images, model=model),
+    }
+    over = estimate_tokens(message, calibration) - max_tokens
+    if over <= 0:
+        return reads
+    texts = sum(len(r.text) for r in reads)
+    return cut_texts(reads, texts - math.ceil(over / calibration * CHARS_PER_TOKEN))
+
+
 async def with_files(
-    reader: FileReader, entries: list[dict[str, Any]], first: int, *, images: bool, model: str
+    reader: FileReader,
+    entries: list[dict[str, Any]],
+    first: int,
+    *,
+    images: bool,
+    model: str,
+    max_message_tokens: int | None = None,
+    calibration: float = 1.0,
 ) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
     """`entries` with the files of those from `first` on read into their content (copies; the stored
     history keeps the refs), and footer notes naming the files not used among the messages not answered
     yet (the ones after the last answer): each unusable file is named once, in the answer to its message.
     At most FILES_MAX_PER_TURN files are read, the newest messages' first ("Summarize thread" of a long
-    thread would read them all before the window drops most); the footer counts the others."""
+    thread would read them all before the window drops most); the footer counts the others. With
+    `max_message_tokens` (the window's room for one message), a message whose files' text would not fit
+    it alone gets their texts cut to fit, and the footer says which were read in part."""
     last_answer = max((i for i, e in enumerate(entries) if e.get("role") == "assistant"), default=-1)
     cap = reader.settings.files_max_per_turn
     plan = files_to_read(entries, first, cap)
@@ -176,6 +210,15 @@ async def with_files(
             for f in refs[plan[index] :]
         ]
         skipped += len(unread)
+        if max_message_tokens is not None:
+            whole = reads
+            reads = fit_message(entry, reads, max_message_tokens, calibration, images=images, model=model)
+            if index > last_answer:
+                notes.extend(
+                    f"read part of {footer_name(r.name)} (too long for the window)"
+                    for r, w in zip(reads, whole, strict=True)
+                    if r.text != w.text
+                )
         out[index] = {
             **entry,
             "content": content_with_files(entry["content"], reads + unread, images=images, model=model),

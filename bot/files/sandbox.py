@@ -95,8 +95,10 @@ async def extract(kind: Kind, data: bytes, limits: Limits) -> Extracted:
             if proc.returncode is None:  # out of time, or the answer was cancelled (Stop, lease lost)
                 proc.kill()
                 await proc.wait()
-    if proc.returncode == -signal.SIGXCPU or proc.returncode == -signal.SIGKILL:
+    if proc.returncode == -signal.SIGXCPU:  # its CPU time ran out (RLIMIT_CPU)
         return Extracted(problem=TOO_LONG)
+    if proc.returncode == -signal.SIGKILL:  # not ours (that is the deadline above): the kernel's OOM killer
+        return Extracted(problem=TOO_BIG)
     try:
         return Extracted(**json.loads(out))
     except (ValueError, TypeError):
