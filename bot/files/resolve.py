@@ -204,24 +204,25 @@ async def with_files(
         refs = _refs(entry)
         if not refs:
             continue
-        reads = await reader.read_message(refs[: plan[index]])
         unread = [
             FileRead(str(f["id"]), file_name(f), classify(f), problem=over_the_cap(cap))
             for f in refs[plan[index] :]
         ]
         skipped += len(unread)
+        reads = await reader.read_message(refs[: plan[index]])
+        whole = reads + unread
+        shown = whole
         if max_message_tokens is not None:
-            whole = reads
-            reads = fit_message(entry, reads, max_message_tokens, calibration, images=images, model=model)
+            shown = fit_message(entry, whole, max_message_tokens, calibration, images=images, model=model)
             if index > last_answer:
                 notes.extend(
                     f"read part of {footer_name(r.name)} (too long for the window)"
-                    for r, w in zip(reads, whole, strict=True)
+                    for r, w in zip(shown, whole, strict=True)
                     if r.text != w.text
                 )
         out[index] = {
             **entry,
-            "content": content_with_files(entry["content"], reads + unread, images=images, model=model),
+            "content": content_with_files(entry["content"], shown, images=images, model=model),
         }
         if index > last_answer:
             notes.extend(file_notes(reads, images=images, model=model))
