@@ -665,8 +665,13 @@ class FileCache:
         raw = await self.redis.get(self.key(team_id, file_id))
         return None if raw is None else str(raw)
 
-    async def put(self, team_id: str, file_id: str, value: str) -> None:
-        await self.redis.set(self.key(team_id, file_id), value, ex=self.ttl_seconds)
+    async def put(self, team_id: str, file_id: str, value: str, ttl_seconds: int | None = None) -> None:
+        """Kept for the thread's TTL, or `ttl_seconds` (a transient failure, tried again after it)."""
+        await self.redis.set(self.key(team_id, file_id), value, ex=ttl_seconds or self.ttl_seconds)
+
+    async def touch(self, team_id: str, file_id: str) -> None:
+        """A file read again lives as long as the thread that reads it (whose TTL each turn refreshes)."""
+        await self.redis.expire(self.key(team_id, file_id), self.ttl_seconds)
 
     async def forget(self, team_id: str, entries: list[dict[str, Any]]) -> int:
         """Delete what was read from the files of these history entries (a forgotten thread's)."""

@@ -181,11 +181,14 @@ async def test_a_file_without_access_is_named_and_the_token_never_leaves_slacks_
     assert "couldn't use secret.txt (no access)" in footer and "couldn't use phish.txt (no access)" in footer
     assert [file_id for file_id, _ in fake_slack.file_downloads] == [locked["id"]]  # never to evil.example
     assert "hidden" not in all_text(fake_kimi.requests[0])
-    # No access is not cached: once the scope is granted, the next turn reads the file.
+    # No access is definitive, and cached like any result: the next turn sends the same bytes, and does
+    # not download the file again.
     fake_slack.scopes.add("files:read")
     await bot.send_event(message("and now?", "1700000540.000300", thread_ts=root))
     await bot.settle()
-    assert "hidden" in all_text(fake_kimi.requests[1])
+    assert "hidden" not in all_text(fake_kimi.requests[1])
+    assert fake_kimi.requests[0]["messages"][1] == fake_kimi.requests[1]["messages"][1]
+    assert [file_id for file_id, _ in fake_slack.file_downloads] == [locked["id"]]
 
 
 async def test_a_model_without_image_input_is_told_in_one_sentence_and_no_image_is_sent(

@@ -14,7 +14,16 @@ HTML_STARTS = (b"<!doctype html", b"<html")
 
 
 class NoAccess(Exception):
-    """The file could not be fetched (not ours to read, gone, refused, or Slack unreachable)."""
+    """The file is not ours to read: gone (404, 410), refused, or Slack's sign-in page. Definitive."""
+
+
+class Busy(Exception):
+    """Slack could not serve the file just now (429, a 5xx, a timeout, a broken connection): worth
+    another try in a while."""
+
+
+def transient(status: int) -> bool:
+    return status == 429 or status >= 500
 
 
 class TooBig(Exception):
@@ -49,15 +58,16 @@ def looks_like_html(head: bytes) -> bool:
 async def download(
     session: aiohttp.ClientSession, url: str, token: str, *, max_bytes: int, html_expected: bool = False
 ) -> bytes:
-    """The file's bytes, at most `max_bytes` (else TooBig); NoAccess for anything but a 200 with the file.
-    Redirects are not followed (the token would go with them)."""
+    """The file's bytes, at most `max_bytes` (else TooBig); Busy when Slack is (429, 5xx, timeout,
+    connection); NoAccess for anything else but a 200 with the file. Redirects are not followed (the token
+    would go with them)."""
     timeout = aiohttp.ClientTimeout(total=DOWNLOAD_TIMEOUT_S)
     try:
         async with session.get(
             url, headers={"Authorization": f"Bearer {token}"}, allow_redirects=False, timeout=timeout
         ) as response:
             if response.status != 200:
-                raise NoAccess(f"HTTP {response.status}")
+                raise (Busy if transient(response.status) else NoAccess)(f"HTTP {response.status}")
             declared = response.content_length
             if declared is not None and declared > max_bytes:
                 raise TooBig(f"{declared} bytes")
@@ -69,7 +79,7 @@ async def download(
                 if len(body) > max_bytes:
                     raise TooBig(f"over {max_bytes} bytes")
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise NoAccess(f"{type(exc).__name__}") from exc
+        raise Busy(f"{type(exc).__name__}") from exc
     if not html_expected and looks_like_html(bytes(body[:64])):
         raise NoAccess("an HTML page, not the file")
     return bytes(body)

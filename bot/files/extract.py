@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 from bot.files.kinds import IMAGE_MIMETYPES, Kind
@@ -15,6 +16,15 @@ PDF_PAGE_CHARS = 20_000  # text read from one PDF page (a page of dense text is 
 JPEG_QUALITIES = (85, 70, 55, 40)  # tried in turn until a re-encoded image fits the byte cap
 SHRINK_STEP = 0.75  # each further try also scales the image by this much
 MAX_SHRINKS = 8
+PDF_MAX_PAGES = 500  # pages of a PDF read at most (the text cap usually stops it far sooner)
+# An image is refused before it is decoded past this many pixels (width x height): 50 MP takes 200 MB as
+# RGBA, about a 48 MP phone photo; a 9400 x 9400 PNG of 370 KB would take 350 MB.
+IMAGE_DECODE_MAX_PIXELS = 50_000_000
+# A Word, Excel or PowerPoint file (a zip of XML parts) is refused before it is parsed when its parts
+# unpack to more than this, or one part is a zip bomb (a ratio no real document part has).
+OFFICE_MAX_UNPACKED_BYTES = 100_000_000
+OFFICE_MAX_RATIO = 200  # unpacked / packed for a part over 1 MB (XML packs about 10:1, zeros 1000:1)
+TOO_BIG = "too big"
 
 
 class Unreadable(Exception):
@@ -50,7 +60,13 @@ def read_pdf(data: bytes, limit: int, page_limit: int = PDF_PAGE_CHARS) -> str:
             reader = PdfReader(io.BytesIO(data))
             if reader.is_encrypted and not reader.decrypt(""):
                 raise Unreadable("a password-protected PDF")
-            pages = [cut((page.extract_text() or "").strip(), page_limit) for page in reader.pages]
+            pages, size = [], 0
+            for page in reader.pages[:PDF_MAX_PAGES]:
+                pages.append(cut((page.extract_text() or "").strip(), page_limit))
+                size += len(pages[-1]) + 20  # with its "--- page n ---" line
+                if size > limit:  # the rest would be cut anyway: not parsed (each page is CPU time)
+                    break
+            unread = len(reader.pages) - len(pages)
     except Unreadable:
         raise
     except (PyPdfError, ValueError, KeyError, TypeError, OSError, AssertionError) as exc:
@@ -58,12 +74,31 @@ def read_pdf(data: bytes, limit: int, page_limit: int = PDF_PAGE_CHARS) -> str:
     if not any(pages):
         raise Unreadable("a scanned PDF without text")
     text = "\n\n".join(f"--- page {n} ---\n{page}" for n, page in enumerate(pages, 1) if page)
+    if len(text) <= limit and unread:
+        text += f"\n[… {unread:,} more pages not read]"
     return cut(text, limit)
+
+
+def check_office_zip(data: bytes, what: str) -> None:
+    """Refuse an Office file whose parts unpack to too much, before a parser unpacks every part. The
+    sizes are the zip's own; a part that lies about its size fails its CRC when read."""
+    try:
+        members = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise Unreadable(f"{what} that could not be read") from exc
+    if sum(m.file_size for m in members) > OFFICE_MAX_UNPACKED_BYTES:
+        raise Unreadable(TOO_BIG)
+    for member in members:
+        if member.file_size > 1_000_000 and member.file_size > OFFICE_MAX_RATIO * max(
+            member.compress_size, 1
+        ):
+            raise Unreadable(TOO_BIG)
 
 
 def read_docx(data: bytes, limit: int) -> str:
     import docx
 
+    check_office_zip(data, "a Word file")
     try:
         document = docx.Document(io.BytesIO(data))
     except Exception as exc:  # python-docx raises a variety (zip, XML, KeyError) for a broken file
@@ -77,6 +112,7 @@ def read_docx(data: bytes, limit: int) -> str:
 def read_xlsx(data: bytes, limit: int) -> str:
     import openpyxl  # type: ignore[import-untyped]
 
+    check_office_zip(data, "an Excel file")
     try:
         book = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
     except Exception as exc:  # zip, XML and value errors for a broken file
@@ -100,6 +136,7 @@ def read_xlsx(data: bytes, limit: int) -> str:
 def read_pptx(data: bytes, limit: int) -> str:
     import pptx
 
+    check_office_zip(data, "a PowerPoint file")
     try:
         deck = pptx.Presentation(io.BytesIO(data))
     except Exception as exc:  # zip, XML and value errors for a broken file
@@ -127,20 +164,17 @@ def read_document(kind: Kind, data: bytes, limit: int) -> str:
 
 def prepare_image(data: bytes, max_bytes: int, max_pixels: int) -> Image:
     """An image Kimi reads, within `max_bytes` and `max_pixels`: as it is when it fits, else scaled down
-    and re-encoded (JPEG, or PNG for one with transparency)."""
+    and re-encoded (JPEG, or PNG for one with transparency). One over IMAGE_DECODE_MAX_PIXELS is refused
+    from its header, before it is decoded."""
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            image = PILImage.open(io.BytesIO(data))
-            image.load()
-    except (
-        UnidentifiedImageError,
-        PILImage.DecompressionBombError,
-        PILImage.DecompressionBombWarning,
-    ) as exc:
+        image = PILImage.open(io.BytesIO(data))
+        if image.width * image.height > IMAGE_DECODE_MAX_PIXELS:
+            raise Unreadable(TOO_BIG)
+        image.load()
+    except (UnidentifiedImageError, PILImage.DecompressionBombError) as exc:
         raise Unreadable("an image that could not be read") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise Unreadable("an image that could not be read") from exc

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from bot.files.extract import cut
 from bot.files.kinds import Kind
 
 FOOTER_NAME_CHARS = 60  # a file name in the footer is cut to this
@@ -90,3 +91,25 @@ def file_notes(reads: list[FileRead], *, images: bool, model: str) -> tuple[str,
         elif read.kind is Kind.IMAGE and not images:
             notes.append(f"couldn't use {footer_name(read.name)} ({model} does not read images)")
     return tuple(notes)
+
+
+CUT_NOTE_CHARS = 60  # what `cut` adds to a text it cuts ("[… cut here: 12,345 more characters not read]")
+
+
+def cut_texts(reads: list[FileRead], room_chars: int) -> list[FileRead]:
+    """`reads` with their texts cut so that together they take about `room_chars` characters at most: each
+    text is cut to one same length (the longest are cut, the short ones kept whole), with a note saying
+    how much was left out. Pure: the same reads and room give the same texts."""
+    lengths = [len(r.text) for r in reads if r.text]
+    if sum(lengths) <= room_chars:
+        return reads
+    room = max(room_chars - CUT_NOTE_CHARS * len(lengths), 0)
+    share, left, pending = 0, room, sorted(lengths)
+    while pending:  # the largest share each text may keep, the shorter texts' unused room given to the rest
+        share = left // len(pending)
+        if pending[0] > share:
+            break
+        left -= pending.pop(0)
+    else:
+        return reads
+    return [replace(r, text=cut(r.text, share)) if len(r.text) > share else r for r in reads]
