@@ -22,7 +22,7 @@ from bot.admission import mentions, strip_mention
 from bot.agent.live import WriterView, ask_approval
 from bot.agent.loop import CAP_NOTES, AgentLoop, Cap, Caps, Outcome, Planned, Step, replayed_outcome
 from bot.channel_settings import ChannelConfig, pin, pinned
-from bot.context import Fit, calibrate, user_entry
+from bot.context import Fit, calibrate, estimate_tokens, user_entry
 from bot.deps import Deps
 from bot.errors import ADMIN_REASONS, RETRYABLE_REASONS, AnswerError, Reason
 from bot.files.resolve import FileReader, with_files
@@ -513,7 +513,9 @@ async def _think_and_deliver(
         entries, start, offset = [*thread, question], 0, 0
         summaries = False  # a fresh read: its indexes are not the stored history's, so no stored summary
     # The files of the messages being sent, read into them (and what could not be used, for the footer).
-    entries, notes = await _with_files(deps, turn, entries, start, call)
+    system = {"role": "system", "content": config.system_prompt(settings.system_prompt)}
+    room = budget - estimate_tokens(system, calibration)  # what one message may take, alone in the window
+    entries, notes = await _with_files(deps, turn, entries, start, call, room, calibration)
     notes = (*read_notes, *notes)
     fitted = await fit_thread(  # bot/context.py fit, with the earlier turns summarised (bot/summaries.py)
         deps,
@@ -783,11 +785,18 @@ async def _replay_final(
 
 
 async def _with_files(
-    deps: Deps, turn: Turn, entries: list[dict[str, Any]], first: int, call: ModelCall
+    deps: Deps,
+    turn: Turn,
+    entries: list[dict[str, Any]],
+    first: int,
+    call: ModelCall,
+    room: int,
+    calibration: float,
 ) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
     """The entries to send with their files read in (bot/files; cached per file, so every turn sends the
-    same bytes), and footer notes naming the files of the unanswered messages that could not be used.
-    Files are fetched with the bot token of the workspace this job acts for."""
+    same bytes), and footer notes naming the files of the unanswered messages that could not be used. A
+    message's file texts are cut (the same way every turn) so it fits `room` tokens on its own. Files are
+    fetched with the bot token of the workspace this job acts for."""
     if not any(e.get("files") for e in entries[first:]):
         return entries, ()
     team_bot = acting.current()
@@ -796,7 +805,13 @@ async def _with_files(
     reader = FileReader(deps.settings, cache, turn.team_id, token)
     try:
         return await with_files(
-            reader, entries, first, images=call.profile.supports_image_in, model=call.model
+            reader,
+            entries,
+            first,
+            images=call.profile.supports_image_in,
+            model=call.model,
+            max_message_tokens=room,
+            calibration=calibration,
         )
     finally:
         await reader.close()

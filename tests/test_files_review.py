@@ -463,3 +463,21 @@ async def test_a_message_whose_files_overflow_the_window_gets_them_cut_to_fit(
     finally:
         await reader.close()
         await redis.aclose()
+
+
+async def test_a_question_whose_files_overflow_the_window_is_answered_with_them_cut_end_to_end(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """Through the pipeline: the question's own file is cut to fit the window (and the footer says so),
+    instead of the turn being refused as too long."""
+    small: BotHarness = await make_bot(kimi_model="mystery-model", kimi_max_completion_tokens=120_000)
+    root = "1700000920.000100"
+    big = fake_slack.add_file("big.log", b"c" * 40_000, mimetype="text/plain", filetype="text")
+    await small.send_event({**mention("what failed?", root), "files": [big]})
+    await small.settle()
+    answer = fake_slack.bodies(CHANNEL, root)[-1]
+    assert "too long" not in answer.split("\n")[0], answer
+    assert "read part of big.log" in answer
+    (request,) = fake_kimi.requests
+    sent = str(request["messages"][-1]["content"])
+    assert "big.log" in sent and 1_000 < sent.count("c") < 40_000
