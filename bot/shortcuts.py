@@ -20,7 +20,7 @@ from bot.admission import NOT_ENABLED, Access, AccessPolicy
 from bot.deps import Deps
 from bot.pipeline import SHORTCUT_EVENT, speaker_name
 from bot.queue import Job, Lease
-from bot.slack.reply import CANNOT_POST_HERE, api_call, slack_error
+from bot.slack.reply import CANNOT_POST_HERE, api_call, is_transient, slack_error
 from bot.store import AccessFacts
 from bot.turn import Source, ThreadKey, Turn, file_refs
 from bot.worker import RunLater
@@ -240,8 +240,12 @@ async def run_shortcut(
             ts = await find_in_thread(deps, channel, thread_ts, key, since)
             if not ts and since:  # our clock ahead of Slack's by more than the skew: the whole thread
                 ts = await find_in_thread(deps, channel, thread_ts, key)
-        except SlackApiError as exc:  # posting again while it is unknown could post it twice: later
-            raise RunLater(f"could not look for an earlier shortcut post: {slack_error(exc)}") from exc
+        except SlackApiError as exc:
+            error = slack_error(exc)
+            if is_transient(error):  # posting again while it is unknown could post it twice: later
+                raise RunLater(f"could not look for an earlier shortcut post: {error}") from exc
+            # Not readable there (not a member...): it could not have been posted there either.
+            log.info("earlier shortcut post not searchable", extra={"job": job.job_id, "error": error})
     if not ts:
         if not progress.get("announcing"):  # the access rule, as for a mention (once: a re-run has passed)
             access = Access(AccessPolicy.from_settings(deps.settings), AccessFacts(deps.redis), deps.slack)

@@ -18,7 +18,13 @@ from bot.pipeline import answer, stop_value
 from bot.queue import Job, Lease, LeaseLost
 from bot.shortcuts import SHORTCUT_JOB, announcing_now, run_shortcut, search_from
 from bot.slack.blocks import waiting_view
-from bot.slack.reply import announce_question, find_announcement, greet_assistant_thread, slack_error
+from bot.slack.reply import (
+    announce_question,
+    find_announcement,
+    greet_assistant_thread,
+    is_transient,
+    slack_error,
+)
 from bot.store import forget_thread, forget_user
 from bot.turn import Source, ThreadKey, Turn
 from bot.usage import usage_report
@@ -78,6 +84,9 @@ async def run_job(job: Job, lease: Lease, deps: Deps) -> None:
         await lease.dead_letter(job, "unknown kind")
 
 
+NOT_POSTED = "-"  # announce_ts of a /kimi question that could not be posted (answered through response_url)
+
+
 async def answer_command(deps: Deps, command: dict[str, Any], lease: Lease, job: Job) -> None:
     """/kimi: post the question in the channel (once, even if the job runs again) and queue its answer in
     that new thread; where the bot is not a member, answer privately through response_url."""
@@ -88,17 +97,26 @@ async def answer_command(deps: Deps, command: dict[str, Any], lease: Lease, job:
     trigger = str(command.get("trigger_id") or job.job_id)
     progress = await lease.progress(job)
     ts = progress.get("announce_ts")
-    if not ts and progress.get("announcing"):  # an earlier run may have posted it and died before noting it
+    private = ts == NOT_POSTED  # an earlier run could not post it and answers privately: so does this one
+    if private:
+        ts = None
+    elif not ts and progress.get("announcing"):  # an earlier run may have posted it and died before noting it
         try:
             since = search_from(progress["announcing"])
             ts = await find_announcement(deps.slack, channel, trigger, since)
             if not ts and since:  # our clock ahead of Slack's by more than the skew: the newest messages
                 ts = await find_announcement(deps.slack, channel, trigger)
-        except SlackApiError as exc:  # posting again while it is unknown could post it twice: later
-            raise RunLater(f"could not look for an earlier /kimi question: {slack_error(exc)}") from exc
-    if not ts:
+        except SlackApiError as exc:
+            error = slack_error(exc)
+            if is_transient(error):  # posting again while it is unknown could post it twice: later
+                raise RunLater(f"could not look for an earlier /kimi question: {error}") from exc
+            # Not readable there (not a member...): it could not have been posted there either.
+            log.info("earlier /kimi question not searchable", extra={"job": job.job_id, "error": error})
+    if not ts and not private:
         await lease.save_progress(job, announcing=announcing_now())
         ts = await announce_question(deps.slack, channel, user, question, trigger)
+        if ts is None:  # not a member: answered privately, and a re-run must not search or post again
+            await lease.save_progress(job, announce_ts=NOT_POSTED)
     if ts is not None:
         await lease.save_progress(job, announce_ts=ts)
         turn = Turn(Source.COMMAND, team, channel, user, question, ts=ts, thread_ts=ts)

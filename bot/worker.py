@@ -207,16 +207,20 @@ class Worker:
 
     async def _run_later(self, lease: Lease, job: Job | None, exc: RunLater) -> None:
         """Hand the job back without counting an attempt, to run again after a pause that grows with its
-        age; give it up (dead-letter it, telling nobody: that needs the token it lacks) once too old."""
+        age; give it up once too old (dead-letter it, and tell the asker where that can be done)."""
         first = min(LATER_FIRST_S, self.visibility_s)
         age = max(time.time() - job.queued_at, 0.0) if job is not None and job.queued_at else 0.0
         extra = {"thread_key": str(lease.thread), "error": str(exc), "age_s": round(age, 1)}
         if job is not None and age > LATER_GIVE_UP_S:
             reference = new_reference()
             log.error(
-                "job could not run for too long (its workspace's token); dead-lettered, nobody told",
+                "job could not run for too long; dead-lettered",
                 extra={**extra, "job": job.job_id, "reference": reference},
             )
+            # Told where that can be done now (a Slack that kept failing may answer this once); a job that
+            # waited for its workspace's token cannot tell anyone.
+            with contextlib.suppress(RunLater):
+                await self._tell(job, lease, "internal", reference)
             await lease.dead_letter(job, "token", reference)
             await lease.hand_back(None)  # the thread's next job, if any, runs (or waits) in its turn
             return

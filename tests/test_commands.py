@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import BotHarness
 from tests.fakes.slack_api import FakeSlack
-from tests.slack_requests import ALICE, CHANNEL
+from tests.slack_requests import ALICE, CHANNEL, command_body
 
 
 @pytest.mark.parametrize("text", ["", "help", "  HELP  "])
@@ -107,3 +107,35 @@ async def test_a_redelivered_kimi_command_is_answered_once(bot: BotHarness, fake
         assert (await bot.post(body, "application/x-www-form-urlencoded"))[0] == 200
     await bot.settle()
     assert len([p for p in fake_slack.posts(CHANNEL) if "thread_ts" not in p]) == 1
+
+
+@pytest.mark.parametrize("earlier", ["could-not-post", "died-before-noting"])
+async def test_a_private_kimi_answer_run_again_after_a_restart_is_still_answered_privately(
+    make_bot: Any, fake_slack: FakeSlack, earlier: str
+) -> None:
+    """Where the bot is not a member, /kimi answers through response_url. A re-run of that job (a deploy, a
+    crash mid-answer) must answer the same way, not wait forever on a search Slack always refuses there
+    (conversations.history: not_in_channel)."""
+    from bot.work import NOT_POSTED, command_thread
+
+    fake_slack.not_member_of.add("C0PRIVATE1")
+    bot: BotHarness = await make_bot(start_worker=False)
+    body = command_body("secret question", channel="C0PRIVATE1", response_url=fake_slack.response_url())
+    assert (await bot.post(body, "application/x-www-form-urlencoded"))[0] == 200
+    [(thread, score)] = await bot.deps.queue.due(5)
+    dead = await bot.deps.queue.claim(thread, score)
+    assert dead is not None
+    job = await dead.next_job()
+    assert job is not None and not isinstance(job, str)
+    assert thread == command_thread(job.data["command"])
+    # The dead run: it was about to post (or had found it could not, and began answering privately).
+    await dead.save_progress(job, announcing="1")
+    if earlier == "could-not-post":
+        await dead.save_progress(job, announce_ts=NOT_POSTED)
+    await bot.deps.redis.delete(f"kimibot:thread:{{{thread}}}:lease")
+    await bot.deps.queue.notify(thread)
+    bot.run_worker()
+    await bot.settle()
+    assert fake_slack.posts("C0PRIVATE1") == []
+    assert len(fake_slack.responses) == 1
+    assert "alice: secret question" in fake_slack.responses[0]["blocks"][0]["text"]

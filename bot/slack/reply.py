@@ -94,6 +94,26 @@ class Pace:
     cards_max_wait_s: float = 8.0  # card changes wait at most this long when Slack's budget runs low
 
 
+# Slack errors that say "try again later", not "never": a search that failed with one of these may find the
+# post later; any other error (not_in_channel, channel_not_found, missing_scope...) will not change.
+TRANSIENT_SLACK_ERRORS = frozenset(
+    {
+        "ratelimited",
+        "internal_error",
+        "fatal_error",
+        "service_unavailable",
+        "request_timeout",
+        "unknown_error",
+    }
+)
+
+
+def is_transient(error: str) -> bool:
+    """Whether a Slack error code (slack_error's) may go away by itself: rate limits, Slack's own faults,
+    and a 5xx or unreadable page from something in front of it."""
+    return error in TRANSIENT_SLACK_ERRORS or error.startswith("http_5") or error == "http_429"
+
+
 def slack_error(exc: BaseException) -> str:
     """Slack's error code of a failed call, read without trusting the body: what answered may be a
     proxy or load balancer (an Envoy 503 in text, an HTML 403), which slack_sdk hands over as a str,
