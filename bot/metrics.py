@@ -260,16 +260,23 @@ class CountingWebClient(AsyncWebClient):  # type: ignore[misc]
 
     async def _request(self, *, http_verb: str, api_url: str, req_args: dict[str, Any]) -> dict[str, Any]:
         if self.pooled and (self.session is None or self.session.closed):
-            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+            self.session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                # No connection cap: a call must not time out queueing behind 100 others (the pacer bounds
+                # how many are in flight); no cookies: one workspace's must not ride on another's calls.
+                connector=aiohttp.TCPConnector(limit=0),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
         result: dict[str, Any] = await super()._request(
             http_verb=http_verb, api_url=api_url, req_args=req_args
         )
         return result
 
     async def close(self) -> None:
-        """Close the pooled session (a no-op without one)."""
-        session, self.session = self.session, None
-        if self.pooled and session is not None and not session.closed:
+        """Close the pooled session (a no-op without one); a call after this opens a session of its own
+        (slack_sdk's way), never a pooled one nobody would close."""
+        session, self.session, self.pooled = self.session, None, False
+        if session is not None and not session.closed:
             await session.close()
 
     async def api_call(self, api_method: str, *args: Any, **kwargs: Any) -> Any:

@@ -43,6 +43,7 @@ from bot.usage import Limits, Meter, OverBudget
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+FILE_ROOM_SHARE = 0.85  # of the window, the most one message's files may fill (see _think_and_deliver)
 CATCH_UP_S = 2.0  # the most a mention waits to read the replies it missed ("mentions" channels)
 # "Summarize thread" reads this many of the thread's messages at most: its parent and its newest (fit() then
 # leaves out the oldest of those if the window is too small) ...
@@ -513,9 +514,12 @@ async def _think_and_deliver(
         entries, start, offset = [*thread, question], 0, 0
         summaries = False  # a fresh read: its indexes are not the stored history's, so no stored summary
     # The files of the messages being sent, read into them (and what could not be used, for the footer).
+    # What one message may take, alone in the window: less the system prompt and a margin for the tools'
+    # definitions and estimate error. Uncalibrated on purpose: the thread's calibration changes after every
+    # answer, and the cut must be the same on every turn (the prompt cache).
     system = {"role": "system", "content": config.system_prompt(settings.system_prompt)}
-    room = budget - estimate_tokens(system, calibration)  # what one message may take, alone in the window
-    entries, notes = await _with_files(deps, turn, entries, start, call, room, calibration)
+    room = int(budget * FILE_ROOM_SHARE) - estimate_tokens(system)
+    entries, notes = await _with_files(deps, turn, entries, start, call, room, 1.0)
     notes = (*read_notes, *notes)
     fitted = await fit_thread(  # bot/context.py fit, with the earlier turns summarised (bot/summaries.py)
         deps,

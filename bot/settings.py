@@ -146,7 +146,7 @@ class Settings(BaseSettings):
     files_image_max_pixels: int = Field(default=2_359_296, ge=10_000)  # width x height (1536 x 1536)
     files_max_per_turn: int = Field(default=20, ge=1)  # files read for one answer, the newest first
     files_read_timeout: float = Field(default=30.0, gt=0)  # seconds parsing one file may take (then killed)
-    files_read_max_memory_mb: int = Field(default=1024, ge=256)  # memory of the process parsing one file
+    files_read_max_memory_mb: int = Field(default=512, ge=256)  # memory of the process parsing one file
 
     # --- Built-in tools (bot/tools) ---
     tool_call_timeout: float = Field(default=60.0, gt=0)  # seconds one tool call may take

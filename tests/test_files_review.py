@@ -29,10 +29,10 @@ from bot.redis_client import build_redis
 from bot.settings import Settings
 from bot.store import FileCache
 from tests.conftest import BotHarness
-from tests.fakes.kimi_api import FakeKimi
+from tests.fakes.kimi_api import FakeKimi, Reply
 from tests.fakes.slack_api import TEAM_ID, TOKEN, FakeSlack
 from tests.files_data import docx, pdf
-from tests.slack_requests import ALICE, CHANNEL, mention, message
+from tests.slack_requests import ALICE, CHANNEL, mention, message, thread_key
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = sandbox.Limits(100_000, 3_000_000, 2_359_296, 1024 * 1024 * 1024, 30.0)
@@ -220,6 +220,13 @@ async def test_a_file_that_takes_too_long_is_named_in_the_footer_and_the_answer_
     sent = str(fake_kimi.requests[0]["messages"][-1]["content"])
     assert '<file name="slow.pdf">not read: took too long to read</file>' in sent and "all good" in sent
     assert children() == []
+    # A parse that ran out of time may pass on a quieter host: kept only for a while, not the thread's life.
+    from bot.files.resolve import BUSY_TTL_SECONDS
+    from bot.store import FileCache
+
+    ttl = await bot.deps.redis.ttl(FileCache.key(TEAM_ID, slow["id"]))
+    assert 0 < ttl <= BUSY_TTL_SECONDS
+    assert await bot.deps.redis.ttl(FileCache.key(TEAM_ID, fine["id"])) > BUSY_TTL_SECONDS
 
 
 async def test_the_sandbox_reads_like_the_functions_it_runs() -> None:
@@ -481,3 +488,33 @@ async def test_a_question_whose_files_overflow_the_window_is_answered_with_them_
     (request,) = fake_kimi.requests
     sent = str(request["messages"][-1]["content"])
     assert "big.log" in sent and 1_000 < sent.count("c") < 40_000
+
+
+async def test_a_cut_file_sends_the_same_bytes_on_the_next_turn_after_the_calibration_changed(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
+) -> None:
+    """The thread's calibration is rewritten after every answer; the cut of a file too long for the window
+    must not follow it, or every later turn re-cuts the message and Kimi's prompt cache misses."""
+    small: BotHarness = await make_bot(kimi_model="mystery-model", kimi_max_completion_tokens=120_000)
+    fake_kimi.script(Reply(content="A disk filled up."), Reply(content="Logs were never rotated."))
+    root = "1700000921.000100"
+    big = fake_slack.add_file("big.log", b"c" * 40_000, mimetype="text/plain", filetype="text")
+    await small.send_event({**mention("what failed?", root), "files": [big]})
+    await small.settle()
+    meta = await small.deps.redis.hgetall(small.deps.threads.meta_key(thread_key(root)))  # type: ignore[misc]
+    assert float(meta["calibration"]) != 1.0  # the API's count differed from the estimate
+    await small.send_event(message("and why?", "1700000921.000200", thread_ts=root))
+    await small.settle()
+    first, second = fake_kimi.requests  # the cut message leaves room for the follow-up: no summary
+    question = next(m for m in first["messages"] if "big.log" in str(m.get("content")))
+    assert question in second["messages"]  # byte for byte the same message
+
+
+def test_a_parsing_child_is_the_oom_killers_first_choice_and_cannot_raise_its_limits() -> None:
+    code = (
+        "import resource; from bot.files import sandbox; sandbox._die_first();"
+        "sandbox._limit(resource.RLIMIT_AS, 2**31); print(open('/proc/self/oom_score_adj').read().strip(),"
+        "resource.getrlimit(resource.RLIMIT_AS) == (2**31, 2**31))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1000", "True"]

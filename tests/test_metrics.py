@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -272,5 +273,8 @@ async def test_the_workers_slack_calls_share_one_kept_alive_connection(
     session = bot.deps.slack.session
     assert session is not None and not session.closed
     assert build_bolt_app(bot.deps).client.session is None
+    assert isinstance(session.cookie_jar, aiohttp.DummyCookieJar)  # no workspace's cookies on another's calls
     await bot.deps.slack.close()  # what Deps.close does at shutdown
     assert session.closed
+    await bot.deps.slack.auth_test()  # a late call still works, without a pooled session left open
+    assert bot.deps.slack.session is None

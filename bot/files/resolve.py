@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 NO_ACCESS = "no access"
 BUSY = "Slack was busy"
 BUSY_TTL_SECONDS = 600  # a file Slack was too busy to serve is tried again after this
+# Problems that may pass (kept BUSY_TTL_SECONDS, not the thread's life): Slack busy, or a parse that ran out
+# of time on a host busy with other work.
+PASSING_PROBLEMS = frozenset({BUSY, sandbox.TOO_LONG})
 TOO_BIG = "too big"
 TOO_BIG_TOGETHER = "too big together with the message's other files"
 UNSUPPORTED = "can't read this type yet"
@@ -69,14 +72,14 @@ class FileReader:
         file_id, name, kind = str(ref["id"]), file_name(ref), classify(ref)
         cached = await self.cache.get(self.team_id, file_id)
         if cached is not None and (read := FileRead.load(cached)) is not None:
-            if read.problem != BUSY:
+            if read.problem not in PASSING_PROBLEMS:
                 await self.cache.touch(self.team_id, file_id)
             return read
         read = await self._fetch(ref, file_id, name, kind)
-        # Every result is kept (a 404 or a sign-in page is not fetched again each turn); "Slack was busy"
-        # only for a while.
-        busy = read.problem == BUSY
-        await self.cache.put(self.team_id, file_id, read.dump(), BUSY_TTL_SECONDS if busy else None)
+        # Every result is kept (a 404 or a sign-in page is not fetched again each turn); the ones that may
+        # pass (Slack was busy, a parse that ran out of time on a busy host) only for a while.
+        passing = read.problem in PASSING_PROBLEMS
+        await self.cache.put(self.team_id, file_id, read.dump(), BUSY_TTL_SECONDS if passing else None)
         return read
 
     async def _fetch(self, ref: dict[str, Any], file_id: str, name: str, kind: Kind) -> FileRead:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -82,7 +83,7 @@ async def extract(kind: Kind, data: bytes, limits: Limits) -> Extracted:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
             cwd=PACKAGE_ROOT,
-            # Not the bot's environment (its tokens): a parser exploited by a file finds no secrets.
+            # Not the bot's environment (its tokens); not a security boundary (same user, same host).
             # A fixed hash seed: the same bytes give the same output, run after run.
             env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "PYTHONPATH": PACKAGE_ROOT},
         )
@@ -107,10 +108,18 @@ async def extract(kind: Kind, data: bytes, limits: Limits) -> Extracted:
 
 
 def _limit(which: int, value: int) -> None:
+    """Soft and hard alike: a parser a file exploited cannot raise it back."""
     _, hard = resource.getrlimit(which)
     if hard != resource.RLIM_INFINITY:
         value = min(value, hard)
-    resource.setrlimit(which, (value, hard))
+    resource.setrlimit(which, (value, value))
+
+
+def _die_first() -> None:
+    """Under the host's (or the pod's) memory pressure, the kernel's OOM killer takes this child, not the bot
+    beside it with every answer in flight (a process may raise its own score; best effort)."""
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as score:
+        score.write("1000")
 
 
 def run_child(argv: list[str]) -> dict[str, str]:
@@ -118,8 +127,10 @@ def run_child(argv: list[str]) -> dict[str, str]:
     from bot.files.extract import IMAGE_DECODE_MAX_PIXELS, Unreadable, prepare_image, read_document
 
     kind, text_chars, image_bytes, image_pixels, memory, seconds = argv
+    _die_first()
     _limit(resource.RLIMIT_AS, int(memory))
     _limit(resource.RLIMIT_CPU, int(seconds))
+    _limit(resource.RLIMIT_CORE, 0)
     warnings.simplefilter("ignore")  # one thread, and stderr is not read: parsers' warnings go nowhere
     data = sys.stdin.buffer.read()
     try:
