@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -515,11 +516,12 @@ async def _think_and_deliver(
         summaries = False  # a fresh read: its indexes are not the stored history's, so no stored summary
     # The files of the messages being sent, read into them (and what could not be used, for the footer).
     # What one message may take, alone in the window: less the system prompt and a margin for the tools'
-    # definitions and estimate error. Uncalibrated on purpose: the thread's calibration changes after every
-    # answer, and the cut must be the same on every turn (the prompt cache).
+    # definitions and estimate error. The thread's calibration changes a little after every answer and the
+    # cut must be the same on every turn (the prompt cache): it is taken in steps of a half, never below 1.
     system = {"role": "system", "content": config.system_prompt(settings.system_prompt)}
     room = int(budget * FILE_ROOM_SHARE) - estimate_tokens(system)
-    entries, notes = await _with_files(deps, turn, entries, start, call, room, 1.0)
+    cut_calibration = math.ceil(max(calibration, 1.0) * 2) / 2
+    entries, notes = await _with_files(deps, turn, entries, start, call, room, cut_calibration)
     notes = (*read_notes, *notes)
     fitted = await fit_thread(  # bot/context.py fit, with the earlier turns summarised (bot/summaries.py)
         deps,

@@ -244,8 +244,9 @@ async def run_shortcut(
             error = slack_error(exc)
             if is_transient(error):  # posting again while it is unknown could post it twice: later
                 raise RunLater(f"could not look for an earlier shortcut post: {error}") from exc
-            # Not readable there (not a member...): it could not have been posted there either.
-            log.info("earlier shortcut post not searchable", extra={"job": job.job_id, "error": error})
+            # It cannot be found (a missing scope...): not posted again (at worst an earlier post stays
+            # unanswered, never twice); the asker hears why with a reference (the worker's failure path).
+            raise RuntimeError(f"could not look for an earlier shortcut post: {error}") from exc
     if not ts:
         if not progress.get("announcing"):  # the access rule, as for a mention (once: a re-run has passed)
             access = Access(AccessPolicy.from_settings(deps.settings), AccessFacts(deps.redis), deps.slack)

@@ -110,8 +110,11 @@ async def answer_command(deps: Deps, command: dict[str, Any], lease: Lease, job:
             error = slack_error(exc)
             if is_transient(error):  # posting again while it is unknown could post it twice: later
                 raise RunLater(f"could not look for an earlier /kimi question: {error}") from exc
-            # Not readable there (not a member...): it could not have been posted there either.
+            # It cannot be found there (not a member, a missing scope...): answered privately, never posted
+            # again (an earlier run may have posted it: at worst that post stays unanswered, never twice).
             log.info("earlier /kimi question not searchable", extra={"job": job.job_id, "error": error})
+            private = True
+            await lease.save_progress(job, announce_ts=NOT_POSTED)
     if not ts and not private:
         await lease.save_progress(job, announcing=announcing_now())
         ts = await announce_question(deps.slack, channel, user, question, trigger)

@@ -139,3 +139,30 @@ async def test_a_private_kimi_answer_run_again_after_a_restart_is_still_answered
     assert fake_slack.posts("C0PRIVATE1") == []
     assert len(fake_slack.responses) == 1
     assert "alice: secret question" in fake_slack.responses[0]["blocks"][0]["text"]
+
+
+async def test_a_kimi_question_whose_earlier_post_cannot_be_searched_is_not_posted_twice(
+    make_bot: Any, fake_slack: FakeSlack
+) -> None:
+    """A run that died after posting (before noting it), and a search Slack refuses for good (a missing
+    history scope) where the bot can post: the re-run answers privately rather than post it a second time."""
+    from bot.slack.reply import announce_question
+
+    fake_slack.add_conversation(CHANNEL, "general")
+    bot: BotHarness = await make_bot(start_worker=False)
+    body = command_body("What is 2+2?", response_url=fake_slack.response_url())
+    assert (await bot.post(body, "application/x-www-form-urlencoded"))[0] == 200
+    [(thread, score)] = await bot.deps.queue.due(5)
+    dead = await bot.deps.queue.claim(thread, score)
+    assert dead is not None
+    job = await dead.next_job()
+    assert job is not None and not isinstance(job, str)
+    await dead.save_progress(job, announcing="1")
+    await announce_question(bot.deps.slack, CHANNEL, ALICE, "What is 2+2?", job.data["command"]["trigger_id"])
+    await bot.deps.redis.delete(f"kimibot:thread:{{{thread}}}:lease")
+    fake_slack.fail("conversations.history", "missing_scope", times=5)
+    await bot.deps.queue.notify(thread)
+    bot.run_worker()
+    await bot.settle()
+    assert len([p for p in fake_slack.posts(CHANNEL) if "thread_ts" not in p]) == 1  # not posted again
+    assert len(fake_slack.responses) == 1 and "What is 2+2?" in fake_slack.responses[0]["blocks"][0]["text"]

@@ -107,12 +107,14 @@ async def extract(kind: Kind, data: bytes, limits: Limits) -> Extracted:
         return Extracted(problem=UNREADABLE)
 
 
-def _limit(which: int, value: int) -> None:
-    """Soft and hard alike: a parser a file exploited cannot raise it back."""
+def _limit(which: int, value: int, *, grace: int = 0) -> None:
+    """The hard limit `grace` above the soft one (a parser a file exploited cannot raise it further). The CPU
+    limit needs a second of grace: at the soft limit the kernel sends SIGXCPU ("took too long"), at the hard
+    one SIGKILL, which reads as the OOM killer's ("too big")."""
     _, hard = resource.getrlimit(which)
     if hard != resource.RLIM_INFINITY:
-        value = min(value, hard)
-    resource.setrlimit(which, (value, value))
+        value = min(value, hard - grace)
+    resource.setrlimit(which, (value, value + grace))
 
 
 def _die_first() -> None:
@@ -129,7 +131,7 @@ def run_child(argv: list[str]) -> dict[str, str]:
     kind, text_chars, image_bytes, image_pixels, memory, seconds = argv
     _die_first()
     _limit(resource.RLIMIT_AS, int(memory))
-    _limit(resource.RLIMIT_CPU, int(seconds))
+    _limit(resource.RLIMIT_CPU, int(seconds), grace=1)
     _limit(resource.RLIMIT_CORE, 0)
     warnings.simplefilter("ignore")  # one thread, and stderr is not read: parsers' warnings go nowhere
     data = sys.stdin.buffer.read()
