@@ -578,17 +578,8 @@ class ChatSession:
                 call=self.call,
             )
 
-        window = self.profile.context_window - self.kimi.budget_of(self.call)
         settings = self.settings
-        caps = Caps(
-            max_steps=settings.kimi_max_tool_steps,
-            call_timeout_s=settings.tool_call_timeout,
-            result_chars=settings.tool_result_max_chars,
-            wall_time_s=settings.agent_max_seconds,
-            approval_timeout_s=settings.tool_approval_timeout,
-            context_tokens=window,
-            context_margin_tokens=min(max(settings.tool_result_max_chars // 2, 4_000), window // 4),
-        )
+        caps = Caps.from_settings(settings, self.profile.context_window - self.kimi.budget_of(self.call))
         self._loop = AgentLoop(
             tools,
             complete=complete,

@@ -1008,18 +1008,7 @@ async def _agent_answer(
     settings = deps.settings
     kimi = deps.kimi
     approvals = deps.approvals or Approvals(deps.redis)
-    caps = Caps(
-        max_steps=settings.kimi_max_tool_steps,
-        call_timeout_s=settings.tool_call_timeout,
-        result_chars=settings.tool_result_max_chars,
-        wall_time_s=settings.agent_max_seconds,
-        approval_timeout_s=settings.tool_approval_timeout,
-        context_tokens=call.profile.context_window - kimi.budget_of(call),
-        context_margin_tokens=min(
-            max(settings.tool_result_max_chars // 2, 4_000),
-            (call.profile.context_window - kimi.budget_of(call)) // 4,
-        ),
-    )
+    caps = Caps.from_settings(settings, call.profile.context_window - kimi.budget_of(call))
     resume = resumed_steps(writer.resume)
 
     async def complete(

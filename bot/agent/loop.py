@@ -32,12 +32,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.context import estimate_tokens
 from bot.errors import AnswerError, Reason
 from bot.kimi.events import Accumulator, Usage
 from bot.tools.base import Tool, ToolContext, ToolResult
+
+if TYPE_CHECKING:
+    from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,20 @@ class Caps:
     # request would pass it less `context_margin_tokens`; the forced last request is shortened to fit it.
     context_tokens: int = 0
     context_margin_tokens: int = 8_000
+
+    @classmethod
+    def from_settings(cls, settings: Settings, context_tokens: int) -> Caps:
+        """The caps of a turn from the settings, for a window of `context_tokens` (the model's window less
+        its output budget): the margin leaves room for one more step's results, at most a quarter of it."""
+        return cls(
+            max_steps=settings.kimi_max_tool_steps,
+            call_timeout_s=settings.tool_call_timeout,
+            result_chars=settings.tool_result_max_chars,
+            wall_time_s=settings.agent_max_seconds,
+            approval_timeout_s=settings.tool_approval_timeout,
+            context_tokens=context_tokens,
+            context_margin_tokens=min(max(settings.tool_result_max_chars // 2, 4_000), context_tokens // 4),
+        )
 
 
 @dataclass
