@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +107,8 @@ class ScaleFigures:
     idle_rss_mb: float = 0.0
     peak_rss_mb: float = 0.0
     limit_hits: int = 0
+    limit_methods: str = ""  # the 429s per method, "chat.stopStream 6, ..."
+    warnings: str = ""  # the bot's warning lines in the round, counted by message
     bot_rate_limited: float = 0.0
     complete: int = 0
     once: int = 0
@@ -164,7 +169,8 @@ class ScaleFigures:
             ),
             (
                 "Slack 429s",
-                f"{self.limit_hits} (the bot counted {self.bot_rate_limited:.0f})",
+                f"{self.limit_hits} (the bot counted {self.bot_rate_limited:.0f})"
+                + (f": {self.limit_methods}" if self.limit_methods else ""),
                 "0",
                 self.limit_hits == 0,
             ),
@@ -200,6 +206,21 @@ def peak_open(started: list[float], finished: dict[int, float]) -> int:
         open_now += change
         peak = max(peak, open_now)
     return peak
+
+
+def warning_summary(log_path: Path) -> str:
+    """The bot's WARNING/ERROR log lines (JSON, LOG_LEVEL=WARNING), counted by message: why 429s or reruns
+    happened (e.g. "shared pacing unavailable; pacing per process")."""
+    counts: Counter[str] = Counter()
+    with contextlib.suppress(OSError):
+        for line in log_path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("msg"):
+                counts[f"{record.get('level', '?')} {record['msg']}"] += 1
+    return "; ".join(f"{message} x{n}" for message, n in counts.most_common(8))
 
 
 def rss_mb(pid: int, field_name: str) -> float:
@@ -431,6 +452,8 @@ async def run_scale(
         figures.lag_buckets = [(le, last[le] - first.get(le, 0.0)) for le in sorted(last)]
         figures.bot_rate_limited = sum(metric_values(after, RATE_LIMITED_METRIC).values())
         figures.limit_hits = len(slack.limit_hits)
+        figures.limit_methods = ", ".join(f"{m} {n}" for m, n in Counter(slack.limit_hits).most_common())
+        figures.warnings = warning_summary(bot.log_path)
         figures.peak_in_flight = peak_open(kimi.request_times, kimi.finished)
         figures.problems = len(slack.problems)
         figures.complete, figures.once, _ = check_answers(slack, questions, parts)
@@ -459,6 +482,7 @@ def print_figures(figures: ScaleFigures) -> None:
         f"({figures.cpu_s / figures.wall_s:.0%} of one core)"
     )
     print(f"  {'Web API call problems:':38s} {figures.problems}")
+    print(f"  {'the bot logged:':38s} {figures.warnings or 'no warnings'}")
 
 
 async def main(answers: int, teams: int, answer_s: float, arrival_s: float, profile: str) -> None:

@@ -220,6 +220,31 @@ async def test_a_silent_redis_holds_a_slack_call_a_quarter_second_once_then_paci
         await silent.aclose()
 
 
+async def test_calls_paced_locally_while_redis_failed_still_count_once_it_answers_again(
+    redis_url: str,
+) -> None:
+    """While Redis does not answer, the pacer paces per process; Redis's bucket never sees those calls.
+    Once Redis answers again it would grant a fresh burst on top of them (Slack then answers 429: seen as
+    chat.stopStream 429s with 300 answers in flight, when a late loop made Redis's replies time out).
+    The process's own count keeps the wait."""
+    live = Redis.from_url(redis_url)
+    silent = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.2)  # nothing listens there
+    try:
+        pacer = SharedPacer(silent)
+        bucket = pacer._bucket("chat.stopStream", "T1", "")
+        assert bucket is not None
+        burst = int(bucket.capacity)
+        assert await pacer.reserve("chat.stopStream", "T1") == 0.0  # Redis failed: paced locally
+        for _ in range(burst - 1):
+            assert await pacer.reserve("chat.stopStream", "T1") == 0.0  # the rest of the burst
+        pacer.redis, pacer._local_until = live, 0.0  # Redis answers again, the cool-off is over
+        wait = await pacer.reserve_shared("chat.stopStream", "T1")
+        assert wait is not None and wait > 1.0, wait  # the burst is spent: one interval (3.3 s) at least
+    finally:
+        await live.aclose()
+        await silent.aclose()
+
+
 async def test_the_mirror_counts_reservations_still_on_their_way_to_redis(redis_url: str) -> None:
     """Answers decide (stream or not, flush or wait) from the local mirror while their reservations are
     on their way to Redis: it must count them at once, or a burst of answers all see room and over-commit

@@ -186,8 +186,10 @@ class SharedPacer(Pacer):
         if time.monotonic() < self._local_until:
             return None
         # The mirror counts this call at once: answers deciding meanwhile (stream or not, flush or wait)
-        # must see the budget as it will be, not as it was before the round trip.
-        bucket.delay(time.monotonic())
+        # must see the budget as it will be, not as it was before the round trip. Its wait is this
+        # process's own count: after a spell of local pacing (Redis failed), Redis's bucket has not seen
+        # the calls made meanwhile and would grant a fresh burst on top of them.
+        local_wait = bucket.delay(time.monotonic())
         bucket.take()
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
@@ -211,4 +213,4 @@ class SharedPacer(Pacer):
         bucket.delay(time.monotonic())
         shared = bucket.capacity - float(backlog_ms) / interval_ms - self._in_flight.get(key, 0)
         bucket.tokens = min(bucket.tokens, shared)
-        return float(delay_ms) / 1000.0
+        return max(float(delay_ms) / 1000.0, local_wait)
