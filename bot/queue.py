@@ -29,13 +29,16 @@ import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
 from bot.redis_client import is_cluster
 from bot.store import DEAD_LETTER_KEY, INBOX_PATTERN, READY_KEY, ThreadKeys, dump_entry, thread_from_member
 from bot.turn import ThreadKey
+
+if TYPE_CHECKING:
+    from bot.watch import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -423,6 +426,8 @@ class Lease:
     lost: bool = False
     renewed_at: float = field(init=False)  # monotonic, when the last successful renewal (or claim) was sent
     valid_until: float = field(init=False)  # monotonic; Slack writes wait past it
+    # The worker's watcher while it holds the lease (renewals, Stop keys); None for a lease used alone.
+    watcher: Watcher | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.keys = ThreadKeys(self.thread)
@@ -447,17 +452,35 @@ class Lease:
         return value
 
     async def renew(self) -> bool:
-        """Extend the lease; False (and `lost`) when another worker has taken the thread."""
+        """Extend the lease; False (and `lost`) when another worker has taken the thread. (A worker's leases
+        are renewed by its watcher, all in one pipeline: `queue_renewal`, `renewed`, `queue_listing`.)"""
         sent = time.monotonic()
-        result = await self.redis.eval(  # type: ignore[misc]
-            _RENEW, 1, self.keys.lease, self.holder, self.queue.lease_ms
-        )
+        result = await self.redis.eval(*self._renewal())  # type: ignore[misc]
+        if not self.renewed(result, sent):
+            return False
+        await self.queue.listing("later", self.thread, self.queue.lease_ms)
+        return True
+
+    def _renewal(self) -> tuple[Any, ...]:
+        return (_RENEW, 1, self.keys.lease, self.holder, self.queue.lease_ms)
+
+    def queue_renewal(self, pipe: Any) -> None:
+        """Add this lease's renewal to a pipeline (its answer goes to `renewed`)."""
+        pipe.eval(*self._renewal())
+
+    def renewed(self, result: Any, sent: float) -> bool:
+        """A renewal sent at `sent` (monotonic) answered `result`: confirm the lease, or mark it lost."""
         if int(result) == LOST:
             self.lost = True
             return False
         self._confirmed(sent)
-        await self.queue.listing("later", self.thread, self.queue.lease_ms)
         return True
+
+    def queue_listing(self, pipe: Any, sent: float, now: float) -> None:
+        """Add to a pipeline what `renew` does after a renewal sent at `sent` got through: push the thread's
+        listing back to when the lease would run out (so another worker looks at it once it has)."""
+        left_ms = max(self.queue.lease_ms - int((now - sent) * 1000), 0)
+        pipe.eval(*_listing_args("later", self.thread, left_ms))
 
     async def guard(self) -> None:
         """Wait until the lease is known to be ours (renewed recently); raise LeaseLost once it is not."""
