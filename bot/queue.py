@@ -219,6 +219,30 @@ return 0
 """
 
 
+# A single Redis only (the keys are in many slots): what a watcher's tick sends for all its leases at once.
+# KEYS: leases. ARGV: lease ms, holders (one per lease). -> the (1-based) positions of the leases lost; the
+# others were renewed (the answer is short: nearly always empty).
+_RENEW_MANY = """
+local lost = {}
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  else
+    lost[#lost + 1] = i
+  end
+end
+return lost
+"""
+
+# The `ready` listing's 'later' (see _READY) for several threads. KEYS: ready. ARGV: member, ms, member, ms...
+_LATER_MANY = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, #ARGV, 2 do redis.call('ZADD', KEYS[1], 'XX', 'GT', now + tonumber(ARGV[i + 1]), ARGV[i]) end
+return #ARGV / 2
+"""
+
+
 class LeaseLost(Exception):
     """This worker no longer owns the thread: another one took it over. Stop, and write nothing more."""
 
@@ -479,8 +503,30 @@ class Lease:
     def queue_listing(self, pipe: Any, sent: float, now: float) -> None:
         """Add to a pipeline what `renew` does after a renewal sent at `sent` got through: push the thread's
         listing back to when the lease would run out (so another worker looks at it once it has)."""
-        left_ms = max(self.queue.lease_ms - int((now - sent) * 1000), 0)
-        pipe.eval(*_listing_args("later", self.thread, left_ms))
+        pipe.eval(*_listing_args("later", self.thread, self._left_ms(sent, now)))
+
+    def _left_ms(self, sent: float, now: float) -> int:
+        return max(self.queue.lease_ms - int((now - sent) * 1000), 0)
+
+    @staticmethod
+    def queue_renewals(pipe: Any, leases: list[Lease]) -> None:
+        """`queue_renewal` for several leases of one queue in one command (a single Redis only: their
+        keys are in many slots); `renewals_answered` makes its answer one `renewed` result per lease."""
+        holders = [lease.holder for lease in leases]
+        keys = [lease.keys.lease for lease in leases]
+        pipe.eval(_RENEW_MANY, len(keys), *keys, leases[0].queue.lease_ms, *holders)
+
+    @staticmethod
+    def renewals_answered(result: Any, count: int) -> list[int]:
+        """The answer to `queue_renewals` for `count` leases: 1 (renewed) or LOST for each."""
+        lost = {int(i) - 1 for i in result}
+        return [LOST if i in lost else 1 for i in range(count)]
+
+    @staticmethod
+    def queue_listings(pipe: Any, renewed: list[tuple[Lease, float]], now: float) -> None:
+        """`queue_listing` for several (lease, sent) in one command."""
+        args = [x for lease, sent in renewed for x in (str(lease.thread), lease._left_ms(sent, now))]
+        pipe.eval(_LATER_MANY, 1, READY_KEY, *args)
 
     async def guard(self) -> None:
         """Wait until the lease is known to be ours (renewed recently); raise LeaseLost once it is not."""
