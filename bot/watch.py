@@ -98,7 +98,7 @@ class Watcher:
         self.renew_s = renew_s
         self.tick_s = min(renew_s, TICK_S)
         self.show_waiting = show_waiting
-        self.ticks = 0  # pipelines sent (for tests and the bench)
+        self.ticks = 0  # pipelines sent (tests count them)
         self._held: dict[int, _Held] = {}  # id(lease) -> what is kept for it
         self._watches: set[KeyWatch] = set()
         self._task: asyncio.Task[None] | None = None
