@@ -348,7 +348,13 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
     async def save_progress(**fields: str) -> None:
         await lease.save_progress(job, **fields)
 
+    # Read with every tick of the worker's watcher (one pipeline for all answers), not once per answer
+    # every half second; a lease used alone (no worker) asks Redis itself.
+    stop_key = lease.watcher.watch(deps.stops.key(turn.channel, turn.ts)) if lease.watcher else None
+
     async def should_stop() -> bool:
+        if stop_key is not None:
+            return stop_key.value is not None
         return await deps.stops.requested_by(turn.channel, turn.ts) is not None
 
     def on_stop() -> None:
@@ -429,6 +435,8 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
         await lease.complete(job, details=(turn.ts, details))
         deps.metrics.answer(str(error.reason))
     finally:
+        if stop_key is not None:
+            stop_key.close()
         await writer.close()
 
 

@@ -29,13 +29,16 @@ import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
 from bot.redis_client import is_cluster
 from bot.store import DEAD_LETTER_KEY, INBOX_PATTERN, READY_KEY, ThreadKeys, dump_entry, thread_from_member
 from bot.turn import ThreadKey
+
+if TYPE_CHECKING:
+    from bot.watch import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +216,30 @@ local unlist = (op == 'forget' and tonumber(score) == tonumber(ARGV[4]))
 unlist = unlist or (op == 'forget_later' and tonumber(score) > now)
 if unlist then return redis.call('ZREM', KEYS[1], ARGV[2]) end
 return 0
+"""
+
+
+# A single Redis only (the keys are in many slots): what a watcher's tick sends for all its leases at once.
+# KEYS: leases. ARGV: lease ms, holders (one per lease). -> the (1-based) positions of the leases lost; the
+# others were renewed (the answer is short: nearly always empty).
+_RENEW_MANY = """
+local lost = {}
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  else
+    lost[#lost + 1] = i
+  end
+end
+return lost
+"""
+
+# The `ready` listing's 'later' (see _READY) for several threads. KEYS: ready. ARGV: member, ms, member, ms...
+_LATER_MANY = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, #ARGV, 2 do redis.call('ZADD', KEYS[1], 'XX', 'GT', now + tonumber(ARGV[i + 1]), ARGV[i]) end
+return #ARGV / 2
 """
 
 
@@ -423,6 +450,8 @@ class Lease:
     lost: bool = False
     renewed_at: float = field(init=False)  # monotonic, when the last successful renewal (or claim) was sent
     valid_until: float = field(init=False)  # monotonic; Slack writes wait past it
+    # The worker's watcher while it holds the lease (renewals, Stop keys); None for a lease used alone.
+    watcher: Watcher | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.keys = ThreadKeys(self.thread)
@@ -447,17 +476,57 @@ class Lease:
         return value
 
     async def renew(self) -> bool:
-        """Extend the lease; False (and `lost`) when another worker has taken the thread."""
+        """Extend the lease; False (and `lost`) when another worker has taken the thread. (A worker's leases
+        are renewed by its watcher, all in one pipeline: `queue_renewal`, `renewed`, `queue_listing`.)"""
         sent = time.monotonic()
-        result = await self.redis.eval(  # type: ignore[misc]
-            _RENEW, 1, self.keys.lease, self.holder, self.queue.lease_ms
-        )
+        result = await self.redis.eval(*self._renewal())  # type: ignore[misc]
+        if not self.renewed(result, sent):
+            return False
+        await self.queue.listing("later", self.thread, self.queue.lease_ms)
+        return True
+
+    def _renewal(self) -> tuple[Any, ...]:
+        return (_RENEW, 1, self.keys.lease, self.holder, self.queue.lease_ms)
+
+    def queue_renewal(self, pipe: Any) -> None:
+        """Add this lease's renewal to a pipeline (its answer goes to `renewed`)."""
+        pipe.eval(*self._renewal())
+
+    def renewed(self, result: Any, sent: float) -> bool:
+        """A renewal sent at `sent` (monotonic) answered `result`: confirm the lease, or mark it lost."""
         if int(result) == LOST:
             self.lost = True
             return False
         self._confirmed(sent)
-        await self.queue.listing("later", self.thread, self.queue.lease_ms)
         return True
+
+    def queue_listing(self, pipe: Any, sent: float, now: float) -> None:
+        """Add to a pipeline what `renew` does after a renewal sent at `sent` got through: push the thread's
+        listing back to when the lease would run out (so another worker looks at it once it has)."""
+        pipe.eval(*_listing_args("later", self.thread, self._left_ms(sent, now)))
+
+    def _left_ms(self, sent: float, now: float) -> int:
+        return max(self.queue.lease_ms - int((now - sent) * 1000), 0)
+
+    @staticmethod
+    def queue_renewals(pipe: Any, leases: list[Lease]) -> None:
+        """`queue_renewal` for several leases of one queue in one command (a single Redis only: their
+        keys are in many slots); `renewals_answered` makes its answer one `renewed` result per lease."""
+        holders = [lease.holder for lease in leases]
+        keys = [lease.keys.lease for lease in leases]
+        pipe.eval(_RENEW_MANY, len(keys), *keys, leases[0].queue.lease_ms, *holders)
+
+    @staticmethod
+    def renewals_answered(result: Any, count: int) -> list[int]:
+        """The answer to `queue_renewals` for `count` leases: 1 (renewed) or LOST for each."""
+        lost = {int(i) - 1 for i in result}
+        return [LOST if i in lost else 1 for i in range(count)]
+
+    @staticmethod
+    def queue_listings(pipe: Any, renewed: list[tuple[Lease, float]], now: float) -> None:
+        """`queue_listing` for several (lease, sent) in one command."""
+        args = [x for lease, sent in renewed for x in (str(lease.thread), lease._left_ms(sent, now))]
+        pipe.eval(_LATER_MANY, 1, READY_KEY, *args)
 
     async def guard(self) -> None:
         """Wait until the lease is known to be ours (renewed recently); raise LeaseLost once it is not."""

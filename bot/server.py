@@ -309,8 +309,8 @@ def build_worker(deps: Deps, block_ms: int = 1_000) -> Worker:
             await tell_not_answered(deps, job, lease, why, reference)
 
     async def waiting(lease: Lease) -> None:
-        if deps.installations is not None and not await lease.waiting_jobs():
-            return  # asked once a second per running thread: no token is read while nothing waits
+        # Called only when the worker's watcher saw questions behind the running one (no token is read
+        # while nothing waits).
         team_bot = await team_bot_for_job(deps, lease) if deps.installations is not None else None
         if deps.installations is not None and team_bot is None:
             return

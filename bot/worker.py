@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from bot.errors import new_reference
 from bot.queue import Job, JobQueue, Lease, LeaseLost
+from bot.watch import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,13 @@ class Worker:
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._next_sweep = 0.0
+        # Renews every lease this worker holds, reads its answers' Stop keys and spots the questions waiting
+        # behind them: one pipeline per tick for all of them (bot/watch.py).
+        self.watcher = Watcher(
+            queue,
+            renew_s=self.renew_s,
+            show_waiting=self._show_waiting if show_waiting is not None else None,
+        )
 
     async def run(self) -> None:
         """Claim threads and run their jobs until `stop()`; survives Redis outages and its own bugs."""
@@ -132,7 +140,7 @@ class Worker:
         """Run the thread's jobs oldest first while we hold its lease; give it up when its inbox is empty."""
         current = asyncio.current_task()
         assert current is not None
-        keeper = asyncio.create_task(self._keep(lease, current))
+        self.watcher.hold(lease, current)  # renewed (a lost lease cancels this task) until dropped below
         job: Job | None = None
         try:
             while True:
@@ -183,9 +191,7 @@ class Worker:
         ):  # a bug in this loop: the lease lapses and the thread is tried again (attempts count)
             log.exception("thread runner failed", extra={"thread_key": str(lease.thread)})
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            self.watcher.drop(lease)
 
     async def _run_one(self, job: Job, lease: Lease) -> None:
         extra = {"job": job.job_id, "kind": job.kind, "attempt": job.attempt}
@@ -239,33 +245,6 @@ class Worker:
             raise
         except Exception:
             log.exception("could not tell the user about a failed job", extra={"reference": reference})
-
-    async def _keep(self, lease: Lease, task: asyncio.Task[None]) -> None:
-        """Renew the lease (when another worker has taken the thread, stop the job at once), and show the
-        questions queued behind the running one that they are waiting."""
-        waiting_shown = 0.0
-        # Showing the waiting questions is paced (and waits on Lease.guard, which only renewals release):
-        # it runs beside the renewals, never in their way.
-        shower: asyncio.Task[None] | None = None
-        try:
-            while True:
-                await asyncio.sleep(min(self.renew_s, 0.5))
-                try:
-                    if time.monotonic() - lease.renewed_at >= self.renew_s and not await lease.renew():
-                        task.cancel()
-                        return
-                    if (
-                        self.show_waiting is not None
-                        and (shower is None or shower.done())
-                        and time.monotonic() - waiting_shown >= 1.0
-                    ):
-                        waiting_shown = time.monotonic()
-                        shower = asyncio.create_task(self._show_waiting(lease))
-                except (RedisError, LeaseLost):
-                    pass  # writes wait (Lease.guard) until a renewal gets through or the lease is found lost
-        finally:
-            if shower is not None:
-                shower.cancel()
 
     async def _show_waiting(self, lease: Lease) -> None:
         assert self.show_waiting is not None
