@@ -235,11 +235,21 @@ return lost
 """
 
 # The `ready` listing's 'later' (see _READY) for several threads. KEYS: ready. ARGV: member, ms, member, ms...
+# KEYS: ready, then each thread's lease. ARGV: (thread, ms, holder) for each. Only threads whose lease the
+# holder still has are pushed: a lease released or handed back meanwhile (its listing set to now, or a new
+# job listed) must not be pushed back by a renewal's late listing.
 _LATER_MANY = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 1, #ARGV, 2 do redis.call('ZADD', KEYS[1], 'XX', 'GT', now + tonumber(ARGV[i + 1]), ARGV[i]) end
-return #ARGV / 2
+local pushed = 0
+for i = 2, #KEYS do
+  local a = (i - 2) * 3
+  if redis.call('GET', KEYS[i]) == ARGV[a + 3] then
+    redis.call('ZADD', KEYS[1], 'XX', 'GT', now + tonumber(ARGV[a + 2]), ARGV[a + 1])
+    pushed = pushed + 1
+  end
+end
+return pushed
 """
 
 
@@ -448,6 +458,9 @@ class Lease:
     thread: ThreadKey
     holder: str  # "consumer|token": the fencing token every write checks
     lost: bool = False
+    # Being released or handed back: its watcher pushes its listing no more (on a cluster that push cannot
+    # check the lease in the same script; a late one would delay the thread's next job by a lease's time).
+    ending: bool = False
     renewed_at: float = field(init=False)  # monotonic, when the last successful renewal (or claim) was sent
     valid_until: float = field(init=False)  # monotonic; Slack writes wait past it
     # The worker's watcher while it holds the lease (renewals, Stop keys); None for a lease used alone.
@@ -525,8 +538,11 @@ class Lease:
     @staticmethod
     def queue_listings(pipe: Any, renewed: list[tuple[Lease, float]], now: float) -> None:
         """`queue_listing` for several (lease, sent) in one command."""
-        args = [x for lease, sent in renewed for x in (str(lease.thread), lease._left_ms(sent, now))]
-        pipe.eval(_LATER_MANY, 1, READY_KEY, *args)
+        keys = [lease.keys.lease for lease, _ in renewed]
+        args = [
+            x for lease, sent in renewed for x in (str(lease.thread), lease._left_ms(sent, now), lease.holder)
+        ]
+        pipe.eval(_LATER_MANY, 1 + len(keys), READY_KEY, *keys, *args)
 
     async def guard(self) -> None:
         """Wait until the lease is known to be ours (renewed recently); raise LeaseLost once it is not."""
@@ -665,10 +681,12 @@ class Lease:
 
     async def release(self) -> bool:
         """Give the thread up when its inbox is empty; False when jobs came in meanwhile (keep going)."""
+        self.ending = True
         result = await self.redis.eval(  # type: ignore[misc]
             _RELEASE, 2, self.keys.lease, self.keys.inbox, self.holder
         )
         if self._check(result) == 0:
+            self.ending = False
             return False
         # Unlist the thread, unless a job was queued since (its listing then says "now", not our future time).
         await self.queue.forget(self.thread, 0.0, op="forget_later")
@@ -677,6 +695,7 @@ class Lease:
     async def hand_back(self, job: Job | None, *, after_ms: int = 0) -> None:
         """Let another worker have the thread (now, or in `after_ms`: a job that cannot run yet); the
         interrupted job is not an attempt."""
+        self.ending = True
         result = await self.redis.eval(  # type: ignore[misc]
             _HAND_BACK, 2, self.keys.lease, self.keys.attempts, self.holder, job.raw if job else ""
         )

@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 
 from bot.queue import JobQueue, Lease
 from bot.redis_client import is_cluster
+from bot.store import READY_KEY
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,8 @@ class Watcher:
             if held.lease.lost:
                 continue
             if held.unlisted_since is not None:
-                listings.append((held, held.unlisted_since))
+                if not held.lease.ending:  # released or handed back: its listing is the queue's now
+                    listings.append((held, held.unlisted_since))
                 held.unlisted_since = None
             if now - held.lease.renewed_at >= self.renew_s:
                 renewals.append(held)
@@ -172,73 +174,122 @@ class Watcher:
         keys = sorted({watch.key for watch in self._watches})
         if not (listings or renewals or looks or keys):
             return
-        pipe: Any = self.queue.redis.pipeline(transaction=False)
-        # On a cluster each command is for one key (redis-py sends each node its share); a single Redis
-        # gets one command per kind for all of them (much less to pack and parse for a few hundred answers).
-        single = not is_cluster(self.queue.redis)
-        # (kind, items, how to read the one command's answer for them: None when each has its own)
-        sent_for: list[tuple[str, list[Any], Callable[[Any, int], list[Any]] | None]] = []
+        redis: Any = self.queue.redis
+        # On a cluster each command is for one key, and each node gets a pipeline of its own: a node that
+        # fails (a failover) fails only its own keys' commands, not every lease's renewal in the process.
+        # A single Redis gets one pipeline with one command per kind for all of them (much less to pack
+        # and parse for a few hundred answers).
+        single = not is_cluster(redis)
+        pipes: dict[str, Any] = {}
+
+        def pipe_for(key: str) -> Any:
+            name = "" if single else str(redis.get_node_from_key(key).name)
+            if name not in pipes:
+                pipes[name] = redis.pipeline(transaction=False)
+            return pipes[name]
+
+        # (kind, items, where each answer is: (pipe, position) per item, or the one command's (pipe,
+        # position) with how to read it for them all)
+        sent_for: list[
+            tuple[str, list[Any], list[tuple[Any, int]], Callable[[Any, int], list[Any]] | None]
+        ] = []
 
         def send(
             kind: str,
             items: list[Any],
-            one: Callable[[Any], object],
-            many: Callable[[], object],
+            key_of: Callable[[Any], str],
+            one: Callable[[Any, Any], object],
+            many: Callable[[Any], object],
             answered: Callable[[Any, int], list[Any]],
         ) -> None:
             if not items:
                 return
             if single:
-                many()
-            else:
-                for item in items:
-                    one(item)
-            sent_for.append((kind, items, answered if single else None))
+                pipe = pipe_for("")
+                many(pipe)
+                sent_for.append((kind, items, [(pipe, len(pipe) - 1)], answered))
+                return
+            places = []
+            for item in items:
+                pipe = pipe_for(key_of(item))
+                one(pipe, item)
+                places.append((pipe, len(pipe) - 1))
+            sent_for.append((kind, items, places, None))
 
         send(
             "listed",
             listings,
-            lambda pair: pair[0].lease.queue_listing(pipe, pair[1], now),
-            lambda: Lease.queue_listings(pipe, [(held.lease, since) for held, since in listings], now),
+            lambda _: READY_KEY,
+            lambda pipe, pair: pair[0].lease.queue_listing(pipe, pair[1], now),
+            lambda pipe: Lease.queue_listings(pipe, [(held.lease, since) for held, since in listings], now),
             lambda result, count: [result] * count,
         )
         send(
             "renew",
             renewals,
-            lambda held: held.lease.queue_renewal(pipe),
-            lambda: Lease.queue_renewals(pipe, [held.lease for held in renewals]),
+            lambda held: held.lease.keys.lease,
+            lambda pipe, held: held.lease.queue_renewal(pipe),
+            lambda pipe: Lease.queue_renewals(pipe, [held.lease for held in renewals]),
             Lease.renewals_answered,
         )
         inboxes = [held.lease.keys.inbox for held in looks]
         send(
             "waiting",
             looks,
-            lambda held: pipe.llen(held.lease.keys.inbox),
-            lambda: pipe.eval(_WAITING, len(inboxes), *inboxes),
+            lambda held: held.lease.keys.inbox,
+            lambda pipe, held: pipe.llen(held.lease.keys.inbox),
+            lambda pipe: pipe.eval(_WAITING, len(inboxes), *inboxes),
             lambda result, count: _positions(result, count, 0),
         )
         send(
             "key",
             keys,
-            lambda key: pipe.get(key),
-            lambda: pipe.eval(_SET, len(keys), *keys),
+            lambda key: key,
+            lambda pipe, key: pipe.get(key),
+            lambda pipe: pipe.eval(_SET, len(keys), *keys),
             lambda result, count: _positions(result, count, None),
         )
         sent = time.monotonic()
         try:
-            results = iter(await pipe.execute(raise_on_error=False))
-        except RedisError as exc:  # nothing confirmed: writes wait (Lease.guard) until a tick gets through
-            log.info("watcher tick failed", extra={"error": f"{type(exc).__name__}: {exc}"})
-            return
+            # Each node's answers are used as they come: a silent node holds up only its own keys.
+            outcomes = await asyncio.gather(
+                *(self._apply(pipe, sent_for, sent) for pipe in pipes.values()), return_exceptions=True
+            )
         finally:
             self.ticks += 1
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome  # a bug (or a cancellation): logged by the loop, which carries on
+
+    async def _apply(
+        self,
+        pipe: Any,
+        sent_for: list[tuple[str, list[Any], list[tuple[Any, int]], Callable[[Any, int], list[Any]] | None]],
+        sent: float,
+    ) -> None:
+        """Send one pipeline and hand its answers to the leases and watches it was for."""
+        try:
+            outcome: Any = await pipe.execute(raise_on_error=False)
+        except (
+            RedisError
+        ) as exc:  # nothing of it confirmed: writes wait (Lease.guard) until a tick gets through
+            log.info("watcher tick failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+            outcome = exc
+
+        def answer_at(position: int) -> Any:
+            return outcome if isinstance(outcome, Exception) else outcome[position]
+
         readings: dict[str, Any] = {}
-        for kind, items, answered in sent_for:
+        for kind, items, places, answered in sent_for:
             if answered is None:
-                answers = [next(results) for _ in items]
+                mine = [
+                    (item, answer_at(at)) for item, (p, at) in zip(items, places, strict=True) if p is pipe
+                ]
+            elif places[0][0] is pipe:
+                mine = list(zip(items, _spread(answer_at(places[0][1]), len(items), answered), strict=True))
             else:
-                answers = _spread(next(results), len(items), answered)
-            for item, result in zip(items, answers, strict=True):
+                continue
+            for item, result in mine:
                 if isinstance(item, str):
                     readings[item] = result
                     continue
