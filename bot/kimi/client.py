@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiohttp
 import openai
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, DefaultAioHttpClient
 
 from bot.errors import AnswerError, Reason
 from bot.kimi.events import Accumulator, Event
@@ -71,8 +72,11 @@ class StreamCut(Exception):
 
 
 def _is_transport(exc: Exception) -> bool:
-    """A network error from the HTTP library under the SDK (httpx in openai 1.x/2.x, httpx2 in 3.x)."""
-    return any(
+    """A network error from the HTTP library under the SDK (httpx in openai 1.x/2.x, httpx2 in 3.x). With
+    the aiohttp transport, a failure while reading the body arrives as httpx2's (the SDK's adapter maps
+    aiohttp's: a mid-stream drop is ReadError, an idle stall ReadTimeout); one it does not map arrives as
+    aiohttp's own ClientError."""
+    return isinstance(exc, aiohttp.ClientError) or any(
         cls.__name__ in ("TransportError", "HTTPError") and cls.__module__.startswith("httpx")
         for cls in type(exc).__mro__
     )
@@ -147,6 +151,22 @@ class ModelCall:
     thinking: bool = True
 
 
+def openai_client(*, api_key: str, base_url: str, idle_timeout: float) -> AsyncOpenAI:
+    """The SDK's client over aiohttp (its DefaultAioHttpClient) rather than httpx2's own transport: with
+    hundreds of answers streaming at once, reading each small SSE event through httpcore2 and anyio cost most
+    of the process's CPU (bench/scale.py). No SDK retries: `KimiClient.complete` retries within its budget.
+    read= is the idle timeout, the longest wait for the next byte, not for the whole answer (aiohttp's
+    sock_read); connect= is aiohttp's sock_connect, pool= its connect (a pooled connection, or a new one).
+    The aiohttp session opens at the first request, on the running loop; `close()` closes it."""
+    return AsyncOpenAI(
+        api_key=api_key,
+        base_url=base_url,
+        max_retries=0,
+        timeout=openai.Timeout(connect=15.0, read=idle_timeout, write=30.0, pool=30.0),
+        http_client=DefaultAioHttpClient(),
+    )
+
+
 OnEvent = Callable[[Event], Awaitable[None]]
 OnRestart = Callable[[], Awaitable[None]]
 
@@ -204,13 +224,7 @@ class KimiClient:
         self.last_outcome = ""  # "" until the first call; then "ok" or the Reason of the last failure
         self.last_outcome_at = 0.0
         self.metrics = Metrics()  # build_deps hands in the app's: latency and time to first token
-        # read= is the idle timeout: the longest wait for the next byte, not for the whole answer.
-        self.openai = AsyncOpenAI(
-            api_key=api_key,
-            base_url=base_url,
-            max_retries=0,
-            timeout=openai.Timeout(connect=15.0, read=idle_timeout, write=30.0, pool=30.0),
-        )
+        self.openai = openai_client(api_key=api_key, base_url=base_url, idle_timeout=idle_timeout)
 
     @property
     def output_budget(self) -> int:
