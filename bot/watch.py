@@ -158,9 +158,11 @@ class Watcher:
         for held in list(self._held.values()):
             if held.lease.lost:
                 continue
+            if held.lease.ending:  # being released or handed back: its listing is the queue's now, and
+                held.unlisted_since = None  # a renewal would find it gone (not lost to another worker)
+                continue
             if held.unlisted_since is not None:
-                if not held.lease.ending:  # released or handed back: its listing is the queue's now
-                    listings.append((held, held.unlisted_since))
+                listings.append((held, held.unlisted_since))
                 held.unlisted_since = None
             if now - held.lease.renewed_at >= self.renew_s:
                 renewals.append(held)
@@ -305,6 +307,8 @@ class Watcher:
         if isinstance(result, Exception):
             return  # a renewal not confirmed, a listing not pushed (the next renewal's is), a look not had
         if kind == "renew":
+            if held.lease.ending:  # sent before the release or hand-back began: its answer says nothing
+                return
             renewed = held.lease.renewed(result, sent)
             if renewed:
                 held.unlisted_since = sent

@@ -337,8 +337,10 @@ async def test_a_tick_during_a_hand_back_does_not_push_the_thread_s_listing_back
         return result
 
     queue.listing = listing  # type: ignore[method-assign]
+    lease.renewed_at -= 3.0  # that tick has a renewal due too: it would find the lease gone
     try:
         await lease.hand_back(None)
+        assert not job.cancelled() and not lease.lost  # handed back, not lost to another worker
         watcher.drop(lease)
         assert await redis.get(lease.keys.lease) is None  # nobody holds the thread
         assert await _listed_in_ms(redis, thread(1)) <= 100  # due now, not in ~10 s
