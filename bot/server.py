@@ -126,6 +126,10 @@ def build_bolt_app(deps: Deps) -> AsyncApp:
         # Listeners only admit and hand over (a few ms); finishing them before the ack means a
         # turn is claimed and queued before Slack hears 200, and no ack-polling delay.
         process_before_response=True,
+        # Bolt's assistant helpers (say/set_status/say_stream... as listener arguments): a middleware on
+        # every event listener that builds them per event; no listener takes them (bot/slack/reply.py
+        # calls Slack itself).
+        attaching_conversation_kwargs_enabled=False,
         logger=bolt_logger,
     )
     bolt_logger.setLevel(previous_level)
