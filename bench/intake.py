@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import cProfile
 import functools
+import gc
 import os
 import pstats
 import time
@@ -233,6 +234,8 @@ async def main(events: int, rounds: int, dump: str) -> None:
     harness.server.app.middlewares.append(timers.middleware())
     count_commands(timers, harness.deps.redis)
     await harness.start()
+    gc.collect()
+    gc.freeze()  # as `kimibot serve` does once it has started (bot/server.py serve)
     try:
         for i in range(20):  # warm up: imports, connections, caches
             await harness.send_event(mention(f"warm {i}", f"1700007000.{i:06d}", channel="C0WARM"))
