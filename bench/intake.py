@@ -261,8 +261,8 @@ async def main(events: int, rounds: int, dump: str) -> None:
                 for i in range(events):
                     await harness.send_event(make(r, i))
                 timers.on = False
-                for label, wall in timers.seconds.items():
-                    best.seconds[label] = min(best.seconds.get(label, wall), wall)
+                for label, seconds in timers.seconds.items():
+                    best.seconds[label] = min(best.seconds.get(label, seconds), seconds)
                     best.cpu[label] = min(best.cpu.get(label, timers.cpu[label]), timers.cpu[label])
                 best.redis_commands = timers.redis_commands
             timed.append((title, best))
