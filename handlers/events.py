@@ -41,7 +41,7 @@ def after_ack(notice: Coroutine[Any, Any, None]) -> None:
 
 
 async def notices_sent() -> None:
-    """Until every notice started so far has been sent (or has failed): for tests and shutdown."""
+    """Until every notice started so far has been sent (or has failed): tests wait for them here."""
     while _NOTICES:
         await asyncio.gather(*_NOTICES, return_exceptions=True)
 
