@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
-from bot.redis_client import is_cluster
+from bot.redis_client import Script, is_cluster
 from bot.store import DEAD_LETTER_KEY, INBOX_PATTERN, READY_KEY, ThreadKeys, dump_entry, thread_from_member
 from bot.turn import ThreadKey
 
@@ -76,6 +76,19 @@ if n <= 0 then n = redis.call('RPUSH', KEYS[3], ARGV[3]) end
 redis.call('EXPIRE', KEYS[3], ARGV[2])
 return n
 """
+
+# The `ready` listing's 'now' (see _READY), timed by the Redis server's clock.
+_LIST_NOW = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[4], 'LT', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[7])
+"""
+
+# _ENQUEUE, then list the thread for now (whether or not the message was a duplicate: a redelivery also
+# repairs a listing an earlier failure left out), in one call: the intake's one round trip on a single
+# Redis. KEYS: seen, meta, inbox, ready. ARGV: _ENQUEUE's, then the listing's member (the thread).
+_ENQUEUE_AND_LIST = (
+    "local function enqueue()\n" + _ENQUEUE + "\nend\nlocal n = enqueue()\n" + _LIST_NOW + "return n\n"
+)
 
 # KEYS: lease, fence, inbox. ARGV: owner, lease ms. -> {1, token} | {0, lease ms left} | {-1} (nothing to do)
 _CLAIM = """
@@ -297,9 +310,15 @@ class Job:
         return Job(thread, raw, str(parsed.get("kind") or ""), parsed["data"], attempt, queued_at)
 
 
+# Sent by SHA1 (bot/redis_client.py Script): the intake path sends no script text.
+ENQUEUE_SCRIPT = Script(_ENQUEUE)
+ENQUEUE_AND_LIST_SCRIPT = Script(_ENQUEUE_AND_LIST)
+READY_SCRIPT = Script(_READY)
+
+
 def _listing_args(op: str, thread: ThreadKey | str, ms: int = 0, seen: float = 0.0) -> tuple[Any, ...]:
-    """EVAL's arguments for one operation of the `ready` listing script (alone, or in a pipeline)."""
-    return (_READY, 1, READY_KEY, op, str(thread), ms, repr(seen))
+    """READY_SCRIPT's ARGV for one operation of the `ready` listing."""
+    return (op, str(thread), ms, repr(seen))
 
 
 class JobQueue:
@@ -329,12 +348,7 @@ class JobQueue:
         claimed before (False then). Either way the thread is (again) listed as ready, so a redelivery also
         repairs a listing that an earlier failure left out."""
         keys = ThreadKeys(thread)
-        enqueue = (
-            _ENQUEUE,
-            3,
-            keys.seen(dedup_ts or "-"),
-            keys.meta,
-            keys.inbox,
+        args = (
             dedup_ttl_s,
             self.thread_ttl_s,
             Job.encode(kind, data, order),
@@ -342,15 +356,15 @@ class JobQueue:
             "1" if dedup_ts else "0",
             order,
         )
+        seen = keys.seen(dedup_ts or "-")
         if is_cluster(self.redis):  # the listing lives in another slot: two calls
-            result = await self.redis.eval(*enqueue)  # type: ignore[misc]
+            result = await ENQUEUE_SCRIPT(self.redis, (seen, keys.meta, keys.inbox), args)
             await self.notify(thread)
             return int(result) >= 0
-        # One round trip on the intake path: queue (deduplicated) and list, both sent at once, in order.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.eval(*enqueue)
-            pipe.eval(*_listing_args("now", thread))
-            result, _ = await pipe.execute()
+        # One round trip on the intake path: queue (deduplicated) and list, in one script.
+        result = await ENQUEUE_AND_LIST_SCRIPT(
+            self.redis, (seen, keys.meta, keys.inbox, READY_KEY), (*args, str(thread))
+        )
         self.wakeup.set()
         return int(result) >= 0
 
@@ -361,7 +375,7 @@ class JobQueue:
 
     async def listing(self, op: str, thread: ThreadKey | str, ms: int = 0, seen: float = 0.0) -> Any:
         """One change to (or look at) the `ready` listing, timed by the Redis server's clock."""
-        return await self.redis.eval(*_listing_args(op, thread, ms, seen))  # type: ignore[misc]
+        return await READY_SCRIPT(self.redis, (READY_KEY,), _listing_args(op, thread, ms, seen))
 
     async def due(self, count: int, exclude: Iterable[str] = ()) -> list[tuple[ThreadKey, float]]:
         """Threads whose time to look has come, oldest first."""

@@ -13,8 +13,10 @@ from handlers import actions, assistant, commands, events, fallback, installs, s
 def register(app: AsyncApp, deps: Deps) -> None:
     # ALLOWED_USERS / ALLOWED_CHANNELS / ALLOW_GUESTS, with one cache of the facts they need per app
     access = Access(AccessPolicy.from_settings(deps.settings), AccessFacts(deps.redis), deps.slack)
-    assistant.register(app, deps)
+    # Messages and mentions first: Bolt tries listeners in the order they were registered, building the
+    # arguments of each one's matcher, so the bulk of the traffic is matched by the first one it tries.
     events.register(app, deps, access)
+    assistant.register(app, deps)
     commands.register(app, deps, access)
     actions.register(app, deps, access)
     shortcuts.register(app, deps, access)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
+from collections.abc import Coroutine
 from typing import Any
 
 from slack_bolt.async_app import AsyncApp
@@ -15,6 +18,32 @@ from bot.work import forget_job, queue_turn
 log = logging.getLogger(__name__)
 FORGET_WORDS = frozenset({"forget"})
 FORGET_WHERE = "Say `forget` to me inside a thread to make me forget that thread."
+MESSAGE_EVENTS = re.compile(r"\A(?:app_mention|message)\Z")  # the event types this module answers
+
+
+# Notices to the asker run once the event is acked: a Slack call (or a wait on its rate limit) must not hold
+# up the 200 (Slack redelivers after 3 s). Held here so they are not garbage collected mid-call.
+_NOTICES: set[asyncio.Task[None]] = set()
+
+
+def after_ack(notice: Coroutine[Any, Any, None]) -> None:
+    """Tell the asker something without waiting for it: best effort, its failure only logged."""
+
+    async def run() -> None:
+        try:
+            await notice
+        except Exception as exc:  # Redis or Slack down: the notice is lost, the event was handled
+            log.warning("notice to the asker failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+    task = asyncio.create_task(run())
+    _NOTICES.add(task)
+    task.add_done_callback(_NOTICES.discard)
+
+
+async def notices_sent() -> None:
+    """Until every notice started so far has been sent (or has failed): tests wait for them here."""
+    while _NOTICES:
+        await asyncio.gather(*_NOTICES, return_exceptions=True)
 
 
 def is_forget(turn: Turn) -> bool:
@@ -64,13 +93,13 @@ def register(app: AsyncApp, deps: Deps, access: Access | None = None) -> None:
         )
         if isinstance(admitted, Refused):
             if access is not None:
-                await tell_refused(deps, access, admitted)
+                after_ack(tell_refused(deps, access, admitted))
             return
         turn = admitted
         if turn is not None and is_forget(turn):
             if turn.opens_thread:  # nothing to forget yet; hinted once (not again for a mention's twin)
                 if event.get("type") == "app_mention" or turn.source is Source.DM:
-                    await tell(deps, turn.channel, turn.user, FORGET_WHERE)
+                    after_ack(tell(deps, turn.channel, turn.user, FORGET_WHERE))
             elif not await queue_forget(deps, turn):
                 log.info("duplicate forget ignored", extra={"channel": turn.channel, "ts": turn.ts})
             return
@@ -80,5 +109,5 @@ def register(app: AsyncApp, deps: Deps, access: Access | None = None) -> None:
                 extra={"channel": turn.channel, "ts": turn.ts, "event_id": body.get("event_id")},
             )
 
-    app.event("app_mention")(on_message_event)
-    app.event("message")(on_message_event)
+    # One listener for both: the `message` twin of a mention is matched as early as the mention itself.
+    app.event(MESSAGE_EVENTS)(on_message_event)

@@ -20,6 +20,7 @@ from bot.settings import Settings, load_settings
 from bot.slack.pacing import Pacer
 from bot.slack.reply import Pace
 from bot.turn import ThreadKey
+from handlers.events import notices_sent
 from tests.fakes.kimi_api import API_KEY, FakeKimi
 from tests.fakes.slack_api import APP_ID, BOT_USER_ID, TEAM_ID, TOKEN, FakeSlack
 from tests.redis_servers import SuiteRedis, flush, suite_redis
@@ -342,11 +343,12 @@ class BotHarness:
         return await self.interact(payload)
 
     async def settle(self, limit_s: float = 15.0) -> None:
-        """Wait until the job queue is empty and every job taken has finished."""
+        """Wait until the job queue is empty, every job taken has finished and every notice is sent."""
         async with asyncio.timeout(limit_s):
             while await self._queued() or self.worker.running:
                 await self.worker.idle()
                 await asyncio.sleep(0.01)
+            await notices_sent()  # notices to the asker go out after the ack (handlers/events.py)
 
     async def _queued(self) -> int:
         try:
