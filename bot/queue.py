@@ -247,10 +247,10 @@ end
 return lost
 """
 
-# The `ready` listing's 'later' (see _READY) for several threads. KEYS: ready. ARGV: member, ms, member, ms...
-# KEYS: ready, then each thread's lease. ARGV: (thread, ms, holder) for each. Only threads whose lease the
-# holder still has are pushed: a lease released or handed back meanwhile (its listing set to now, or a new
-# job listed) must not be pushed back by a renewal's late listing.
+# The `ready` listing's 'later' (see _READY) for several threads (a single Redis only: their leases are in
+# many slots). KEYS: ready, then each thread's lease. ARGV: (thread, ms, holder) for each. Only threads whose
+# lease the holder still has are pushed: a lease released or handed back meanwhile (its listing set to now,
+# or a new job listed) must not be pushed back by a renewal's late listing.
 _LATER_MANY = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -530,7 +530,7 @@ class Lease:
     def queue_listing(self, pipe: Any, sent: float, now: float) -> None:
         """Add to a pipeline what `renew` does after a renewal sent at `sent` got through: push the thread's
         listing back to when the lease would run out (so another worker looks at it once it has)."""
-        pipe.eval(*_listing_args("later", self.thread, self._left_ms(sent, now)))
+        pipe.eval(_READY, 1, READY_KEY, *_listing_args("later", self.thread, self._left_ms(sent, now)))
 
     def _left_ms(self, sent: float, now: float) -> int:
         return max(self.queue.lease_ms - int((now - sent) * 1000), 0)

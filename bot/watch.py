@@ -272,11 +272,12 @@ class Watcher:
         """Send one pipeline and hand its answers to the leases and watches it was for."""
         try:
             outcome: Any = await pipe.execute(raise_on_error=False)
-        except (
-            RedisError
-        ) as exc:  # nothing of it confirmed: writes wait (Lease.guard) until a tick gets through
+        except RedisError as exc:  # nothing of it confirmed: writes wait (Lease.guard) until one gets through
             log.info("watcher tick failed", extra={"error": f"{type(exc).__name__}: {exc}"})
             outcome = exc
+        except Exception as exc:  # a bug building a command: it fails this pipeline's keys, not the others'
+            log.exception("watcher pipeline failed")
+            outcome = RedisError(f"{type(exc).__name__}: {exc}")
 
         def answer_at(position: int) -> Any:
             return outcome if isinstance(outcome, Exception) else outcome[position]
