@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import aiohttp
-import trafilatura
 from aiohttp.abc import AbstractResolver
 
 from bot.tools.base import ToolContext, ToolResult
@@ -72,6 +71,10 @@ def readable_text(body: bytes, content_type: str, charset: str | None, url: str)
     the content type is not text (images, PDFs, archives...)."""
     text = body.decode(charset or "utf-8", errors="replace")
     kind = content_type.lower()
+    # Imported on first use (this runs in a worker thread): with lxml, justext, htmldate and their data it
+    # is ~12 MB of the bot's memory, and many installs never fetch a page.
+    import trafilatura
+
     if kind in HTML_TYPES or (kind in ("", "application/octet-stream") and "<html" in text[:2000].lower()):
         markdown = trafilatura.extract(
             text,
