@@ -9,6 +9,7 @@ Redis client (errors), and the job queue, read when /metrics is scraped (depth, 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections import Counter
@@ -112,6 +113,12 @@ class Metrics:
             "Age of the oldest job at the head of a thread's inbox, 0 when none (read when scraped)",
             registry=r,
         )
+        self.gc_frozen = Gauge(
+            "kimibot_gc_frozen_objects",
+            "Objects serve froze out of the garbage collector's reach at start-up (gc.freeze)",
+            registry=r,
+        )
+        self.gc_frozen.set_function(gc.get_freeze_count)
         self.slack_calls = PromCounter(
             "kimibot_slack_calls", "Slack Web API calls made, by method", ["method"], registry=r
         )

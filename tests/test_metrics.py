@@ -68,6 +68,7 @@ async def test_metrics_parse_and_move_after_an_answer(bot: BotHarness, fake_kimi
         "kimibot_slack_calls",
         "kimibot_slack_rate_limited",
         "kimibot_redis_errors",
+        "kimibot_gc_frozen_objects",
     ):
         assert name in families, name
     fake_kimi.script(Reply(content="Forty-two.", cached_tokens=5))

@@ -223,6 +223,10 @@ async def test_a_receiver_and_a_worker_split_the_work_and_each_serves_its_probes
             for path in ("/livez", "/metrics"):
                 async with session.get(f"{process.base}{path}") as response:
                     assert response.status == 200, (process.port, path)
+                    text = await response.text()
+            # What start-up built is frozen out of the collector's reach (a full collection walked it all).
+            [frozen] = [line for line in text.splitlines() if line.startswith("kimibot_gc_frozen_objects ")]
+            assert float(frozen.split()[1]) > 10_000, frozen
         async with session.post(f"{worker.base}/slack/events", data=b"{}") as response:
             assert response.status == 404
         assert (await worker.terminate())[0] == 0
