@@ -104,6 +104,7 @@ class Watcher:
         self._watches: set[KeyWatch] = set()
         self._task: asyncio.Task[None] | None = None
         self._emptied = asyncio.Event()
+        self._in_flight: dict[str, asyncio.Task[None]] = {}  # each node's pipeline still out, by node name
 
     def hold(self, lease: Lease, task: asyncio.Task[None]) -> None:
         """Keep `lease` (renewed, checked) until `drop`; `task` (its job) is cancelled if it is lost."""
@@ -134,22 +135,37 @@ class Watcher:
         return len(self._held)
 
     async def _run(self) -> None:
-        """Tick while leases are held; a failed tick (Redis, or a bug) never ends the loop."""
+        """Tick while leases are held; a failed tick (Redis, or a bug) never ends the loop, and a node slow
+        to answer never holds up the next tick (its pipeline is skipped while it is still out)."""
         started = time.monotonic()
-        while self._held:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(self.tick_s - (time.monotonic() - started), 0.01)):
-                    await self._emptied.wait()
-            if not self._held:
-                break
-            started = time.monotonic()
-            try:
-                await self.tick()
-            except Exception:
-                log.exception("watcher tick failed; carrying on")
-        self._task = None
+        try:
+            while self._held:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(self.tick_s - (time.monotonic() - started), 0.01)):
+                        await self._emptied.wait()
+                if not self._held:
+                    break
+                started = time.monotonic()
+                try:
+                    sent = self._dispatch()
+                except Exception:
+                    log.exception("watcher tick failed; carrying on")
+                    continue
+                if sent:
+                    await asyncio.wait(sent, timeout=self.tick_s)
+        finally:
+            self._task = None
+            if not self._held:  # nothing left to answer for
+                for task in self._in_flight.values():
+                    task.cancel()
 
     async def tick(self) -> None:
+        """One tick, waiting for its answers (a node whose last pipeline is still out is skipped)."""
+        sent = self._dispatch()
+        if sent:
+            await asyncio.wait(sent)
+
+    def _dispatch(self) -> list[asyncio.Task[None]]:
         """One pipeline for everything due now; the answers handed back to their leases and answers."""
         now = time.monotonic()
         listings: list[tuple[_Held, float]] = []  # with the send time of the renewal to list
@@ -175,7 +191,7 @@ class Watcher:
                 looks.append(held)
         keys = sorted({watch.key for watch in self._watches})
         if not (listings or renewals or looks or keys):
-            return
+            return []
         redis: Any = self.queue.redis
         # On a cluster each command is for one key, and each node gets a pipeline of its own: a node that
         # fails (a failover) fails only its own keys' commands, not every lease's renewal in the process.
@@ -252,16 +268,36 @@ class Watcher:
             lambda result, count: _positions(result, count, None),
         )
         sent = time.monotonic()
+        self.ticks += 1
+        started = []
+        for name, pipe in pipes.items():
+            out = self._in_flight.get(name)
+            if out is not None and not out.done():
+                # That node has not answered the last tick yet: its keys wait for the next tick (renewals
+                # stay due; listing pushes are kept for then), the other nodes' go now.
+                for kind, items, places, answered in sent_for:
+                    if kind != "listed":
+                        continue
+                    owners = [places[0][0]] * len(items) if answered is not None else [p for p, _ in places]
+                    for (held, since), owner in zip(items, owners, strict=True):
+                        if owner is pipe and held.unlisted_since is None:
+                            held.unlisted_since = since
+                continue
+            task = asyncio.create_task(self._apply_safely(pipe, sent_for, sent), name=f"watcher:{name}")
+            self._in_flight[name] = task
+            started.append(task)
+        return started
+
+    async def _apply_safely(
+        self,
+        pipe: Any,
+        sent_for: list[tuple[str, list[Any], list[tuple[Any, int]], Callable[[Any, int], list[Any]] | None]],
+        sent: float,
+    ) -> None:
         try:
-            # Each node's answers are used as they come: a silent node holds up only its own keys.
-            outcomes = await asyncio.gather(
-                *(self._apply(pipe, sent_for, sent) for pipe in pipes.values()), return_exceptions=True
-            )
-        finally:
-            self.ticks += 1
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome  # a bug (or a cancellation): logged by the loop, which carries on
+            await self._apply(pipe, sent_for, sent)
+        except Exception:  # a bug handling the answers: logged; the next tick carries on
+            log.exception("watcher tick failed; carrying on")
 
     async def _apply(
         self,
