@@ -63,6 +63,11 @@ TICK_S = 0.5  # at most; shorter when leases must be renewed more often (short v
 WAITING_EVERY_S = 1.0  # how often a running thread's inbox is looked at for questions waiting behind it
 
 
+# What one kind of command was sent for: (kind, items, where each answer is: (pipe, position) per item, or
+# the one command's (pipe, position) with how to read it for them all).
+Sent = tuple[str, list[Any], list[tuple[Any, int]], Callable[[Any, int], list[Any]] | None]
+
+
 class KeyWatch:
     """The watcher's last reading of one key (None: not set, or not read yet)."""
 
@@ -206,11 +211,7 @@ class Watcher:
                 pipes[name] = redis.pipeline(transaction=False)
             return pipes[name]
 
-        # (kind, items, where each answer is: (pipe, position) per item, or the one command's (pipe,
-        # position) with how to read it for them all)
-        sent_for: list[
-            tuple[str, list[Any], list[tuple[Any, int]], Callable[[Any, int], list[Any]] | None]
-        ] = []
+        sent_for: list[Sent] = []
 
         def send(
             kind: str,
@@ -283,29 +284,19 @@ class Watcher:
                         if owner is pipe and held.unlisted_since is None:
                             held.unlisted_since = since
                 continue
-            task = asyncio.create_task(self._apply_safely(pipe, sent_for, sent), name=f"watcher:{name}")
+            task = asyncio.create_task(self._apply(pipe, sent_for, sent), name=f"watcher:{name}")
             self._in_flight[name] = task
             started.append(task)
         return started
 
-    async def _apply_safely(
-        self,
-        pipe: Any,
-        sent_for: list[tuple[str, list[Any], list[tuple[Any, int]], Callable[[Any, int], list[Any]] | None]],
-        sent: float,
-    ) -> None:
+    async def _apply(self, pipe: Any, sent_for: list[Sent], sent: float) -> None:
+        """Send one pipeline and hand its answers to the leases and watches it was for (its own task)."""
         try:
-            await self._apply(pipe, sent_for, sent)
+            await self._send_and_hand_back(pipe, sent_for, sent)
         except Exception:  # a bug handling the answers: logged; the next tick carries on
             log.exception("watcher tick failed; carrying on")
 
-    async def _apply(
-        self,
-        pipe: Any,
-        sent_for: list[tuple[str, list[Any], list[tuple[Any, int]], Callable[[Any, int], list[Any]] | None]],
-        sent: float,
-    ) -> None:
-        """Send one pipeline and hand its answers to the leases and watches it was for."""
+    async def _send_and_hand_back(self, pipe: Any, sent_for: list[Sent], sent: float) -> None:
         try:
             outcome: Any = await pipe.execute(raise_on_error=False)
         except RedisError as exc:  # nothing of it confirmed: writes wait (Lease.guard) until one gets through

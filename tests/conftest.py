@@ -12,9 +12,11 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot.deps import Deps, build_deps
+from bot.redis_client import build_redis
 from bot.server import build_bolt_app, build_web_app, build_worker
 from bot.settings import Settings, load_settings
 from bot.slack.pacing import Pacer
@@ -44,6 +46,14 @@ async def redis_url(suite_redis_target: SuiteRedis) -> AsyncIterator[str]:
     await flush(suite_redis_target)
     yield suite_redis_target.url
     await flush(suite_redis_target)
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    """A client for the test database (a RedisCluster when the suite runs on a cluster)."""
+    client = build_redis(redis_url)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from redis.asyncio import Redis
@@ -15,13 +15,6 @@ from bot.store import USAGE_TTL_S, Feedback, UserNames
 from tests.redis_servers import PrivateCluster, SuiteRedis, flush
 
 TEAM = "T05KQ2R7JNB"
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = build_redis(redis_url)
-    yield client
-    await client.aclose()
 
 
 async def test_the_name_cache_keeps_only_the_most_recently_used_names(redis: Redis) -> None:

@@ -4,7 +4,7 @@ and that nothing the ack does not need (a notice to the asker) holds it up. Timi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,7 +13,7 @@ from slack_bolt.listener.async_listener import AsyncCustomListener
 
 from bot.admission import NOT_ENABLED
 from bot.queue import JobQueue
-from bot.redis_client import build_redis, is_cluster
+from bot.redis_client import is_cluster
 from bot.store import READY_KEY
 from bot.turn import ThreadKey
 from tests.conftest import BotHarness
@@ -21,13 +21,6 @@ from tests.fakes.slack_api import BOT_USER_ID, FakeSlack
 from tests.slack_requests import ALICE, mention, message
 
 THREAD = ThreadKey("T1", "C1", "1700000000.000100")
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = build_redis(redis_url)  # a cluster too, when the suite runs on one
-    yield client
-    await client.aclose()
 
 
 def record_commands(client: Redis) -> list[str]:

@@ -4,27 +4,18 @@ fencing token, attempts and dead letters, and the worker loop around them."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from bot.queue import Job, JobQueue, Lease, LeaseLost
-from bot.redis_client import build_redis
 from bot.store import DEAD_LETTER_KEY, READY_KEY, ThreadKeys
 from bot.turn import ThreadKey
 from bot.worker import Worker
 
 THREAD = ThreadKey("T1", "C1", "1700000000.000100")
 OTHER = ThreadKey("T1", "C1", "1700000000.000200")
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = build_redis(redis_url)  # a cluster too, when the suite runs on one
-    yield client
-    await client.aclose()
 
 
 def queue_of(redis: Redis, name: str, lease_s: float = 5.0) -> JobQueue:

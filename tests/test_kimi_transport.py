@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from bot.deps import Deps, build_deps
 from bot.errors import AnswerError, Reason
-from bot.kimi.client import verdict_for
+from bot.kimi.client import KimiClient, verdict_for
 from bot.settings import Settings
 from tests.fakes.kimi_api import FakeKimi, Reply
 
@@ -60,22 +60,31 @@ async def deps(make_settings: Callable[..., Settings]) -> AsyncIterator[Callable
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
-async def test_a_connection_dropped_mid_stream_is_read_through_aiohttp_and_retried(
-    deps: Callable[..., Deps], fake_kimi: FakeKimi
+async def fails_from_aiohttp_then_is_retried(
+    kimi: KimiClient, fake_kimi: FakeKimi, failing: Reply, recovering: Reply
 ) -> None:
-    kimi = deps(kimi_max_attempts=1).kimi
-    fake_kimi.script(Reply(content=LONG, chunk_chars=20, reset_after_chunks=2))
+    """With one attempt `failing` is an unavailable answer, raised from aiohttp (not httpx2's own transport)
+    and worth another try; with two, `failing` then `recovering` gives the answer."""
+    fake_kimi.script(failing)
     with pytest.raises(AnswerError) as failed:
         await kimi.complete(QUESTION)
-    # The drop surfaced from aiohttp (not httpx2's own transport), and is one worth another try.
     assert failed.value.reason is Reason.UNAVAILABLE
     assert failed.value.__cause__ is not None and from_aiohttp(failed.value.__cause__)
     assert verdict_for(failed.value.__cause__).retryable
 
     kimi.max_attempts = 2
-    fake_kimi.script(Reply(content=LONG, chunk_chars=20, reset_after_chunks=2), Reply(content=LONG))
+    fake_kimi.script(failing, recovering)
     answer = await kimi.complete(QUESTION)
     assert answer.text == LONG and len(fake_kimi.requests) == 3
+
+
+async def test_a_connection_dropped_mid_stream_is_read_through_aiohttp_and_retried(
+    deps: Callable[..., Deps], fake_kimi: FakeKimi
+) -> None:
+    dropped = Reply(content=LONG, chunk_chars=20, reset_after_chunks=2)
+    await fails_from_aiohttp_then_is_retried(
+        deps(kimi_max_attempts=1).kimi, fake_kimi, dropped, Reply(content=LONG)
+    )
 
 
 async def test_a_stream_stalled_past_the_idle_timeout_is_read_through_aiohttp_and_retried(
@@ -83,21 +92,12 @@ async def test_a_stream_stalled_past_the_idle_timeout_is_read_through_aiohttp_an
 ) -> None:
     """KIMI_IDLE_TIMEOUT (read=) is the longest wait for the next byte: a stream that falls silent after
     its first event is given up and asked again; a slow one that keeps sending is not cut."""
-    kimi = deps(kimi_idle_timeout=0.4, kimi_max_attempts=1).kimi
-    fake_kimi.script(Reply(content=LONG, chunk_delay=5.0))  # silent after the first event
-    with pytest.raises(AnswerError) as failed:
-        await kimi.complete(QUESTION)
-    assert failed.value.reason is Reason.UNAVAILABLE
-    assert failed.value.__cause__ is not None and from_aiohttp(failed.value.__cause__)
-    assert verdict_for(failed.value.__cause__).retryable
-
-    kimi.max_attempts = 2
-    fake_kimi.script(
-        Reply(content=LONG, chunk_delay=5.0),
+    await fails_from_aiohttp_then_is_retried(
+        deps(kimi_idle_timeout=0.4, kimi_max_attempts=1).kimi,
+        fake_kimi,
+        Reply(content=LONG, chunk_delay=5.0),  # silent after the first event
         Reply(content=LONG, chunk_chars=20, chunk_delay=0.05),  # longer than 0.4 s in all, never silent
     )
-    answer = await kimi.complete(QUESTION)
-    assert answer.text == LONG and len(fake_kimi.requests) == 3
 
 
 async def test_kimi_unreachable_is_retryable(deps: Callable[..., Deps]) -> None:

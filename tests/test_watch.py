@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot.queue import Job, JobQueue, Lease
-from bot.redis_client import build_redis, is_cluster
+from bot.redis_client import is_cluster
 from bot.slack.blocks import ACTION_STOP
 from bot.store import READY_KEY, Stops, ThreadKeys
 from bot.turn import ThreadKey
@@ -31,13 +31,6 @@ CHANNEL = "C1"
 
 def thread(n: int) -> ThreadKey:
     return ThreadKey("T1", CHANNEL, f"1700000000.{n:06d}")
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = build_redis(redis_url)
-    yield client
-    await client.aclose()
 
 
 class Counted:
