@@ -1,0 +1,30 @@
+"""What `kimibot serve` runs on for speed (README, Benchmarks): uvloop as its event loop, hiredis parsing
+Redis replies."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bot.cli import run_fast
+from bot.redis_client import build_redis
+
+
+def test_serve_and_worker_run_on_uvloop() -> None:
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run_fast(loop_module()).startswith("uvloop")
+
+
+async def test_redis_replies_are_parsed_by_hiredis(redis_url: str) -> None:
+    client = build_redis(redis_url)
+    try:
+        assert await client.ping()
+        pool = client.connection_pool
+        connection = await pool.get_connection()
+        try:
+            assert "Hiredis" in type(connection._parser).__name__
+        finally:
+            await pool.release(connection)
+    finally:
+        await client.aclose()
