@@ -502,22 +502,11 @@ class Lease:
             raise LeaseLost(str(self.thread))
         return value
 
-    async def renew(self) -> bool:
-        """Extend the lease; False (and `lost`) when another worker has taken the thread. (A worker's leases
-        are renewed by its watcher, all in one pipeline: `queue_renewal`, `renewed`, `queue_listing`.)"""
-        sent = time.monotonic()
-        result = await self.redis.eval(*self._renewal())  # type: ignore[misc]
-        if not self.renewed(result, sent):
-            return False
-        await self.queue.listing("later", self.thread, self.queue.lease_ms)
-        return True
-
-    def _renewal(self) -> tuple[Any, ...]:
-        return (_RENEW, 1, self.keys.lease, self.holder, self.queue.lease_ms)
-
     def queue_renewal(self, pipe: Any) -> None:
-        """Add this lease's renewal to a pipeline (its answer goes to `renewed`)."""
-        pipe.eval(*self._renewal())
+        """Add this lease's renewal to a pipeline (its answer goes to `renewed`). A worker's leases are
+        renewed by its watcher (bot/watch.py), all in one pipeline, their listings pushed with
+        `queue_listing`."""
+        pipe.eval(_RENEW, 1, self.keys.lease, self.holder, self.queue.lease_ms)
 
     def renewed(self, result: Any, sent: float) -> bool:
         """A renewal sent at `sent` (monotonic) answered `result`: confirm the lease, or mark it lost."""

@@ -4,6 +4,7 @@ fencing token, attempts and dead letters, and the worker loop around them."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -90,7 +91,10 @@ async def test_a_stale_holder_is_fenced_off_once_the_thread_is_claimed_again(red
     await asyncio.sleep(0.4)  # cut off: its lease runs out
     fresh = await claim(new)
     assert fresh is not None and fresh.token > stale.token
-    assert await stale.renew() is False and stale.lost
+    pipe = redis.pipeline(transaction=False)
+    stale.queue_renewal(pipe)  # what its watcher sends
+    [renewal] = await pipe.execute()
+    assert stale.renewed(renewal, time.monotonic()) is False and stale.lost
     for write in (stale.append({"role": "user", "content": "x"}), stale.save_progress(job, a="1")):
         with pytest.raises(LeaseLost):
             await write
