@@ -25,6 +25,7 @@ IMAGE_DECODE_MAX_PIXELS = 50_000_000
 OFFICE_MAX_UNPACKED_BYTES = 100_000_000
 OFFICE_MAX_RATIO = 200  # unpacked / packed for a part over 1 MB (XML packs about 10:1, zeros 1000:1)
 TOO_BIG = "too big"
+UNREADABLE = "could not be read"  # a file the readers failed on (the footer's words)
 
 
 class Unreadable(Exception):

@@ -16,7 +16,7 @@ import aiohttp
 from bot.context import CHARS_PER_TOKEN, estimate_tokens
 from bot.files import sandbox
 from bot.files.download import Busy, NoAccess, TooBig, download, may_send_token
-from bot.files.extract import Unreadable, read_document
+from bot.files.extract import TOO_BIG, UNREADABLE, Unreadable, read_document
 from bot.files.kinds import Kind, classify
 from bot.files.parts import FileRead, content_with_files, cut_texts, file_name, file_notes, footer_name
 from bot.settings import Settings
@@ -30,10 +30,8 @@ BUSY_TTL_SECONDS = 600  # a file Slack was too busy to serve is tried again afte
 # Problems that may pass (kept BUSY_TTL_SECONDS, not the thread's life): Slack busy, or a parse that ran out
 # of time on a host busy with other work.
 PASSING_PROBLEMS = frozenset({BUSY, sandbox.TOO_LONG})
-TOO_BIG = "too big"
 TOO_BIG_TOGETHER = "too big together with the message's other files"
 UNSUPPORTED = "can't read this type yet"
-UNREADABLE = "could not be read"
 FOOTER_NOTES = 8  # files named in the footer at most; the rest are counted
 # Slack file modes whose bytes Slack does not serve: a Google Drive link, a deleted file.
 NOT_HOSTED = {"external": "not stored in Slack", "tombstone": "deleted"}
@@ -164,19 +162,18 @@ def fit_message(
     *,
     images: bool,
     model: str,
-) -> list[FileRead]:
+) -> tuple[list[FileRead], Any]:
     """`reads` with their texts cut so that the message they are read into fits `max_tokens` alone (as
-    bot/context estimates it): a question with a long file is answered from part of the file rather than
-    refused as too long. Pure; the same message, files and budget give the same cut on every turn."""
-    message = {
-        "role": entry.get("role"),
-        "content": content_with_files(entry["content"], reads, images=images, model=model),
-    }
-    over = estimate_tokens(message, calibration) - max_tokens
+    bot/context estimates it), and the message's content with them: a question with a long file is answered
+    from part of the file rather than refused as too long. Pure; the same message, files and budget give
+    the same cut on every turn."""
+    content = content_with_files(entry["content"], reads, images=images, model=model)
+    over = estimate_tokens({"role": entry.get("role"), "content": content}, calibration) - max_tokens
     if over <= 0:
-        return reads
+        return reads, content
     texts = sum(len(r.text) for r in reads)
-    return cut_texts(reads, texts - math.ceil(over / calibration * CHARS_PER_TOKEN))
+    shown = cut_texts(reads, texts - math.ceil(over / calibration * CHARS_PER_TOKEN))
+    return shown, content_with_files(entry["content"], shown, images=images, model=model)
 
 
 async def with_files(
@@ -214,19 +211,19 @@ async def with_files(
         skipped += len(unread)
         reads = await reader.read_message(refs[: plan[index]])
         whole = reads + unread
-        shown = whole
-        if max_message_tokens is not None:
-            shown = fit_message(entry, whole, max_message_tokens, calibration, images=images, model=model)
+        if max_message_tokens is None:
+            content = content_with_files(entry["content"], whole, images=images, model=model)
+        else:
+            shown, content = fit_message(
+                entry, whole, max_message_tokens, calibration, images=images, model=model
+            )
             if index > last_answer:
                 notes.extend(
                     f"read part of {footer_name(r.name)} (too long for the window)"
                     for r, w in zip(shown, whole, strict=True)
                     if r.text != w.text
                 )
-        out[index] = {
-            **entry,
-            "content": content_with_files(entry["content"], shown, images=images, model=model),
-        }
+        out[index] = {**entry, "content": content}
         if index > last_answer:
             notes.extend(file_notes(reads, images=images, model=model))
     if skipped:

@@ -22,14 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from weakref import WeakKeyDictionary
 
+from bot.files.extract import TOO_BIG, UNREADABLE
 from bot.files.kinds import Kind
 
 log = logging.getLogger(__name__)
 
 READERS_AT_ONCE = 2  # children parsing at once (a 2-core host keeps a core for the answers)
 TOO_LONG = "took too long to read"
-TOO_BIG = "too big"
-UNREADABLE = "could not be read"
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding `bot/`
 _semaphores: WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = WeakKeyDictionary()
 
