@@ -609,13 +609,10 @@ class AgentLoop:
         self.messages.append(step.message)
         self.messages.extend(step.results)
         self.steps.append(step)
-        self.usage = add_usage(self.usage, step.usage)  # the turn's total (recorded by the earlier run)
-        if step.message.get("reasoning_content"):
-            self.reasoning.append(str(step.message["reasoning_content"]))
-        self.view.step_started(len(self.steps) - 1)
+        # The turn's total usage (recorded by the earlier run), its reasoning, its cards in the view.
+        self.usage = replay_step(self.view, len(self.steps) - 1, step, self.usage, self.reasoning)
         for record in step.calls:
             self.counts[record.key] += 1
-            self.view.call_done(record, "")
 
     async def _run_call(self, call: Planned, deadline: float, ref: str) -> tuple[CallRecord, dict[str, Any]]:
         """Run one call (or don't), and return its record and its tool message. Never raises, except
@@ -733,19 +730,27 @@ class AgentLoop:
         return pages[page - 1] + paged_note(ref, page, len(pages), total)
 
 
+def replay_step(
+    view: View, index: int, step: Step, usage: Usage | None, reasoning: list[str]
+) -> Usage | None:
+    """A finished step of an earlier run of the turn, shown again: its cards back in the view, its reasoning
+    appended to `reasoning`; the usage with its own added."""
+    if step.message.get("reasoning_content"):
+        reasoning.append(str(step.message["reasoning_content"]))
+    view.step_started(index)
+    for record in step.calls:
+        view.call_done(record, "")
+    return add_usage(usage, step.usage)
+
+
 def replayed_outcome(resume: Sequence[Step], final: Accumulator, cap: Cap | None, view: View) -> Outcome:
     """The outcome of an earlier run of a turn that got its final answer and died before recording it: its
     checkpointed steps back into the view (their cards) and the outcome, and that answer; nothing is asked
     or run again."""
     usage: Usage | None = None
     reasoning: list[str] = []
-    for index, step in enumerate(resume):
-        usage = add_usage(usage, step.usage)  # recorded by the earlier run, as was the final answer's
-        if step.message.get("reasoning_content"):
-            reasoning.append(str(step.message["reasoning_content"]))
-        view.step_started(index)
-        for record in step.calls:
-            view.call_done(record, "")
+    for index, step in enumerate(resume):  # usage recorded by the earlier run, as was the final answer's
+        usage = replay_step(view, index, step, usage, reasoning)
     view.step_started(len(resume))
     if final.reasoning_text:
         reasoning.append(final.reasoning_text)
