@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import REDIS_URL, answers, start_fakes
-from bench.scale import print_figures, run_scale
+from bench.scale import print_figures, rss_mb, run_scale
 from tests.fakes.kimi_api import API_KEY, FakeKimi, Reply
 from tests.fakes.slack_api import TOKEN, FakeSlack
 from tests.slack_requests import ALICE, SIGNING_SECRET, envelope, json_body, mention, sign
@@ -37,13 +37,6 @@ CHANNELS = 10
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Round:
@@ -220,7 +213,7 @@ async def main(questions: int, scale_answers: int, scale_arrival_s: float) -> No
             await run_round(session, url, slack, burst, gap_s=0)
             await asyncio.sleep(5.0)
             await run_round(session, url, slack, one_channel, gap_s=0)
-            rss = peak_rss_mb(bot.process.pid)
+            rss = rss_mb(bot.process.pid, "VmHWM")
             await bot.terminate()
     finally:
         if bot.process.poll() is None:

@@ -20,6 +20,11 @@ def pdf(*pages: str) -> bytes:
             f"/Contents {5 + 2 * i} 0 R >>".encode()
         )
         objects.append(f"<< /Length {len(content)} >>\nstream\n".encode() + content + b"\nendstream")
+    return assemble_pdf(objects)
+
+
+def assemble_pdf(objects: list[bytes]) -> bytes:
+    """A PDF file of these objects (numbered from 1, the first the catalog): header, xref table, trailer."""
     out = bytearray(b"%PDF-1.4\n")
     offsets = []
     for number, body in enumerate(objects, 1):

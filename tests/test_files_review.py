@@ -31,7 +31,7 @@ from bot.store import FileCache
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi, Reply
 from tests.fakes.slack_api import TEAM_ID, TOKEN, FakeSlack
-from tests.files_data import docx, pdf
+from tests.files_data import assemble_pdf, docx, pdf
 from tests.slack_requests import ALICE, CHANNEL, mention, message, thread_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,16 +53,7 @@ def slow_pdf(pages: int, ops: int) -> bytes:
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
         b"/Contents 4 0 R >>"
     ] * pages
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for n, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += f"{n} 0 obj\n".encode() + body + b"\nendobj\n"
-    xref = len(out)
-    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
-    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
-    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
-    return bytes(out)
+    return assemble_pdf(objects)
 
 
 def docx_bomb(inflated_mb: int) -> bytes:

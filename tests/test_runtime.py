@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+from redis.asyncio import Redis
+
 from bot.cli import run_fast
-from bot.redis_client import build_redis
 
 
 def test_serve_and_worker_run_on_uvloop() -> None:
@@ -16,15 +17,12 @@ def test_serve_and_worker_run_on_uvloop() -> None:
     assert run_fast(loop_module()).startswith("uvloop")
 
 
-async def test_redis_replies_are_parsed_by_hiredis(redis_url: str) -> None:
-    client = build_redis(redis_url)
+async def test_redis_replies_are_parsed_by_hiredis(redis: Redis) -> None:
+    """The suite's client is build_redis's (tests/conftest.py)."""
+    assert await redis.ping()
+    pool = redis.connection_pool
+    connection = await pool.get_connection()
     try:
-        assert await client.ping()
-        pool = client.connection_pool
-        connection = await pool.get_connection()
-        try:
-            assert "Hiredis" in type(connection._parser).__name__
-        finally:
-            await pool.release(connection)
+        assert "Hiredis" in type(connection._parser).__name__
     finally:
-        await client.aclose()
+        await pool.release(connection)
