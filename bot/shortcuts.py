@@ -169,6 +169,26 @@ def search_from(announcing: str) -> str:
     return f"{since:.6f}" if since > 1 else ""
 
 
+async def find_earlier_post(
+    announcing: str, find: Callable[[str], Awaitable[str | None]], what: str
+) -> str | None:
+    """The post an earlier run made after noting `announcing` and died before noting the post: `find` looks
+    since then, then (our clock ahead of Slack's by more than the skew) everywhere it looks. A transient
+    Slack error raises RunLater (posting again while it is unknown could post it twice); any other failed
+    search raises its SlackApiError: unknown is not "never posted"."""
+    try:
+        since = search_from(announcing)
+        ts = await find(since)
+        if not ts and since:
+            ts = await find("")
+    except SlackApiError as exc:
+        error = slack_error(exc)
+        if is_transient(error):
+            raise RunLater(f"could not look for an earlier {what}: {error}") from exc
+        raise
+    return ts
+
+
 async def find_in_thread(deps: Deps, channel: str, thread_ts: str, key: str, oldest: str = "") -> str | None:
     """The ts of the "asked" post an earlier run of this job made and died before noting; None when there
     is none (since `oldest`). A failed search raises SlackApiError: unknown is not "never posted"."""
@@ -236,16 +256,15 @@ async def run_shortcut(
     ts = progress.get("announce_ts")
     if not ts and progress.get("announcing"):  # an earlier run may have posted it and died before noting it
         try:
-            since = search_from(progress["announcing"])
-            ts = await find_in_thread(deps, channel, thread_ts, key, since)
-            if not ts and since:  # our clock ahead of Slack's by more than the skew: the whole thread
-                ts = await find_in_thread(deps, channel, thread_ts, key)
+            ts = await find_earlier_post(
+                progress["announcing"],
+                lambda since: find_in_thread(deps, channel, thread_ts, key, since),
+                "shortcut post",
+            )
         except SlackApiError as exc:
-            error = slack_error(exc)
-            if is_transient(error):  # posting again while it is unknown could post it twice: later
-                raise RunLater(f"could not look for an earlier shortcut post: {error}") from exc
             # It cannot be found (a missing scope...): not posted again (at worst an earlier post stays
             # unanswered, never twice); the asker hears why with a reference (the worker's failure path).
+            error = slack_error(exc)
             raise RuntimeError(f"could not look for an earlier shortcut post: {error}") from exc
     if not ts:
         if not progress.get("announcing"):  # the access rule, as for a mention (once: a re-run has passed)

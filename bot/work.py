@@ -16,19 +16,17 @@ from bot.deps import Deps
 from bot.errors import USER_MESSAGES, Reason
 from bot.pipeline import answer, stop_value
 from bot.queue import Job, Lease, LeaseLost
-from bot.shortcuts import SHORTCUT_JOB, announcing_now, run_shortcut, search_from
+from bot.shortcuts import SHORTCUT_JOB, announcing_now, find_earlier_post, run_shortcut
 from bot.slack.blocks import waiting_view
 from bot.slack.reply import (
     announce_question,
     find_announcement,
     greet_assistant_thread,
-    is_transient,
     slack_error,
 )
 from bot.store import forget_thread, forget_user
 from bot.turn import Source, ThreadKey, Turn
 from bot.usage import usage_report
-from bot.worker import RunLater
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +100,13 @@ async def answer_command(deps: Deps, command: dict[str, Any], lease: Lease, job:
         ts = None
     elif not ts and progress.get("announcing"):  # an earlier run may have posted it and died before noting it
         try:
-            since = search_from(progress["announcing"])
-            ts = await find_announcement(deps.slack, channel, trigger, since)
-            if not ts and since:  # our clock ahead of Slack's by more than the skew: the newest messages
-                ts = await find_announcement(deps.slack, channel, trigger)
+            ts = await find_earlier_post(
+                progress["announcing"],
+                lambda since: find_announcement(deps.slack, channel, trigger, since),
+                "/kimi question",
+            )
         except SlackApiError as exc:
             error = slack_error(exc)
-            if is_transient(error):  # posting again while it is unknown could post it twice: later
-                raise RunLater(f"could not look for an earlier /kimi question: {error}") from exc
             # It cannot be found there (not a member, a missing scope...): answered privately, never posted
             # again (an earlier run may have posted it: at worst that post stays unanswered, never twice).
             log.info("earlier /kimi question not searchable", extra={"job": job.job_id, "error": error})
