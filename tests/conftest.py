@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot.deps import Deps, build_deps
+from bot.queue import Job, Lease
 from bot.redis_client import build_redis
 from bot.server import build_bolt_app, build_web_app, build_worker
 from bot.settings import Settings, load_settings
@@ -139,6 +140,16 @@ class BotHarness:
         await self.session.close()
         await self.server.close()
         await self.deps.close()
+
+    async def claim_queued(self) -> tuple[ThreadKey, Lease, Job]:
+        """The one queued job, taken as a run that will die takes it: its thread, lease and job (an attempt
+        counted)."""
+        [(thread, score)] = await self.deps.queue.due(5)
+        lease = await self.deps.queue.claim(thread, score)
+        assert lease is not None
+        job = await lease.next_job()
+        assert job is not None and not isinstance(job, str)
+        return thread, lease, job
 
     def url(self, path: str) -> str:
         return str(self.server.make_url(path))

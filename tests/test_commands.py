@@ -79,11 +79,7 @@ async def test_a_kimi_question_posted_by_a_run_that_died_before_noting_it_is_not
     fake_slack.add_conversation(CHANNEL, "general")
     bot: BotHarness = await make_bot(start_worker=False)
     assert (await bot.command("What is 2+2?"))[0] == 200
-    [(thread, score)] = await bot.deps.queue.due(5)
-    dead = await bot.deps.queue.claim(thread, score)
-    assert dead is not None
-    job = await dead.next_job()
-    assert job is not None and not isinstance(job, str)
+    thread, dead, job = await bot.claim_queued()
     assert thread == command_thread(job.data["command"])
     # The dead run: it said it was announcing, posted, and died before noting the message's ts.
     await dead.save_progress(job, announcing="1")
@@ -122,11 +118,7 @@ async def test_a_private_kimi_answer_run_again_after_a_restart_is_still_answered
     bot: BotHarness = await make_bot(start_worker=False)
     body = command_body("secret question", channel="C0PRIVATE1", response_url=fake_slack.response_url())
     assert (await bot.post(body, "application/x-www-form-urlencoded"))[0] == 200
-    [(thread, score)] = await bot.deps.queue.due(5)
-    dead = await bot.deps.queue.claim(thread, score)
-    assert dead is not None
-    job = await dead.next_job()
-    assert job is not None and not isinstance(job, str)
+    thread, dead, job = await bot.claim_queued()
     assert thread == command_thread(job.data["command"])
     # The dead run: it was about to post (or had found it could not, and began answering privately).
     await dead.save_progress(job, announcing="1")
@@ -152,11 +144,7 @@ async def test_a_kimi_question_whose_earlier_post_cannot_be_searched_is_not_post
     bot: BotHarness = await make_bot(start_worker=False)
     body = command_body("What is 2+2?", response_url=fake_slack.response_url())
     assert (await bot.post(body, "application/x-www-form-urlencoded"))[0] == 200
-    [(thread, score)] = await bot.deps.queue.due(5)
-    dead = await bot.deps.queue.claim(thread, score)
-    assert dead is not None
-    job = await dead.next_job()
-    assert job is not None and not isinstance(job, str)
+    thread, dead, job = await bot.claim_queued()
     await dead.save_progress(job, announcing="1")
     await announce_question(bot.deps.slack, CHANNEL, ALICE, "What is 2+2?", job.data["command"]["trigger_id"])
     await bot.deps.redis.delete(f"kimibot:thread:{{{thread}}}:lease")

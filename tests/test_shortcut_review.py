@@ -257,11 +257,7 @@ async def test_a_rerun_that_cannot_search_the_thread_does_not_post_the_asked_lin
     target = seeded(fake_slack, root, user=BOB, text="A long debate")
     paused: BotHarness = await make_bot(start_worker=False, job_visibility_timeout=0.5)
     await paused.interact(shortcut_payload(fake_slack, SUMMARIZE_THREAD, target))
-    [(thread, score)] = await paused.deps.queue.due(5)
-    dead = await paused.deps.queue.claim(thread, score)
-    assert dead is not None
-    job = await dead.next_job()
-    assert job is not None and not isinstance(job, str)
+    thread, dead, job = await paused.claim_queued()
     await dead.save_progress(job, announcing=announcing)
     await announce_in_thread(paused.deps, CHANNEL, root, announcement(SUMMARY, ALICE, ""), job.data["key"])
     await paused.deps.redis.delete(f"kimibot:thread:{{{thread}}}:lease")
@@ -281,11 +277,7 @@ async def test_a_kimi_rerun_that_cannot_search_the_channel_does_not_post_the_que
     fake_slack.add_conversation(CHANNEL, "general")
     paused: BotHarness = await make_bot(start_worker=False, job_visibility_timeout=0.5)
     assert (await paused.command("What is 2+2?"))[0] == 200
-    [(thread, score)] = await paused.deps.queue.due(5)
-    dead = await paused.deps.queue.claim(thread, score)
-    assert dead is not None
-    job = await dead.next_job()
-    assert job is not None and not isinstance(job, str)
+    thread, dead, job = await paused.claim_queued()
     await dead.save_progress(job, announcing=ANNOUNCING)
     trigger = job.data["command"]["trigger_id"]
     await announce_question(paused.deps.slack, CHANNEL, ALICE, "What is 2+2?", trigger)

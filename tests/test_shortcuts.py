@@ -362,11 +362,7 @@ async def test_an_asked_post_of_a_run_that_died_before_noting_it_is_not_posted_t
     target = seeded(fake_slack, root, user=BOB, text="A long debate")
     paused: BotHarness = await make_bot(start_worker=False)
     await paused.interact(shortcut_payload(fake_slack, SUMMARIZE_THREAD, target))
-    [(thread, score)] = await paused.deps.queue.due(5)
-    dead = await paused.deps.queue.claim(thread, score)
-    assert dead is not None
-    job = await dead.next_job()
-    assert job is not None and not isinstance(job, str)
+    thread, dead, job = await paused.claim_queued()
     # The dead run: it said it was announcing, posted, and died before noting the post's ts.
     await dead.save_progress(job, announcing="1")
     await announce_in_thread(paused.deps, CHANNEL, root, announcement(SUMMARY, ALICE, ""), job.data["key"])
