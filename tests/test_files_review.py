@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from redis.asyncio import Redis
 
 from bot.files import extract, sandbox
 from bot.files.extract import Unreadable, prepare_image, read_document, read_pdf
 from bot.files.kinds import Kind
 from bot.files.resolve import BUSY, BUSY_TTL_SECONDS, NO_ACCESS, FileReader, files_to_read
-from bot.redis_client import build_redis
 from bot.settings import Settings
 from bot.store import FileCache
 from tests.conftest import BotHarness
@@ -235,11 +235,10 @@ async def test_the_sandbox_reads_like_the_functions_it_runs() -> None:
 
 
 async def test_slow_extractions_do_not_stall_dns_or_run_more_than_two_at_once(
-    make_settings: Callable[..., Settings], fake_slack: FakeSlack, redis_url: str
+    make_settings: Callable[..., Settings], fake_slack: FakeSlack, redis: Redis
 ) -> None:
     """Extraction used to run in the loop's default executor, min(32, cpus + 4) threads, which aiohttp's
     ThreadedResolver (no aiodns here) and asyncio's getaddrinfo (redis) share."""
-    redis = build_redis(redis_url)
     reader = FileReader(make_settings(files_read_timeout=120), FileCache(redis, 600), TEAM_ID, TOKEN)
     workers = min(32, (os.cpu_count() or 1) + 4)
     refs = [
@@ -264,7 +263,6 @@ async def test_slow_extractions_do_not_stall_dns_or_run_more_than_two_at_once(
             task.cancel()
         await asyncio.gather(*parsing, return_exceptions=True)
         await reader.close()
-        await redis.aclose()
     assert children() == []  # a cancelled answer's parsers are killed with it
 
 
@@ -310,13 +308,12 @@ async def flaky_host() -> AsyncIterator[tuple[str, list[int]]]:
 )
 async def test_a_busy_slack_is_tried_again_after_a_while_a_refusal_is_final(
     make_settings: Callable[..., Settings],
-    redis_url: str,
+    redis: Redis,
     flaky_host: tuple[str, list[int]],
     status: int,
     problem: str,
 ) -> None:
     host, statuses = flaky_host
-    redis = build_redis(redis_url)
     settings = make_settings(slack_api_url=f"{host}/api/")
     reader = FileReader(settings, FileCache(redis, settings.thread_ttl_seconds), TEAM_ID, TOKEN)
     ref = {"id": "F0BUSY", "name": "notes.txt", "mimetype": "text/plain", "url_private_download": f"{host}/f"}
@@ -337,28 +334,23 @@ async def test_a_busy_slack_is_tried_again_after_a_while_a_refusal_is_final(
             assert await reader.read(ref) == first
     finally:
         await reader.close()
-        await redis.aclose()
     from bot.files.parts import file_notes
 
     assert file_notes([first], images=True, model="m") == (f"couldn't use notes.txt ({problem})",)
 
 
 async def test_a_file_read_again_keeps_its_cache_entry_as_long_as_the_thread(
-    make_settings: Callable[..., Settings], redis_url: str
+    make_settings: Callable[..., Settings], redis: Redis
 ) -> None:
-    redis = build_redis(redis_url)
     settings = make_settings()
     cache = FileCache(redis, settings.thread_ttl_seconds)
     reader = FileReader(settings, cache, TEAM_ID, TOKEN)
     ref = {"id": "F0KEEP", "name": "a.txt", "mimetype": "text/plain"}
-    try:
-        from bot.files.parts import FileRead
+    from bot.files.parts import FileRead
 
-        await cache.put(TEAM_ID, "F0KEEP", FileRead("F0KEEP", "a.txt", Kind.TEXT, text="kept").dump(), 100)
-        assert (await reader.read(ref)).text == "kept"
-        assert await redis.ttl(FileCache.key(TEAM_ID, "F0KEEP")) > settings.thread_ttl_seconds - 60
-    finally:
-        await redis.aclose()
+    await cache.put(TEAM_ID, "F0KEEP", FileRead("F0KEEP", "a.txt", Kind.TEXT, text="kept").dump(), 100)
+    assert (await reader.read(ref)).text == "kept"
+    assert await redis.ttl(FileCache.key(TEAM_ID, "F0KEEP")) > settings.thread_ttl_seconds - 60
 
 
 def test_the_files_read_for_an_answer_are_the_newest_messages_first() -> None:
@@ -428,12 +420,11 @@ def test_file_texts_are_cut_to_one_share_the_short_ones_kept_whole() -> None:
 
 
 async def test_a_message_whose_files_overflow_the_window_gets_them_cut_to_fit(
-    make_settings: Callable[..., Settings], fake_slack: FakeSlack, redis_url: str
+    make_settings: Callable[..., Settings], fake_slack: FakeSlack, redis: Redis
 ) -> None:
     from bot.context import estimate_tokens
     from bot.files.resolve import with_files
 
-    redis = build_redis(redis_url)
     settings = make_settings()
     reader = FileReader(settings, FileCache(redis, settings.thread_ttl_seconds), TEAM_ID, TOKEN)
     big = fake_slack.add_file("big.log", b"c" * 40_000, mimetype="text/plain", filetype="text")
@@ -460,7 +451,6 @@ async def test_a_message_whose_files_overflow_the_window_gets_them_cut_to_fit(
         assert "c" * 40_000 in whole[2]["content"] and notes == ()  # without a budget: as before
     finally:
         await reader.close()
-        await redis.aclose()
 
 
 async def test_a_question_whose_files_overflow_the_window_is_answered_with_them_cut_end_to_end(
