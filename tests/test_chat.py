@@ -50,21 +50,26 @@ Chat = Callable[..., Awaitable[subprocess.CompletedProcess[str]]]
 MCP_FAKE = str(Path(__file__).resolve().parent / "fakes" / "mcp_server.py")
 
 
+def chat_env(fake_kimi: FakeKimi, redis_url: str, tmp_path: Path) -> dict[str, str]:
+    """`kimibot chat`'s environment: only Kimi and Redis settings are set."""
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "USER": "alice",
+        "MOONSHOT_API_KEY": API_KEY,
+        "KIMI_BASE_URL": fake_kimi.base_url,
+        "KIMI_MODEL": "kimi-k2.6",
+        "REDIS_URL": redis_url,
+        "KIMI_RETRY_BASE_DELAY": "0.01",
+    }
+
+
 @pytest.fixture
 def chat(fake_kimi: FakeKimi, redis_url: str, tmp_path: Path) -> Chat:
-    """Run `kimibot chat ARGS` with `lines` on its stdin (a pipe); only Kimi and Redis settings are set."""
+    """Run `kimibot chat ARGS` with `lines` on its stdin (a pipe)."""
 
     async def run(*args: str, lines: list[str], **env: str) -> subprocess.CompletedProcess[str]:
-        base = {
-            "PATH": os.environ.get("PATH", ""),
-            "HOME": str(tmp_path),
-            "USER": "alice",
-            "MOONSHOT_API_KEY": API_KEY,
-            "KIMI_BASE_URL": fake_kimi.base_url,
-            "KIMI_MODEL": "kimi-k2.6",
-            "REDIS_URL": redis_url,
-            "KIMI_RETRY_BASE_DELAY": "0.01",
-        }
+        base = chat_env(fake_kimi, redis_url, tmp_path)
         full = {k: v for k, v in {**base, **env}.items() if v is not None and v != "<unset>"}
         # In a thread: the fake Kimi in this process must keep answering while the process runs.
         return await asyncio.to_thread(
@@ -506,20 +511,11 @@ async def test_stdin_that_is_not_utf8_is_still_asked_with_the_bad_bytes_replaced
     """A Latin-1 line (or any byte that is not UTF-8) on stdin is asked with U+FFFD in its place, not
     turned into a failure of the whole run."""
     fake_kimi.script(Reply(content="Bien sûr."), Reply(content="Four."))
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(tmp_path),
-        "USER": "alice",
-        "MOONSHOT_API_KEY": API_KEY,
-        "KIMI_BASE_URL": fake_kimi.base_url,
-        "KIMI_MODEL": "kimi-k2.6",
-        "REDIS_URL": redis_url,
-    }
     result = await asyncio.to_thread(
         subprocess.run,
         [*kimibot_command(), "chat"],
-        input="Un café, s'il vous plaît?\nWhat is 2+2?\n".encode("latin-1"),
-        env=env,
+        input="Un café, s'il vous plaît?\nWhat is 2+2?\n".encode("latin-1"),  # bytes: not the fixture's text
+        env=chat_env(fake_kimi, redis_url, tmp_path),
         cwd=tmp_path,
         capture_output=True,
         timeout=60,
