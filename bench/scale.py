@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -39,13 +38,16 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from bench.common import REDIS_URL, start_fakes
 from tests.fakes.kimi_api import API_KEY, Reply
-from tests.fakes.slack_api import APP_ID, CLIENT_ID, CLIENT_SECRET, FakeSlack
-from tests.slack_requests import ALICE, SIGNING_SECRET, json_body, sign
+from tests.fakes.slack_api import CLIENT_ID, CLIENT_SECRET, FakeSlack
+from tests.slack_requests import ALICE, SIGNING_SECRET, sign
+from tests.test_interleavings import Serve
+from tests.test_oauth import team_event
 from tests.test_serve_process import free_port
-from tests.test_settings_cli import kimibot_command
 
 LAG_METRIC = "kimibot_event_loop_lag_seconds"
 RATE_LIMITED_METRIC = "kimibot_slack_rate_limited_total"
@@ -75,26 +77,7 @@ class Question:
             "event_ts": self.ts,
             "team": self.team,
         }
-        return json_body(
-            {
-                "token": "legacy-verification-token",
-                "team_id": self.team,
-                "api_app_id": APP_ID,
-                "event": event,
-                "type": "event_callback",
-                "event_id": f"Ev{self.label}",
-                "event_time": int(time.time()),
-                "authorizations": [
-                    {
-                        "enterprise_id": None,
-                        "team_id": self.team,
-                        "user_id": self.bot_user,
-                        "is_bot": True,
-                        "is_enterprise_install": False,
-                    }
-                ],
-            }
-        )
+        return team_event(self.team, event, bot_user=self.bot_user)
 
 
 @dataclass
@@ -230,60 +213,29 @@ def rss_mb(pid: int, field_name: str) -> float:
     return float("nan")
 
 
-def metric_values(text: str, name: str) -> dict[str, float]:
-    """Samples of one metric family from Prometheus' text format: labels -> value."""
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$", line)
-        if match:
-            values[match.group(1) or ""] = float(match.group(2))
-    return values
+def samples(text: str, name: str) -> list[Sample]:
+    """The samples named `name` in /metrics' text, read by prometheus_client's own parser."""
+    families = text_string_to_metric_families(text)
+    return [sample for family in families for sample in family.samples if sample.name == name]
 
 
 def lag_buckets(text: str) -> dict[float, float]:
-    buckets: dict[float, float] = {}
-    for labels, value in metric_values(text, LAG_METRIC + "_bucket").items():
-        le = re.search(r'le="([^"]+)"', labels)
-        if le:
-            buckets[float(le.group(1))] = value
-    return buckets
+    return {float(s.labels["le"]): s.value for s in samples(text, LAG_METRIC + "_bucket")}
 
 
-class BotProcess:
-    """`kimibot serve` with its output in a file (a pipe nobody reads would block its logging)."""
+class BotProcess(Serve):
+    """`kimibot serve` (under cProfile with `profile`), its output in a file; its CPU time and /metrics."""
 
     def __init__(self, env: dict[str, str], workdir: Path, profile: str = "") -> None:
-        self.port = int(env["PORT"])
-        self.log_path = workdir / "kimibot.log"
-        self.log = self.log_path.open("w")
-        command = [*kimibot_command(), "serve"]
+        command = None
         if profile:  # cProfile writes its figures when serve exits (SIGTERM: a graceful stop)
             command = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "bot.cli", "serve"]
-        self.process = subprocess.Popen(
-            command, env=env, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT
-        )
+        super().__init__(env, workdir, "kimibot", command)
 
     def cpu_s(self) -> float:
         """CPU time the process has used (user + system)."""
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def wait_healthy(self, session: aiohttp.ClientSession) -> None:
-        for _ in range(600):
-            if self.process.poll() is not None:
-                raise AssertionError(f"kimibot exited: {self.log_path.read_text()}")
-            try:
-                async with session.get(f"{self.base}/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-        raise AssertionError("kimibot never became healthy")
 
     async def metrics(self, session: aiohttp.ClientSession) -> str:
         async with session.get(f"{self.base}/metrics") as response:
@@ -296,7 +248,7 @@ class BotProcess:
                 await asyncio.to_thread(self.process.wait, 40)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-        self.log.close()
+        self._log.close()
 
 
 async def install(session: aiohttp.ClientSession, bot: BotProcess, slack: FakeSlack, team: int) -> None:
@@ -403,7 +355,7 @@ async def run_scale(
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
-            await bot.wait_healthy(session)
+            await bot.wait_healthy(session, limit_s=30)
             for t in range(teams):
                 await install(session, bot, slack, t)
             await asyncio.sleep(1.0)
@@ -450,7 +402,7 @@ async def run_scale(
             figures.peak_rss_mb = rss_mb(bot.process.pid, "VmHWM")
         first, last = lag_buckets(before), lag_buckets(after)
         figures.lag_buckets = [(le, last[le] - first.get(le, 0.0)) for le in sorted(last)]
-        figures.bot_rate_limited = sum(metric_values(after, RATE_LIMITED_METRIC).values())
+        figures.bot_rate_limited = sum(s.value for s in samples(after, RATE_LIMITED_METRIC))
         figures.limit_hits = len(slack.limit_hits)
         figures.limit_methods = ", ".join(f"{m} {n}" for m, n in Counter(slack.limit_hits).most_common())
         figures.warnings = warning_summary(bot.log_path)

@@ -81,13 +81,19 @@ def fast() -> Reply:
 class Serve:
     """`kimibot serve` as a process of its own; its log goes to a file (a pipe nobody reads would fill)."""
 
-    def __init__(self, env: dict[str, str], directory: Path, name: str) -> None:
+    def __init__(
+        self, env: dict[str, str], directory: Path, name: str, command: list[str] | None = None
+    ) -> None:
         self.port = int(env["PORT"])
         self.log_path = directory / f"{name}.log"
         self._log = self.log_path.open("w")
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(
-            [*kimibot_command(), "serve"], env=env, cwd=directory, stdout=self._log, stderr=subprocess.STDOUT
+            command or [*kimibot_command(), "serve"],
+            env=env,
+            cwd=directory,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     @property
