@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -25,11 +24,11 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import REDIS_URL, answers, start_fakes
-from bench.scale import print_figures, rss_mb, run_scale
-from tests.fakes.kimi_api import API_KEY, FakeKimi, Reply
-from tests.fakes.slack_api import TOKEN, FakeSlack
-from tests.slack_requests import ALICE, SIGNING_SECRET, envelope, json_body, mention, sign
-from tests.test_serve_process import ServeProcess, free_port
+from bench.scale import BotProcess, print_figures, rss_mb, run_scale
+from tests.fakes.kimi_api import FakeKimi, Reply
+from tests.fakes.slack_api import FakeSlack
+from tests.slack_requests import ALICE, envelope, json_body, mention, sign
+from tests.test_startup_checks import serve_env
 
 CHANNELS = 10
 
@@ -170,20 +169,16 @@ async def main(questions: int, scale_answers: int, scale_arrival_s: float) -> No
         )
     )
     workdir = Path(tempfile.mkdtemp())
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(workdir),
-        "SLACK_BOT_TOKEN": TOKEN,
-        "SLACK_SIGNING_SECRET": SIGNING_SECRET,
-        "SLACK_API_URL": slack.api_url,
-        "MOONSHOT_API_KEY": API_KEY,
-        "KIMI_BASE_URL": kimi.base_url,
-        "REDIS_URL": REDIS_URL,
-        "PORT": str(free_port()),
-        "KIMI_CONCURRENCY": str(questions),
-        "LOG_LEVEL": "WARNING",
-    }
-    bot = ServeProcess(env, workdir)
+    env = serve_env(
+        slack,
+        kimi,
+        REDIS_URL,
+        workdir,
+        SHUTDOWN_GRACE_SECONDS="",
+        KIMI_CONCURRENCY=str(questions),
+        LOG_LEVEL="WARNING",
+    )
+    bot = BotProcess(env, workdir)
     paced = Round(
         f"{questions} questions arriving over {questions * 0.05:.1f} s ({questions} in flight)",
         "PACE",
@@ -214,10 +209,8 @@ async def main(questions: int, scale_answers: int, scale_arrival_s: float) -> No
             await asyncio.sleep(5.0)
             await run_round(session, url, slack, one_channel, gap_s=0)
             rss = rss_mb(bot.process.pid, "VmHWM")
-            await bot.terminate()
     finally:
-        if bot.process.poll() is None:
-            bot.process.kill()
+        await bot.stop()
         await slack.stop()
         await kimi.stop()
     print(

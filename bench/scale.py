@@ -42,12 +42,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from bench.common import REDIS_URL, start_fakes
-from tests.fakes.kimi_api import API_KEY, Reply
-from tests.fakes.slack_api import CLIENT_ID, CLIENT_SECRET, FakeSlack
-from tests.slack_requests import ALICE, SIGNING_SECRET, sign
+from tests.fakes.kimi_api import Reply
+from tests.fakes.slack_api import FakeSlack
+from tests.slack_requests import ALICE, sign
 from tests.test_interleavings import Serve
 from tests.test_oauth import team_event
-from tests.test_serve_process import free_port
+from tests.test_oauth_ops import OAUTH_ENV
+from tests.test_startup_checks import serve_env
 
 LAG_METRIC = "kimibot_event_loop_lag_seconds"
 RATE_LIMITED_METRIC = "kimibot_slack_rate_limited_total"
@@ -335,21 +336,16 @@ async def run_scale(
     for q in questions:
         slack.seed(q.channel, user=ALICE, text=f"<@{q.bot_user}> question {q.label}", ts=q.ts)
     workdir = Path(tempfile.mkdtemp(prefix="kimibot-scale-"))
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(workdir),
-        "SLACK_CLIENT_ID": CLIENT_ID,
-        "SLACK_CLIENT_SECRET": CLIENT_SECRET,
-        "SLACK_STATE_SECRET": "a-long-random-state-secret-for-the-benchmark",
-        "SLACK_SIGNING_SECRET": SIGNING_SECRET,
-        "SLACK_API_URL": slack.api_url,
-        "MOONSHOT_API_KEY": API_KEY,
-        "KIMI_BASE_URL": kimi.base_url,
-        "REDIS_URL": REDIS_URL,
-        "PORT": str(free_port()),
-        "KIMI_CONCURRENCY": str(answers),
-        "LOG_LEVEL": "WARNING",
-    }
+    env = serve_env(
+        slack,
+        kimi,
+        REDIS_URL,
+        workdir,
+        **OAUTH_ENV,
+        SHUTDOWN_GRACE_SECONDS="",
+        KIMI_CONCURRENCY=str(answers),
+        LOG_LEVEL="WARNING",
+    )
     bot = BotProcess(env, workdir, profile)
     figures = ScaleFigures(answers, teams, answer_s, arrival_s)
     try:
