@@ -27,16 +27,12 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import bot.pipeline
-from bench.common import REDIS_URL, start_fakes
+from bench.common import bench_harness, start_fakes
 from bot.agent.loop import AgentLoop, Outcome
-from bot.settings import load_settings
-from bot.slack.pacing import Pacer
-from bot.slack.reply import Pace
 from bot.tools.base import Tool, ToolContext, ToolResult
-from tests.conftest import BotHarness
-from tests.fakes.kimi_api import API_KEY, Call, Reply
-from tests.fakes.slack_api import TOKEN, FakeSlack
-from tests.slack_requests import ALICE, SIGNING_SECRET, mention
+from tests.fakes.kimi_api import Call, Reply
+from tests.fakes.slack_api import FakeSlack
+from tests.slack_requests import ALICE, mention
 
 OUTCOMES: list[Outcome] = []
 
@@ -129,19 +125,9 @@ async def main(answers: int, steps: int, tool_ms: float, kimi_ms: float) -> None
     )
     process.start()
     slack_api, kimi_base = parent.recv()
-    settings = load_settings(
-        _env_file=None,
-        slack_bot_token=TOKEN,
-        slack_signing_secret=SIGNING_SECRET,
-        slack_api_url=slack_api,
-        moonshot_api_key=API_KEY,
-        kimi_base_url=kimi_base,
-        redis_url=REDIS_URL,
-        kimi_concurrency=answers,
-    )
     bot.pipeline.AgentLoop = RecordingLoop  # type: ignore[misc]
-    harness = BotHarness(settings, FakeSlack())  # the harness only posts events; Slack is in the child
-    harness.deps.pace, harness.deps.pacer = Pace(), Pacer()  # production pacing
+    # The harness only posts events; Slack is in the child.
+    harness = bench_harness(FakeSlack(), slack_api, kimi_base, kimi_concurrency=answers)
     tool: Tool = Lookup(tool_ms / 1000)
 
     async def tools(ctx: ToolContext) -> list[Tool]:

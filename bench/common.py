@@ -7,13 +7,18 @@ import atexit
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 
-from tests.fakes.kimi_api import FakeKimi, Reply
-from tests.fakes.slack_api import FakeSlack
+from bot.settings import load_settings
+from bot.slack.pacing import Pacer
+from bot.slack.reply import Pace
+from tests.conftest import BotHarness
+from tests.fakes.kimi_api import API_KEY, FakeKimi, Reply
+from tests.fakes.slack_api import TOKEN, FakeSlack
 from tests.redis_servers import PrivateRedis
-from tests.slack_requests import ALICE
+from tests.slack_requests import ALICE, SIGNING_SECRET
 
 
 def _bench_redis() -> str:
@@ -48,3 +53,26 @@ def answers(count: int, *, reasoning: str, content: str, chunk_chars: int, chunk
         Reply(reasoning=reasoning, content=content, chunk_chars=chunk_chars, chunk_delay=chunk_delay)
         for _ in range(count)
     ]
+
+
+def bench_harness(
+    slack: FakeSlack, slack_api_url: str, kimi_base_url: str, *, start_worker: bool = True, **settings: Any
+) -> BotHarness:
+    """The bot in this process (the tests' BotHarness) against the fakes at these URLs, with production
+    pacing; `settings` override the defaults."""
+    harness = BotHarness(
+        load_settings(
+            _env_file=None,
+            slack_bot_token=TOKEN,
+            slack_signing_secret=SIGNING_SECRET,
+            slack_api_url=slack_api_url,
+            moonshot_api_key=API_KEY,
+            kimi_base_url=kimi_base_url,
+            redis_url=REDIS_URL,
+            **settings,
+        ),
+        slack,
+        start_worker=start_worker,
+    )
+    harness.deps.pace, harness.deps.pacer = Pace(), Pacer()  # production pacing
+    return harness

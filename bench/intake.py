@@ -41,15 +41,10 @@ import bot.redis_client
 import bot.server
 import handlers.events
 import tests.conftest
-from bench.common import REDIS_URL, start_fakes
+from bench.common import bench_harness, start_fakes
 from bot.queue import JobQueue
-from bot.settings import load_settings
-from bot.slack.pacing import Pacer
-from bot.slack.reply import Pace
-from tests.conftest import BotHarness
-from tests.fakes.kimi_api import API_KEY
-from tests.fakes.slack_api import BOT_USER_ID, TOKEN
-from tests.slack_requests import SIGNING_SECRET, mention, message
+from tests.fakes.slack_api import BOT_USER_ID
+from tests.slack_requests import mention, message
 
 # (label, pattern matched against "file:line(function)" of the profile): the parts of one event's intake.
 PARTS = [
@@ -219,18 +214,7 @@ async def main(events: int, rounds: int, dump: str) -> None:
     timers = Timers()
     install_timers(timers)
     slack, kimi = await start_fakes()
-    settings = load_settings(
-        _env_file=None,
-        slack_bot_token=TOKEN,
-        slack_signing_secret=SIGNING_SECRET,
-        slack_api_url=slack.api_url,
-        moonshot_api_key=API_KEY,
-        kimi_base_url=kimi.base_url,
-        redis_url=REDIS_URL,
-        log_level="WARNING",
-    )
-    harness = BotHarness(settings, slack, start_worker=False)
-    harness.deps.pace, harness.deps.pacer = Pace(), Pacer()  # production pacing
+    harness = bench_harness(slack, slack.api_url, kimi.base_url, start_worker=False, log_level="WARNING")
     harness.server.app.middlewares.append(timers.middleware())
     count_commands(timers, harness.deps.redis)
     await harness.start()

@@ -15,14 +15,10 @@ import statistics
 import time
 from typing import Any
 
-from bench.common import REDIS_URL, answers, start_fakes
-from bot.settings import load_settings
-from bot.slack.pacing import Pacer
-from bot.slack.reply import Pace
+from bench.common import answers, bench_harness, start_fakes
 from tests.conftest import BotHarness
-from tests.fakes.kimi_api import API_KEY
-from tests.fakes.slack_api import TOKEN, FakeSlack
-from tests.slack_requests import ALICE, SIGNING_SECRET, mention
+from tests.fakes.slack_api import FakeSlack
+from tests.slack_requests import ALICE, mention
 
 WRITES = ("chat.", "assistant.", "reactions.", "views.")
 
@@ -52,17 +48,7 @@ async def one(bot: BotHarness, slack: FakeSlack, channel: str, ts: str) -> tuple
 
 async def main(questions: int) -> None:
     slack, kimi = await start_fakes()
-    settings = load_settings(
-        _env_file=None,
-        slack_bot_token=TOKEN,
-        slack_signing_secret=SIGNING_SECRET,
-        slack_api_url=slack.api_url,
-        moonshot_api_key=API_KEY,
-        kimi_base_url=kimi.base_url,
-        redis_url=REDIS_URL,
-    )
-    bot = BotHarness(settings, slack)
-    bot.deps.pace, bot.deps.pacer = Pace(), Pacer()  # production pacing
+    bot = bench_harness(slack, slack.api_url, kimi.base_url)
     await bot.start()
     results: dict[str, Any] = {}
     try:
