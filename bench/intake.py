@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import functools
 import gc
@@ -28,7 +29,7 @@ import os
 import pstats
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -87,6 +88,18 @@ class Timers:
         self.seconds[label] += time.perf_counter() - started
         self.cpu[label] += time.thread_time() - cpu
 
+    @contextlib.contextmanager
+    def timing(self, label: str) -> Iterator[None]:
+        """The block's wall and CPU time, added to `label` (nothing while the timers are off)."""
+        if not self.on:
+            yield
+            return
+        started, cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.add(label, started, cpu)
+
     def wrap(self, owner: Any, name: str, label: str) -> None:
         original = getattr(owner, name)
         timers = self
@@ -95,26 +108,16 @@ class Timers:
 
             @functools.wraps(original)
             async def timed_async(*args: Any, **kwargs: Any) -> Any:
-                if not timers.on:
+                with timers.timing(label):
                     return await original(*args, **kwargs)
-                started, cpu = time.perf_counter(), time.thread_time()
-                try:
-                    return await original(*args, **kwargs)
-                finally:
-                    timers.add(label, started, cpu)
 
             setattr(owner, name, timed_async)
         else:
 
             @functools.wraps(original)
             def timed(*args: Any, **kwargs: Any) -> Any:
-                if not timers.on:
+                with timers.timing(label):
                     return original(*args, **kwargs)
-                started, cpu = time.perf_counter(), time.thread_time()
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    timers.add(label, started, cpu)
 
             setattr(owner, name, timed)
 
@@ -123,13 +126,8 @@ class Timers:
         async def timed(
             request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
         ) -> web.StreamResponse:
-            if not self.on:
+            with self.timing(HANDLER):
                 return await handler(request)
-            started, cpu = time.perf_counter(), time.thread_time()
-            try:
-                return await handler(request)
-            finally:
-                self.add(HANDLER, started, cpu)
 
         return timed
 
