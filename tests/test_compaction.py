@@ -254,6 +254,21 @@ async def ask(bot: BotHarness, root: str, i: int) -> None:
     await bot.settle()
 
 
+async def follow_ups_until(bot: BotHarness, root: str, count: int, reached: asyncio.Event) -> None:
+    """Up to `count` long follow-ups in the thread (ts root's seconds .1, .2, ...), each answered before the
+    next, until `reached` is set while one is answered."""
+    for i in range(count):
+        ts = f"{root.split('.')[0]}.{i + 1:06d}"
+        await bot.send_event(message(f"q{i} " + "x" * QUESTION, ts, thread_ts=root))
+        settled = asyncio.create_task(bot.settle(30))
+        waiting = asyncio.create_task(reached.wait())
+        await asyncio.wait({settled, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if reached.is_set():
+            settled.cancel()
+            return
+        waiting.cancel()
+
+
 async def test_a_thread_three_times_the_window_answers_with_a_summary_at_the_head_and_a_stable_prefix(
     make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi
 ) -> None:
@@ -370,14 +385,7 @@ async def test_a_rerun_after_a_crash_reuses_the_cached_summary(
     root = "1700000952.000000"
     await first.send_event(mention("let us begin", root))
     await first.settle()
-    for i in range(30):
-        await first.send_event(message(f"q{i} " + "x" * QUESTION, f"1700000952.{i + 1:06d}", thread_ts=root))
-        settled = asyncio.create_task(first.settle(30))
-        hanging = asyncio.create_task(held.wait())
-        await asyncio.wait({settled, hanging}, return_when=asyncio.FIRST_COMPLETED)
-        if held.is_set():
-            settled.cancel()
-            break
+    await follow_ups_until(first, root, 30, held)
     assert held.is_set() and kimi.summaries == 1
     crashed = fake_kimi.requests[-1]
     await first.worker.drain(grace_s=0)  # the worker dies mid-answer: the job goes back on the queue

@@ -19,7 +19,7 @@ from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi, Reply
 from tests.fakes.slack_api import FakeSlack
 from tests.slack_requests import ALICE, CHANNEL, mention, message, thread_key
-from tests.test_compaction import QUESTION, WINDOW_SETTINGS, Kimi, is_summary
+from tests.test_compaction import QUESTION, WINDOW_SETTINGS, Kimi, follow_ups_until, is_summary
 
 
 def test_a_kept_answer_comes_back_as_the_same_message_usage_and_cap() -> None:
@@ -139,15 +139,7 @@ async def test_a_replayed_answer_asks_kimi_nothing_not_even_a_summary(
     root = "1700000961.000000"
     await first.send_event(mention("let us begin", root))
     await first.settle()
-    for i in range(40):
-        await first.send_event(message(f"q{i} " + "x" * QUESTION, f"1700000961.{i + 1:06d}", thread_ts=root))
-        settled = asyncio.create_task(first.settle(30))
-        held = asyncio.create_task(hold.wait())
-        await asyncio.wait({settled, held}, return_when=asyncio.FIRST_COMPLETED)
-        if held.done():
-            settled.cancel()
-            break
-        held.cancel()
+    await follow_ups_until(first, root, 40, hold.reached)
     assert kimi.summary_requests
     await first.worker.drain(grace_s=0)  # killed at the last Slack write: Kimi's answer is kept
     hold.release()
