@@ -72,7 +72,7 @@ def readable_text(body: bytes, content_type: str, charset: str | None, url: str)
     text = body.decode(charset or "utf-8", errors="replace")
     kind = content_type.lower()
     # Imported on first use (this runs in a worker thread): with lxml, justext, htmldate and their data it
-    # is ~12 MB of the bot's memory, and many installs never fetch a page.
+    # is ~9 MB of the bot's memory at rest, and many installs never fetch a page.
     import trafilatura
 
     if kind in HTML_TYPES or (kind in ("", "application/octet-stream") and "<html" in text[:2000].lower()):
