@@ -2,10 +2,11 @@
 
 Starts `kimibot serve` as its own process against the fake Slack (enforcing Slack's rate limits) and the
 fake Kimi (reasoning, then an answer streamed over a few seconds), sends N signed app_mention events at
-once, and prints ack latency, throughput, Slack calls per answer, the bot's peak RSS and its own
-overhead per turn. Then issue 10's scale round (bench/scale.py): 300 answers of ~30 s in flight at once in
-one process, across 10 workspaces (OAuth installs), with the event-loop lag, peak RSS, Slack 429s and
-completeness beside their targets. Redis: its own redis-server (or KIMIBOT_TEST_REDIS_URL, flushed).
+once (from a process of their own, as Slack sends from its own machines: bench/sender.py), and prints ack
+latency, throughput, Slack calls per answer, the bot's peak RSS and its own overhead per turn. Then issue
+10's scale round (bench/scale.py): 300 answers of ~30 s in flight at once in one process, across 10
+workspaces (OAuth installs), with the event-loop lag, peak RSS, Slack 429s and completeness beside their
+targets. Redis: its own redis-server (or KIMIBOT_TEST_REDIS_URL, flushed).
 
     .venv/bin/python -m bench.load [--questions 30] [--scale-answers 300 (0: skip)] [--scale-arrival-s 10]
 """
@@ -25,6 +26,7 @@ import aiohttp
 
 from bench.common import REDIS_URL, answers, start_fakes
 from bench.scale import BotProcess, print_figures, rss_mb, run_scale
+from bench.sender import send_round_apart
 from tests.fakes.kimi_api import FakeKimi, Reply
 from tests.fakes.slack_api import FakeSlack
 from tests.slack_requests import ALICE, envelope, json_body, mention, sign
@@ -54,27 +56,15 @@ class Round:
         self.started = self.finished = 0.0
 
 
-async def run_round(
-    session: aiohttp.ClientSession, url: str, slack: FakeSlack, rnd: Round, gap_s: float
-) -> None:
+async def run_round(url: str, slack: FakeSlack, rnd: Round, gap_s: float) -> None:
     for channel, ts, _ in rnd.events:
         slack.seed(channel, user=ALICE, text="q", ts=ts)
-
-    async def send(ts: str, body: bytes) -> None:
-        headers = {"Content-Type": "application/json", **sign(body)}
-        started = time.monotonic()
-        rnd.sent_at[ts] = started
-        async with session.post(url, data=body, headers=headers) as response:
-            assert response.status == 200, response.status
-        rnd.acks.append(time.monotonic() - started)
-
-    rnd.started = time.monotonic()
-    sends = []
-    for _, ts, body in rnd.events:
-        sends.append(asyncio.create_task(send(ts, body)))
-        if gap_s:
-            await asyncio.sleep(gap_s)
-    await asyncio.gather(*sends)
+    acks = await send_round_apart(url, [body for _, _, body in rnd.events], gap_s)
+    for (_, ts, _), ack in zip(rnd.events, acks, strict=True):
+        assert ack.status == 200, ack.status
+        rnd.sent_at[ts] = ack.sent_at
+        rnd.acks.append(ack.seconds)
+    rnd.started = min(rnd.sent_at.values())
 
     def done(channel: str, ts: str) -> bool:
         bodies = slack.bodies(channel, ts)
@@ -203,11 +193,11 @@ async def main(questions: int, scale_answers: int, scale_arrival_s: float) -> No
             ):
                 pass
             await asyncio.sleep(1.0)
-            await run_round(session, url, slack, paced, gap_s=0.05)
+            await run_round(url, slack, paced, gap_s=0.05)
             await asyncio.sleep(5.0)
-            await run_round(session, url, slack, burst, gap_s=0)
+            await run_round(url, slack, burst, gap_s=0)
             await asyncio.sleep(5.0)
-            await run_round(session, url, slack, one_channel, gap_s=0)
+            await run_round(url, slack, one_channel, gap_s=0)
             rss = rss_mb(bot.process.pid, "VmHWM")
     finally:
         await bot.stop()
