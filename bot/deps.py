@@ -17,6 +17,7 @@ from bot.admins import Admins
 from bot.budgets import budget_warnings
 from bot.channel_settings import ChannelSettings
 from bot.installations import Installations, RedisInstallationStore, Sealer
+from bot.intake import Intake
 from bot.kimi.client import KimiClient
 from bot.kimi.profiles import parse_prices, profile_for
 from bot.metrics import CountingRateLimitHandler, CountingWebClient, Metrics
@@ -61,6 +62,7 @@ class Deps:
     pacer: Pacer = field(default_factory=Pacer)
     pace: Pace = field(default_factory=Pace)
     identity: BotIdentity = field(default_factory=BotIdentity)
+    intake: Intake = field(default_factory=Intake)  # Slack's requests go ahead of new job starts
     approvals: Approvals | None = None
     installations: Installations | None = None  # OAuth mode: each workspace's bot (bot/installations.py)
     tools: ToolSource | None = None  # None: no tools, every answer is one Kimi request

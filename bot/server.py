@@ -232,6 +232,10 @@ def build_web_app(
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def slack_events(request: web.Request) -> web.Response:
+        async with deps.intake.request():
+            return await handle_slack_request(request)
+
+    async def handle_slack_request(request: web.Request) -> web.Response:
         assert bolt is not None
         raw = await request.read()
         try:
@@ -333,6 +337,7 @@ def build_worker(deps: Deps, block_ms: int = 1_000) -> Worker:
         report=report,
         housekeeping=lambda: adopt_legacy_jobs(deps),
         show_waiting=waiting,
+        hold_starts=deps.intake.quiet,
     )
 
 
@@ -474,7 +479,7 @@ async def serve(deps: Deps) -> None:
     worker = build_worker(deps) if works else None
     checks = check_client(settings)
     socket = (
-        SocketConnection(bolt, settings, deps.slack, checks, health)
+        SocketConnection(bolt, settings, deps.slack, checks, health, deps.intake)
         if bolt is not None and settings.socket_mode
         else None
     )

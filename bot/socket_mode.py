@@ -25,6 +25,7 @@ from slack_sdk.socket_mode.request import SocketModeRequest
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.health import Health
+from bot.intake import Intake
 from bot.settings import Settings
 from bot.startup import NotYet, backoff_s, open_socket_url
 
@@ -98,8 +99,10 @@ class SocketConnection:
         web_client: AsyncWebClient,
         checks: AsyncWebClient,
         health: Health,
+        intake: Intake | None = None,
     ) -> None:
         self.bolt = bolt
+        self.intake = intake if intake is not None else Intake()
         self.settings = settings
         self.checks = checks
         self.health = health
@@ -110,8 +113,9 @@ class SocketConnection:
 
     async def _handle(self, client: AsyncBaseSocketModeClient, request: SocketModeRequest) -> None:
         started = time.time()
-        response = await run_async_bolt_app(self.bolt, request)
-        await send_async_response(client, request, response, started)
+        async with self.intake.request():  # acks go out oldest first, ahead of new job starts
+            response = await run_async_bolt_app(self.bolt, request)
+            await send_async_response(client, request, response, started)
 
     async def run(self) -> None:
         """Connect, watch, reconnect. Raises `Rejected` when Slack refuses SLACK_APP_TOKEN."""

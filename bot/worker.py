@@ -57,12 +57,14 @@ class Worker:
         report: Reporter | None = None,
         housekeeping: Callable[[], Awaitable[object]] | None = None,
         show_waiting: Callable[[Lease], Awaitable[None]] | None = None,
+        hold_starts: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.queue = queue
         self.run_job = run
         self.report = report
         self.housekeeping = housekeeping  # with every sweep (e.g. adopting an older version's jobs)
         self.show_waiting = show_waiting  # gives questions queued behind a running one their sign of life
+        self.hold_starts = hold_starts  # returns when new jobs may start (Slack's requests in hand go first)
         self.concurrency = concurrency
         self.max_attempts = max_attempts
         self.visibility_s = visibility_s
@@ -107,6 +109,8 @@ class Worker:
             if self.housekeeping is not None:
                 await self.housekeeping()
         self.queue.wakeup.clear()
+        if self.hold_starts is not None:
+            await self.hold_starts()
         claimed = 0
         for thread, score in await self.queue.due(free, exclude=self.running):
             if self._stopping.is_set() or len(self.running) >= self.concurrency:

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import aiohttp
+import pytest
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.socket_mode.request import SocketModeRequest
+from slack_sdk.web.async_client import AsyncWebClient
 
+from bot import socket_mode
+from bot.health import Health
+from bot.intake import Intake
+from bot.settings import Settings
 from tests.fakes.kimi_api import API_KEY, FakeKimi
 from tests.fakes.slack_api import APP_TOKEN, TOKEN, FakeSlack
 from tests.slack_requests import CHANNEL, command_body, envelope, mention
@@ -126,3 +137,46 @@ async def test_a_disconnect_message_from_slack_makes_kimibot_open_a_new_connecti
         if bot.process.poll() is None:
             bot.process.kill()
     assert fake_slack.problems == []
+
+
+async def test_socket_mode_requests_wait_their_turn_at_the_intake(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same gate as /slack/events (bot/intake.py): an envelope is handled and acked in its turn, and
+    counts as a request in hand (the worker holds new job starts meanwhile)."""
+    handled: list[str] = []
+
+    async def run_app(_: Any, request: SocketModeRequest) -> str:
+        handled.append(request.envelope_id)
+        return "response"
+
+    async def respond(*_: Any) -> None:
+        handled.append("acked")
+
+    monkeypatch.setattr(socket_mode, "run_async_bolt_app", run_app)
+    monkeypatch.setattr(socket_mode, "send_async_response", respond)
+    intake = Intake(concurrency=1, max_wait_s=30)
+    settings = make_settings(slack_app_token=APP_TOKEN)
+    connection = socket_mode.SocketConnection(
+        cast(AsyncApp, None), settings, AsyncWebClient(), AsyncWebClient(), Health(), intake
+    )
+    release, inside = asyncio.Event(), asyncio.Event()
+
+    async def other_request() -> None:
+        async with intake.request():
+            inside.set()
+            await release.wait()
+
+    holder = asyncio.create_task(other_request())
+    await inside.wait()
+    request = SocketModeRequest(type="events_api", envelope_id="env-9", payload={})
+    task = asyncio.create_task(connection._handle(cast(Any, None), request))
+    await asyncio.sleep(0.1)
+    assert handled == [] and intake.in_hand == 2
+    release.set()
+    await holder
+    async with asyncio.timeout(5):
+        await task
+    assert handled == ["env-9", "acked"] and intake.in_hand == 0
+    with contextlib.suppress(Exception):
+        await connection.client.close()  # type: ignore[no-untyped-call]
