@@ -1,64 +1,47 @@
-"""Slack's requests before the worker's job starts: one event loop does both, and an ack waits for every
-piece of work queued ahead of it on that loop.
+"""Slack's requests go ahead of new job starts: one event loop does both, and an ack waits for every piece of
+work queued ahead of it on that loop.
 
-When 30 mentions arrive at once, each request's handler runs until its Redis call, then each resumes: every
-ack waits for all 30 (p50 = max), and jobs the worker starts meanwhile (each a dozen Redis round trips)
-wedge themselves between them. So requests are let through a few at a time, oldest first (an early ack does
-not wait for the later requests' work), and the worker holds back new job starts while requests are in
-hand, up to `max_hold_s`, so a steady stream of requests cannot starve it. A request that waited
-`max_wait_s` for its turn goes ahead anyway: the ones ahead of it are stuck (Redis silent), and a queue
-behind them would only make every later ack slower than Slack's 3 s.
+A job's start is a dozen Redis round trips and a Slack call or two; when a burst of mentions arrives, the
+worker would start the first ones' answers while the later requests still wait for their acks. So the
+worker's claim of new threads waits while any request is being handled (`quiet()`), up to `max_hold_s`: a
+steady stream of requests cannot starve it. A request counts from the moment Bolt takes it (its signature is
+the first thing checked, so a forged or trickled body holds nothing back) until its ack is written.
+
+A gate letting requests through a few at a time was tried and measured (bench.load): a slightly lower
+median ack under a 30-request burst on a loopback Redis, a much higher one once Redis is a millisecond away
+(each slot is held through its round trip), so requests are not gated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
-# Requests handled at once: a few, so one request's Redis round trip overlaps another's work (bench.load's
-# 30-mention burst: 2 to 8 measured, 4 best).
-CONCURRENCY = 4
-MAX_WAIT_S = 0.2
 MAX_HOLD_S = 0.05
 
 
 class Intake:
-    def __init__(
-        self, concurrency: int = CONCURRENCY, max_wait_s: float = MAX_WAIT_S, max_hold_s: float = MAX_HOLD_S
-    ) -> None:
-        self.concurrency = concurrency
-        self.max_wait_s = max_wait_s
+    def __init__(self, max_hold_s: float = MAX_HOLD_S) -> None:
         self.max_hold_s = max_hold_s
-        self.in_hand = 0  # requests received and not yet answered (waiting for their turn or in it)
-        self._gate: asyncio.Semaphore | None = None  # made on first use: inside the serving event loop
-        self._quiet: asyncio.Event | None = None
+        self.in_hand = 0  # Slack requests being handled now (not yet acked)
+        self._quiet: asyncio.Event | None = None  # made on first use: inside the serving event loop
 
-    @contextlib.asynccontextmanager
-    async def request(self) -> AsyncIterator[None]:
-        """Around one request's handling: waits its turn, and holds back job starts until it is answered."""
-        if self._gate is None:
-            self._gate = asyncio.Semaphore(self.concurrency)
-        gate = self._gate
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Around one request's handling, up to its ack: new job starts wait until it is done."""
         self.in_hand += 1
         if self._quiet is not None:
             self._quiet.clear()
-        turn = False
         try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.max_wait_s):
-                    await gate.acquire()
-                    turn = True
             yield
         finally:
-            if turn:
-                gate.release()
             self.in_hand -= 1
             if not self.in_hand and self._quiet is not None:
                 self._quiet.set()
 
     async def quiet(self) -> None:
-        """Until no request is in hand, or `max_hold_s` has passed (the worker's job starts wait here)."""
+        """Until no request is in hand, or `max_hold_s` has passed (the worker's claims wait here)."""
         if not self.in_hand:
             return
         if self._quiet is None:

@@ -232,10 +232,6 @@ def build_web_app(
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def slack_events(request: web.Request) -> web.Response:
-        async with deps.intake.request():
-            return await handle_slack_request(request)
-
-    async def handle_slack_request(request: web.Request) -> web.Response:
         assert bolt is not None
         raw = await request.read()
         try:
@@ -256,7 +252,8 @@ def build_web_app(
             log.warning("malformed payload refused", extra={"why": problem})
             return _bad_request("malformed payload")
         try:
-            bolt_response = await bolt.async_dispatch(bolt_request)
+            with deps.intake.request():  # new job starts wait until this is answered (bot/intake.py)
+                bolt_response = await bolt.async_dispatch(bolt_request)
         except (RedisError, TimeoutError) as exc:
             log.warning("redis unavailable while admitting a request", extra={"error": str(exc)})
             return _bad_request("storage unavailable", status=503)

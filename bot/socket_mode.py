@@ -113,7 +113,7 @@ class SocketConnection:
 
     async def _handle(self, client: AsyncBaseSocketModeClient, request: SocketModeRequest) -> None:
         started = time.time()
-        async with self.intake.request():  # acks go out oldest first, ahead of new job starts
+        with self.intake.request():  # new job starts wait until this is acked (bot/intake.py)
             response = await run_async_bolt_app(self.bolt, request)
             await send_async_response(client, request, response, started)
 

@@ -64,7 +64,7 @@ class Worker:
         self.report = report
         self.housekeeping = housekeeping  # with every sweep (e.g. adopting an older version's jobs)
         self.show_waiting = show_waiting  # gives questions queued behind a running one their sign of life
-        self.hold_starts = hold_starts  # returns when new jobs may start (Slack's requests in hand go first)
+        self.hold_starts = hold_starts  # returns when new threads may be claimed (Slack's requests go first)
         self.concurrency = concurrency
         self.max_attempts = max_attempts
         self.visibility_s = visibility_s
@@ -111,6 +111,9 @@ class Worker:
         self.queue.wakeup.clear()
         if self.hold_starts is not None:
             await self.hold_starts()
+            if self._stopping.is_set():
+                return 0
+            free = self.concurrency - len(self.running)  # answers may have finished meanwhile
         claimed = 0
         for thread, score in await self.queue.due(free, exclude=self.running):
             if self._stopping.is_set() or len(self.running) >= self.concurrency:
