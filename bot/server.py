@@ -31,6 +31,7 @@ from bot.installations import InstallationUnavailable
 from bot.metrics import CONTENT_TYPE
 from bot.oauth import add_oauth_routes, build_oauth_flow
 from bot.queue import Job, Lease
+from bot.redis_client import warm_pool
 from bot.slack import acting
 from bot.slack.acting import TeamBot
 from bot.socket_mode import SocketConnection
@@ -432,7 +433,16 @@ async def _start_up(
     async def kimi() -> None:
         await until_settled("MOONSHOT_API_KEY", lambda: check_kimi(settings), health.checks)
 
+    async def warm_redis() -> None:
+        try:
+            opened = await warm_pool(deps.redis)
+        except Exception as exc:  # best effort: connections are opened on first use instead
+            log.debug("redis connections not opened ahead", extra={"error": repr(exc)})
+            return
+        log.debug("redis connections opened ahead", extra={"count": opened})
+
     async with asyncio.TaskGroup() as group:
+        group.create_task(warm_redis())
         group.create_task(bot_token())
         if works:
             group.create_task(kimi())

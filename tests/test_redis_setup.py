@@ -13,7 +13,15 @@ import pytest
 import redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bot.redis_client import MAX_BLOCK_S, POOL_SIZE, SOCKET_TIMEOUT_S, build_redis, is_cluster
+from bot.redis_client import (
+    MAX_BLOCK_S,
+    POOL_SIZE,
+    SOCKET_TIMEOUT_S,
+    WARM_CONNECTIONS,
+    build_redis,
+    is_cluster,
+    warm_pool,
+)
 from tests.conftest import BotHarness
 from tests.fakes.slack_api import FakeSlack
 from tests.redis_servers import ENV, PrivateRedis, suite_redis
@@ -131,4 +139,39 @@ async def test_a_burst_of_more_commands_than_pooled_connections_waits_for_connec
         results = await asyncio.gather(*(client.incr(key) for _ in range(50)))
         assert sorted(results) == list(range(1, 51))
     finally:
+        await client.aclose()
+
+
+async def test_start_up_opens_pooled_connections_that_the_first_burst_then_uses(
+    silent_redis: PrivateRedis,
+) -> None:
+    """warm_pool (run by serve's start-up): WARM_CONNECTIONS connections open before any request, and a
+    burst of that many concurrent commands opens no new one."""
+    client = build_redis(silent_redis.url)
+    observer = redis.asyncio.Redis.from_url(silent_redis.url)
+    try:
+        before = len(await observer.client_list())
+        assert await warm_pool(client) == WARM_CONNECTIONS
+        assert len(await observer.client_list()) == before + WARM_CONNECTIONS
+        await asyncio.gather(*(client.incr("burst") for _ in range(WARM_CONNECTIONS)))
+        assert len(await observer.client_list()) == before + WARM_CONNECTIONS
+    finally:
+        await client.aclose()
+        await observer.aclose()
+
+
+async def test_opening_connections_ahead_gives_up_quietly_when_redis_is_silent(
+    silent_redis: PrivateRedis,
+) -> None:
+    """A Redis that accepts connections but answers nothing: no connection is kept, nothing is raised, and
+    it takes one socket timeout (start-up goes on; the pool opens connections on first use)."""
+    client = build_redis(silent_redis.url)
+    silent_redis.pause()
+    try:
+        started = time.monotonic()
+        assert await warm_pool(client, count=4) == 0
+        assert time.monotonic() - started < SOCKET_TIMEOUT_S + 2
+        assert not client.connection_pool._in_use_connections
+    finally:
+        silent_redis.resume()
         await client.aclose()

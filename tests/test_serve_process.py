@@ -13,7 +13,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
+from bot.redis_client import WARM_CONNECTIONS, probe_cluster
 from tests.fakes.kimi_api import API_KEY, FakeKimi
 from tests.fakes.slack_api import TOKEN, FakeSlack
 from tests.slack_requests import CHANNEL, DM, SIGNING_SECRET, envelope, json_body, mention, message, sign
@@ -232,3 +234,25 @@ async def test_a_receiver_and_a_worker_split_the_work_and_each_serves_its_probes
         assert (await worker.terminate())[0] == 0
         assert (await receiver.terminate())[0] == 0
     assert fake_slack.problems == []
+
+
+async def test_serve_opens_its_redis_connections_before_the_first_request(
+    start_serve: Callable[..., ServeProcess], redis_url: str
+) -> None:
+    """The first burst after a start does not wait for connections to be opened (bot/redis_client.py
+    warm_pool): serve opens WARM_CONNECTIONS of them while it starts."""
+    observer = Redis.from_url(redis_url)
+    try:
+        if probe_cluster(redis_url):
+            pytest.skip("a cluster client's pools are per node, opened as it learns the slots")
+        before = len(await observer.client_list())
+        async with aiohttp.ClientSession() as session:
+            bot = start_serve()
+            await bot.wait_healthy(session)
+        async with asyncio.timeout(15):
+            while len(await observer.client_list()) < before + WARM_CONNECTIONS:  # noqa: ASYNC110 - in another process
+                await asyncio.sleep(0.05)
+        code, output = await bot.terminate()
+        assert code == 0, output
+    finally:
+        await observer.aclose()
