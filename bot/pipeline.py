@@ -599,13 +599,19 @@ async def _think_and_deliver(
         acc = Accumulator(content=[writer.answer], finish_reason="stopped")
     else:
         log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=left_out))
+        # The sign of life goes right behind the request to Kimi (on_send; a no-op if already shown): its
+        # Slack call's work does not delay the request.
         task = asyncio.create_task(
             kimi.complete(
-                fitted.messages, on_event=on_event, on_restart=writer.restarted, meter=meter, call=call
+                fitted.messages,
+                on_event=on_event,
+                on_restart=writer.restarted,
+                meter=meter,
+                call=call,
+                on_send=writer.start,
             )
         )
         kimi_task.append(task)
-        writer.start()  # the sign of life goes right behind the request to Kimi (a no-op if already shown)
         try:
             acc = await task
         except asyncio.CancelledError:
@@ -614,6 +620,11 @@ async def _think_and_deliver(
             acc = Accumulator(
                 reasoning=[writer.reasoning_text], content=[writer.answer], finish_reason="stopped"
             )
+        except Exception:
+            # Refused before it was sent (a budget): the sentence that says so takes the place of the sign
+            # of life, and of an earlier run's partial answer (which begin() takes back).
+            writer.start()
+            raise
         else:
             # Kimi's whole answer, kept with the job before its last Slack write: a run that dies between
             # that write and the record is replayed from it (never asked again: no second cost, no budget
@@ -1030,6 +1041,7 @@ async def _agent_answer(
             tool_choice=tool_choice,
             meter=meter,  # each step reserved before it is asked and recorded after (Stop's cut one too)
             call=call,
+            on_send=writer.start,  # the sign of life right behind the first request (see the plain path)
         )
 
     async def checkpoint(index: int, step: Step) -> None:
@@ -1062,13 +1074,15 @@ async def _agent_answer(
     else:
         task = asyncio.create_task(loop.run(fitted.messages, resume))
         kimi_task.append(task)
-        writer.start()
         try:
             outcome = await task
         except asyncio.CancelledError:
             if not writer.stopped:
                 raise
             outcome = loop.partial("", writer.answer)
+        except Exception:
+            writer.start()  # refused before its first request was sent (see the plain path)
+            raise
         else:  # kept before the last Slack write: a run that dies after it is replayed (see the plain path)
             await writer.text_complete()
             await _keep_finished(
