@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+import aiohttp.client_reqrep
+
 import bot.agent.loop
 import bot.kimi.client
 import bot.pipeline
@@ -82,6 +84,7 @@ STEPS: list[tuple[Any, str, str]] = [
     (bot.usage.UsageLedger, "reserve", "              ledger.reserve"),
     (bot.kimi.client.KimiClient, "_stream_once", "            KimiClient._stream_once"),
     (bot.kimi.client.KimiClient, "request_kwargs", "              request_kwargs"),
+    (aiohttp.client_reqrep.ClientRequest, "send", "                aiohttp ClientRequest.send"),
     (bot.slack.reply.ReplyWriter, "begin", "(beside) ReplyWriter.begin: the placeholder"),
 ]
 
@@ -218,7 +221,7 @@ def steps_of(spans: list[Span], queued: float, arrived: float) -> dict[str, tupl
     trips it sent itself before then)."""
     out: dict[str, tuple[float, float, int]] = {}
     for span in spans:
-        if span.start > arrived:
+        if not queued <= span.start <= arrived:
             continue
         end = min(span.end or arrived, arrived)
         start, spent, trips = out.get(span.label, (span.start, 0.0, 0))
