@@ -376,12 +376,14 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
     if turn.reads_thread:  # Regenerate and Retry read the thread again too
         details["reads_thread"] = True
     try:
-        progress, name, state, config = await asyncio.gather(  # what the job needs, fetched at once
+        progress, name, state, config, who = await asyncio.gather(  # what the job needs, fetched at once
             lease.progress(job),
             speaker_name(deps, turn.team_id, turn.user),
             deps.threads.load(turn.thread) if turn.in_slack_thread else _given(None),
             # The channel's settings (channel override > workspace default > env), read for each question.
             deps.channel_settings.resolve(turn.team_id, turn.channel),
+            # A Stop pressed while the question waited; one pressed from now on is seen by the writer.
+            deps.stops.requested_by(turn.channel, turn.ts),
         )
         ran_before = bool(progress.get("started")) or job.attempt > 1
         if ran_before and turn.in_slack_thread and not turn.assistant_thread:
@@ -397,7 +399,6 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
         if turn.in_slack_thread and not turn.assistant_thread:
             progress = await placeholder_below_answers(deps, turn, lease, job, progress, state)
         writer.resume = progress
-        who = await deps.stops.requested_by(turn.channel, turn.ts)
         # Stopped while it waited for the answer before it; not a run that had Kimi's whole answer already
         # (the Stop came after it, while it was being shown): that answer is delivered below.
         if who is not None and finished_answer(progress) is None:
