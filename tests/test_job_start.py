@@ -10,12 +10,13 @@ from redis.asyncio import Redis
 
 from bot.queue import Job, JobQueue
 from bot.redis_client import is_cluster
+from bot.slack.reply import ReplyWriter
 from bot.store import READY_KEY, ThreadKeys
-from bot.turn import ThreadKey
+from bot.turn import Source, ThreadKey, Turn
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi, Reply
-from tests.fakes.slack_api import FakeSlack
-from tests.slack_requests import CHANNEL, mention
+from tests.fakes.slack_api import TEAM_ID, FakeSlack
+from tests.slack_requests import ALICE, CHANNEL, mention
 from tests.test_usage import ONE_CENT_A_REQUEST
 
 THREAD = ThreadKey("T1", "C1", "1700000000.000100")
@@ -132,3 +133,18 @@ async def test_a_rerun_refused_by_the_budget_says_so_in_the_earlier_runs_placeho
     assert fake_kimi.requests == []
     [sentence] = fake_slack.bodies(CHANNEL, "1700000010.000200")
     assert "budget" in sentence
+
+
+async def test_an_approval_prompt_goes_below_the_sign_of_life_still_on_its_way(
+    bot: BotHarness, fake_slack: FakeSlack
+) -> None:
+    """The placeholder now follows Kimi's first request: a tool call that needs approval, answered at once,
+    must not post its Approve/Deny above it."""
+    ts = fake_slack.seed(CHANNEL, user=ALICE, text="file it")
+    turn = Turn(Source.MENTION, TEAM_ID, CHANNEL, ALICE, "file it", ts=ts, thread_ts=ts)
+    writer = ReplyWriter(bot.deps.slack, turn, pacer=bot.deps.pacer, pace=bot.deps.pace, stop_value="x")
+    writer.start()
+    await writer.post_prompt("Approve?", [])
+    posts = [c.args.get("text") for c in fake_slack.calls if c.method == "chat.postMessage"]
+    assert len(posts) == 2 and posts[1] == "Approve?"
+    await writer.close()
