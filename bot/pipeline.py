@@ -38,7 +38,7 @@ from bot.slack.reply import QUESTION_EVENT, ReplyWriter, describe
 from bot.store import Approvals, FileCache, ThreadState
 from bot.summaries import fit_thread
 from bot.tools.base import Tool, ToolContext
-from bot.tools.registry import build_registry, offered
+from bot.tools.registry import offered, registry_for
 from bot.turn import Source, Turn, file_refs
 from bot.usage import Limits, Meter, OverBudget
 
@@ -965,7 +965,7 @@ def offer(tools: list[Tool], ctx: ToolContext) -> tuple[list[Tool], list[dict[st
     """The tools usable for this turn and their definitions, from the registry: valid names, sanitised
     schemas (a tool that cannot be fixed is dropped and logged), at most 127 (read_more is the 128th),
     sorted by name, byte-stable on every request of the turn (the prefix cache)."""
-    registry = build_registry(offered(tools, ctx))
+    registry = registry_for(offered(tools, ctx))  # built once for the same tools, then reused
     return list(registry.tools), registry.definitions_list()
 
 
