@@ -8,7 +8,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bot.queue import Job, JobQueue
+from bot.queue import CLAIM_SCRIPT, READY_SCRIPT, Job, JobQueue
 from bot.redis_client import is_cluster
 from bot.slack.reply import ReplyWriter
 from bot.store import READY_KEY, ThreadKeys
@@ -42,6 +42,8 @@ async def test_a_claim_takes_the_lease_begins_the_head_job_and_lists_the_thread_
     await queue.put(THREAD, "turn", {"job_id": "1"})
     await queue.put(THREAD, "turn", {"job_id": "2"})
     [(thread, score)] = await queue.due(5)
+    for script in (CLAIM_SCRIPT, READY_SCRIPT):  # loaded already, as after a process's first claim
+        await redis.script_load(script.text)  # type: ignore[no-untyped-call]
     sent = counting(redis)
     lease = await queue.claim(thread, score)
     assert lease is not None
