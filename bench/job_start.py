@@ -84,7 +84,7 @@ STEPS: list[tuple[Any, str, str]] = [
     (bot.usage.UsageLedger, "reserve", "              ledger.reserve"),
     (bot.kimi.client.KimiClient, "_stream_once", "            KimiClient._stream_once"),
     (bot.kimi.client.KimiClient, "request_kwargs", "              request_kwargs"),
-    (aiohttp.client_reqrep.ClientRequest, "send", "                aiohttp ClientRequest.send"),
+    (aiohttp.client_reqrep.ClientRequest, "send", "first HTTP request out (Kimi's or Slack's)"),
     (bot.slack.reply.ReplyWriter, "begin", "(beside) ReplyWriter.begin: the placeholder"),
 ]
 
