@@ -38,7 +38,7 @@ from bot.slack.reply import QUESTION_EVENT, ReplyWriter, describe
 from bot.store import Approvals, FileCache, ThreadState
 from bot.summaries import fit_thread
 from bot.tools.base import Tool, ToolContext
-from bot.tools.registry import build_registry, offered
+from bot.tools.registry import offered, registry_for
 from bot.turn import Source, Turn, file_refs
 from bot.usage import Limits, Meter, OverBudget
 
@@ -376,12 +376,14 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
     if turn.reads_thread:  # Regenerate and Retry read the thread again too
         details["reads_thread"] = True
     try:
-        progress, name, state, config = await asyncio.gather(  # what the job needs, fetched at once
+        progress, name, state, config, who = await asyncio.gather(  # what the job needs, fetched at once
             lease.progress(job),
             speaker_name(deps, turn.team_id, turn.user),
             deps.threads.load(turn.thread) if turn.in_slack_thread else _given(None),
             # The channel's settings (channel override > workspace default > env), read for each question.
             deps.channel_settings.resolve(turn.team_id, turn.channel),
+            # A Stop pressed while the question waited; one pressed from now on is seen by the writer.
+            deps.stops.requested_by(turn.channel, turn.ts),
         )
         ran_before = bool(progress.get("started")) or job.attempt > 1
         if ran_before and turn.in_slack_thread and not turn.assistant_thread:
@@ -397,7 +399,6 @@ async def answer(turn: Turn, deps: Deps, lease: Lease, job: Job) -> None:
         if turn.in_slack_thread and not turn.assistant_thread:
             progress = await placeholder_below_answers(deps, turn, lease, job, progress, state)
         writer.resume = progress
-        who = await deps.stops.requested_by(turn.channel, turn.ts)
         # Stopped while it waited for the answer before it; not a run that had Kimi's whole answer already
         # (the Stop came after it, while it was being shown): that answer is delivered below.
         if who is not None and finished_answer(progress) is None:
@@ -599,13 +600,19 @@ async def _think_and_deliver(
         acc = Accumulator(content=[writer.answer], finish_reason="stopped")
     else:
         log.info("asking kimi", extra=turn_log(turn, messages=len(fitted.messages), left_out=left_out))
+        # The sign of life goes right behind the request to Kimi (on_send; a no-op if already shown): its
+        # Slack call's work does not delay the request.
         task = asyncio.create_task(
             kimi.complete(
-                fitted.messages, on_event=on_event, on_restart=writer.restarted, meter=meter, call=call
+                fitted.messages,
+                on_event=on_event,
+                on_restart=writer.restarted,
+                meter=meter,
+                call=call,
+                on_send=writer.start,
             )
         )
         kimi_task.append(task)
-        writer.start()  # the sign of life goes right behind the request to Kimi (a no-op if already shown)
         try:
             acc = await task
         except asyncio.CancelledError:
@@ -614,6 +621,11 @@ async def _think_and_deliver(
             acc = Accumulator(
                 reasoning=[writer.reasoning_text], content=[writer.answer], finish_reason="stopped"
             )
+        except Exception:
+            # Refused before it was sent (a budget): the sentence that says so takes the place of the sign
+            # of life, and of an earlier run's partial answer (which begin() takes back).
+            writer.start()
+            raise
         else:
             # Kimi's whole answer, kept with the job before its last Slack write: a run that dies between
             # that write and the record is replayed from it (never asked again: no second cost, no budget
@@ -953,7 +965,7 @@ def offer(tools: list[Tool], ctx: ToolContext) -> tuple[list[Tool], list[dict[st
     """The tools usable for this turn and their definitions, from the registry: valid names, sanitised
     schemas (a tool that cannot be fixed is dropped and logged), at most 127 (read_more is the 128th),
     sorted by name, byte-stable on every request of the turn (the prefix cache)."""
-    registry = build_registry(offered(tools, ctx))
+    registry = registry_for(offered(tools, ctx))  # built once for the same tools, then reused
     return list(registry.tools), registry.definitions_list()
 
 
@@ -1030,6 +1042,7 @@ async def _agent_answer(
             tool_choice=tool_choice,
             meter=meter,  # each step reserved before it is asked and recorded after (Stop's cut one too)
             call=call,
+            on_send=writer.start,  # the sign of life right behind the first request (see the plain path)
         )
 
     async def checkpoint(index: int, step: Step) -> None:
@@ -1062,13 +1075,15 @@ async def _agent_answer(
     else:
         task = asyncio.create_task(loop.run(fitted.messages, resume))
         kimi_task.append(task)
-        writer.start()
         try:
             outcome = await task
         except asyncio.CancelledError:
             if not writer.stopped:
                 raise
             outcome = loop.partial("", writer.answer)
+        except Exception:
+            writer.start()  # refused before its first request was sent (see the plain path)
+            raise
         else:  # kept before the last Slack write: a run that dies after it is replayed (see the plain path)
             await writer.text_complete()
             await _keep_finished(

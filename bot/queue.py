@@ -90,14 +90,42 @@ _ENQUEUE_AND_LIST = (
     "local function enqueue()\n" + _ENQUEUE + "\nend\nlocal n = enqueue()\n" + _LIST_NOW + "return n\n"
 )
 
-# KEYS: lease, fence, inbox. ARGV: owner, lease ms. -> {1, token} | {0, lease ms left} | {-1} (nothing to do)
+# Take the thread's lease and begin its head job (what _BEGIN does: one attempt counted), in one step: the
+# worker's first job starts without a round trip of its own. With KEYS[5] (the `ready` listing: a single
+# Redis only, it is in another slot) the listing is updated in the same call, as `JobQueue.claim` otherwise
+# does in a second one: pushed to when the lease runs out (taken, or held by another worker), or, with no
+# jobs, unlisted unless it was listed anew since the worker saw it at ARGV[4] (see _READY's 'forget'; no
+# job can come in meanwhile: the inbox was seen empty in this same call).
+# KEYS: lease, fence, inbox, attempts[, ready]. ARGV: owner, lease ms[, member, score seen].
+# -> {1, token, head, attempt} | {0, lease ms left} | {-1} (nothing to do)
 _CLAIM = """
-if redis.call('LLEN', KEYS[3]) == 0 then return {-1} end
+local head = redis.call('LINDEX', KEYS[3], 0)
+if not head then
+  if KEYS[5] then
+    local score = redis.call('ZSCORE', KEYS[5], ARGV[3])
+    if score and tonumber(score) == tonumber(ARGV[4]) then redis.call('ZREM', KEYS[5], ARGV[3]) end
+  end
+  return {-1}
+end
 local left = redis.call('PTTL', KEYS[1])
-if left ~= -2 then return {0, left} end
-local token = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
-return {1, token}
+local later = tonumber(ARGV[2])
+local result
+if left ~= -2 then
+  later = (left >= 0 and left or later) + 50
+  result = {0, left}
+else
+  local token = redis.call('INCR', KEYS[2])
+  redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
+  local attempt = redis.call('HINCRBY', KEYS[4], head, 1)
+  redis.call('EXPIRE', KEYS[4], 86400)
+  result = {1, token, head, attempt}
+end
+if KEYS[5] then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', KEYS[5], 'XX', 'GT', now + later, ARGV[3])
+end
+return result
 """
 
 # KEYS: lease. ARGV: holder, lease ms.
@@ -310,10 +338,11 @@ class Job:
         return Job(thread, raw, str(parsed.get("kind") or ""), parsed["data"], attempt, queued_at)
 
 
-# Sent by SHA1 (bot/redis_client.py Script): the intake path sends no script text.
+# Sent by SHA1 (bot/redis_client.py Script): the intake path and the claim send no script text.
 ENQUEUE_SCRIPT = Script(_ENQUEUE)
 ENQUEUE_AND_LIST_SCRIPT = Script(_ENQUEUE_AND_LIST)
 READY_SCRIPT = Script(_READY)
+CLAIM_SCRIPT = Script(_CLAIM)
 
 
 def _listing_args(op: str, thread: ThreadKey | str, ms: int = 0, seen: float = 0.0) -> tuple[Any, ...]:
@@ -380,9 +409,7 @@ class JobQueue:
     async def due(self, count: int, exclude: Iterable[str] = ()) -> list[tuple[ThreadKey, float]]:
         """Threads whose time to look has come, oldest first."""
         skip = set(exclude)
-        flat: Any = await self.redis.eval(  # type: ignore[misc]
-            _READY, 1, READY_KEY, "due", str(count + len(skip)), 0, 0
-        )
+        flat: Any = await READY_SCRIPT(self.redis, (READY_KEY,), ("due", str(count + len(skip)), 0, 0))
         found = [(str(flat[i]), float(flat[i + 1])) for i in range(0, len(flat), 2)]
         threads = []
         for member, score in found:
@@ -396,16 +423,29 @@ class JobQueue:
         return threads[:count]
 
     async def claim(self, thread: ThreadKey, seen_score: float) -> Lease | None:
-        """Take the thread's lease if it is free and has jobs; else push its listing to when to look again."""
+        """Take the thread's lease if it is free and has jobs, and begin its head job (counting an attempt:
+        the lease's first `next_job` returns it without asking Redis); else push its listing to when to look
+        again. One round trip on a single Redis (the listing in the same script); two on a cluster."""
         keys = ThreadKeys(thread)
-        result: Any = await self.redis.eval(  # type: ignore[misc]
-            _CLAIM, 3, keys.lease, keys.fence, keys.inbox, self.consumer, self.lease_ms
-        )
+        lease_keys = (keys.lease, keys.fence, keys.inbox, keys.attempts)
+        cluster = is_cluster(self.redis)  # the listing lives in another slot: its own call
+        if cluster:
+            result: Any = await CLAIM_SCRIPT(self.redis, lease_keys, (self.consumer, self.lease_ms))
+        else:
+            result = await CLAIM_SCRIPT(
+                self.redis,
+                (*lease_keys, READY_KEY),
+                (self.consumer, self.lease_ms, str(thread), repr(seen_score)),
+            )
         outcome = int(result[0])
         if outcome == 1:
             lease = Lease(self, thread, f"{self.consumer}|{int(result[1])}")
-            await self.listing("later", thread, self.lease_ms)
+            lease.first = _job_or_raw(thread, str(result[2]), int(result[3]))
+            if cluster:
+                await self.listing("later", thread, self.lease_ms)
             return lease
+        if not cluster:
+            return None
         if outcome == 0:  # another worker has it; look again when its lease would run out
             left = max(int(result[1]), 0) if int(result[1]) >= 0 else self.lease_ms
             await self.listing("later", thread, left + 50)
@@ -464,6 +504,14 @@ class JobQueue:
         return [{str(k): str(v) for k, v in fields.items()} for _, fields in entries]
 
 
+def _job_or_raw(thread: ThreadKey, raw: str, attempt: int) -> Job | str:
+    """The job of an inbox entry, or the raw entry when it is not a job at all."""
+    try:
+        return Job.decode(thread, raw, attempt)
+    except (ValueError, TypeError):
+        return raw
+
+
 @dataclass
 class Lease:
     """The right to run and write for one thread, until it is lost or released."""
@@ -479,6 +527,8 @@ class Lease:
     valid_until: float = field(init=False)  # monotonic; Slack writes wait past it
     # The worker's watcher while it holds the lease (renewals, Stop keys); None for a lease used alone.
     watcher: Watcher | None = field(default=None, init=False, repr=False, compare=False)
+    # The head job the claim began (its attempt counted), until `next_job` hands it out.
+    first: Job | str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.keys = ThreadKeys(self.thread)
@@ -558,17 +608,16 @@ class Lease:
 
     async def next_job(self) -> Job | str | None:
         """The thread's head job (counting an attempt), None when the inbox is empty, or the raw entry when
-        it is not a job at all."""
+        it is not a job at all. The first one is the job the claim began."""
+        if self.first is not None:
+            first, self.first = self.first, None
+            return first
         result: Any = await self.redis.eval(  # type: ignore[misc]
             _BEGIN, 3, self.keys.lease, self.keys.inbox, self.keys.attempts, self.holder
         )
         if self._check(result) == 0:
             return None
-        raw, attempt = str(result[1]), int(result[2])
-        try:
-            return Job.decode(self.thread, raw, attempt)
-        except (ValueError, TypeError):
-            return raw
+        return _job_or_raw(self.thread, str(result[1]), int(result[2]))
 
     async def waiting_jobs(self, limit: int = 20) -> list[Job]:
         """The jobs queued behind the head (the one running), oldest first; unreadable ones skipped."""
@@ -697,10 +746,12 @@ class Lease:
 
     async def hand_back(self, job: Job | None, *, after_ms: int = 0) -> None:
         """Let another worker have the thread (now, or in `after_ms`: a job that cannot run yet); the
-        interrupted job is not an attempt."""
+        interrupted job (or the one the claim began and nobody ran yet) is not an attempt."""
         self.ending = True
+        unrun, self.first = self.first, None
+        raw = job.raw if job else (unrun.raw if isinstance(unrun, Job) else unrun or "")
         result = await self.redis.eval(  # type: ignore[misc]
-            _HAND_BACK, 2, self.keys.lease, self.keys.attempts, self.holder, job.raw if job else ""
+            _HAND_BACK, 2, self.keys.lease, self.keys.attempts, self.holder, raw
         )
         if int(result) != LOST:
             if after_ms > 0:

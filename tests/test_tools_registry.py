@@ -20,6 +20,7 @@ from bot.tools.registry import (
     definitions_json,
     offered,
     page_text,
+    registry_for,
     sanitize_schema,
 )
 
@@ -94,6 +95,22 @@ def test_the_same_tools_give_byte_identical_definitions_whatever_the_order() -> 
     }
     one.definitions_list()[0]["function"]["name"] = "changed"  # a copy each time
     assert one.definitions[0]["function"]["name"] == "alpha"
+
+
+def test_the_registry_of_the_same_tools_is_built_once_and_a_changed_tool_rebuilds_it() -> None:
+    """An answer's offer reuses the registry built for the same tool objects (issue 10: it was rebuilt,
+    every schema sanitised again, for each answer)."""
+    tools = [FakeTool("alpha"), FakeTool("beta")]
+    first = registry_for(tools)
+    assert registry_for(list(tools)) is first  # the same tools: the same registry
+    assert registry_for(tools[:1]) is not first and registry_for(tools[:1]).names == ("alpha",)
+    tools[1].parameters = {"type": "object", "properties": {"q": {"type": "string"}}}  # a new schema
+    rebuilt = registry_for(tools)
+    assert rebuilt is not first
+    assert rebuilt.definitions[1]["function"]["parameters"]["properties"] == {"q": {"type": "string"}}
+    tools[0].description = "does another thing"
+    assert registry_for(tools).definitions[0]["function"]["description"] == "does another thing"
+    assert registry_for([FakeTool("alpha"), FakeTool("beta")]) is not registry_for(tools)  # other objects
 
 
 def test_canonical_orders_keys_deeply() -> None:

@@ -281,6 +281,7 @@ class KimiClient:
         tool_choice: str | None = None,
         meter: RequestMeter | None = None,
         call: ModelCall | None = None,
+        on_send: Callable[[], None] | None = None,
     ) -> Accumulator:
         """Stream an answer to the end and return it whole; raise AnswerError when it cannot be had.
 
@@ -290,6 +291,9 @@ class KimiClient:
         caller can take back what it showed of the abandoned answer. `meter` is asked before every attempt
         once the attempt has a Kimi slot (a refusal, e.g. OverBudget, is raised as is: nothing was sent)
         and told after each attempt that was sent what it used.
+        `on_send` (e.g. the answer's sign of life) is called, without waiting for it, once a request is about
+        to be built and sent (its slot had and its reservation made), or at once when the request has to
+        wait for a slot: work it starts runs behind the request instead of delaying it.
         """
         slept = 0.0  # the budget counts backoff only: a long stream that stalls must still get its retry
         attempt = 0
@@ -298,7 +302,7 @@ class KimiClient:
             timing = self.metrics.kimi_request((call or self.default_call).model, on_event)
             try:
                 finished = await self._metered(
-                    acc, meter, messages, timing.on_event, tools, tool_choice, call
+                    acc, meter, messages, timing.on_event, tools, tool_choice, call, on_send
                 )
                 self._outcome("ok")
                 timing.done("ok")
@@ -347,11 +351,14 @@ class KimiClient:
         tools: list[dict[str, Any]] | None,
         tool_choice: str | None,
         call: ModelCall | None = None,
+        on_send: Callable[[], None] | None = None,
     ) -> Accumulator:
         """One attempt, and the meter told what it used however it ended (an answer, a failure that
         reported usage, Stop's cancellation). KIMI_CONCURRENCY's slot comes first, then the meter's
         reservation: a request waiting for a slot holds no budget, and one stopped while it waits was never
         sent, so nothing is recorded (nor guessed) for it. Backoff holds no slot."""
+        if on_send is not None and self._slots.locked():
+            on_send()  # it waits for a slot: what goes beside it starts now
         async with self._slots:
             output_cap = None
             if meter is not None:
@@ -359,6 +366,10 @@ class KimiClient:
                     output_cap = await meter.before(messages, tools)
                 except Exception as exc:
                     raise NotSent(exc) from exc
+            if on_send is not None:
+                # Nothing in the request's building and sending waits on I/O until it is written: what
+                # on_send starts (a task) runs once the request is on its way.
+                on_send()
             try:
                 await self._stream_once(messages, acc, on_event, tools, tool_choice, call, output_cap)
                 finished = self._finished(acc)

@@ -630,7 +630,9 @@ class ReplyWriter:
         )
 
     async def post_prompt(self, text: str, blocks: list[dict[str, Any]]) -> str:
-        """A message in the thread that asks the asker something (Approve/Deny); its ts."""
+        """A message in the thread that asks the asker something (Approve/Deny); its ts. Below the sign of
+        life, which goes out behind Kimi's first request and may still be on its way."""
+        await self._after_begin()
         response = await self._call(
             "chat.postMessage",
             channel=self.turn.channel,

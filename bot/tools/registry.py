@@ -20,6 +20,7 @@ import copy
 import json
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -315,6 +316,31 @@ class Registry:
 def definitions_json(definitions: Iterable[Mapping[str, Any]]) -> str:
     """The byte-stable form: what tests compare, and what a raw-HTTP client would send."""
     return json.dumps(list(definitions), ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+# The registries of the last few tool lists offered (see registry_for), most recently used last.
+_REGISTRIES: OrderedDict[tuple[int, ...], tuple[tuple[Any, ...], Registry]] = OrderedDict()
+REGISTRIES_KEPT = 16  # different tool lists at once: channels' tools_off choices, an MCP server coming back
+
+
+def registry_for(tools: Iterable[Tool]) -> Registry:
+    """`build_registry`, remembered: the same tools (the same objects, each with the same name, description
+    and parameters object) get the registry built for them before, so a turn's offer does not sanitise every
+    schema again (~0.3 ms for the built-ins). Tools are never changed in place (an MCP server's new list,
+    the web_search definition loaded at start: new objects), so the objects say when it must be rebuilt;
+    the entry holds them, so their ids are not reused while it is kept."""
+    given = tuple(tools)
+    shape = tuple(x for tool in given for x in (tool, tool.name, tool.description, tool.parameters))
+    key = tuple(id(x) for x in shape)
+    kept = _REGISTRIES.get(key)
+    if kept is not None and all(a is b for a, b in zip(kept[0], shape, strict=True)):
+        _REGISTRIES.move_to_end(key)
+        return kept[1]
+    registry = build_registry(given)
+    _REGISTRIES[key] = (shape, registry)
+    while len(_REGISTRIES) > REGISTRIES_KEPT:
+        _REGISTRIES.popitem(last=False)
+    return registry
 
 
 def build_registry(tools: Iterable[Tool]) -> Registry:
