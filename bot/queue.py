@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from bot.redis_client import Script, is_cluster
 from bot.store import DEAD_LETTER_KEY, INBOX_PATTERN, READY_KEY, ThreadKeys, dump_entry, thread_from_member
@@ -442,7 +443,11 @@ class JobQueue:
             lease = Lease(self, thread, f"{self.consumer}|{int(result[1])}")
             lease.first = _job_or_raw(thread, str(result[2]), int(result[3]))
             if cluster:
-                await self.listing("later", thread, self.lease_ms)
+                # Best effort: the lease and the job's attempt are taken; failing here would leave both
+                # with nobody (the job unrun until the lease ran out, an attempt spent). A thread still
+                # listed as due is only looked at again: a claim that finds the lease held pushes it later.
+                with contextlib.suppress(RedisError):
+                    await self.listing("later", thread, self.lease_ms)
             return lease
         if not cluster:
             return None

@@ -3,11 +3,16 @@ ahead of the answer's other work, without giving up what the queue guarantees.""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+import bot.queue
+import bot.usage
 from bot.queue import CLAIM_SCRIPT, READY_SCRIPT, Job, JobQueue
 from bot.redis_client import is_cluster
 from bot.slack.reply import ReplyWriter
@@ -150,3 +155,54 @@ async def test_an_approval_prompt_goes_below_the_sign_of_life_still_on_its_way(
     posts = [c.args.get("text") for c in fake_slack.calls if c.method == "chat.postMessage"]
     assert len(posts) == 2 and posts[1] == "Approve?"
     await writer.close()
+
+
+async def test_a_cluster_claim_whose_listing_call_fails_still_runs_its_job(
+    make_bot: Callable[..., Any], fake_slack: FakeSlack, fake_kimi: FakeKimi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a cluster the claim's second call (the `ready` listing, another slot) can fail after the first
+    took the lease and counted the attempt: the claim still returns the lease and the job runs (it used
+    to raise: the job unrun until the lease ran out, its attempt spent; JOB_MAX_ATTEMPTS=1 dead-lettered
+    it without a run)."""
+    monkeypatch.setattr(bot.queue, "is_cluster", lambda _: True)  # the cluster's two-call claim
+    original = bot.queue.JobQueue.listing
+    failed: list[str] = []
+
+    async def listing(self: JobQueue, op: str, thread: Any, *args: Any, **kwargs: Any) -> Any:
+        if op == "later" and not failed:
+            failed.append(op)
+            raise RedisConnectionError("the ready key's node is failing over")
+        return await original(self, op, thread, *args, **kwargs)
+
+    monkeypatch.setattr(bot.queue.JobQueue, "listing", listing)
+    fake_kimi.script(Reply(content="Answered."))
+    bot_harness: BotHarness = await make_bot(job_visibility_timeout=30.0, job_max_attempts=1)
+    await bot_harness.send_event(mention("question", "1700000010.000500"))
+    await bot_harness.settle()
+    assert failed == ["later"]
+    assert len(fake_kimi.requests) == 1
+    assert fake_slack.bodies(CHANNEL, "1700000010.000500")[0].startswith("Answered.")
+
+
+async def test_a_redis_error_before_kimi_is_asked_lets_the_lease_lapse_with_an_attempt_counted(
+    make_bot: Callable[..., Any], fake_kimi: FakeKimi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget reservation (the usage keys, maybe on a failing cluster shard) raising RedisError: the
+    job is left to run again after its lease, an attempt counted, as for any Redis failure mid-job. The
+    unstarted sign of life that ReplyWriter.close cancels made it look like a shutdown: handed back at once
+    without an attempt, run again and again (29 runs in 1.5 s)."""
+    runs: list[int] = []
+
+    async def before(self: Any, messages: Any, tools: Any) -> Any:
+        runs.append(1)
+        raise RedisConnectionError("the usage keys' shard is failing over")
+
+    monkeypatch.setattr(bot.usage.Meter, "before", before)
+    fake_kimi.script(*[Reply(content="never") for _ in range(50)])
+    harness: BotHarness = await make_bot(job_visibility_timeout=3.0)
+    await harness.send_event(mention("question", "1700000010.000300"))
+    await asyncio.sleep(1.5)  # less than the lease: one run, then none until it lapses
+    assert len(runs) == 1
+    attempts = await harness.deps.redis.hgetall(ThreadKeys(harness.thread("1700000010.000300")).attempts)
+    assert list(attempts.values()) == ["1"]
+    assert fake_kimi.requests == []

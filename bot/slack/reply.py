@@ -310,7 +310,7 @@ class ReplyWriter:
             self._begun = asyncio.create_task(self.begin())
 
     async def _after_begin(self) -> None:
-        if self._begun is not None:
+        if self._begun is not None and not self._begun.cancelled():  # cancelled: by close(), unstarted
             with contextlib.suppress(Exception):
                 await self._begun
 
@@ -743,6 +743,14 @@ class ReplyWriter:
         """Stop the flusher whatever happened (finish and fail do this too)."""
         if self._begun is not None and not self._begun.done():
             self._begun.cancel()
+            # Its CancelledError is not ours: an answer ending in an error (a RedisError before Kimi was
+            # asked) must end with that error, not look like a shutdown (the job handed back at once, no
+            # attempt counted, run again and again). Ours is raised again.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._begun
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise asyncio.CancelledError
         await self._after_begin()
         await self._stop_flusher()
         await asyncio.gather(*self._side_tasks, return_exceptions=True)
