@@ -315,10 +315,10 @@ class ReplyWriter:
                 await self._begun
 
     async def begin(self) -> None:
-        """The sign of life, right away, before Kimi is even called: in Slack's assistant panel the
-        thread status ("is thinking…"), elsewhere a placeholder message with a Stop button. A re-run of
-        an interrupted job first takes back the partial answer the earlier run left, and reuses its
-        placeholder."""
+        """The sign of life, right away (started as Kimi's request goes out: bot/kimi/client.py on_send): in
+        Slack's assistant panel the thread status ("is thinking…"), elsewhere a placeholder message with a
+        Stop button. A re-run of an interrupted job first takes back the partial answer the earlier run
+        left, and reuses its placeholder."""
         if not self.turn.in_slack_thread:
             return
         earlier = self.resume.get("placeholder_ts")
