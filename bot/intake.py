@@ -5,7 +5,9 @@ A job's start is a dozen Redis round trips and a Slack call or two; when a burst
 worker would start the first ones' answers while the later requests still wait for their acks. So the
 worker's claim of new threads waits while any request is being handled (`quiet()`), up to `max_hold_s`: a
 steady stream of requests cannot starve it. A request counts from the moment Bolt takes it (its signature is
-the first thing checked, so a forged or trickled body holds nothing back) until its ack is written.
+the first thing checked, so a forged or trickled body holds nothing back) until Bolt has its response
+(over Socket Mode, until the ack is sent). Only claims of new threads wait: a running thread's next job
+does not.
 
 A gate letting requests through a few at a time was tried and measured (bench.load): a slightly lower
 median ack under a 30-request burst on a loopback Redis, a much higher one once Redis is a millisecond away

@@ -300,26 +300,31 @@ class Script:
 
 # Connections opened at start-up: about what a burst of Slack requests and the jobs they start use at once.
 WARM_CONNECTIONS = 32
+WARM_TIMEOUT_S = 0.5  # start-up waits no longer for them (a silent Redis would hold it a socket timeout)
 
 
-async def warm_pool(client: Redis, count: int = WARM_CONNECTIONS) -> int:
-    """Open `count` pooled connections now, so the first burst of requests after start-up does not pay for
-    them on its way to the acks (each a TCP connect and CLIENT SETINFO round trips: bench.load's first
-    30-mention burst acked in ~40 ms against ~20 ms for the same burst once the pool was full).
+async def warm_pool(client: Redis, count: int = WARM_CONNECTIONS, timeout_s: float = WARM_TIMEOUT_S) -> int:
+    """Open up to `count` pooled connections now, so the first burst of requests after start-up does not
+    pay for them on its way to the acks (each a TCP connect and CLIENT SETINFO round trips: bench.load's
+    first 30-mention burst acked in 25-46 ms while it opened them, 15-16 ms with them open).
 
-    Best effort: what could not be opened is opened on first use as before. A cluster client is left as it
-    is (its pools are per node, made as it learns the slots). Returns the connections opened."""
+    Best effort, within `timeout_s`: what is not open by then is opened on first use as before, and a
+    cancelled warm-up keeps no connection out of the pool. A cluster client is left as it is (its pools
+    are per node, made as it learns the slots). Returns the connections opened."""
     if is_cluster(client):
         return 0
     pool = client.connection_pool
-    opened: list[Any] = []
+    tasks = [
+        asyncio.ensure_future(pool.get_connection())  # type: ignore[no-untyped-call]
+        for _ in range(min(count, POOL_SIZE))
+    ]
     try:
-        results = await asyncio.gather(
-            *(pool.get_connection() for _ in range(min(count, POOL_SIZE))),  # type: ignore[no-untyped-call]
-            return_exceptions=True,
-        )
-        opened = [result for result in results if not isinstance(result, BaseException)]
+        await asyncio.wait(tasks, timeout=timeout_s)
     finally:
+        for task in tasks:
+            task.cancel()  # the unfinished ones: redis-py gives back a connection it was opening
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        opened = [result for result in results if not isinstance(result, BaseException)]
         for connection in opened:
             await pool.release(connection)
     return len(opened)

@@ -206,3 +206,27 @@ async def test_a_redis_error_before_kimi_is_asked_lets_the_lease_lapse_with_an_a
     attempts = await harness.deps.redis.hgetall(ThreadKeys(harness.thread("1700000010.000300")).attempts)
     assert list(attempts.values()) == ["1"]
     assert fake_kimi.requests == []
+
+
+async def test_stop_while_the_kimi_task_waits_for_the_placeholder_leaves_no_thinking_placeholder(
+    bot: BotHarness, fake_slack: FakeSlack
+) -> None:
+    """Stop cancels the Kimi task, which may be waiting for the sign of life (a restarted stream, an
+    approval prompt): the placeholder being posted is not cancelled with it, so the stopped answer replaces
+    it instead of leaving a "Thinking…" with a Stop button in the thread for good."""
+    ts = fake_slack.seed(CHANNEL, user=ALICE, text="q")
+    turn = Turn(Source.MENTION, TEAM_ID, CHANNEL, ALICE, "q", ts=ts, thread_ts=ts)
+    writer = ReplyWriter(bot.deps.slack, turn, pacer=bot.deps.pacer, pace=bot.deps.pace, stop_value="x")
+    hold = fake_slack.hold("chat.postMessage")
+    writer.start()
+    waiting = asyncio.create_task(writer.restarted())  # as the Kimi task does (on_restart)
+    await hold.reached.wait()  # the placeholder is posted in Slack, its answer not back yet
+    writer.request_stop()
+    waiting.cancel()  # what Stop does to the Kimi task
+    await asyncio.gather(waiting, return_exceptions=True)
+    hold.release()
+    writer.text("partial answer")
+    await writer.finish([])
+    await writer.close()
+    bodies = fake_slack.bodies(CHANNEL, ts)
+    assert len(bodies) == 1 and "Thinking" not in bodies[0], bodies

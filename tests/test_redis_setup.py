@@ -18,6 +18,7 @@ from bot.redis_client import (
     POOL_SIZE,
     SOCKET_TIMEOUT_S,
     WARM_CONNECTIONS,
+    WARM_TIMEOUT_S,
     build_redis,
     is_cluster,
     warm_pool,
@@ -163,14 +164,21 @@ async def test_start_up_opens_pooled_connections_that_the_first_burst_then_uses(
 async def test_opening_connections_ahead_gives_up_quietly_when_redis_is_silent(
     silent_redis: PrivateRedis,
 ) -> None:
-    """A Redis that accepts connections but answers nothing: no connection is kept, nothing is raised, and
-    it takes one socket timeout (start-up goes on; the pool opens connections on first use)."""
+    """A Redis that accepts connections but answers nothing: start-up waits WARM_TIMEOUT_S at most (not a
+    socket timeout), nothing is raised, and no connection is kept out of the pool; nor when the warm-up
+    itself is cancelled (a start-up check failing, a stop signal)."""
     client = build_redis(silent_redis.url)
     silent_redis.pause()
     try:
         started = time.monotonic()
         assert await warm_pool(client, count=4) == 0
-        assert time.monotonic() - started < SOCKET_TIMEOUT_S + 2
+        assert time.monotonic() - started < WARM_TIMEOUT_S + 1.0
+        assert not client.connection_pool._in_use_connections
+        warming = asyncio.create_task(warm_pool(client, count=4, timeout_s=30.0))
+        await asyncio.sleep(0.2)
+        warming.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await warming
         assert not client.connection_pool._in_use_connections
     finally:
         silent_redis.resume()

@@ -310,9 +310,15 @@ class ReplyWriter:
             self._begun = asyncio.create_task(self.begin())
 
     async def _after_begin(self) -> None:
-        if self._begun is not None and not self._begun.cancelled():  # cancelled: by close(), unstarted
+        """Until the sign of life is out (or has failed). Waited for, not awaited: a waiter cancelled
+        meanwhile (Stop cancels the Kimi task that may wait here) must not cancel the placeholder mid-post
+        with it, or the posted placeholder would stay in the thread, unrecorded, "Thinking…" for good."""
+        if self._begun is None:
+            return
+        await asyncio.wait({self._begun})
+        if not self._begun.cancelled():  # cancelled: only by close(), before it ran
             with contextlib.suppress(Exception):
-                await self._begun
+                self._begun.result()
 
     async def begin(self) -> None:
         """The sign of life, right away (started as Kimi's request goes out: bot/kimi/client.py on_send): in
