@@ -316,7 +316,7 @@ class ReplyWriter:
         if self._begun is None:
             return
         await asyncio.wait({self._begun})
-        if not self._begun.cancelled():  # cancelled: only by close(), before it ran
+        if not self._begun.cancelled():  # cancelled: only by close(), when the answer ended first
             with contextlib.suppress(Exception):
                 self._begun.result()
 
