@@ -318,13 +318,17 @@ async def warm_pool(client: Redis, count: int = WARM_CONNECTIONS, timeout_s: flo
         asyncio.ensure_future(pool.get_connection())  # type: ignore[no-untyped-call]
         for _ in range(min(count, POOL_SIZE))
     ]
+    if not tasks:
+        return 0
     try:
         await asyncio.wait(tasks, timeout=timeout_s)
     finally:
+        # The opened ones go back first, before any await a second cancel could interrupt; the unfinished
+        # ones are cancelled (redis-py gives back a connection it was opening).
+        opened = [t.result() for t in tasks if t.done() and not t.cancelled() and t.exception() is None]
         for task in tasks:
-            task.cancel()  # the unfinished ones: redis-py gives back a connection it was opening
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        opened = [result for result in results if not isinstance(result, BaseException)]
+            task.cancel()
         for connection in opened:
             await pool.release(connection)
+        await asyncio.gather(*tasks, return_exceptions=True)  # the cancelled ones have given theirs back
     return len(opened)

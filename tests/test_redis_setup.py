@@ -152,6 +152,7 @@ async def test_start_up_opens_pooled_connections_that_the_first_burst_then_uses(
     observer = redis.asyncio.Redis.from_url(silent_redis.url)
     try:
         before = len(await observer.client_list())
+        assert await warm_pool(client, count=0) == 0
         assert await warm_pool(client) == WARM_CONNECTIONS
         assert len(await observer.client_list()) == before + WARM_CONNECTIONS
         await asyncio.gather(*(client.incr("burst") for _ in range(WARM_CONNECTIONS)))

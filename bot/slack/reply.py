@@ -315,7 +315,8 @@ class ReplyWriter:
         with it, or the posted placeholder would stay in the thread, unrecorded, "Thinking…" for good."""
         if self._begun is None:
             return
-        await asyncio.wait({self._begun})
+        if not self._begun.done():  # a finished one is read at once, without a turn of the loop
+            await asyncio.wait({self._begun})
         if not self._begun.cancelled():  # cancelled: only by close(), when the answer ended first
             with contextlib.suppress(Exception):
                 self._begun.result()
