@@ -254,6 +254,7 @@ def build_web_app(
             return _bad_request("malformed payload")
         try:
             with deps.intake.request():  # new job starts wait until this is answered (bot/intake.py)
+                await deps.intake.turn()  # a burst's requests start one per turn of the loop, in order
                 bolt_response = await bolt.async_dispatch(bolt_request)
         except (RedisError, TimeoutError) as exc:
             log.warning("redis unavailable while admitting a request", extra={"error": str(exc)})

@@ -114,6 +114,7 @@ class SocketConnection:
     async def _handle(self, client: AsyncBaseSocketModeClient, request: SocketModeRequest) -> None:
         started = time.time()
         with self.intake.request():  # new job starts wait until this is acked (bot/intake.py)
+            await self.intake.turn()  # a burst's envelopes start one per turn of the loop, in order
             response = await run_async_bolt_app(self.bolt, request)
             await send_async_response(client, request, response, started)
 

@@ -4,6 +4,8 @@ and that nothing the ack does not need (a notice to the asker) holds it up. Timi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -14,13 +16,14 @@ from slack_bolt.listener.async_listener import AsyncCustomListener
 from bot.admission import NOT_ENABLED
 from bot.intake import Intake
 from bot.queue import JobQueue
-from bot.redis_client import is_cluster
+from bot.redis_client import is_cluster, warm_pool
 from bot.store import READY_KEY
 from bot.turn import ThreadKey
 from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi
 from tests.fakes.slack_api import BOT_USER_ID, FakeSlack
-from tests.slack_requests import ALICE, mention, message
+from tests.loop_turns import LoopTurns
+from tests.slack_requests import ALICE, envelope, json_body, mention, message, sign
 
 THREAD = ThreadKey("T1", "C1", "1700000000.000100")
 
@@ -215,3 +218,108 @@ async def test_the_worker_holds_job_starts_while_a_request_is_in_hand(
         assert fake_kimi.requests == [] and not bot.worker.running
     await bot.settle()
     assert len(fake_kimi.requests) == 1
+
+
+async def test_a_burst_of_requests_starts_one_per_turn_of_the_loop_in_order() -> None:
+    """`turn()` (bot/intake.py): requests that arrive together start in the order they came, each in a turn
+    of the loop of its own, so the Redis replies of the first are read before the last ones start."""
+    intake, turns = Intake(), LoopTurns()
+    started: list[tuple[int, int]] = []
+
+    async def request(number: int) -> None:
+        await intake.turn()
+        started.append((number, turns.count))
+
+    await asyncio.gather(*(request(number) for number in range(10)))
+    turns.stop()
+    assert [number for number, _ in started] == list(range(10))
+    at = [turn for _, turn in started]
+    assert all(later > earlier for earlier, later in itertools.pairwise(at)), at
+
+
+async def test_the_next_request_starts_whatever_the_one_before_it_waits_for() -> None:
+    """Nothing is held through a round trip: a request stuck on its I/O does not hold the next one back,
+    and once the burst has started, a new request starts in the turn it arrives."""
+    intake = Intake()
+    never = asyncio.Event()
+
+    async def stuck() -> None:
+        await intake.turn()
+        await never.wait()
+
+    first = asyncio.create_task(stuck())
+    second = asyncio.create_task(intake.turn())
+    async with asyncio.timeout(1):
+        await second
+    for _ in range(3):
+        await asyncio.sleep(0)
+    turns = LoopTurns()
+    await intake.turn()
+    assert turns.count == 0  # did not wait for a turn
+    turns.stop()
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+
+
+async def test_a_cancelled_request_passes_its_turn_on() -> None:
+    """A request cancelled while it waits for its turn, or after it was handed the turn but before it ran,
+    does not stall the ones behind it."""
+    intake = Intake()
+    started: list[str] = []
+    tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def request(name: str, cancel: str = "") -> None:
+        await intake.turn()
+        if cancel:  # runs right after the wake-up `turn()` scheduled for the next request in line
+            asyncio.get_running_loop().call_soon(tasks[cancel].cancel)
+        started.append(name)
+
+    for name, cancel in [("a", "b"), ("b", ""), ("c", ""), ("d", "")]:
+        tasks[name] = asyncio.create_task(request(name, cancel))
+    await asyncio.sleep(0)  # a started; b, c and d wait; b is handed the turn and cancelled before it runs
+    tasks["c"].cancel()  # c is cancelled while it still waits
+    async with asyncio.timeout(1):
+        await tasks["d"]
+    assert started == ["a", "d"]
+    assert tasks["b"].cancelled() and tasks["c"].cancelled()
+
+
+async def test_over_http_the_first_requests_of_a_burst_are_answered_before_the_last_start(
+    make_bot: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/slack/events: 20 signed mentions written at once on 20 open connections. The first one's job is
+    queued (its Redis reply read) before the last one's is sent: acks go out as each is done, not all
+    together after the whole burst's CPU-bound part (bench.load shows the figures)."""
+    bot: BotHarness = await make_bot(start_worker=False)
+    steps: list[tuple[str, str]] = []
+    put = bot.deps.queue.put
+
+    async def recorded(*args: Any, **kwargs: Any) -> bool:
+        ts = str(kwargs.get("dedup_ts"))
+        steps.append(("sent", ts))
+        try:
+            return await put(*args, **kwargs)
+        finally:
+            steps.append(("replied", ts))
+
+    monkeypatch.setattr(bot.deps.queue, "put", recorded)
+    await warm_pool(bot.deps.redis)  # as `serve` does at start-up (a connection opened mid-burst takes turns)
+    url = bot.server.make_url("/slack/events")
+    connections = [await asyncio.open_connection(url.host, url.port) for _ in range(20)]
+    requests = []
+    for number in range(20):
+        body = json_body(envelope(mention(f"question {number}", f"1700000970.{number:06d}")))
+        head = "POST /slack/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in sign(body).items())
+        requests.append(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    for (_, writer), request in zip(connections, requests, strict=True):
+        writer.write(request)  # all written before the bot's loop runs again
+    for reader, writer in connections:
+        status = await reader.readline()
+        assert status.startswith(b"HTTP/1.1 200"), status
+        writer.close()
+    sent = [ts for step, ts in steps if step == "sent"]
+    assert len(sent) == 20
+    first_reply = steps.index(("replied", sent[0]))
+    assert first_reply < steps.index(("sent", sent[-1])), steps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import urllib.parse
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from bot.intake import Intake
 from bot.settings import Settings
 from tests.fakes.kimi_api import API_KEY, FakeKimi
 from tests.fakes.slack_api import APP_TOKEN, TOKEN, FakeSlack
+from tests.loop_turns import LoopTurns
 from tests.slack_requests import CHANNEL, command_body, envelope, mention
 from tests.test_serve_process import ServeProcess, answered, free_port, wait_for
 
@@ -163,5 +165,37 @@ async def test_a_socket_mode_request_is_in_hand_until_acked(
     request = SocketModeRequest(type="events_api", envelope_id="env-9", payload={})
     await connection._handle(cast(Any, None), request)
     assert in_hand == [1, 1] and intake.in_hand == 0
+    with contextlib.suppress(Exception):
+        await connection.client.close()  # type: ignore[no-untyped-call]
+
+
+async def test_socket_mode_envelopes_of_a_burst_start_one_per_turn_of_the_loop(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As over HTTP (bot/intake.py `turn()`): envelopes read together are handed to Bolt in order, each in a
+    turn of the loop of its own (slack_sdk runs each envelope's listener as a task of its own)."""
+    intake = Intake()
+    turns = LoopTurns()
+    started: list[tuple[str, int]] = []
+
+    async def run_app(_: Any, request: SocketModeRequest) -> str:
+        started.append((request.envelope_id, turns.count))
+        return "response"
+
+    async def respond(*_: Any) -> None:
+        return None
+
+    monkeypatch.setattr(socket_mode, "run_async_bolt_app", run_app)
+    monkeypatch.setattr(socket_mode, "send_async_response", respond)
+    settings = make_settings(slack_app_token=APP_TOKEN)
+    connection = socket_mode.SocketConnection(
+        cast(AsyncApp, None), settings, AsyncWebClient(), AsyncWebClient(), Health(), intake
+    )
+    envelopes = [SocketModeRequest(type="events_api", envelope_id=f"env-{n}", payload={}) for n in range(5)]
+    await asyncio.gather(*(connection._handle(cast(Any, None), envelope) for envelope in envelopes))
+    turns.stop()
+    assert [envelope for envelope, _ in started] == [f"env-{n}" for n in range(5)]
+    at = [turn for _, turn in started]
+    assert all(later > earlier for earlier, later in itertools.pairwise(at)), at
     with contextlib.suppress(Exception):
         await connection.client.close()  # type: ignore[no-untyped-call]
