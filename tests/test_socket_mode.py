@@ -174,7 +174,7 @@ async def test_socket_mode_envelopes_of_a_burst_start_one_per_turn_of_the_loop(
 ) -> None:
     """As over HTTP (bot/intake.py `turn()`): envelopes read together are handed to Bolt in order, each in a
     turn of the loop of its own (slack_sdk runs each envelope's listener as a task of its own)."""
-    intake = Intake()
+    intake = Intake(turn_cost_s=1.0, turn_grace_s=1.0)  # none overdue here
     turns = LoopTurns()
     started: list[tuple[str, int]] = []
 
@@ -192,7 +192,8 @@ async def test_socket_mode_envelopes_of_a_burst_start_one_per_turn_of_the_loop(
         cast(AsyncApp, None), settings, AsyncWebClient(), AsyncWebClient(), Health(), intake
     )
     envelopes = [SocketModeRequest(type="events_api", envelope_id=f"env-{n}", payload={}) for n in range(5)]
-    await asyncio.gather(*(connection._handle(cast(Any, None), envelope) for envelope in envelopes))
+    async with asyncio.timeout(2):
+        await asyncio.gather(*(connection._handle(cast(Any, None), envelope) for envelope in envelopes))
     turns.stop()
     assert [envelope for envelope, _ in started] == [f"env-{n}" for n in range(5)]
     at = [turn for _, turn in started]
