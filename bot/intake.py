@@ -19,8 +19,9 @@ open: `serve` opens them as it starts), so acks go out one by one as each is don
 millisecond away a 30-burst acked 2-3x slower): the next request starts on the next turn whatever the one
 before it is waiting for. On a loop busy with other work a turn is longer than a request's own work, and one
 start per turn would make a big burst's last acks much later than without pacing: so no request waits
-longer than `turn_cost_s` per request ahead of it plus `turn_grace_s`; past that, it starts in the next
-turn with every other overdue one, as they all would without pacing. A forged request takes its turn too
+longer than about `turn_cost_s` per request ahead of it plus `turn_grace_s` (or than the one ahead of it:
+they leave the line in order; it is looked at once per turn); past that, it starts in the next turn with
+every other overdue one, as they all would without pacing. A forged request takes its turn too
 (the signature is checked by Bolt, after it): it costs the ones behind it that turn, nothing more.
 """
 
@@ -32,7 +33,7 @@ from collections import deque
 from collections.abc import Iterator
 
 MAX_HOLD_S = 0.05
-# A request waits for its turn at most this long per request ahead of it (about 3x what one costs the intake,
+# A request waits for its turn about this long at most per request ahead of it (~3x what one costs the intake,
 # bench.intake), plus the grace: then it starts, whatever the turns of a busy loop.
 TURN_COST_S = 0.001
 TURN_GRACE_S = 0.005
@@ -89,10 +90,14 @@ class Intake:
         if self._starting:
             waiter: asyncio.Future[bool] = loop.create_future()
             overdue_at = loop.time() + (len(self._waiting) + 1) * self.turn_cost_s + self.turn_grace_s
+            if self._waiting:  # never before the one ahead of it: overdue ones leave the line in order
+                overdue_at = max(overdue_at, self._waiting[-1][0])
             self._waiting.append((overdue_at, waiter))
             try:
                 handed = await waiter  # True: handed the turn, to pass on; False: let through, overdue
             except BaseException:
+                if loop.is_closed() or loop is not self._loop:
+                    raise  # a coroutine collected after its loop: nothing of that loop is left to pass on
                 if not waiter.done():
                     waiter.cancel()  # still in line (a closed coroutine): skipped when its turn comes
                 elif not waiter.cancelled() and waiter.result():

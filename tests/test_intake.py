@@ -271,6 +271,40 @@ async def test_on_a_busy_loop_overdue_requests_start_together() -> None:
     assert at[-1] - at[0] < 10, at  # one per turn would take 19 turns
 
 
+async def test_requests_let_through_overdue_do_not_pass_the_turn_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Overdue requests let through with the one handed the turn do not carry it on themselves (one chain:
+    pacing resumes after them), even when one of them is cancelled before it runs."""
+    intake = Intake(turn_cost_s=1.0, turn_grace_s=1.0)  # overdue only when the clock below jumps
+    loop = asyncio.get_running_loop()
+    real_time, offset = loop.time, [0.0]
+    monkeypatch.setattr(loop, "time", lambda: real_time() + offset[0])
+    turns = LoopTurns()
+    started: list[tuple[int, int]] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def request(number: int) -> None:
+        await intake.turn()
+        started.append((number, turns.count))
+
+    def jump() -> None:  # after the burst is in line: 2 and 3 are overdue (deadlines T+3, T+4), 4.. are not
+        offset[0] = 4.5
+        loop.call_soon(tasks[2].cancel)  # runs right after 1, 2, 3 are let through, before they run
+
+    tasks.extend(asyncio.create_task(request(number)) for number in range(10))
+    loop.call_soon(jump)
+    async with asyncio.timeout(30):
+        await asyncio.gather(*tasks, return_exceptions=True)
+    turns.stop()
+    assert tasks[2].cancelled()
+    assert [number for number, _ in started] == [0, 1, 3, 4, 5, 6, 7, 8, 9]
+    at = dict(started)
+    assert at[1] == at[3], started  # let through together
+    later = [at[number] for number in range(3, 10)]
+    assert all(b > a for a, b in itertools.pairwise(later)), started  # then one per turn again: one chain
+    with contextlib.suppress(asyncio.CancelledError):
+        await tasks[2]
+
+
 async def test_the_next_request_starts_whatever_the_one_before_it_waits_for() -> None:
     """Nothing is held through a round trip: a request stuck on its I/O does not hold the next one back,
     and once the burst has started, a new request starts in the turn it arrives."""
