@@ -14,15 +14,15 @@ arrives in one read of the sockets, so without it every request ran its CPU-boun
 to its Redis call) in that one turn, and only then were the first Redis replies read: every ack of a
 30-request burst went out together, at the end (bench.load: p50 = max = 9-10 ms). Started one per turn, the
 replies of the first requests are read between the later requests' starts (once the Redis connections are
-open: `serve` opens them as it starts), so acks go out one by one as each is done (p50 7-7.5 ms, max
-10-11.5). Nothing is held through a round trip (a gate that did that was tried and dropped: with Redis a
-millisecond away a 30-burst acked 2-3x slower): the next request starts on the next turn whatever the one
-before it is waiting for. On a loop busy with other work a turn is longer than a request's own work, and one
-start per turn would make a big burst's last acks much later than without pacing: so no request waits
-longer than about `turn_cost_s` per request ahead of it plus `turn_grace_s` (or than the one ahead of it:
-they leave the line in order; it is looked at once per turn); past that, it starts in the next turn with
-every other overdue one, as they all would without pacing. A forged request takes its turn too
-(the signature is checked by Bolt, after it): it costs the ones behind it that turn, nothing more.
+open: `serve` opens them as it starts), so acks go out one by one as each is done (p50 7-8.4 ms in five of
+six bench.load burst rounds, max 10-11 ms). Nothing is held through a round trip (a gate that did that was
+tried and dropped: with Redis a millisecond away a 30-burst acked 2-3x slower): the next request starts on
+the next turn whatever the one before it is waiting for. On a loop busy with other work a turn is longer
+than a request's own work, and one start per turn would make a big burst's last acks much later than without
+pacing: so no request waits longer than about `turn_cost_s` per request ahead of it plus `turn_grace_s` (or
+than the one ahead of it: they leave the line in order; it is looked at once per turn); past that, it starts
+in the next turn with every other overdue one, as they all would without pacing. A forged request takes its
+turn too (the signature is checked by Bolt, after it): it costs the ones behind it that turn, nothing more.
 """
 
 from __future__ import annotations
