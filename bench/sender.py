@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from tests.slack_requests import sign
+from tests.slack_requests import http_request, sign
 
 
 @dataclass(frozen=True)
@@ -29,19 +29,6 @@ class Ack:
     sent_at: float  # time.monotonic() when the request was written
     seconds: float  # until the whole response was read
     status: int
-
-
-def http_request(url: str, body: bytes, headers: dict[str, str]) -> bytes:
-    """One HTTP/1.1 POST of `body` to `url`, keep-alive."""
-    parts = urlsplit(url)
-    lines = [
-        f"POST {parts.path} HTTP/1.1",
-        f"Host: {parts.netloc}",
-        f"Content-Length: {len(body)}",
-        "Connection: keep-alive",
-        *(f"{name}: {value}" for name, value in headers.items()),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 def _complete(buffer: bytes) -> int | None:

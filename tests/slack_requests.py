@@ -8,7 +8,7 @@ import itertools
 import json
 import time
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from bot.turn import ThreadKey
 from tests.fakes.slack_api import APP_ID, BOT_USER_ID, TEAM_ID
@@ -24,6 +24,19 @@ def sign(body: bytes, *, secret: str = SIGNING_SECRET, timestamp: int | None = N
     ts = str(int(time.time()) if timestamp is None else timestamp)
     digest = hmac.new(secret.encode(), f"v0:{ts}:".encode() + body, hashlib.sha256).hexdigest()
     return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": f"v0={digest}"}
+
+
+def http_request(url: str, body: bytes, headers: dict[str, str]) -> bytes:
+    """One HTTP/1.1 POST of `body` to `url`, keep-alive."""
+    parts = urlsplit(url)
+    lines = [
+        f"POST {parts.path} HTTP/1.1",
+        f"Host: {parts.netloc}",
+        f"Content-Length: {len(body)}",
+        "Connection: keep-alive",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 def envelope(event: dict[str, Any], event_id: str | None = None) -> dict[str, Any]:

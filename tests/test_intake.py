@@ -24,7 +24,7 @@ from tests.conftest import BotHarness
 from tests.fakes.kimi_api import FakeKimi
 from tests.fakes.slack_api import BOT_USER_ID, FakeSlack
 from tests.loop_turns import LoopTurns
-from tests.slack_requests import ALICE, envelope, json_body, mention, message, sign
+from tests.slack_requests import ALICE, envelope, http_request, json_body, mention, message, sign
 
 THREAD = ThreadKey("T1", "C1", "1700000000.000100")
 
@@ -394,9 +394,7 @@ async def test_over_http_the_first_requests_of_a_burst_are_answered_before_the_l
         for number in range(20):
             ts = f"1700000970.{first_ts + number:06d}"
             body = json_body(envelope(mention(f"question {number}", ts, channel=f"C0BURST{number:02d}")))
-            head = "POST /slack/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            head += "".join(f"{name}: {value}\r\n" for name, value in sign(body).items())
-            requests.append(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            requests.append(http_request(str(url), body, {"Content-Type": "application/json", **sign(body)}))
         for (_, writer), request in zip(connections, requests, strict=True):
             writer.write(request)  # all written before the bot's loop runs again
         async with asyncio.timeout(5):
